@@ -1,0 +1,213 @@
+"""Build an engine: HF / Meta / GGUF / TensorRT-LLM checkpoint / nothing (random) -> engine dir.
+
+Mirrors TensorRT-LLM's examples/llama/build.py flags. Every source goes through the same
+checkpoint representation (llama_engine/checkpoint.py): HF-named float tensors -> unified
+checkpoint tensors -> quantized as asked -> our engine directory, or, with
+``--backend tensorrt_llm``, a TensorRT-LLM unified checkpoint and (where TensorRT-LLM is
+installed) a TensorRT engine.
+
+    python build.py --model_dir ./llama-7b-hf --dtype float16 --output_dir ./engines/fp16
+    python build.py --model_config llama-7b --use_weight_only --weight_only_precision int4 \
+        --output_dir ./engines/int4          # random weights, for speed measurements
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from llama_engine.config import DTYPES, BuildConfig, ConfigError, QuantConfig
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("source (at most one; none = random weights)")
+    src.add_argument("--model_dir", help="Hugging Face LLaMA directory")
+    src.add_argument("--meta_ckpt_dir", help="Meta checkpoint dir (params.json + consolidated.*.pth)")
+    src.add_argument("--gguf_file", help="GGUF file (llama.cpp), read through transformers")
+    src.add_argument("--ckpt_dir", help="TensorRT-LLM unified checkpoint (e.g. from "
+                     "hf_llama_convert.py, with SmoothQuant / INT8 KV scales)")
+    src.add_argument("--model_config", default="llama-7b",
+                     help="preset (llama-7b, llama-13b, tiny) or config.json for random weights")
+    src.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    p.add_argument("--dtype", default="float16", choices=DTYPES,
+                   help="float64 is for exactness tests on the CPU")
+    p.add_argument("--output_dir", default="engine_outputs")
+    p.add_argument("--max_batch_size", type=int, default=8)
+    p.add_argument("--max_input_len", type=int, default=2048)
+    p.add_argument("--max_output_len", type=int, default=512)
+    q = p.add_argument_group("quantization")
+    q.add_argument("--use_weight_only", action="store_true")
+    q.add_argument("--weight_only_precision", default="int8", choices=("int8", "int4"))
+    q.add_argument("--group_size", type=int, default=None,
+                   help="int4 group size (128 default; 64, 32; 0 = per channel)")
+    q.add_argument("--use_smooth_quant", action="store_true",
+                   help="W8A8 SmoothQuant; needs --ckpt_dir from hf_llama_convert.py -sq "
+                        "(random weights: synthetic calibration, speed-only)")
+    q.add_argument("--per_token", action="store_true", help="SmoothQuant: dynamic per-token "
+                   "activation scales")
+    q.add_argument("--per_channel", action="store_true", help="SmoothQuant: per-channel "
+                   "weight scales")
+    q.add_argument("--int8_kv_cache", action="store_true",
+                   help="INT8 KV cache; needs calibrated scales (--ckpt_dir from "
+                        "hf_llama_convert.py --calibrate-kv-cache; random weights: synthetic)")
+    k = p.add_argument_group("kernels and batching (TensorRT-LLM flag names)")
+    k.add_argument("--use_gpt_attention_plugin", nargs="?", const="auto", default="auto",
+                   help="attention kernels: auto|triton|torch (a dtype means auto)")
+    k.add_argument("--use_gemm_plugin", nargs="?", const="auto", default="auto",
+                   help="GEMM kernels: auto|triton|torch (a dtype means auto)")
+    k.add_argument("--use_inflight_batching", action="store_true")
+    k.add_argument("--paged_kv_cache", action="store_true")
+    k.add_argument("--tokens_per_block", type=int, default=64)
+    k.add_argument("--max_num_tokens", type=int, default=None)
+    b = p.add_argument_group("backend")
+    b.add_argument("--backend", default="pytorch", choices=("pytorch", "tensorrt_llm"))
+    b.add_argument("--checkpoint_only", action="store_true",
+                   help="tensorrt_llm backend: write the unified checkpoint only")
+    b.add_argument("--world_size", type=int, default=1)
+    b.add_argument("--tp_size", type=int, default=1)
+    p.add_argument("--device", default=None, help="device for quantization/calibration work")
+    args = p.parse_args(argv)
+    check_flags(p, args)
+    return args
+
+
+def check_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Flag combinations that make no sense, rejected in one place."""
+    sources = [x for x in ("model_dir", "meta_ckpt_dir", "gguf_file", "ckpt_dir") if getattr(a, x)]
+    if len(sources) > 1:
+        p.error("give at most one of --" + ", --".join(sources))
+    if a.world_size != 1 or a.tp_size != 1:
+        p.error("tensor parallelism (--world_size/--tp_size > 1) is not built yet")
+    if a.checkpoint_only and a.backend != "tensorrt_llm":
+        p.error("--checkpoint_only applies to --backend tensorrt_llm")
+    if a.use_inflight_batching and not a.paged_kv_cache:
+        a.paged_kv_cache = True  # as TensorRT-LLM: inflight batching implies the paged cache
+    for name in ("use_gpt_attention_plugin", "use_gemm_plugin"):
+        v = getattr(a, name)
+        if v in ("float16", "bfloat16", "float32"):
+            setattr(a, name, "auto")
+        elif v not in ("auto", "triton", "torch", "disable"):
+            p.error(f"--{name} takes auto|triton|torch or a dtype, got {v!r}")
+
+
+def load_float_tensors(a: argparse.Namespace):
+    """-> (ModelArgs, unified float tensors, source info)."""
+    import weight
+    from llama_engine.builder import cast_float
+    from llama_engine.checkpoint import hf_to_unified
+    model_args, sd, info = weight.load_source(
+        model_dir=a.model_dir, meta_ckpt_dir=a.meta_ckpt_dir, gguf_file=a.gguf_file,
+        model_config=None if (a.model_dir or a.meta_ckpt_dir or a.gguf_file) else a.model_config,
+        dtype=a.dtype, seed=a.seed)
+    return model_args, hf_to_unified(cast_float(sd, a.dtype), model_args), info
+
+
+def resolve_quant(a: argparse.Namespace, model_args, ckpt_quant: QuantConfig,
+                  has_act_stats: bool, has_kv_stats: bool) -> QuantConfig:
+    """The engine's QuantConfig from the flags and what the checkpoint already holds."""
+    from llama_engine import quant as q
+    if ckpt_quant.quant_algo and (a.use_weight_only or a.use_smooth_quant):
+        raise ConfigError(f"checkpoint {a.ckpt_dir} is already quantized "
+                          f"({ckpt_quant.quant_algo}); build it without quantization flags")
+    if ckpt_quant.is_smooth_quant:
+        return ckpt_quant
+    wanted = q.validate_quant_flags(
+        model_args, use_weight_only=a.use_weight_only,
+        weight_only_precision=a.weight_only_precision, group_size=a.group_size,
+        use_smooth_quant=a.use_smooth_quant, per_token=a.per_token, per_channel=a.per_channel,
+        int8_kv_cache=a.int8_kv_cache, has_act_stats=has_act_stats, has_kv_stats=has_kv_stats)
+    if ckpt_quant.quant_algo:  # a weight-only checkpoint keeps its weights
+        wanted.quant_algo, wanted.group_size = ckpt_quant.quant_algo, ckpt_quant.group_size
+    if ckpt_quant.int8_kv_cache:
+        wanted.kv_cache_quant_algo = ckpt_quant.kv_cache_quant_algo
+    return wanted
+
+
+def build(a: argparse.Namespace) -> int:
+    from llama_engine import builder, checkpoint as ckpt, quant as q
+    elapsed = builder.timed()
+    random_source = not (a.ckpt_dir or a.model_dir or a.meta_ckpt_dir or a.gguf_file)
+    if a.ckpt_dir:
+        model_args, ckpt_quant, ckpt_dtype, tensors = ckpt.read_checkpoint(a.ckpt_dir)
+        if ckpt_dtype != a.dtype:
+            raise ConfigError(f"checkpoint {a.ckpt_dir} is {ckpt_dtype}; build it with "
+                              f"--dtype {ckpt_dtype}")
+        info = {"kind": "checkpoint", "path": os.path.abspath(a.ckpt_dir),
+                "tokenizer_dir": a.ckpt_dir}
+    else:
+        model_args, tensors, info = load_float_tensors(a)
+        ckpt_quant = QuantConfig()
+
+    # Scales that calibration must supply: from the checkpoint, or (random weights only)
+    # from synthetic prompts, labelled speed-only. Never made up.
+    has_kv = ckpt_quant.int8_kv_cache
+    quant = resolve_quant(a, model_args, ckpt_quant, has_act_stats=random_source,
+                          has_kv_stats=has_kv or random_source)
+    if quant.quant_algo != ckpt_quant.quant_algo or (quant.int8_kv_cache and not has_kv):
+        calib = {}
+        if random_source and (quant.is_smooth_quant or (quant.int8_kv_cache and not has_kv)):
+            import smoothquant
+            print("calibrating on synthetic prompts (random weights: speed-only engine)")
+            calib = smoothquant.synthetic_calibration(model_args, tensors, device=a.device)
+            info["calibration"] = "synthetic (speed-only)"
+        tensors, report = q.quantize_checkpoint(tensors, model_args, quant, **calib)
+        if report:
+            print(report)
+
+    build_cfg = BuildConfig(
+        max_batch_size=a.max_batch_size, max_input_len=a.max_input_len,
+        max_output_len=a.max_output_len, gemm_plugin=a.use_gemm_plugin,
+        gpt_attention_plugin=a.use_gpt_attention_plugin,
+        use_inflight_batching=a.use_inflight_batching, paged_kv_cache=a.paged_kv_cache,
+        tokens_per_block=a.tokens_per_block, max_num_tokens=a.max_num_tokens)
+    tok_dir = info.get("tokenizer_dir")
+
+    if a.backend == "tensorrt_llm":
+        return build_trtllm(a, model_args, quant, tensors, build_cfg, tok_dir)
+
+    config = builder.engine_from_tensors(model_args, quant, a.dtype, tensors, build_cfg,
+                                         source={k: v for k, v in info.items() if v is not None})
+    builder.write_engine(a.output_dir, config, tensors, tok_dir)
+    print(builder.describe(config, tensors, elapsed()))
+    print(f"engine written to {os.path.abspath(a.output_dir)}"
+          + ("" if tok_dir else " (no tokenizer found beside the checkpoint)"))
+    return 0
+
+
+def build_trtllm(a, model_args, quant, tensors, build_cfg, tok_dir) -> int:
+    from llama_engine import checkpoint as ckpt, trtllm
+    ckpt_dir = a.output_dir if a.checkpoint_only else os.path.join(a.output_dir + "_ckpt")
+    ckpt.write_checkpoint(ckpt_dir, model_args, a.dtype, quant, tensors, tokenizer_src=tok_dir)
+    print(f"TensorRT-LLM unified checkpoint written to {os.path.abspath(ckpt_dir)}")
+    if a.checkpoint_only:
+        return 0
+    flags = {"max_batch_size": build_cfg.max_batch_size, "max_input_len": build_cfg.max_input_len,
+             "max_seq_len": build_cfg.max_seq_len, "gemm_plugin": a.use_gemm_plugin,
+             "gpt_attention_plugin": a.use_gpt_attention_plugin, "dtype": a.dtype,
+             "paged_kv_cache": build_cfg.paged_kv_cache,
+             "use_inflight_batching": build_cfg.use_inflight_batching,
+             "tokens_per_block": build_cfg.tokens_per_block,
+             "max_num_tokens": build_cfg.max_num_tokens}
+    try:
+        trtllm.build_trtllm_engine(ckpt_dir, a.output_dir, flags)
+    except trtllm.TrtllmUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(f"TensorRT engine written to {os.path.abspath(a.output_dir)}")
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    a = parse_args(argv)
+    try:
+        return build(a)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""LLaMA inference engine internals: config, checkpoint, kernels, runner, serving."""

@@ -1,0 +1,79 @@
+"""Attention over a paged KV cache for a flat batch of tokens from several sequences.
+
+``AttentionMeta`` is the per-step batch description (an explicit object, no globals): which
+sequence each token belongs to, where its K/V go in the cache, and how much context each
+sequence has. Decode steps (one new token per sequence) use the ``decode_attention`` kernel;
+prefill and chunked-prefill steps attend, per sequence, to the cached prefix and the new
+tokens causally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .kernels import ops
+
+
+@dataclass
+class AttentionMeta:
+    positions: torch.Tensor        # int64[N] absolute position of each new token
+    slot_mapping: torch.Tensor     # int64[N] cache slot of each new token (-1: do not store)
+    block_tables: torch.Tensor     # int32[B, max_blocks]
+    context_lens: torch.Tensor     # int32[B] tokens in the cache per sequence after this step
+    query_lens: list               # python ints: new tokens per sequence in this step
+    is_decode: bool                # every sequence has exactly one new token
+    logits_indices: Optional[torch.Tensor] = None  # int64 rows projected to logits
+    context_lens_host: Optional[list] = None       # python copy of context_lens (prefill)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+def last_token_indices(query_lens: list, device) -> torch.Tensor:
+    ends, total = [], 0
+    for q in query_lens:
+        total += q
+        ends.append(total - 1)
+    return torch.tensor(ends, dtype=torch.int64, device=device)
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int,
+                   scale: Optional[float], dtype: torch.dtype) -> torch.Tensor:
+    """First ``length`` cached tokens of one sequence. -> [length, Hkv, D] in ``dtype``."""
+    block_size = cache.shape[2]
+    n = (length + block_size - 1) // block_size
+    blocks = cache[block_table[:n].long()]                 # [n, Hkv, bs, D]
+    x = blocks.permute(0, 2, 1, 3).reshape(n * block_size, cache.shape[1], cache.shape[3])
+    x = x[:length].to(dtype)
+    return x * scale if scale is not None else x
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, kv_scale: Optional[float],
+                    softmax_scale: float) -> torch.Tensor:
+    """q[N,H,D], k/v[N,Hkv,D] of the new tokens -> attention output [N,H,D].
+
+    Writes the new K/V into the cache first (quantizing when the cache is int8)."""
+    ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scale)
+    if meta.is_decode:
+        return ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                    softmax_scale, kv_scale)
+    ctx = meta.context_lens_host
+    if ctx is None:
+        ctx = meta.context_lens.tolist()
+    outs, start = [], 0
+    for i, qlen in enumerate(meta.query_lens):
+        qi = q[start:start + qlen]
+        ki, vi = k[start:start + qlen], v[start:start + qlen]
+        prefix = ctx[i] - qlen
+        if prefix > 0:
+            # Chunked prefill / continuation: earlier tokens come from the cache.
+            kp = gather_context(k_cache, meta.block_tables[i], prefix, kv_scale, q.dtype)
+            vp = gather_context(v_cache, meta.block_tables[i], prefix, kv_scale, q.dtype)
+            ki, vi = torch.cat([kp, ki]), torch.cat([vp, vi])
+        outs.append(ops.prefill_attention(qi, ki, vi, prefix, softmax_scale=softmax_scale))
+        start += qlen
+    return torch.cat(outs)

@@ -1,0 +1,75 @@
+"""From checkpoint tensors to an engine directory (our backend).
+
+An engine directory holds ``config.json`` (``EngineConfig``: architecture, quantization,
+build limits, dtype, backend, format version), ``rank0.safetensors`` (canonical tensors,
+device-independent: kernels repack at load if they need to) and the tokenizer files when a
+tokenizer was found beside the checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import BuildConfig, ConfigError, EngineConfig, ModelArgs, QuantConfig
+from .runner import TORCH_DTYPES, WEIGHTS_FILE
+
+
+def cast_float(sd: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Cast floating tensors to the engine dtype (integer tensors untouched)."""
+    td = TORCH_DTYPES[dtype]
+    return {k: (v.to(td) if v.is_floating_point() and v.dtype != td else v) for k, v in sd.items()}
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor], linear_only: bool = False) -> int:
+    """Bytes of the tensors; with ``linear_only`` only the per-layer linears (no embeddings,
+    norms or lm_head), as the weight-size targets count them."""
+    total = 0
+    for name, t in tensors.items():
+        if linear_only and not any(f".{x}." in name for x in ckpt.LAYER_LINEARS):
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def write_engine(out_dir: str, config: EngineConfig, tensors: dict[str, torch.Tensor],
+                 tokenizer_src: Optional[str] = None) -> None:
+    """Write an engine directory atomically: nothing is left half-written on failure."""
+    with ckpt.atomic_output_dir(out_dir) as tmp:
+        ckpt.save_tensors(os.path.join(tmp, WEIGHTS_FILE), tensors,
+                          metadata={"format": "llama_engine", "version": str(config.format_version)})
+        config.save(tmp)
+        if tokenizer_src:
+            from .tokenizer import save_tokenizer
+            save_tokenizer(tokenizer_src, tmp)
+
+
+def describe(config: EngineConfig, tensors: dict[str, torch.Tensor], seconds: float) -> str:
+    a, b = config.model, config.build
+    gib = tensor_bytes(tensors) / 2**30
+    return (f"built {config.backend} engine: LLaMA {a.num_hidden_layers} layers, hidden "
+            f"{a.hidden_size}, heads {a.num_attention_heads}/{a.num_key_value_heads} kv, "
+            f"vocab {a.vocab_size}, {config.dtype}, {config.quant.describe()}; limits batch "
+            f"{b.max_batch_size}, input {b.max_input_len}, output {b.max_output_len}; "
+            f"{gib:.3f} GiB of weights in {seconds:.1f} s")
+
+
+def engine_from_tensors(args: ModelArgs, quant: QuantConfig, dtype: str,
+                        tensors: dict[str, torch.Tensor], build: BuildConfig,
+                        source: Optional[dict] = None) -> EngineConfig:
+    """Check tensors against the config and make the EngineConfig."""
+    build.validate()
+    if build.max_seq_len > 1 << 20:
+        raise ConfigError(f"max_input_len + max_output_len = {build.max_seq_len} is unreasonably "
+                          "large")
+    if not quant.quant_algo:
+        ckpt.check_shapes(tensors, ckpt.expected_float_shapes(args))
+    return EngineConfig(model=args, quant=quant, build=build, dtype=dtype, source=source or {})
+
+
+def timed() -> "callable":
+    t0 = time.perf_counter()
+    return lambda: time.perf_counter() - t0

@@ -1,0 +1,274 @@
+"""The checkpoint stage: TensorRT-LLM's unified checkpoint format, read and written in one place.
+
+A checkpoint directory holds ``config.json`` (architecture + ``quantization`` dict, see
+``ModelArgs.to_checkpoint_config``) and ``rank{N}.safetensors``. Tensor names follow
+TensorRT-LLM (``transformer.layers.{i}.attention.qkv.weight`` ...); docs/design.md lists the
+tensors of every quantization mode. Every source (HF, Meta, GGUF, random) becomes these
+tensors through ``hf_to_unified``; both backends read them.
+
+Writes are atomic: everything goes into a temporary directory beside the target, which is
+renamed into place only when complete, so a failed run never leaves a half-written directory
+or clobbers an existing one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator, Optional
+
+import torch
+
+from .config import ConfigError, ModelArgs, QuantConfig, _load_json
+
+# One table: unified-checkpoint prefix -> (our module path, HF LlamaForCausalLM prefix).
+# TensorRT-LLM's names are misleading for the MLP: its `mlp.fc` is HF's gate_proj (the
+# activated branch) and its `mlp.gate` is HF's up_proj; our modules use the HF meaning.
+LAYER_TABLE = [
+    ("input_layernorm", "attn_norm", "input_layernorm"),
+    ("attention.qkv", "attn.qkv_proj", None),  # fused from q_proj, k_proj, v_proj
+    ("attention.dense", "attn.o_proj", "self_attn.o_proj"),
+    ("post_layernorm", "mlp_norm", "post_attention_layernorm"),
+    ("mlp.fc", "mlp.gate_proj", "mlp.gate_proj"),
+    ("mlp.gate", "mlp.up_proj", "mlp.up_proj"),
+    ("mlp.proj", "mlp.down_proj", "mlp.down_proj"),
+]
+GLOBAL_TABLE = [
+    ("transformer.vocab_embedding", "embed", "model.embed_tokens"),
+    ("transformer.ln_f", "norm", "model.norm"),
+    ("lm_head", "lm_head", "lm_head"),
+]
+LAYER_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+
+
+def layer_prefix(i: int) -> str:
+    return f"transformer.layers.{i}."
+
+
+def linear_prefixes(args: ModelArgs) -> list[str]:
+    """Every linear layer's unified prefix (lm_head included when it has its own weight)."""
+    out = [layer_prefix(i) + name for i in range(args.num_hidden_layers) for name in LAYER_LINEARS]
+    if not args.tie_word_embeddings:
+        out.append("lm_head")
+    return out
+
+
+def linear_shape(args: ModelArgs, prefix: str) -> tuple[int, int]:
+    """(out_features, in_features) of a linear given its unified prefix."""
+    d, f = args.hidden_size, args.intermediate_size
+    shapes = {
+        "attention.qkv": (args.q_size + 2 * args.kv_size, d),
+        "attention.dense": (d, args.q_size),
+        "mlp.fc": (f, d),
+        "mlp.gate": (f, d),
+        "mlp.proj": (d, f),
+    }
+    if prefix == "lm_head":
+        return (args.vocab_size, d)
+    return shapes[prefix.split(".", 3)[-1]]
+
+
+def module_path(unified_prefix: str) -> str:
+    """Our module path for a unified prefix ('transformer.layers.3.mlp.fc' -> 'layers.3.mlp.gate_proj')."""
+    for uni, ours, _ in GLOBAL_TABLE:
+        if unified_prefix == uni:
+            return ours
+    if unified_prefix.startswith("transformer.layers."):
+        _, _, idx, rest = unified_prefix.split(".", 3)
+        for uni, ours, _ in LAYER_TABLE:
+            if rest == uni:
+                return f"layers.{idx}.{ours}"
+    raise KeyError(f"no module for checkpoint prefix {unified_prefix!r}")
+
+
+def expected_float_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of an unquantized checkpoint."""
+    d = args.hidden_size
+    shapes = {"transformer.vocab_embedding.weight": (args.vocab_size, d),
+              "transformer.ln_f.weight": (d,)}
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, d)
+    for i in range(args.num_hidden_layers):
+        p = layer_prefix(i)
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "post_layernorm.weight"] = (d,)
+        for name in LAYER_LINEARS:
+            shapes[p + name + ".weight"] = linear_shape(args, p + name)
+    return shapes
+
+
+def hf_to_unified(hf_sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF LlamaForCausalLM tensors (rotate-half RoPE layout) -> unified float tensors."""
+    out: dict[str, torch.Tensor] = {}
+    try:
+        for uni, _, hf in GLOBAL_TABLE:
+            if uni == "lm_head" and args.tie_word_embeddings:
+                continue
+            out[uni + ".weight"] = hf_sd[hf + ".weight"]
+        for i in range(args.num_hidden_layers):
+            src, dst = f"model.layers.{i}.", layer_prefix(i)
+            for uni, _, hf in LAYER_TABLE:
+                if hf is not None:
+                    out[dst + uni + ".weight"] = hf_sd[src + hf + ".weight"]
+            out[dst + "attention.qkv.weight"] = torch.cat(
+                [hf_sd[src + f"self_attn.{x}_proj.weight"] for x in "qkv"], dim=0)
+    except KeyError as e:
+        raise ConfigError(f"checkpoint is missing tensor {e.args[0]}") from None
+    check_shapes(out, expected_float_shapes(args))
+    return out
+
+
+def unified_to_hf(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Inverse of ``hf_to_unified`` for float tensors (HF baselines of random models)."""
+    out: dict[str, torch.Tensor] = {}
+    for uni, _, hf in GLOBAL_TABLE:
+        if uni + ".weight" in tensors:
+            out[hf + ".weight"] = tensors[uni + ".weight"]
+    if args.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    for i in range(args.num_hidden_layers):
+        src, dst = layer_prefix(i), f"model.layers.{i}."
+        for uni, _, hf in LAYER_TABLE:
+            if hf is not None:
+                out[dst + hf + ".weight"] = tensors[src + uni + ".weight"]
+        q, k, v = tensors[src + "attention.qkv.weight"].split(
+            [args.q_size, args.kv_size, args.kv_size], dim=0)
+        out[dst + "self_attn.q_proj.weight"] = q
+        out[dst + "self_attn.k_proj.weight"] = k
+        out[dst + "self_attn.v_proj.weight"] = v
+    return out
+
+
+def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """One-line error naming the first tensor that disagrees with the config."""
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ConfigError(f"checkpoint disagrees with its config: tensor {name} is missing")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ConfigError(f"checkpoint disagrees with its config: {name} has shape "
+                              f"{tuple(tensors[name].shape)}, config implies {tuple(shape)}")
+
+
+def group_by_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{'transformer.layers.0.attention.qkv': {'weight': ..., 'per_channel_scale': ...}, ...}.
+
+    ``attention.kv_cache_scaling_factor`` is grouped under '...attention'."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        groups.setdefault(prefix, {})[suffix] = t
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Directory I/O
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str, overwrite: bool = True) -> Iterator[str]:
+    """Yield a temp dir beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
+
+    On failure the temp dir is removed and ``out_dir`` is left exactly as it was."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"{out_dir} exists and is not a directory")
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(out_dir):
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ConfigError(f"{out_dir} already exists")
+        old = out_dir + ".old-" + os.path.basename(tmp)
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None):
+    from safetensors.torch import save_file
+    # safetensors refuses shared or non-contiguous storage: store compact copies.
+    compact = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(compact, path, metadata=metadata)
+
+
+def load_tensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise ConfigError(f"missing weights file {path}")
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: corrupt or unreadable safetensors file ({msg})") from None
+
+
+def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConfig,
+                     tensors: dict[str, torch.Tensor], rank: int = 0, world_size: int = 1,
+                     extra_config: Optional[dict] = None, tokenizer_src: Optional[str] = None
+                     ) -> str:
+    """Write a TensorRT-LLM unified checkpoint (config.json + rank{rank}.safetensors).
+
+    The tensors are canonical (docs/design.md); ``llama_engine.trtllm.to_trtllm`` turns them
+    into exactly what TensorRT-LLM's builder reads, where the two differ."""
+    config, out_tensors = _to_trtllm(args, dtype, quant, tensors, world_size)
+    if extra_config:
+        config.update(extra_config)
+    with atomic_output_dir(out_dir) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_tensors(os.path.join(tmp, f"rank{rank}.safetensors"), out_tensors)
+        if tokenizer_src:
+            from .tokenizer import save_tokenizer
+            save_tokenizer(tokenizer_src, tmp)
+    return out_dir
+
+
+def read_checkpoint(ckpt_dir: str, rank: int = 0):
+    """-> (ModelArgs, QuantConfig, dtype, canonical tensors) of a unified checkpoint."""
+    cfg_path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{ckpt_dir}: no config.json; not a TensorRT-LLM checkpoint directory")
+    with open(cfg_path) as f:
+        config = _load_json(f, cfg_path)
+    tensors = load_tensors(os.path.join(ckpt_dir, f"rank{rank}.safetensors"))
+    return _from_trtllm(config, tensors)
+
+
+def _to_trtllm(args, dtype, quant, tensors, world_size):
+    try:
+        from . import trtllm
+    except ImportError:
+        trtllm = None
+    if trtllm is not None and hasattr(trtllm, "to_trtllm"):
+        config, out = trtllm.to_trtllm(tensors, args, quant)
+        config = {**args.to_checkpoint_config(dtype, quant, world_size, world_size), **config}
+        return config, out
+    return args.to_checkpoint_config(dtype, quant, world_size, world_size), tensors
+
+
+def _from_trtllm(config: dict, tensors: dict[str, torch.Tensor]):
+    try:
+        from . import trtllm
+    except ImportError:
+        trtllm = None
+    dtype = config.get("dtype", "float16")
+    if trtllm is not None and hasattr(trtllm, "from_trtllm"):
+        args, quant, tensors = trtllm.from_trtllm(config, tensors)
+    else:
+        args = ModelArgs.from_checkpoint_config(config)
+        quant = QuantConfig.from_checkpoint_dict(config.get("quantization"))
+    mapping = config.get("mapping") or {}
+    if int(mapping.get("world_size", 1)) != 1:
+        raise ConfigError(f"checkpoint has world_size {mapping.get('world_size')}; this engine "
+                          "runs one rank per checkpoint file (tensor parallelism is not built yet)")
+    return args, quant, dtype, tensors

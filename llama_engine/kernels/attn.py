@@ -1,0 +1,894 @@
+"""Attention-side kernels: RMSNorm, RoPE, paged KV-cache writes, decode and prefill attention.
+
+Every public op has a plain-PyTorch ``*_ref`` twin (fp32 math) that is the CPU path and the
+test oracle, and a Triton path used on CUDA. ``impl`` picks: ``"auto"`` (Triton on CUDA,
+reference elsewhere), ``"triton"`` (also runs on CPU tensors under ``TRITON_INTERPRET=1``) or
+``"torch"`` (the reference).
+
+Conventions (docs/design.md):
+
+* RMSNorm as HF ``LlamaRMSNorm``: ``(x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype) * w``.
+* RoPE in the rotate-half (GPT-NeoX / HF) layout: for ``x = [x1, x2]`` (halves of the head),
+  ``out = [x1*cos - x2*sin, x2*cos + x1*sin]``; ``cos``/``sin`` are ``[max_pos, D/2]`` tables.
+* Paged KV cache per layer: ``[num_blocks, Hkv, block_size, D]``, model dtype or int8; token
+  slot ``= block * block_size + offset``; slot ``-1`` is padding and is not written. INT8 KV
+  follows TensorRT-LLM: one scale per layer, ``q = clamp(round(x / s), -127, 127)``,
+  ``x ~= q * s``.
+* Decode attention is flash-decoding (Dao et al., "Flash-Decoding for long-context
+  inference", 2023) over a vLLM-style paged cache (Kwon et al., "PagedAttention", 2023): the
+  context of each sequence is cut into partitions handled by separate programs, each of which
+  serves all query heads of one KV head (GQA: K/V are loaded once per group), followed by a
+  small log-sum-exp merge kernel.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from llama_engine.config import ConfigError
+
+try:  # Triton is optional on CPU-only installs; the references need only torch.
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+_IMPLS = ("auto", "triton", "torch")
+_LOG2E = 1.4426950408889634
+
+
+def _use_triton(impl: str, *tensors: torch.Tensor) -> bool:
+    if impl not in _IMPLS:
+        raise ConfigError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise ConfigError("impl='triton' needs the triton package")
+        return True
+    return HAS_TRITON and all(t.is_cuda for t in tensors)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# =============================================================================================
+# References (fp32 math). These are the CPU path and the test oracle.
+# =============================================================================================
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (normed.float() * weight.float()).to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # The sum is rounded to the model dtype first, as HF's `residual + hidden` is.
+    new_res = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm_ref(new_res, weight, eps), new_res
+
+
+def _rotate_ref(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c = cos[positions].float()[:, None, :]  # [N, 1, D/2]
+    s = sin[positions].float()[:, None, :]
+    return _rotate_ref(q, c, s), _rotate_ref(k, c, s)
+
+
+def quantize_kv_ref(x: torch.Tensor, kv_scale: float) -> torch.Tensor:
+    return torch.round(x.float() / kv_scale).clamp_(-127, 127).to(torch.int8)
+
+
+def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 kv_scale: Optional[float] = None) -> None:
+    bs = k_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blk, off = slots // bs, slots % bs
+    for src, cache in ((k[keep], k_cache), (v[keep], v_cache)):
+        if cache.dtype == torch.int8:
+            src = quantize_kv_ref(src, kv_scale)
+        cache[blk, :, off] = src.to(cache.dtype)  # [n, Hkv, D] into [blk, :, off, :]
+
+
+def rope_write_kv_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                      kv_scale=None) -> torch.Tensor:
+    q_rot, k_rot = apply_rope_ref(q, k, positions, cos, sin)
+    write_kv_ref(k_rot, v, k_cache, v_cache, slot_mapping, kv_scale)
+    return q_rot
+
+
+def gather_kv_ref(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                  kv_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense fp32 ``[B, Hkv, Lmax, D]`` view of a paged cache and the ``[B, Lmax]`` valid mask."""
+    bs = cache.shape[2]
+    lmax = max(int(context_lens.max().item()), 1) if context_lens.numel() else 1
+    t = torch.arange(lmax, device=cache.device)
+    valid = t[None, :] < context_lens.to(cache.device).long()[:, None]  # [B, Lmax]
+    col = (t // bs).clamp_(max=block_tables.shape[1] - 1)
+    blk = block_tables.long()[:, col]  # [B, Lmax]; entries past the context may be garbage
+    blk = torch.where(valid, blk, torch.zeros_like(blk)).clamp_(0, cache.shape[0] - 1)
+    x = cache[blk, :, (t % bs)[None, :].expand_as(blk)]  # [B, Lmax, Hkv, D]
+    x = x.float()
+    if cache.dtype == torch.int8:
+        x = x * kv_scale
+    return x.permute(0, 2, 1, 3), valid
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         softmax_scale: float, kv_scale: Optional[float] = None,
+                         **_unused) -> torch.Tensor:
+    B, H, D = q.shape
+    hkv = k_cache.shape[1]
+    if B == 0:
+        return torch.empty_like(q)
+    k, valid = gather_kv_ref(k_cache, block_tables, context_lens, kv_scale)
+    v, _ = gather_kv_ref(v_cache, block_tables, context_lens, kv_scale)
+    qf = q.float().view(B, hkv, H // hkv, D)  # query head h -> kv head h // (H // Hkv)
+    s = torch.einsum("bgqd,bgtd->bgqt", qf, k) * softmax_scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # empty context -> zeros
+    out = torch.einsum("bgqt,bgtd->bgqd", p, v)
+    return out.reshape(B, H, D).to(q.dtype)
+
+
+def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          causal_offset: Optional[int] = None,
+                          softmax_scale: Optional[float] = None) -> torch.Tensor:
+    T, H, D = q.shape
+    S, hkv = k.shape[0], k.shape[1]
+    if causal_offset is None:
+        causal_offset = S - T
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    rep = H // hkv
+    kf = k.float().repeat_interleave(rep, dim=1)  # [S, H, D]
+    vf = v.float().repeat_interleave(rep, dim=1)
+    s = torch.einsum("thd,shd->hts", q.float(), kf) * scale
+    qpos = causal_offset + torch.arange(T, device=q.device)
+    allowed = torch.arange(S, device=q.device)[None, :] <= qpos[:, None]  # [T, S]
+    s = s.masked_fill(~allowed[None], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+    return torch.einsum("hts,shd->thd", p, vf).to(q.dtype)
+
+
+# =============================================================================================
+# Triton kernels
+# =============================================================================================
+if HAS_TRITON:
+
+    @triton.jit
+    def _rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro,
+                         D, eps, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program per row; the whole row (D <= 16k) sits in registers.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            # round the sum to the model dtype before normalizing, as HF does
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
+            tl.store(RES_OUT + row * stride_ro + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (xf * rstd).to(OUT.dtype.element_ty).to(tl.float32) * w
+        tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _quant_int8(x, inv_scale):
+        # x: fp32. Clamp first (127 is an integer, so clamp-then-round == round-then-clamp),
+        # then round half to even with the 1.5*2^23 trick (exact for |x| < 2^22), matching
+        # torch.round.
+        y = x * inv_scale
+        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        y = (y + 12582912.0) - 12582912.0
+        return y.to(tl.int8)
+
+    @triton.jit
+    def _rope_kv_kernel(Q, K, V, POS, COS, SIN, QO, KO, KC, VC, SLOT,
+                        sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sqo_n, sqo_h, sko_n, sko_h,
+                        s_cos, s_sin, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+                        H, HKV, HALF, kv_scale,
+                        ROPE: tl.constexpr, DO_Q: tl.constexpr, STORE_K: tl.constexpr,
+                        WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
+                        BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        # One program per token: rotate all its q/k heads (rotate-half layout) and/or write its
+        # k/v heads into the paged cache. Head vectors are handled as two halves [x1 | x2].
+        n = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_HALF)
+        dmask = d < HALF
+        if ROPE:
+            pos = tl.load(POS + n).to(tl.int64)
+            c = tl.load(COS + pos * s_cos + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            s = tl.load(SIN + pos * s_sin + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        if DO_Q:
+            h = tl.arange(0, BLOCK_H)[:, None]
+            m = (h < H) & dmask[None, :]
+            qp = Q + n * sq_n + h * sq_h + d[None, :]
+            q1 = tl.load(qp, mask=m, other=0.0).to(tl.float32)
+            q2 = tl.load(qp + HALF, mask=m, other=0.0).to(tl.float32)
+            op = QO + n * sqo_n + h * sqo_h + d[None, :]
+            tl.store(op, (q1 * c - q2 * s).to(QO.dtype.element_ty), mask=m)
+            tl.store(op + HALF, (q2 * c + q1 * s).to(QO.dtype.element_ty), mask=m)
+        hk = tl.arange(0, BLOCK_HK)[:, None]
+        mk = (hk < HKV) & dmask[None, :]
+        kp = K + n * sk_n + hk * sk_h + d[None, :]
+        k1 = tl.load(kp, mask=mk, other=0.0).to(tl.float32)
+        k2 = tl.load(kp + HALF, mask=mk, other=0.0).to(tl.float32)
+        if ROPE:
+            k1r = k1 * c - k2 * s
+            k2 = k2 * c + k1 * s
+            k1 = k1r
+        if STORE_K:
+            op = KO + n * sko_n + hk * sko_h + d[None, :]
+            tl.store(op, k1.to(KO.dtype.element_ty), mask=mk)
+            tl.store(op + HALF, k2.to(KO.dtype.element_ty), mask=mk)
+        if WRITE_CACHE:
+            slot = tl.load(SLOT + n).to(tl.int64)
+            mw = mk & (slot >= 0)  # slot -1: padding token, nothing is written
+            blk = slot // BLOCK_SIZE
+            off = slot % BLOCK_SIZE
+            vp = V + n * sv_n + hk * sv_h + d[None, :]
+            v1 = tl.load(vp, mask=mk, other=0.0).to(tl.float32)
+            v2 = tl.load(vp + HALF, mask=mk, other=0.0).to(tl.float32)
+            kc = KC + blk * skc_b + hk * skc_h + off * skc_t + d[None, :]
+            vc = VC + blk * svc_b + hk * svc_h + off * svc_t + d[None, :]
+            if QUANT:
+                inv = 1.0 / kv_scale
+                tl.store(kc, _quant_int8(k1, inv), mask=mw)
+                tl.store(kc + HALF, _quant_int8(k2, inv), mask=mw)
+                tl.store(vc, _quant_int8(v1, inv), mask=mw)
+                tl.store(vc + HALF, _quant_int8(v2, inv), mask=mw)
+            else:
+                tl.store(kc, k1.to(KC.dtype.element_ty), mask=mw)
+                tl.store(kc + HALF, k2.to(KC.dtype.element_ty), mask=mw)
+                tl.store(vc, v1.to(VC.dtype.element_ty), mask=mw)
+                tl.store(vc + HALF, v2.to(VC.dtype.element_ty), mask=mw)
+
+    @triton.jit
+    def _attn_tile(q, qf, m_i, l_i, acc, t0, end, kbase, vbase, btrow, qk_scale, d,
+                   skc_b, skc_t, svc_b, svc_t, BLOCK_N: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+        # One tile of BLOCK_N context tokens [t0, t0+BLOCK_N) ∩ [.., end) for G_PAD query heads;
+        # q [G_PAD, D], m_i/l_i [G_PAD], acc [G_PAD, D] (online softmax state, base 2).
+        t = t0 + tl.arange(0, BLOCK_N)
+        tmask = t < end
+        # physical block of every token of the tile (block sizes below BLOCK_N cross blocks)
+        blk = tl.load(btrow + t // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+        off = (t % BLOCK_SIZE).to(tl.int64)
+        k = tl.load(kbase + blk[:, None] * skc_b + off[:, None] * skc_t + d[None, :],
+                    mask=tmask[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(vbase + blk[:, None] * svc_b + off[:, None] * svc_t + d[None, :],
+                    mask=tmask[:, None], other=0.0)
+        if USE_DOT:
+            # int8 values are exact in fp16/bf16; their scale is folded into qk_scale/out_scale
+            if IEEE:
+                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k.to(q.dtype)))  # [G_PAD, BLOCK_N]
+        else:
+            s = tl.sum(qf[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])  # [G_PAD, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if USE_DOT:
+            if IEEE:
+                pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _decode_attn_kernel(Q, KC, VC, BT, CL, OUT, PO, PM, PL,
+                            qk_scale, out_scale, partition,
+                            sq_b, sq_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+                            sbt_b, so_b, so_h, spo_b, spo_h, spo_s, spm_b, spm_h,
+                            G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                            SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                            NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+        # grid = (B, Hkv, num_splits). Program (b, g, sp) attends the G query heads of KV head
+        # g of sequence b over tokens [sp*partition, (sp+1)*partition) of its context, with an
+        # online softmax in base 2 (qk_scale already holds log2(e)).
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+        sp = tl.program_id(2)
+        ctx = tl.load(CL + b)
+        start = sp * partition
+        if (start >= ctx) & (sp > 0):
+            return  # nothing of this sequence here; the merge kernel skips this split
+        end = tl.minimum(start + partition, ctx)
+
+        gi = tl.arange(0, G_PAD)
+        gmask = gi < G
+        heads = g * G + gi
+        d = tl.arange(0, D)
+        q = tl.load(Q + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :],
+                    mask=gmask[:, None], other=0.0)  # [G_PAD, D]
+        qf = q.to(tl.float32)  # FMA path operand (dead code on the dot path)
+
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        kbase = KC + g.to(tl.int64) * skc_h
+        vbase = VC + g.to(tl.int64) * svc_h
+        btrow = BT + b.to(tl.int64) * sbt_b
+        if INTERPRET:
+            # The interpreter (numpy >= 2.4) cannot use program-id-derived range bounds; a
+            # while loop runs the same tile code there.
+            t0 = start
+            while t0 < end:
+                m_i, l_i, acc = _attn_tile(q, qf, m_i, l_i, acc, t0, end, kbase, vbase, btrow,
+                                           qk_scale, d, skc_b, skc_t, svc_b, svc_t,
+                                           BLOCK_N, BLOCK_SIZE, USE_DOT, IEEE)
+                t0 += BLOCK_N
+        else:
+            for t0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+                m_i, l_i, acc = _attn_tile(q, qf, m_i, l_i, acc, t0, end, kbase, vbase, btrow,
+                                           qk_scale, d, skc_b, skc_t, svc_b, svc_t,
+                                           BLOCK_N, BLOCK_SIZE, USE_DOT, IEEE)
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # empty context -> zeros, not NaN
+        o = acc / l_safe[:, None]
+        if SPLIT:
+            po = PO + b.to(tl.int64) * spo_b + heads[:, None] * spo_h + sp * spo_s + d[None, :]
+            tl.store(po, o, mask=gmask[:, None])
+            pm = b.to(tl.int64) * spm_b + heads * spm_h + sp
+            tl.store(PM + pm, m_i, mask=gmask)
+            tl.store(PL + pm, l_i, mask=gmask)
+        else:
+            op = OUT + b.to(tl.int64) * so_b + heads[:, None] * so_h + d[None, :]
+            tl.store(op, (o * out_scale).to(OUT.dtype.element_ty), mask=gmask[:, None])
+
+    @triton.jit
+    def _decode_merge_kernel(OUT, PO, PM, PL, CL, partition, out_scale,
+                             so_b, so_h, spo_b, spo_h, spo_s, spm_b, spm_h,
+                             D: tl.constexpr, S_PAD: tl.constexpr):
+        # grid = (B, H): log-sum-exp merge of the per-partition results of one query head.
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        ctx = tl.load(CL + b)
+        n = (ctx + partition - 1) // partition  # partitions that saw tokens
+        sidx = tl.arange(0, S_PAD)
+        smask = sidx < n
+        m = tl.load(PM + b * spm_b + h * spm_h + sidx, mask=smask, other=float("-inf"))
+        l = tl.load(PL + b * spm_b + h * spm_h + sidx, mask=smask, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(smask, l * tl.exp2(m - m_max), 0.0)  # [S_PAD]
+        d = tl.arange(0, D)
+        o = tl.load(PO + b * spo_b + h * spo_h + sidx[:, None] * spo_s + d[None, :],
+                    mask=smask[:, None], other=0.0)  # [S_PAD, D]
+        den = tl.sum(w, axis=0)
+        den = tl.where(den > 0.0, den, 1.0)
+        out = tl.sum(w[:, None] * o, axis=0) * (out_scale / den)
+        tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty))
+
+
+# =============================================================================================
+# Public ops
+# =============================================================================================
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+             impl: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dim (fp32 accumulation), output in ``x.dtype``."""
+    if x.shape[-1] != weight.shape[0]:
+        raise ConfigError(f"rms_norm: last dim {x.shape[-1]} != weight size {weight.shape[0]}")
+    if not _use_triton(impl, x, weight):
+        return rms_norm_ref(x, weight, eps)
+    D = x.shape[-1]
+    x2 = _last_dim_contig(x).reshape(-1, D)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        bd = _next_pow2(D)
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), 0,
+                                         out.stride(0), 0, D, float(eps), HAS_RES=False,
+                                         BLOCK_D=bd, num_warps=_norm_warps(bd))
+    return out.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``new_residual = x + residual; normed = rms_norm(new_residual)``."""
+    if x.shape != residual.shape:
+        raise ConfigError(f"add_rms_norm: x {tuple(x.shape)} and residual "
+                          f"{tuple(residual.shape)} differ")
+    if x.shape[-1] != weight.shape[0]:
+        raise ConfigError(f"add_rms_norm: last dim {x.shape[-1]} != weight {weight.shape[0]}")
+    if not _use_triton(impl, x, residual, weight):
+        return add_rms_norm_ref(x, residual, weight, eps)
+    D = x.shape[-1]
+    x2 = _last_dim_contig(x).reshape(-1, D)
+    r2 = _last_dim_contig(residual).reshape(-1, D)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    res = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        bd = _next_pow2(D)
+        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res, x2.stride(0), r2.stride(0),
+                                         out.stride(0), res.stride(0), D, float(eps),
+                                         HAS_RES=True, BLOCK_D=bd, num_warps=_norm_warps(bd))
+    return out.view(x.shape), res.view(x.shape)
+
+
+def _norm_warps(block_d: int) -> int:
+    return 1 if block_d <= 256 else 4 if block_d <= 2048 else 8
+
+
+def _check_rope(q, k, positions, cos, sin):
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ConfigError(f"rope: expected q [N,H,D] and k [N,Hkv,D], got {tuple(q.shape)} "
+                          f"and {tuple(k.shape)}")
+    D = q.shape[2]
+    if D % 2 or cos.shape[-1] != D // 2 or sin.shape[-1] != D // 2:
+        raise ConfigError(f"rope: head dim {D} needs cos/sin tables [max_pos, {D // 2}], got "
+                          f"{tuple(cos.shape)}")
+    if positions.shape[0] != q.shape[0]:
+        raise ConfigError(f"rope: {positions.shape[0]} positions for {q.shape[0]} tokens")
+
+
+def _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale):
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ConfigError("KV caches must both be [num_blocks, Hkv, block_size, D], got "
+                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k.shape[1:] != (k_cache.shape[1], k_cache.shape[3]) or v.shape != k.shape:
+        raise ConfigError(f"write_kv: k {tuple(k.shape)} / v {tuple(v.shape)} do not match "
+                          f"cache {tuple(k_cache.shape)}")
+    if slot_mapping.shape[0] != k.shape[0]:
+        raise ConfigError(f"write_kv: {slot_mapping.shape[0]} slots for {k.shape[0]} tokens")
+    if k_cache.dtype == torch.int8 and not kv_scale:
+        raise ConfigError("int8 KV cache needs kv_scale")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ConfigError("KV cache last dim must be contiguous")
+
+
+def _launch_rope_kv(q, k, v, positions, cos, sin, q_out, k_out, k_cache, v_cache, slot_mapping,
+                    kv_scale, rope: bool, do_q: bool, store_k: bool, write_cache: bool):
+    N, Hkv, D = k.shape
+    H = q.shape[1] if q is not None else 1
+    # Unused pointer arguments get `k` and zero strides (the constexpr flags keep them unread).
+    q = q if q is not None else k
+    q_out = q_out if q_out is not None else k
+    k_out = k_out if k_out is not None else k
+    v = v if v is not None else k
+    pos = positions if positions is not None else slot_mapping
+    cos_t = cos if cos is not None else k
+    sin_t = sin if sin is not None else k
+    slots = slot_mapping if slot_mapping is not None else pos
+    kc = k_cache if k_cache is not None else k
+    vc = v_cache if v_cache is not None else k
+    kcs = (kc.stride(0), kc.stride(1), kc.stride(2)) if write_cache else (0, 0, 0)
+    vcs = (vc.stride(0), vc.stride(1), vc.stride(2)) if write_cache else (0, 0, 0)
+    quant = write_cache and kc.dtype == torch.int8
+    block_size = kc.shape[2] if write_cache else 1
+    if write_cache and block_size & (block_size - 1):
+        raise ConfigError(f"KV block size {block_size} must be a power of two")
+    if N == 0:
+        return
+    bh, bhk = _next_pow2(H), _next_pow2(Hkv)
+    half = D // 2
+    _rope_kv_kernel[(N,)](
+        q, k, v, pos, cos_t, sin_t, q_out, k_out, kc, vc, slots,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        cos_t.stride(0) if rope else 0, sin_t.stride(0) if rope else 0, *kcs, *vcs,
+        H, Hkv, half, float(kv_scale) if quant else 1.0,
+        ROPE=rope, DO_Q=do_q, STORE_K=store_k, WRITE_CACHE=write_cache, QUANT=quant,
+        BLOCK_H=bh, BLOCK_HK=bhk, BLOCK_HALF=_next_pow2(half),
+        BLOCK_SIZE=block_size,
+        num_warps=4 if bh * _next_pow2(half) >= 2048 else 1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of q [N,H,D] and k [N,Hkv,D] at ``positions``; new tensors out.
+
+    q and k may be strided views (e.g. column slices of a fused qkv output).
+    """
+    _check_rope(q, k, positions, cos, sin)
+    if not _use_triton(impl, q, k, positions, cos, sin):
+        return apply_rope_ref(q, k, positions, cos, sin)
+    q, k = _last_dim_contig(q), _last_dim_contig(k)
+    cos, sin = _last_dim_contig(cos), _last_dim_contig(sin)
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), \
+        torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _launch_rope_kv(q, k, None, positions, cos, sin, q_out, k_out, None, None, None, None,
+                    rope=True, do_q=True, store_k=True, write_cache=False)
+    return q_out, k_out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, kv_scale: Optional[float] = None, *,
+             impl: str = "auto") -> None:
+    """Scatter k/v [N,Hkv,D] into the paged caches at ``slot_mapping`` (in place; -1 skips)."""
+    _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
+    if not _use_triton(impl, k, v, k_cache, v_cache, slot_mapping):
+        return write_kv_ref(k, v, k_cache, v_cache, slot_mapping, kv_scale)
+    if k.shape[2] % 2:
+        raise ConfigError(f"write_kv: head dim {k.shape[2]} must be even")
+    k, v = _last_dim_contig(k), _last_dim_contig(v)
+    _launch_rope_kv(None, k, v, None, None, None, None, None, k_cache, v_cache, slot_mapping,
+                    kv_scale, rope=False, do_q=False, store_k=False, write_cache=True)
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                  kv_scale: Optional[float] = None, *, impl: str = "auto") -> torch.Tensor:
+    """Fused RoPE of q and k plus the KV-cache write of (rotated k, v); returns rotated q."""
+    _check_rope(q, k, positions, cos, sin)
+    _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
+    if not _use_triton(impl, q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
+        return rope_write_kv_ref(q, k, v, positions, cos, sin, k_cache, v_cache,
+                                 slot_mapping, kv_scale)
+    q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
+    cos, sin = _last_dim_contig(cos), _last_dim_contig(sin)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch_rope_kv(q, k, v, positions, cos, sin, q_out, None, k_cache, v_cache, slot_mapping,
+                    kv_scale, rope=True, do_q=True, store_k=False, write_cache=True)
+    return q_out
+
+
+# Decode-attention launch parameters. Tuned on an H100 (see gpu_selfcheck); tests override them.
+DECODE_CONFIG = {
+    "block_n": 64,          # tokens per inner tile (fp16/bf16/fp32 caches)
+    "block_n_int8": 128,    # tokens per inner tile for int8 caches (same bytes per tile)
+    "num_warps": 4,
+    "num_stages": 2,
+    "max_partition": 512,   # upper bound of tokens per split
+    "max_splits": 64,       # the merge kernel holds all splits of a head in registers
+    "dot_min_group": 1,     # query heads per KV head from which tl.dot is used (else FMA)
+    "target_programs": 0,   # programs to aim for when picking the split; 0: 2 x SM count
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     softmax_scale: float, kv_scale: Optional[float] = None, *,
+                     max_context_len: Optional[int] = None,
+                     partition_size: Optional[int] = None,
+                     impl: str = "auto") -> torch.Tensor:
+    """One new query token per sequence over its paged KV cache.
+
+    q [B,H,D]; caches [num_blocks, Hkv, block_size, D] (model dtype, or int8 with
+    ``kv_scale``); block_tables int32 [B, max_blocks]; context_lens int32 [B] (tokens in the
+    cache, this step's included). ``max_context_len`` (optional host int, an upper bound)
+    only tunes the split; without it the bound is ``max_blocks * block_size``.
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ConfigError(f"decode_attention: expected q [B,H,D] and caches "
+                          f"[blocks,Hkv,bs,D], got {tuple(q.shape)}, {tuple(k_cache.shape)}")
+    B, H, D = q.shape
+    hkv, block_size = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[3] != D or H % hkv:
+        raise ConfigError(f"decode_attention: q {tuple(q.shape)} does not fit cache "
+                          f"{tuple(k_cache.shape)} (H must be a multiple of Hkv)")
+    if block_tables.shape[0] != B or context_lens.shape[0] != B:
+        raise ConfigError("decode_attention: block_tables/context_lens batch != q batch")
+    quant = k_cache.dtype == torch.int8
+    if quant and not kv_scale:
+        raise ConfigError("int8 KV cache needs kv_scale")
+    if not _use_triton(impl, q, k_cache, v_cache, block_tables, context_lens):
+        return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens,
+                                    softmax_scale, kv_scale)
+    if D & (D - 1) or D < 16:
+        raise ConfigError(f"decode_attention: Triton path needs a power-of-two head dim >= 16,"
+                          f" got {D}")
+    if block_size & (block_size - 1):
+        raise ConfigError(f"KV block size {block_size} must be a power of two")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    q = _last_dim_contig(q)
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ConfigError("KV cache last dim must be contiguous")
+    cfg = DECODE_CONFIG
+    G = H // hkv
+    use_dot = G >= cfg["dot_min_group"] and q.dtype != torch.float64
+    g_pad = max(16, _next_pow2(G)) if use_dot else _next_pow2(G)
+    block_n = cfg["block_n_int8"] if quant else cfg["block_n"]
+    if q.dtype == torch.float32 and not quant:
+        block_n = min(block_n, 32)  # fp32 tiles are twice the bytes
+    max_ctx = max_context_len if max_context_len is not None \
+        else block_tables.shape[1] * block_size
+    max_ctx = max(int(max_ctx), 1)
+    if partition_size is None:
+        target = cfg["target_programs"] or 2 * _sm_count(q.device)
+        part = max(cfg["max_partition"], block_n)
+        while part > block_n and B * hkv * triton.cdiv(max_ctx, part) < target:
+            part //= 2
+        part = max(part, triton.cdiv(triton.cdiv(max_ctx, cfg["max_splits"]), block_n) * block_n)
+    else:
+        part = partition_size
+        if part % block_n:
+            block_n = math.gcd(part, block_n)
+            if block_n < 16:
+                raise ConfigError(f"partition_size {part} must be a multiple of 16")
+    splits = triton.cdiv(max_ctx, part)
+    split = splits > 1
+    qk_scale = float(softmax_scale) * _LOG2E * (float(kv_scale) if quant else 1.0)
+    out_scale = float(kv_scale) if quant else 1.0
+    if split:
+        po = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
+        pm = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+    else:
+        po = pm = pl = out  # unused
+    pos_ = (po.stride(0), po.stride(1), po.stride(2)) if split else (0, 0, 0)
+    pms_ = (pm.stride(0), pm.stride(1)) if split else (0, 0)
+    _decode_attn_kernel[(B, hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, po, pm, pl,
+        qk_scale, out_scale, part,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), *pos_, *pms_,
+        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLIT=split,
+        USE_DOT=use_dot, IEEE=q.dtype == torch.float32, NUM_STAGES=cfg["num_stages"],
+        INTERPRET=_interpreting(), num_warps=cfg["num_warps"])
+    if split:
+        _decode_merge_kernel[(B, H)](
+            out, po, pm, pl, context_lens, part, out_scale,
+            out.stride(0), out.stride(1), *pos_, *pms_,
+            D=D, S_PAD=_next_pow2(splits), num_warps=4 if splits * D >= 4096 else 2)
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      causal_offset: Optional[int] = None, *,
+                      softmax_scale: Optional[float] = None,
+                      impl: str = "auto") -> torch.Tensor:
+    """Causal attention of T new tokens q [T,H,D] over S = prefix + T keys k/v [S,Hkv,D].
+
+    Query i sits at absolute position ``causal_offset + i`` (default ``S - T``) and sees keys
+    ``0..causal_offset + i``. On CUDA: torch SDPA (flash / memory-efficient kernels).
+    """
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[2] != k.shape[2]:
+        raise ConfigError(f"prefill_attention: expected q [T,H,D], k/v [S,Hkv,D], got "
+                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    T, H, D = q.shape
+    S, hkv = k.shape[0], k.shape[1]
+    if H % hkv:
+        raise ConfigError(f"prefill_attention: H {H} not a multiple of Hkv {hkv}")
+    if causal_offset is None:
+        causal_offset = S - T
+    if impl not in _IMPLS:
+        raise ConfigError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "torch" or (impl == "auto" and not q.is_cuda):
+        return prefill_attention_ref(q, k, v, causal_offset, softmax_scale)
+    if hkv != H:  # expand GQA heads: [S, Hkv, D] -> [S, H, D]
+        rep = H // hkv
+        k = k[:, :, None, :].expand(S, hkv, rep, D).reshape(S, H, D)
+        v = v[:, :, None, :].expand(S, hkv, rep, D).reshape(S, H, D)
+    qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    F = torch.nn.functional
+    if causal_offset == 0 and S == T:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=softmax_scale)
+    elif causal_offset >= S - 1:  # every query sees every key
+        o = F.scaled_dot_product_attention(qt, kt, vt, scale=softmax_scale)
+    else:
+        qpos = causal_offset + torch.arange(T, device=q.device)
+        mask = torch.arange(S, device=q.device)[None, :] <= qpos[:, None]  # [T, S]
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale)
+    return o[0].transpose(0, 1).contiguous()
+
+
+# =============================================================================================
+# GPU self-check (run by the lead on an H100)
+# =============================================================================================
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return (torch.linalg.vector_norm(out - ref) /
+            torch.linalg.vector_norm(ref).clamp_min(1e-30)).item()
+
+
+def _time_ms(fn, reps: int = 20, warmup: int = 3, flush: Optional[torch.Tensor] = None) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if flush is not None:
+            flush.zero_()  # evict L2 (50 MB on an H100) so that K/V come from HBM
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def make_paged_cache(B: int, ctx: int, hkv: int, D: int, block_size: int, dtype, device,
+                     kv_scale: Optional[float] = None, static: bool = False,
+                     extra_blocks: int = 0):
+    """Random caches holding ``ctx`` tokens per sequence, with shuffled block tables.
+
+    ``static``: one block per sequence (block_size >= ctx), block_tables[b] = [b].
+    Returns (k_cache, v_cache, block_tables int32, context_lens int32).
+    """
+    nb_seq = 1 if static else triton_cdiv(ctx, block_size)
+    num_blocks = B * nb_seq + extra_blocks
+    shape = (num_blocks, hkv, block_size, D)
+    if dtype == torch.int8:
+        k_cache = torch.randint(-127, 128, shape, dtype=torch.int8, device=device)
+        v_cache = torch.randint(-127, 128, shape, dtype=torch.int8, device=device)
+    else:
+        k_cache = torch.randn(shape, dtype=dtype, device=device)
+        v_cache = torch.randn(shape, dtype=dtype, device=device)
+    if static:
+        bt = torch.arange(B, dtype=torch.int32, device=device)[:, None]
+    else:
+        perm = torch.randperm(num_blocks)  # shuffled: blocks of a sequence are scattered
+        bt = perm[:B * nb_seq].view(B, nb_seq).to(torch.int32).to(device)
+    cl = torch.full((B,), ctx, dtype=torch.int32, device=device)
+    return k_cache, v_cache, bt, cl
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
+    """Check and time every op at LLaMA-7B shapes (H=Hkv=32, D=128) on ``device``.
+
+    Rows: {op, B, ctx, kv_dtype, impl, rel_err, ms, GBps, ok, block_size, H, Hkv}. GBps
+    counts the bytes an op must move (decode attention: K and V of every context token).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not HAS_TRITON:
+        raise ConfigError("gpu_selfcheck needs a CUDA device and triton")
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    dt = torch.float16
+    H, D = 32, 128
+    hidden = H * D
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+
+    def row(op, B, ctx, kv, impl, err, ms, nbytes, tol, bs=None, h=H, hkv=H):
+        rows.append(dict(op=op, B=B, ctx=ctx, kv_dtype=kv, impl=impl, rel_err=err, ms=ms,
+                         GBps=nbytes / (ms * 1e6) if ms else None,
+                         ok=bool(err == err and err < tol), block_size=bs, H=h, Hkv=hkv))
+
+    # --- norms -----------------------------------------------------------------------------
+    for M in (1, 32, 2048):
+        x = torch.randn(M, hidden, dtype=dt, device=device)
+        r = torch.randn(M, hidden, dtype=dt, device=device)
+        w = torch.rand(hidden, dtype=dt, device=device) + 0.5
+        err = _rel_err(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
+        ms = _time_ms(lambda: rms_norm(x, w, 1e-6), flush=flush)
+        row("rms_norm", M, None, "-", "triton", err, ms, 2 * x.numel() * 2, 2e-3)
+        o, nr = add_rms_norm(x, r, w, 1e-6)
+        o_r, nr_r = add_rms_norm_ref(x, r, w, 1e-6)
+        err = max(_rel_err(o, o_r), _rel_err(nr, nr_r))
+        ms = _time_ms(lambda: add_rms_norm(x, r, w, 1e-6), flush=flush)
+        row("add_rms_norm", M, None, "-", "triton", err, ms, 4 * x.numel() * 2, 2e-3)
+
+    # --- rope / cache writes -------------------------------------------------------------
+    max_pos = 4096
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=device).float() / D))
+    ang = torch.arange(max_pos, device=device).float()[:, None] * inv[None, :]
+    cos, sin = ang.cos(), ang.sin()
+    for N in (1, 32, 2048):
+        qkv = torch.randn(N, 3 * hidden, dtype=dt, device=device)
+        q = qkv[:, :hidden].view(N, H, D)
+        k = qkv[:, hidden:2 * hidden].view(N, H, D)
+        v = qkv[:, 2 * hidden:].view(N, H, D)
+        pos = torch.randint(0, max_pos, (N,), device=device)
+        qo, ko = apply_rope(q, k, pos, cos, sin)
+        qr, kr = apply_rope_ref(q, k, pos, cos, sin)
+        err = max(_rel_err(qo, qr), _rel_err(ko, kr))
+        ms = _time_ms(lambda: apply_rope(q, k, pos, cos, sin), flush=flush)
+        row("apply_rope", N, None, "-", "triton", err, ms, 4 * N * hidden * 2, 2e-3)
+        for kvd in (dt, torch.int8):
+            scale = 0.03 if kvd == torch.int8 else None
+            bs = 64
+            nblk = triton_cdiv(N, bs) + 3
+            kc = torch.zeros(nblk, H, bs, D, dtype=kvd, device=device)
+            vc = torch.zeros_like(kc)
+            kc2, vc2 = kc.clone(), vc.clone()
+            slots = torch.randperm(nblk * bs, device=device)[:N]
+            if N > 1:
+                slots[0] = -1
+            write_kv(k, v, kc, vc, slots, scale)
+            write_kv_ref(k, v, kc2, vc2, slots, scale)
+            err = max(_rel_err(kc, kc2), _rel_err(vc, vc2))
+            ms = _time_ms(lambda: write_kv(k, v, kc, vc, slots, scale), flush=flush)
+            esz = 1 if kvd == torch.int8 else 2
+            kvname = "int8" if kvd == torch.int8 else "fp16"
+            row("write_kv", N, None, kvname, "triton", err, ms,
+                2 * N * hidden * (2 + esz), 1e-6, bs)
+            kc.zero_(), vc.zero_(), kc2.zero_(), vc2.zero_()
+            qo = rope_write_kv(q, k, v, pos, cos, sin, kc, vc, slots, scale)
+            qr = rope_write_kv_ref(q, k, v, pos, cos, sin, kc2, vc2, slots, scale)
+            # int8: the rotated k may round differently by one level -> compare loosely
+            err = max(_rel_err(qo, qr), _rel_err(kc, kc2), _rel_err(vc, vc2))
+            ms = _time_ms(lambda: rope_write_kv(q, k, v, pos, cos, sin, kc, vc, slots, scale),
+                          flush=flush)
+            row("rope_write_kv", N, None, kvname, "triton", err, ms,
+                N * hidden * (4 + 2 * (2 + esz)), 1e-2 if kvd == torch.int8 else 2e-3, bs)
+
+    # --- decode attention ----------------------------------------------------------------
+    Bs = (1, 32) if quick else (1, 8, 32, 64)
+    ctxs = (2048,) if quick else (128, 512, 2048)
+    shapes = [(B, c, H, H) for B in Bs for c in ctxs] + [(1, 2048, 64, 8), (32, 2048, 64, 8)]
+    for B, ctx, h, hkv in shapes:
+        for kvd in (dt, torch.int8):
+            for static in (False, True):
+                bs = _next_pow2(ctx) if static else 64
+                scale = 0.02 if kvd == torch.int8 else None
+                kc, vc, bt, cl = make_paged_cache(B, ctx, hkv, D, bs, kvd, device, scale,
+                                                  static=static, extra_blocks=2)
+                q = torch.randn(B, h, D, dtype=dt, device=device)
+                sm = 1.0 / math.sqrt(D)
+                out = decode_attention(q, kc, vc, bt, cl, sm, scale)
+                ref = decode_attention_ref(q, kc, vc, bt, cl, sm, scale)
+                err = _rel_err(out, ref)
+                ms = _time_ms(lambda: decode_attention(q, kc, vc, bt, cl, sm, scale),
+                              flush=flush)
+                esz = 1 if kvd == torch.int8 else 2
+                row("decode_attention", B, ctx, "int8" if esz == 1 else "fp16", "triton",
+                    err, ms, 2 * B * ctx * hkv * D * esz, 5e-3, bs, h, hkv)
+                del kc, vc
+
+    # --- prefill attention (SDPA) --------------------------------------------------------
+    for T, S, h, hkv in ((2048, 2048, H, H), (512, 1536, H, H), (1024, 1024, 64, 8)):
+        q = torch.randn(T, h, D, dtype=dt, device=device)
+        k = torch.randn(S, hkv, D, dtype=dt, device=device)
+        v = torch.randn(S, hkv, D, dtype=dt, device=device)
+        out = prefill_attention(q, k, v, S - T)
+        err = _rel_err(out, prefill_attention_ref(q, k, v, S - T))
+        ms = _time_ms(lambda: prefill_attention(q, k, v, S - T), flush=flush)
+        row("prefill_attention", T, S, "fp16", "sdpa", err, ms,
+            2 * (T * h + 2 * S * hkv) * D, 5e-3, None, h, hkv)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A fixed-width table of gpu_selfcheck rows."""
+    lines = [f"{'op':18s} {'B':>5s} {'ctx':>5s} {'H/Hkv':>6s} {'bs':>5s} {'kv':>5s} "
+             f"{'rel_err':>9s} {'ms':>8s} {'GB/s':>7s} ok"]
+    for r in rows:
+        lines.append(
+            f"{r['op']:18s} {r['B']:5d} {str(r['ctx'] or '-'):>5s} "
+            f"{str(r['H']) + '/' + str(r['Hkv']):>6s} {str(r['block_size'] or '-'):>5s} "
+            f"{r['kv_dtype']:>5s} {r['rel_err']:9.2e} {r['ms']:8.4f} "
+            f"{(r['GBps'] or 0):7.0f} {'ok' if r['ok'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m llama_engine.kernels.attn  (on a GPU machine)
+    quick = os.environ.get("ATTN_QUICK") == "1"
+    print(format_rows(gpu_selfcheck("cuda", quick=quick)))

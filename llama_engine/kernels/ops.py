@@ -1,0 +1,12 @@
+"""The ops the network calls, in one namespace (signatures: docs/design.md).
+
+Each op dispatches by device: Triton kernels on CUDA, plain PyTorch elsewhere. The
+implementations live in ``linear.py`` (weight GEMMs, activation quantization) and
+``attn.py`` (norms, RoPE, KV-cache writes, attention).
+"""
+from __future__ import annotations
+
+from .attn import (add_rms_norm, apply_rope, decode_attention, prefill_attention,  # noqa: F401
+                   rms_norm, rope_write_kv, write_kv)
+from .linear import (linear_fp, linear_w4a16, linear_w8a8, linear_w8a16,  # noqa: F401
+                     pack_int4, quantize_per_tensor, quantize_per_token, unpack_int4)

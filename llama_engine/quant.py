@@ -1,0 +1,620 @@
+"""Quantization: round-to-nearest quantizers, drop-in quantized linears, checkpoint quantization.
+
+Formats are TensorRT-LLM's (its unified checkpoint names them; docs/design.md gives the exact
+tensors and layouts of each mode):
+
+* ``W8A16``      - int8 weight-only, symmetric, one scale per output channel.
+* ``W4A16``      - int4 weight-only, one scale per output channel.
+* ``W4A16_AWQ``  - int4 weight-only with group-wise scales. We fill AWQ's layout with plain
+  round-to-nearest (``prequant_scaling_factor`` = 1), the way TensorRT-LLM's
+  ``--per_group`` weight-only path does.
+* ``W8A8_SQ_*``  - SmoothQuant (Xiao et al. 2022, arXiv:2211.10438): int8 weights (per channel
+  or per tensor) times int8 activations (dynamic per token or static per tensor), after the
+  smoothing done by ``smoothquant.py``.
+* INT8 KV cache  - one scale per layer for K and V, from calibrated max |k|, |v|.
+
+Every quantizer returns its own error (max |w - dequant(q)|) so exports can report it; the
+rounding bound is scale/2 per element (no clipping: the scale is taken from the max |w|).
+
+int4 range: we use scale = amax/7 and clamp to [-8, 7] (the storable range). With amax/7 the
+largest weight maps to exactly +-7, so nothing is ever clipped and the error stays <= scale/2;
+the -8 code is simply unused. amax/8 would use the code but clip +amax to 7*scale (an error of
+a whole step on the largest, most important weights). TensorRT-LLM's symmetric quantizer also
+divides by 7.
+
+The modules (``FloatLinear``, ``WeightOnlyInt8Linear``, ``WeightOnlyInt4Linear``,
+``SmoothQuantLinear``) all take x[M, K] and return [M, N]; their tensors are buffers kept in
+their checkpoint dtypes (do not ``.to(float16)`` a model holding SmoothQuant layers: their
+scales are float32 by format). ``make_linear`` is the one place that picks a module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import os
+import sys
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GROUPWISE, W8A16, ConfigError, ModelArgs,
+                     QuantConfig)
+from .kernels import linear as K
+
+INT8_MAX = 127
+INT4_MAX, INT4_MIN = 7, -8
+GROUP_SIZES = (32, 64, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizers (symmetric round-to-nearest). Computed in float32; the scale is first rounded to
+# its storage dtype so that the stored (q, scale) pair is what the error is measured on.
+# ---------------------------------------------------------------------------------------------
+def _safe_scale(amax: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Tensor:
+    """amax/qmax in ``dtype``; all-zero rows/groups get scale 1 (they quantize to 0 exactly)."""
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).to(dtype)
+    # A tiny amax can underflow to 0 in float16: fall back to 1 there as well.
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _check_2d(w: torch.Tensor, what: str) -> None:
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ConfigError(f"{what}: expected a float [N, K] weight, got {w.dtype} "
+                          f"{tuple(w.shape)}")
+
+
+def quantize_int8_per_channel(w: torch.Tensor, scale_dtype: Optional[torch.dtype] = None):
+    """w[N, K] float -> (q int8[N, K], scale[N] in ``scale_dtype`` (default w.dtype), max_abs_err)."""
+    _check_2d(w, "quantize_int8_per_channel")
+    w32 = w.float()
+    scale = _safe_scale(w32.abs().amax(dim=1), INT8_MAX, scale_dtype or w.dtype)  # [N]
+    s32 = scale.float()[:, None]
+    q = torch.round(w32 / s32).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    err = (q.float() * s32 - w32).abs().max().item() if w.numel() else 0.0
+    return q, scale, err
+
+
+def dequantize_int8_per_channel(q: torch.Tensor, scale: torch.Tensor,
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q int8[N, K], scale [N] (or [1, N] / [1, 1]) -> w[N, K]."""
+    return (q.float() * scale.float().reshape(-1, 1)).to(dtype)
+
+
+def quantize_int8_per_tensor(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32):
+    """w[N, K] -> (q int8[N, K], scale [1, 1], max_abs_err): one scale for the whole matrix."""
+    _check_2d(w, "quantize_int8_per_tensor")
+    w32 = w.float()
+    scale = _safe_scale(w32.abs().amax().reshape(1, 1), INT8_MAX, scale_dtype)
+    q = torch.round(w32 / scale.float()).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    err = (q.float() * scale.float() - w32).abs().max().item() if w.numel() else 0.0
+    return q, scale, err
+
+
+def quantize_int4(w: torch.Tensor, group_size: Optional[int] = None,
+                  scale_dtype: Optional[torch.dtype] = None):
+    """w[N, K] float -> (packed int8[N, K/2], scales, max_abs_err).
+
+    ``group_size`` None (or 0) is per output channel: scales [N]. Otherwise scales are
+    [K/G, N] (TensorRT-LLM's group-wise layout: row g holds the scales of input group g).
+    Values are in [-8, 7] with scale = amax/7 (see the module docstring)."""
+    _check_2d(w, "quantize_int4")
+    n, k = w.shape
+    if k % 2:
+        raise ConfigError(f"int4 packing needs an even input width, got K={k}")
+    dtype = scale_dtype or w.dtype
+    w32 = w.float()
+    if not group_size:
+        scale = _safe_scale(w32.abs().amax(dim=1), INT4_MAX, dtype)  # [N]
+        s_full = scale.float()[:, None].expand(n, k)
+    else:
+        if k % group_size:
+            raise ConfigError(f"group size {group_size} does not divide K={k}")
+        g = k // group_size
+        amax = w32.reshape(n, g, group_size).abs().amax(dim=2)  # [N, K/G]
+        scale = _safe_scale(amax, INT4_MAX, dtype).t().contiguous()  # [K/G, N]
+        s_full = scale.float().t().repeat_interleave(group_size, dim=1)  # [N, K]
+    q = torch.round(w32 / s_full).clamp_(INT4_MIN, INT4_MAX).to(torch.int8)
+    err = (q.float() * s_full - w32).abs().max().item() if w.numel() else 0.0
+    return K.pack_int4(q), scale, err
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: Optional[int] = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """packed int8[N, K/2] + scales ([N] / [1, N] per channel, [K/G, N] group-wise) -> w[N, K]."""
+    q = K.unpack_int4(packed).float()  # [N, K]
+    n, k = q.shape
+    if not group_size:
+        s_full = scales.float().reshape(n, 1)
+    else:
+        s_full = scales.float().t().repeat_interleave(group_size, dim=1)  # [N, K]
+    return (q * s_full).to(dtype)
+
+
+def kv_cache_scale(max_abs_k: float, max_abs_v: float) -> torch.Tensor:
+    """One INT8 KV scale per layer (design.md): max(max|k|, max|v|)/127, float32 [1]."""
+    amax = max(float(max_abs_k), float(max_abs_v))
+    if not math.isfinite(amax):
+        raise ConfigError(f"calibrated KV maximum is not finite ({amax})")
+    return torch.tensor([amax / INT8_MAX if amax > 0 else 1.0], dtype=torch.float32)
+
+
+def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The INT8 KV rule (reference): round(x / scale) clamped to +-127."""
+    return torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-in linear modules: forward(x[M, K]) -> [M, N]
+# ---------------------------------------------------------------------------------------------
+def _require(tensors: dict, names: tuple, cls: str) -> None:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ConfigError(f"{cls} needs tensors {list(names)}; missing {missing}")
+
+
+def _flat2d(x: torch.Tensor):
+    """Linear kernels take [M, K]; accept any leading shape."""
+    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+class FloatLinear(nn.Module):
+    """Unquantized linear: weight [N, K] in the model dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict, quant: Optional[QuantConfig] = None) -> "FloatLinear":
+        _require(tensors, ("weight",), cls.__name__)
+        w = tensors["weight"]
+        if not w.is_floating_point():
+            raise ConfigError(f"FloatLinear: weight is {w.dtype}, expected a float dtype")
+        return cls(w)
+
+    def checkpoint_tensors(self) -> dict:
+        return {"weight": self.weight}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat2d(x)
+        return K.linear_fp(x2, self.weight).reshape(*lead, self.out_features)
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    """W8A16: int8 weight [N, K], per-output-channel scale [N] in the model dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", qweight)
+        self.register_buffer("scale", scale.reshape(-1))
+        self.out_features, self.in_features = qweight.shape
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "WeightOnlyInt8Linear":
+        q, s, _ = quantize_int8_per_channel(w)
+        return cls(q, s)
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict, quant: Optional[QuantConfig] = None):
+        _require(tensors, ("weight", "per_channel_scale"), cls.__name__)
+        w, s = tensors["weight"], tensors["per_channel_scale"]
+        if w.dtype != torch.int8 or s.numel() != w.shape[0]:
+            raise ConfigError(f"W8A16 expects int8 weight [N, K] and per_channel_scale [N]; "
+                              f"got {w.dtype} {tuple(w.shape)} and {tuple(s.shape)}")
+        return cls(w, s)
+
+    def checkpoint_tensors(self) -> dict:
+        return {"weight": self.weight, "per_channel_scale": self.scale}
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int8_per_channel(self.weight, self.scale, self.scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat2d(x)
+        return K.linear_w8a16(x2, self.weight, self.scale).reshape(*lead, self.out_features)
+
+
+class WeightOnlyInt4Linear(nn.Module):
+    """W4A16: packed int4 weight int8[N, K/2]; scales [K/G, N] (per channel: G = K, [1, N]).
+
+    ``pre_quant_scale`` [K] (AWQ's, ones for plain RTN) multiplies the input when not all ones."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, group_size: Optional[int],
+                 pre_quant_scale: Optional[torch.Tensor] = None):
+        super().__init__()
+        n, half_k = packed.shape
+        k = 2 * half_k
+        self.out_features, self.in_features = n, k
+        self.per_channel = not group_size
+        self.group_size = k if self.per_channel else int(group_size)
+        scales = scales.reshape(1, n) if self.per_channel else scales
+        if k % self.group_size or tuple(scales.shape) != (k // self.group_size, n):
+            raise ConfigError(f"W4A16: scales {tuple(scales.shape)} do not fit weight [N={n}, "
+                              f"K={k}] with group size {self.group_size}")
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales", scales)  # [K/G, N]
+        if pre_quant_scale is not None and bool((pre_quant_scale != 1).any()):
+            self.register_buffer("pre_quant_scale", pre_quant_scale.reshape(1, k))
+        else:
+            self.pre_quant_scale = None
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: Optional[int] = None):
+        packed, s, _ = quantize_int4(w, group_size)
+        return cls(packed, s, group_size)
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict, quant: QuantConfig):
+        if quant.quant_algo == W4A16_GROUPWISE:
+            _require(tensors, ("weight", "weights_scaling_factor"), cls.__name__)
+            return cls(tensors["weight"], tensors["weights_scaling_factor"], quant.group_size,
+                       tensors.get("prequant_scaling_factor"))
+        _require(tensors, ("weight", "per_channel_scale"), cls.__name__)
+        return cls(tensors["weight"], tensors["per_channel_scale"], None)
+
+    def checkpoint_tensors(self) -> dict:
+        if self.per_channel:
+            return {"weight": self.weight, "per_channel_scale": self.scales.reshape(-1)}
+        pqs = (self.pre_quant_scale.reshape(-1) if self.pre_quant_scale is not None else
+               torch.ones(self.in_features, dtype=self.scales.dtype, device=self.scales.device))
+        return {"weight": self.weight, "weights_scaling_factor": self.scales,
+                "prequant_scaling_factor": pqs}
+
+    def dequantized(self) -> torch.Tensor:
+        g = None if self.per_channel else self.group_size
+        return dequantize_int4(self.weight, self.scales, g, self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat2d(x)
+        if self.pre_quant_scale is not None:
+            x2 = x2 * self.pre_quant_scale.to(x2.dtype)
+        y = K.linear_w4a16(x2, self.weight, self.scales, self.group_size)
+        return y.reshape(*lead, self.out_features)
+
+
+class SmoothQuantLinear(nn.Module):
+    """W8A8 (SmoothQuant): int8 weight [N, K] with float32 scale [1, N] or [1, 1].
+
+    Activations: divided by ``smoother`` [1, K] first when present (inputs of attention.dense
+    and mlp.proj, whose smoothing cannot be folded into a norm), then quantized per token
+    (dynamic) or with the static calibrated ``act_scale`` [1, 1] (per tensor)."""
+
+    def __init__(self, qweight: torch.Tensor, w_scale: torch.Tensor, per_token: bool,
+                 act_scale: Optional[torch.Tensor] = None, smoother: Optional[torch.Tensor] = None):
+        super().__init__()
+        n, k = qweight.shape
+        self.out_features, self.in_features = n, k
+        self.per_token = bool(per_token)
+        if not self.per_token and act_scale is None:
+            raise ConfigError("SmoothQuant per-tensor activations need a calibrated act_scale")
+        if tuple(w_scale.shape) not in ((1, n), (1, 1)):
+            raise ConfigError(f"SmoothQuant per_channel_scale must be [1, {n}] or [1, 1], got "
+                              f"{tuple(w_scale.shape)}")
+        self.register_buffer("weight", qweight)
+        self.register_buffer("w_scale", w_scale.float())
+        self.register_buffer("act_scale", None if self.per_token else act_scale.float().reshape(1, 1))
+        self.register_buffer("smoother", None if smoother is None else smoother.float().reshape(1, k))
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict, quant: QuantConfig):
+        _require(tensors, ("weight", "per_channel_scale"), cls.__name__)
+        if tensors["weight"].dtype != torch.int8:
+            raise ConfigError(f"SmoothQuant weight must be int8, got {tensors['weight'].dtype}")
+        if not quant.sq_per_token and "act_scale" not in tensors:
+            raise ConfigError(f"{quant.quant_algo} needs a static act_scale tensor")
+        return cls(tensors["weight"], tensors["per_channel_scale"], quant.sq_per_token,
+                   tensors.get("act_scale"), tensors.get("smoother"))
+
+    def checkpoint_tensors(self) -> dict:
+        out = {"weight": self.weight, "per_channel_scale": self.w_scale}
+        if self.act_scale is not None:
+            out["act_scale"] = self.act_scale
+        if self.smoother is not None:
+            out["smoother"] = self.smoother
+        return out
+
+    def dequantized(self) -> torch.Tensor:
+        """The effective float weight acting on the *unsmoothed* input (smoother folded back)."""
+        w = self.weight.float() * self.w_scale.reshape(-1, 1) if self.w_scale.numel() > 1 \
+            else self.weight.float() * self.w_scale
+        if self.smoother is not None:
+            w = w / self.smoother
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat2d(x)
+        if self.smoother is not None:
+            x2 = (x2.float() / self.smoother).to(x2.dtype)
+        if self.per_token:
+            xq, xs = K.quantize_per_token(x2)  # int8 [M, K], fp32 [M, 1]
+        else:
+            xq, xs = K.quantize_per_tensor(x2, self.act_scale), self.act_scale
+        y = K.linear_w8a8(xq, xs, self.weight, self.w_scale, x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one factory
+# ---------------------------------------------------------------------------------------------
+def is_excluded(prefix: str, quant: QuantConfig) -> bool:
+    """Whether ``prefix`` (e.g. 'lm_head') stays unquantized per ``quant.exclude_modules``."""
+    for pat in quant.exclude_modules or ():
+        if prefix == pat or prefix.endswith("." + pat) or fnmatch.fnmatch(prefix, pat):
+            return True
+    return False
+
+
+def linear_class(prefix: str, quant: QuantConfig) -> type:
+    """The module class a linear ``prefix`` gets under ``quant``."""
+    if not quant.quant_algo or is_excluded(prefix, quant):
+        return FloatLinear
+    if quant.quant_algo == W8A16:
+        return WeightOnlyInt8Linear
+    if quant.quant_algo in (W4A16, W4A16_GROUPWISE):
+        return WeightOnlyInt4Linear
+    if quant.is_smooth_quant:
+        return SmoothQuantLinear
+    raise ConfigError(f"unsupported quant_algo {quant.quant_algo!r}")
+
+
+def make_linear(prefix: str, tensors: dict, quant: QuantConfig) -> nn.Module:
+    """Build the linear module for ``prefix`` from its tensors {suffix: Tensor}."""
+    cls = linear_class(prefix, quant)
+    try:
+        return cls.from_checkpoint(tensors, quant)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag validation: every invalid combination is rejected here, with a one-line message.
+# ---------------------------------------------------------------------------------------------
+def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
+                         weight_only_precision: str = "int8", group_size: Optional[int] = None,
+                         use_smooth_quant: bool = False, per_token: bool = False,
+                         per_channel: bool = False, int8_kv_cache: bool = False,
+                         has_act_stats: bool = False, has_kv_stats: bool = False,
+                         ckpt_quant: Optional[QuantConfig] = None,
+                         smoothquant_alpha: Optional[float] = None) -> QuantConfig:
+    """Check build/convert quantization flags; return the QuantConfig they ask for.
+
+    ``group_size`` None means the default (int4: 128, int8: per channel); 0 means per channel.
+    ``has_act_stats`` / ``has_kv_stats``: calibrated SmoothQuant statistics / KV scales are
+    available (from calibration or a calibrated checkpoint). ``ckpt_quant``: the quantization
+    of an already-quantized checkpoint being built; the flags must agree with it."""
+    if use_smooth_quant and use_weight_only:
+        raise ConfigError("--use_smooth_quant cannot be combined with --use_weight_only: "
+                          "SmoothQuant already quantizes the weights to int8 (TensorRT-LLM "
+                          "rejects this combination too)")
+    if (per_token or per_channel) and not use_smooth_quant:
+        flag = "--per_token" if per_token else "--per_channel"
+        raise ConfigError(f"{flag} only applies to SmoothQuant; add --use_smooth_quant "
+                          "(or -sq ALPHA for hf_llama_convert.py)")
+    if smoothquant_alpha is not None and not 0.0 <= smoothquant_alpha <= 1.0:
+        raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {smoothquant_alpha}")
+    if group_size is not None and not use_weight_only:
+        raise ConfigError("--group_size applies to int4 weight-only; add --use_weight_only "
+                          "--weight_only_precision int4")
+
+    quant = QuantConfig()
+    if use_weight_only:
+        if weight_only_precision not in ("int8", "int4"):
+            raise ConfigError(f"--weight_only_precision must be int8 or int4, got "
+                              f"{weight_only_precision!r}")
+        if weight_only_precision == "int8":
+            if group_size:
+                raise ConfigError(f"int8 weight-only is per output channel; --group_size "
+                                  f"{group_size} applies to int4 only (use --group_size 0 or "
+                                  "leave it out)")
+            quant.quant_algo = W8A16
+        else:
+            g = 128 if group_size is None else int(group_size)
+            if g and g not in GROUP_SIZES:
+                raise ConfigError(f"--group_size {g} is not supported; choose 32, 64, 128, or 0 "
+                                  "for per-channel int4")
+            _check_int4_widths(args, g)
+            if g:
+                quant.quant_algo, quant.group_size = W4A16_GROUPWISE, g
+            else:
+                quant.quant_algo = W4A16
+    elif use_smooth_quant:
+        if not has_act_stats and ckpt_quant is None:
+            raise ConfigError("--use_smooth_quant needs calibrated activation statistics: run "
+                              "hf_llama_convert.py -i HF_DIR -o CKPT_DIR -sq 0.5 and build with "
+                              "--ckpt_dir CKPT_DIR")
+        quant.quant_algo = SQ_ALGOS[(bool(per_channel), bool(per_token))]
+        quant.smoothquant_val = smoothquant_alpha
+    if int8_kv_cache:
+        if not has_kv_stats:
+            raise ConfigError("--int8_kv_cache needs calibrated scales: run hf_llama_convert.py "
+                              "--calibrate-kv-cache -i HF_DIR -o CKPT_DIR and build with "
+                              "--ckpt_dir CKPT_DIR")
+        quant.kv_cache_quant_algo = KV_INT8
+
+    if ckpt_quant is not None and ckpt_quant.quant_algo:
+        if quant.quant_algo and (quant.quant_algo, quant.int4_group_size) != (
+                ckpt_quant.quant_algo, ckpt_quant.int4_group_size):
+            raise ConfigError(f"the checkpoint is already quantized as {ckpt_quant.describe()}; "
+                              f"the flags ask for {quant.describe()} (drop the quantization "
+                              "flags or convert again)")
+        # An already-quantized checkpoint keeps its weights; the KV cache mode comes from the
+        # flags (as TensorRT-LLM's build.py --int8_kv_cache: calibrated scales only allow it).
+        quant = dataclasses.replace(ckpt_quant, exclude_modules=list(ckpt_quant.exclude_modules),
+                                    kv_cache_quant_algo=quant.kv_cache_quant_algo)
+    elif ckpt_quant is not None and use_smooth_quant:
+        raise ConfigError("--use_smooth_quant: the checkpoint has no SmoothQuant weights; run "
+                          "hf_llama_convert.py -sq ALPHA to make one")
+    return quant
+
+
+def _check_int4_widths(args: ModelArgs, group_size: int) -> None:
+    """Every int4 linear's input width must be even, and a multiple of the group size."""
+    from .checkpoint import linear_prefixes, linear_shape
+    quant = QuantConfig()  # default exclusions (lm_head)
+    for prefix in linear_prefixes(args):
+        if is_excluded(prefix, quant):
+            continue
+        n, k = linear_shape(args, prefix)
+        if group_size and k % group_size:
+            ok = [g for g in GROUP_SIZES if k % g == 0]
+            hint = f"use --group_size {ok[-1]}" if ok else "use --group_size 0 (per channel)"
+            raise ConfigError(f"--group_size {group_size} does not divide the input width of "
+                              f"{prefix}.weight [N={n}, K={k}]; {hint}")
+        if k % 2:
+            raise ConfigError(f"int4 needs an even input width; {prefix}.weight has K={k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint quantization
+# ---------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float32": torch.float32, "float64": torch.float64}
+
+
+def _smoothquant_module():
+    """``smoothquant.py`` lives at the repo root (as in TensorRT-LLM's examples/llama)."""
+    try:
+        import smoothquant
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import smoothquant
+    return smoothquant
+
+
+def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
+                        act_stats: Optional[dict] = None, kv_stats: Optional[dict] = None,
+                        progress: bool = True, dtype: Optional[str | torch.dtype] = None):
+    """Quantize unified float tensors as ``quant`` says -> (tensors, report).
+
+    ``act_stats``: {linear prefix: max|x| per input channel [K]} from ``smoothquant.py``
+    (required for SmoothQuant). ``kv_stats``: {'transformer.layers.{i}.attention':
+    tensor([max|k|, max|v|])} (required for an INT8 KV cache unless the tensors already carry
+    ``attention.kv_cache_scaling_factor``). ``dtype``: the model dtype for float tensors and
+    weight-only scales (default: that of the input weights). The input dict is not modified.
+
+    ``report`` = {"tensors": {prefix: {"algo", "max_abs_err", "rel_err"}}, "worst_rel_err",
+    "mean_rel_err", "kv_scales": {...}} (rel_err: ||W - dequant||_F / ||W||_F)."""
+    if isinstance(dtype, str):
+        dtype = _FLOAT_DTYPES[dtype]
+    out = dict(tensors)
+    if dtype is not None:
+        out = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
+    report: dict = {"quant": quant.describe(), "tensors": {}}
+
+    if quant.is_smooth_quant:
+        if act_stats is None:
+            raise ConfigError("SmoothQuant needs calibrated activation statistics: run "
+                              "hf_llama_convert.py -sq ALPHA (it calibrates)")
+        if quant.smoothquant_val is None:
+            raise ConfigError("SmoothQuant needs its alpha (QuantConfig.smoothquant_val)")
+        sq = _smoothquant_module()
+        # Smoothing in float32 (on the original precision weights), then back to model dtype.
+        float_dtype = dtype or tensors["transformer.ln_f.weight"].dtype
+        f32 = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+        f32, smoothed_stats, smoothers = sq.smooth_unified(f32, args, act_stats,
+                                                           quant.smoothquant_val)
+        out = {k: v.to(float_dtype) if v.is_floating_point() else v for k, v in f32.items()}
+        for prefix, s in smoothers.items():
+            out[prefix + ".smoother"] = s.float().reshape(1, -1)
+        act_stats = smoothed_stats
+        # The smoothed float32 weights are quantized directly (no detour through fp16).
+        src = f32
+    else:
+        src = out
+
+    prefixes = [p for p in _linear_prefixes(args) if not is_excluded(p, quant)]
+    if quant.quant_algo:
+        it = prefixes
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(prefixes, desc=f"quantizing ({quant.describe()})", unit="linear")
+        for prefix in it:
+            w = src[prefix + ".weight"]
+            if not w.is_floating_point():
+                raise ConfigError(f"{prefix}.weight is already {w.dtype}; the checkpoint is "
+                                  "already quantized")
+            scale_dtype = dtype or w.dtype
+            new, deq = _quantize_linear(w, quant, scale_dtype,
+                                        None if act_stats is None else act_stats.get(prefix),
+                                        prefix)
+            for suffix, t in new.items():
+                out[f"{prefix}.{suffix}"] = t
+            w32 = w.float()
+            report["tensors"][prefix] = {
+                "algo": quant.quant_algo,
+                "max_abs_err": (deq - w32).abs().max().item(),
+                "rel_err": ((deq - w32).norm() / w32.norm().clamp_min(1e-30)).item(),
+            }
+        rels = [r["rel_err"] for r in report["tensors"].values()]
+        if rels:
+            report["worst_rel_err"] = max(rels)
+            report["mean_rel_err"] = sum(rels) / len(rels)
+
+    if quant.int8_kv_cache:
+        out.update(_kv_scales(tensors, args, kv_stats))
+        report["kv_scales"] = {k: v.item() for k, v in out.items()
+                               if k.endswith("kv_cache_scaling_factor")}
+    return out, report
+
+
+def _linear_prefixes(args: ModelArgs) -> list[str]:
+    from .checkpoint import linear_prefixes
+    return linear_prefixes(args)
+
+
+def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dtype,
+                     x_max: Optional[torch.Tensor], prefix: str):
+    """-> ({suffix: tensor} of the linear, dequantized float32 weight for the report)."""
+    algo = quant.quant_algo
+    if algo == W8A16:
+        q, s, _ = quantize_int8_per_channel(w, scale_dtype)
+        return {"weight": q, "per_channel_scale": s}, dequantize_int8_per_channel(q, s)
+    if algo == W4A16:
+        p, s, _ = quantize_int4(w, None, scale_dtype)
+        return {"weight": p, "per_channel_scale": s}, dequantize_int4(p, s, None)
+    if algo == W4A16_GROUPWISE:
+        g = quant.group_size
+        if w.shape[1] % g:
+            raise ConfigError(f"group size {g} does not divide the input width of "
+                              f"{prefix}.weight {list(w.shape)}")
+        p, s, _ = quantize_int4(w, g, scale_dtype)
+        ones = torch.ones(w.shape[1], dtype=scale_dtype, device=w.device)
+        return ({"weight": p, "weights_scaling_factor": s, "prequant_scaling_factor": ones},
+                dequantize_int4(p, s, g))
+    if quant.is_smooth_quant:
+        if quant.sq_per_channel:
+            q, s, _ = quantize_int8_per_channel(w, torch.float32)
+            s = s.reshape(1, -1)
+        else:
+            q, s, _ = quantize_int8_per_tensor(w, torch.float32)
+        new = {"weight": q, "per_channel_scale": s}
+        if not quant.sq_per_token:
+            if x_max is None:
+                raise ConfigError(f"no calibrated activation maximum for {prefix}")
+            amax = float(x_max.float().max())
+            new["act_scale"] = torch.tensor([[amax / INT8_MAX if amax > 0 else 1.0]],
+                                            dtype=torch.float32)
+        return new, dequantize_int8_per_channel(q, s) if s.numel() > 1 else q.float() * s.float()
+    raise ConfigError(f"unsupported quant_algo {algo!r}")
+
+
+def _kv_scales(tensors: dict, args: ModelArgs, kv_stats: Optional[dict]) -> dict:
+    names = [f"transformer.layers.{i}.attention" for i in range(args.num_hidden_layers)]
+    if kv_stats is None:
+        have = [n + ".kv_cache_scaling_factor" in tensors for n in names]
+        if all(have):
+            return {n + ".kv_cache_scaling_factor": tensors[n + ".kv_cache_scaling_factor"]
+                    .float().reshape(1) for n in names}
+        raise ConfigError("--int8_kv_cache needs calibrated scales: run hf_llama_convert.py "
+                          "--calibrate-kv-cache -i HF_DIR -o CKPT_DIR and build with "
+                          "--ckpt_dir CKPT_DIR")
+    out = {}
+    for n in names:
+        if n not in kv_stats:
+            raise ConfigError(f"KV calibration has no statistics for {n}")
+        mk, mv = (float(x) for x in torch.as_tensor(kv_stats[n]).reshape(2))
+        out[n + ".kv_cache_scaling_factor"] = kv_cache_scale(mk, mv)
+    return out

@@ -1,0 +1,268 @@
+"""The runner: load an engine directory and generate with a static batch.
+
+Generation is split as gpt-fast splits it: ``prefill`` (all prompt tokens of the batch as one
+flat batch), ``decode_step`` (one token per sequence; on CUDA replayed from a CUDA graph per
+batch size), ``sample``. The static batch uses the paged cache with a fixed block range per
+sequence, so the same attention kernels serve static and inflight batching.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .attention import AttentionMeta, last_token_indices
+from .config import ConfigError, EngineConfig
+from .kv_cache import KVCache, blocks_for, slots_for, static_block_tables
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float32": torch.float32, "float64": torch.float64}
+WEIGHTS_FILE = "rank0.safetensors"
+
+
+class EngineLimitError(ConfigError):
+    """A request outside the limits the engine was built for."""
+
+
+@dataclass
+class SamplingConfig:
+    """TensorRT-LLM's defaults: top_k=1 is greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 1
+    top_p: float = 0.0
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0.0
+
+
+@dataclass
+class GenerationOutput:
+    output_ids: list            # per prompt, generated tokens only (end_id excluded)
+    num_generated_tokens: int = 0
+    latency_s: float = 0.0
+    prefill_s: float = 0.0
+    step_times: list = field(default_factory=list)
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits fp32 [B, V] -> token ids int64 [B]."""
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / max(cfg.temperature, 1e-5)
+    if cfg.top_k > 1:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if 0.0 < cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop tokens once the mass before them already reaches top_p (keep at least one).
+        drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_engine_tensors(engine_dir: str, device: str = "cpu") -> tuple[EngineConfig, dict]:
+    config = EngineConfig.load(engine_dir)
+    tensors = ckpt.load_tensors(os.path.join(engine_dir, WEIGHTS_FILE), device=device)
+    return config, tensors
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model, device: str, engine_dir: Optional[str] = None,
+                 kv_scales: Optional[list] = None):
+        self.config, self.model, self.device = config, model, torch.device(device)
+        self.engine_dir = engine_dir
+        self.kv_scales = kv_scales
+        self.dtype = model.embed.weight.dtype
+        self.block_size = config.build.tokens_per_block
+        self._cache: Optional[KVCache] = None
+        self._graphs = None  # set by enable_cuda_graphs()
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, engine_dir: str, device: Optional[str] = None,
+                 dtype: Optional[str] = None) -> "Engine":
+        """Load an engine built by build.py. ``dtype`` overrides the float dtype (e.g. float32
+        to run an fp16 engine on a CPU)."""
+        device = device or default_device()
+        config, tensors = load_engine_tensors(engine_dir, "cpu")
+        return cls.from_tensors(config, tensors, device, dtype, engine_dir)
+
+    @classmethod
+    def from_tensors(cls, config: EngineConfig, tensors: dict, device: str,
+                     dtype: Optional[str] = None, engine_dir: Optional[str] = None) -> "Engine":
+        from model import Transformer, kv_scales_from_checkpoint
+        if dtype and dtype != config.dtype:
+            src = TORCH_DTYPES[config.dtype]
+            tensors = {k: (v.to(TORCH_DTYPES[dtype]) if v.dtype == src else v)
+                       for k, v in tensors.items()}
+            config.dtype = dtype
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        max_pos = max(config.build.max_seq_len, config.model.max_position_embeddings)
+        model = Transformer.from_checkpoint(config.model, config.quant, tensors, max_pos)
+        model = model.to(device).eval()
+        kv_scales = kv_scales_from_checkpoint(config.model, config.quant, tensors)
+        return cls(config, model, device, engine_dir, kv_scales)
+
+    # -- limits --------------------------------------------------------------------------------
+    def check_limits(self, batch_input_ids: list, max_new_tokens: int) -> None:
+        b = self.config.build
+        if not batch_input_ids:
+            raise EngineLimitError("no prompts given")
+        if len(batch_input_ids) > b.max_batch_size:
+            raise EngineLimitError(f"batch of {len(batch_input_ids)} prompts exceeds the engine's "
+                                   f"max_batch_size {b.max_batch_size} (rebuild with a larger "
+                                   "--max_batch_size)")
+        for i, ids in enumerate(batch_input_ids):
+            if len(ids) == 0:
+                raise EngineLimitError(f"prompt {i} is empty")
+            if len(ids) > b.max_input_len:
+                raise EngineLimitError(f"prompt {i} has {len(ids)} tokens, over the engine's "
+                                       f"max_input_len {b.max_input_len} (rebuild with a larger "
+                                       "--max_input_len or shorten the prompt)")
+        if max_new_tokens > b.max_output_len:
+            raise EngineLimitError(f"max_output_len {max_new_tokens} exceeds the engine's "
+                                   f"max_output_len {b.max_output_len}")
+        if max_new_tokens < 1:
+            raise EngineLimitError("max_output_len must be at least 1")
+
+    # -- cache -----------------------------------------------------------------------------------
+    def kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """A cache with room for ``batch_size`` sequences of ``max_seq_len``; reused when it fits."""
+        need = batch_size * blocks_for(max_seq_len, self.block_size)
+        if self._cache is None or self._cache.num_blocks < need:
+            a = self.config.model
+            self._cache = None  # free the old one first
+            if self._graphs is not None:
+                self._graphs.invalidate()  # captured graphs point at the old cache
+            self._cache = KVCache(a.num_hidden_layers, need, self.block_size, a.num_key_value_heads,
+                                  a.head_dim, self.dtype, self.device, self.kv_scales)
+        return self._cache
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, batch_input_ids: list, cache: KVCache, block_tables: torch.Tensor):
+        """Run all prompt tokens; -> fp32 logits of each prompt's last token [B, V]."""
+        dev = self.device
+        lens = [len(p) for p in batch_input_ids]
+        tokens = torch.tensor([t for p in batch_input_ids for t in p], dtype=torch.int64, device=dev)
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
+        seq_index = torch.repeat_interleave(torch.arange(len(lens), device=dev),
+                                            torch.tensor(lens, device=dev))
+        meta = AttentionMeta(
+            positions=positions,
+            slot_mapping=slots_for(block_tables, seq_index, positions, self.block_size),
+            block_tables=block_tables,
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            query_lens=lens, is_decode=False,
+            logits_indices=last_token_indices(lens, dev), context_lens_host=lens)
+        return self.model(tokens, meta, cache)
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, context_lens: torch.Tensor,
+                    block_tables: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per sequence. ``context_lens`` (int32[B], tokens cached so far) is
+        advanced in place. -> fp32 logits [B, V]."""
+        if self._graphs is not None and self.device.type == "cuda":
+            return self._graphs.step(tokens, context_lens, block_tables, cache)
+        return self.decode_eager(tokens, context_lens, block_tables, cache)
+
+    def decode_eager(self, tokens, context_lens, block_tables, cache) -> torch.Tensor:
+        """``decode_step`` without CUDA graphs (also what the graphs capture)."""
+        positions = context_lens.to(torch.int64)
+        seq_index = torch.arange(tokens.shape[0], device=tokens.device)
+        context_lens += 1
+        meta = AttentionMeta(
+            positions=positions,
+            slot_mapping=slots_for(block_tables, seq_index, positions, self.block_size),
+            block_tables=block_tables, context_lens=context_lens,
+            query_lens=[1] * tokens.shape[0], is_decode=True)
+        return self.model(tokens, meta, cache)
+
+    def enable_cuda_graphs(self) -> None:
+        """Replay decode steps from CUDA graphs (one per batch size); CUDA only."""
+        if self.device.type != "cuda":
+            return
+        from .cuda_graphs import DecodeGraphs
+        self._graphs = DecodeGraphs(self)
+
+    @torch.inference_mode()
+    def generate(self, batch_input_ids: list, max_new_tokens: int,
+                 sampling: Optional[SamplingConfig] = None, end_id: Optional[int] = None,
+                 streamer: Optional[Callable[[int, list], None]] = None) -> GenerationOutput:
+        """Generate up to ``max_new_tokens`` for each prompt (a static batch).
+
+        ``streamer(step, tokens)`` is called with the new token of every sequence each step."""
+        sampling = sampling or SamplingConfig()
+        self.check_limits(batch_input_ids, max_new_tokens)
+        gen = None
+        if sampling.seed is not None and not sampling.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        bsz = len(batch_input_ids)
+        max_seq = max(len(p) for p in batch_input_ids) + max_new_tokens
+        cache = self.kv_cache(bsz, max_seq)
+        block_tables = static_block_tables(bsz, max_seq, self.block_size, self.device)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+        t0 = time.perf_counter()
+        next_tok = sample(self.prefill(batch_input_ids, cache, block_tables), sampling, gen)
+        out = [next_tok]
+        sync()
+        t_prefill = time.perf_counter() - t0
+        context_lens = torch.tensor([len(p) for p in batch_input_ids], dtype=torch.int32,
+                                    device=self.device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        if streamer:
+            streamer(0, next_tok.tolist())
+        for step in range(1, max_new_tokens):
+            if end_id is not None:
+                done |= next_tok == end_id
+                if bool(done.all()):
+                    break
+            logits = self.decode_step(next_tok, context_lens, block_tables, cache)
+            next_tok = sample(logits, sampling, gen)
+            out.append(next_tok)
+            if streamer:
+                streamer(step, next_tok.tolist())
+        sync()
+        latency = time.perf_counter() - t0
+
+        tokens = torch.stack(out, dim=1).tolist()  # [B, steps]
+        output_ids, total = [], 0
+        for row in tokens:
+            if end_id is not None and end_id in row:
+                row = row[:row.index(end_id)]
+            output_ids.append(row)
+            total += len(row)
+        return GenerationOutput(output_ids, total, latency, t_prefill)
+
+    @torch.inference_mode()
+    def forward_logits(self, input_ids: list) -> torch.Tensor:
+        """Teacher-forced fp32 logits of every position of one sequence: [T, V]."""
+        if len(input_ids) > self.config.build.max_input_len + self.config.build.max_output_len:
+            raise EngineLimitError(f"sequence of {len(input_ids)} tokens exceeds the engine's "
+                                   f"max_seq_len {self.config.build.max_seq_len}")
+        cache = self.kv_cache(1, len(input_ids))
+        bt = static_block_tables(1, len(input_ids), self.block_size, self.device)
+        dev = self.device
+        n = len(input_ids)
+        positions = torch.arange(n, device=dev)
+        meta = AttentionMeta(
+            positions=positions,
+            slot_mapping=slots_for(bt, torch.zeros_like(positions), positions, self.block_size),
+            block_tables=bt, context_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            query_lens=[n], is_decode=False, context_lens_host=[n])
+        return self.model(torch.tensor(input_ids, device=dev), meta, cache, all_logits=True)

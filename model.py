@@ -1,0 +1,183 @@
+"""The LLaMA network of our PyTorch engine (LLaMA 1/2/3, SmolLM2, Mistral-style GQA).
+
+Pre-norm decoder (Touvron et al. 2023): RMSNorm -> attention with rotary position embeddings
+(RoPE, rotate-half layout as in Hugging Face; ``rope_theta`` and LLaMA-3 ``rope_scaling``) ->
+residual -> RMSNorm -> SwiGLU MLP -> residual. Multi-head, grouped-query and multi-query
+attention share one code path (``num_key_value_heads`` <= ``num_attention_heads``).
+
+The network runs on a *flat* batch: ``tokens[N]`` from several sequences with an
+``AttentionMeta`` saying where each belongs, and an explicit ``KVCache``. Linear layers are
+whatever ``llama_engine.quant.make_linear`` builds from the checkpoint tensors (float,
+weight-only int8/int4, SmoothQuant W8A8): the network never branches on quantization.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from llama_engine import checkpoint as ckpt
+from llama_engine.attention import AttentionMeta, paged_attention
+from llama_engine.config import ConfigError, ModelArgs, QuantConfig
+from llama_engine.kernels import ops
+from llama_engine.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [D/2] in fp32, as Hugging Face computes them (incl. llama3 scaling)."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if not s:
+        return inv
+    if s["rope_type"] == "linear":
+        return inv / float(s["factor"])
+    # LLaMA 3.1: long wavelengths slowed by `factor`, short kept, a smooth ramp between.
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_ctx = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(args: ModelArgs, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_positions, D/2] in fp32."""
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(args))
+    return freqs.cos(), freqs.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, qkv_proj: nn.Module, o_proj: nn.Module):
+        super().__init__()
+        self.qkv_proj, self.o_proj = qkv_proj, o_proj
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+        self.split = [args.q_size, args.kv_size, args.kv_size]
+        self.softmax_scale = 1.0 / math.sqrt(args.head_dim)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMeta, cache_layer, rope) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(n, self.n_heads, self.head_dim)
+        k = k.view(n, self.n_kv_heads, self.head_dim)
+        v = v.view(n, self.n_kv_heads, self.head_dim)
+        q, k = ops.apply_rope(q, k, meta.positions, *rope)
+        k_cache, v_cache, kv_scale = cache_layer
+        out = paged_attention(q, k, v, meta, k_cache, v_cache, kv_scale, self.softmax_scale)
+        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP):
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+    def forward(self, x, meta, cache_layer, rope):
+        h = x + self.attn(self.attn_norm(x), meta, cache_layer, rope)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, embed: torch.Tensor, layers: list[TransformerBlock],
+                 norm: RMSNorm, lm_head: nn.Module, max_positions: int):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding.from_pretrained(embed, freeze=True)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+        cos, sin = rope_tables(args, max_positions)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def max_positions(self) -> int:
+        return self.rope_cos.shape[0]
+
+    def forward(self, tokens: torch.Tensor, meta: AttentionMeta, cache: KVCache,
+                all_logits: bool = False) -> torch.Tensor:
+        """tokens int64[N] -> fp32 logits [len(logits_indices), V] (or [N, V] with all_logits)."""
+        x = self.embed(tokens)
+        rope = (self.rope_cos, self.rope_sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, meta, cache.layer(i), rope)
+        if not all_logits:
+            idx = meta.logits_indices
+            x = x[idx] if idx is not None else x
+        return self.lm_head(self.norm(x)).float()
+
+    # -- construction from checkpoint tensors --------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, args: ModelArgs, quant: QuantConfig,
+                        tensors: dict[str, torch.Tensor], max_positions: int,
+                        make_linear: Optional[Callable] = None) -> "Transformer":
+        """Build the network from canonical unified-checkpoint tensors (docs/design.md)."""
+        if make_linear is None:
+            from llama_engine.quant import make_linear
+        groups = ckpt.group_by_prefix(tensors)
+
+        def group(prefix: str) -> dict[str, torch.Tensor]:
+            if prefix not in groups:
+                raise ConfigError(f"checkpoint disagrees with its config: no tensors for {prefix}")
+            return groups[prefix]
+
+        def norm(prefix: str) -> RMSNorm:
+            return RMSNorm(group(prefix)["weight"], args.norm_epsilon)
+
+        def linear(prefix: str) -> nn.Module:
+            return make_linear(prefix, group(prefix), quant)
+
+        layers = []
+        for i in range(args.num_hidden_layers):
+            p = ckpt.layer_prefix(i)
+            attn = Attention(args, linear(p + "attention.qkv"), linear(p + "attention.dense"))
+            mlp = MLP(linear(p + "mlp.fc"), linear(p + "mlp.gate"), linear(p + "mlp.proj"))
+            layers.append(TransformerBlock(norm(p + "input_layernorm"), attn,
+                                           norm(p + "post_layernorm"), mlp))
+        embed = group("transformer.vocab_embedding")["weight"]
+        if args.tie_word_embeddings:
+            lm_head = make_linear("lm_head", {"weight": embed}, quant)
+        else:
+            lm_head = linear("lm_head")
+        return cls(args, embed, layers, norm("transformer.ln_f"), lm_head, max_positions)
+
+
+def kv_scales_from_checkpoint(args: ModelArgs, quant: QuantConfig,
+                              tensors: dict[str, torch.Tensor]) -> Optional[list[float]]:
+    """Per-layer INT8 KV scales, or None for a float cache. Never invents a scale."""
+    if not quant.int8_kv_cache:
+        return None
+    scales = []
+    for i in range(args.num_hidden_layers):
+        name = ckpt.layer_prefix(i) + "attention.kv_cache_scaling_factor"
+        if name not in tensors:
+            raise ConfigError(f"INT8 KV cache needs calibrated scales but {name} is missing; "
+                              "run hf_llama_convert.py --calibrate-kv-cache")
+        scales.append(float(tensors[name].float().reshape(-1)[0]))
+    return scales

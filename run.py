@@ -1,0 +1,116 @@
+"""Generate with an engine built by build.py (ours, or a TensorRT-LLM engine where installed).
+
+    python run.py --engine_dir ./engines/fp16 --max_output_len 50 [--tokenizer_dir DIR] \
+        [--input_text "..."]... [--input_file F] [--num_runs 5] [--streaming]
+
+Greedy by default (TensorRT-LLM's top_k=1); ``--temperature/--top_k/--top_p`` sample.
+Prints ``Input: "…"`` / ``Output: "…"`` per prompt, then ``llama-run (mean latency: X sec)``
+and tokens per second. The timed runs follow one untimed warm-up run when ``--num_runs`` > 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from llama_engine.cli import (DTYPE_CHOICES, add_prompt_args, parse_dtype, print_io,
+                              print_timing, read_prompts, resolve_device, run_main)
+from llama_engine.config import ConfigError
+
+RUN_NAME = "llama-run"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine_dir", required=True)
+    p.add_argument("--tokenizer_dir", default=None, help="default: the engine dir's copy")
+    p.add_argument("--max_output_len", type=int, required=True)
+    add_prompt_args(p)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=1, help="1 = greedy")
+    p.add_argument("--top_p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--num_runs", type=int, default=1)
+    p.add_argument("--streaming", action="store_true", help="print tokens as they come")
+    p.add_argument("--use_inflight_batching", action="store_true",
+                   help="run the prompts through the inflight-batching scheduler")
+    p.add_argument("--no_cuda_graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="override the engine's float dtype (e.g. fp32 for an fp16 engine on CPU)")
+    return p
+
+
+def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs: bool = True):
+    """Our Engine, or TensorRT-LLM's runner for a TensorRT-LLM engine directory."""
+    try:
+        from llama_engine import trtllm
+        if trtllm.is_trtllm_engine_dir(engine_dir):
+            return trtllm.TrtllmRunner(engine_dir), "TensorRT-LLM"
+    except ImportError:
+        pass
+    from llama_engine.runner import Engine
+    engine = Engine.from_dir(engine_dir, device=device, dtype=dtype)
+    if cuda_graphs:
+        engine.enable_cuda_graphs()
+    return engine, "PyTorch engine (ours)"
+
+
+def _main(args) -> int:
+    import time
+
+    import torch
+
+    from llama_engine.runner import SamplingConfig
+    from llama_engine.tokenizer import load_tokenizer
+
+    if args.num_runs <= 0:
+        raise ConfigError(f"--num_runs must be positive, got {args.num_runs}")
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    prompts = read_prompts(args.input_text, args.input_file)
+    tokenizer = load_tokenizer(args.tokenizer_dir or args.engine_dir)
+    batch_ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    engine, _ = load_runner(args.engine_dir, device, dtype, not args.no_cuda_graphs)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed)
+    end_id = tokenizer.eos_id
+
+    def once(streamer=None):
+        if args.use_inflight_batching:
+            from llama_engine.serving.llm_engine import LLMEngine
+            return LLMEngine(engine).generate(batch_ids, args.max_output_len, sampling,
+                                              stop_ids=tokenizer.end_ids)
+        return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_id,
+                               streamer=streamer)
+
+    streamer = None
+    if args.streaming:
+        def streamer(step, toks):  # noqa: F811 - a named callback reads better here
+            print(f"[step {step}] " + " | ".join(repr(tokenizer.decode([t])) for t in toks),
+                  flush=True)
+    if args.num_runs > 1:
+        once()  # warm-up: CUDA graphs, Triton autotuning
+    latencies = []
+    for i in range(args.num_runs):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = once(streamer if i == 0 else None)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        latencies.append(time.perf_counter() - t0)
+    for prompt, ids in zip(prompts, out.output_ids):
+        print_io(prompt, tokenizer.decode(ids))
+    print_timing(RUN_NAME, sum(latencies) / len(latencies), out.num_generated_tokens)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: _main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

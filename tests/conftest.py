@@ -1,0 +1,79 @@
+"""Shared fixtures: repo paths, the shared data folder, SmolLM2, tiny random HF models."""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("LLAMA_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def smollm2_gguf_path():
+    env = os.environ.get("SMOLLM2_GGUF")
+    if env and os.path.isfile(env):
+        return env
+    base = os.environ.get("SMOLLM2_DIR", os.path.expanduser("~/.cache/llama_engine/smollm2"))
+    hits = sorted(glob.glob(os.path.join(base, "**", "*.gguf"), recursive=True))
+    return hits[0] if hits else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if not (d / "cnn_dailymail" / "test_dev.jsonl").is_file():
+        pytest.skip(f"shared data not found at {d} (set LLAMA_SHARED_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    p = smollm2_gguf_path()
+    if not p:
+        pytest.skip("SmolLM2 GGUF not fetched: run tools/fetch_smollm2.sh (or set SMOLLM2_GGUF)")
+    return p
+
+
+def make_tiny_hf(path: Path, num_kv_heads: int = 2, tie: bool = False, seed: int = 0,
+                 vocab_size: int = 256, dtype=None) -> Path:
+    """A tiny random LlamaForCausalLM saved with save_pretrained (safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
+                      num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=num_kv_heads, max_position_embeddings=256,
+                      rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tie,
+                      bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    # Larger-than-default weights so logits are far from uniform and greedy paths are stable.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+            else:
+                p.uniform_(0.8, 1.2)
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_factory(tmp_path_factory):
+    cache = {}
+
+    def get(num_kv_heads: int = 2, tie: bool = False) -> Path:
+        key = (num_kv_heads, tie)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"tiny_hf_kv{num_kv_heads}_tie{int(tie)}")
+            cache[key] = make_tiny_hf(d, num_kv_heads, tie)
+        return cache[key]
+    return get
