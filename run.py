@@ -47,7 +47,7 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
     try:
         from llama_engine import trtllm
         if trtllm.is_trtllm_engine_dir(engine_dir):
-            return trtllm.TrtllmRunner(engine_dir), "TensorRT-LLM"
+            return trtllm.TrtllmRunner.from_dir(engine_dir), "TensorRT-LLM"
     except ImportError:
         pass
     from llama_engine.runner import Engine

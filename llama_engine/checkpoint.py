@@ -176,11 +176,16 @@ def atomic_output_dir(out_dir: str, overwrite: bool = True) -> Iterator[str]:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"{out_dir} exists and is not a directory")
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary dir
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
     if os.path.isdir(out_dir):
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -245,28 +250,14 @@ def read_checkpoint(ckpt_dir: str, rank: int = 0):
 
 
 def _to_trtllm(args, dtype, quant, tensors, world_size):
-    try:
-        from . import trtllm
-    except ImportError:
-        trtllm = None
-    if trtllm is not None and hasattr(trtllm, "to_trtllm"):
-        config, out = trtllm.to_trtllm(tensors, args, quant)
-        config = {**args.to_checkpoint_config(dtype, quant, world_size, world_size), **config}
-        return config, out
-    return args.to_checkpoint_config(dtype, quant, world_size, world_size), tensors
+    from . import trtllm
+    return trtllm.to_trtllm(tensors, args, quant, dtype=dtype, world_size=world_size)
 
 
 def _from_trtllm(config: dict, tensors: dict[str, torch.Tensor]):
-    try:
-        from . import trtllm
-    except ImportError:
-        trtllm = None
+    from . import trtllm
     dtype = config.get("dtype", "float16")
-    if trtllm is not None and hasattr(trtllm, "from_trtllm"):
-        args, quant, tensors = trtllm.from_trtllm(config, tensors)
-    else:
-        args = ModelArgs.from_checkpoint_config(config)
-        quant = QuantConfig.from_checkpoint_dict(config.get("quantization"))
+    args, quant, tensors = trtllm.from_trtllm(config, tensors)
     mapping = config.get("mapping") or {}
     if int(mapping.get("world_size", 1)) != 1:
         raise ConfigError(f"checkpoint has world_size {mapping.get('world_size')}; this engine "
