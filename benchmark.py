@@ -1,0 +1,442 @@
+"""Speed of our engine against Hugging Face on one GPU: latency grid, ablation, profile.
+
+    python benchmark.py --model_config llama-7b --ablation            # the ablation table
+    python benchmark.py --model_config llama-7b --ablation --only hf_eager,fp16
+    python benchmark.py --engine_dir ./engines/fp16 --batch 1,16 --input_len 8 --output_len 50
+    python benchmark.py --model_config llama-7b --profile --modes fp16,int4
+
+Random weights with LLaMA-7B shapes are built in GPU memory (as TensorRT-LLM's builder does
+without a checkpoint); every mode is quantized from the same fp16 weights. Decode tokens/s
+exclude the prefill; end-to-end latency includes it. "% of floor" divides the bytes each mode
+reads per decode step (weights, scales, lm_head, KV cache) by a read-bandwidth measurement made
+in the same run. Results merge into ``--out_json`` so the table can be built in several GPU
+calls (``--only``); ``--report`` writes the markdown table and the plot into ``assets/``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Optional
+
+import torch
+
+MODES = {
+    # name: (build flags for quantization, description)
+    "fp16": ({}, "fp16"),
+    "int8": ({"use_weight_only": True, "weight_only_precision": "int8"}, "int8 weight-only"),
+    "int4": ({"use_weight_only": True, "weight_only_precision": "int4", "group_size": 128},
+             "int4 weight-only g128"),
+    "int8kv": ({"int8_kv_cache": True}, "fp16 + INT8 KV cache"),
+    "int4_int8kv": ({"use_weight_only": True, "weight_only_precision": "int4", "group_size": 128,
+                     "int8_kv_cache": True}, "int4 g128 + INT8 KV"),
+    "sq": ({"use_smooth_quant": True, "per_token": True, "per_channel": True},
+           "SmoothQuant W8A8 (per-token, per-channel; speed-only calibration)"),
+}
+ABLATION = ["hf_eager", "hf_compile", "fp16", "int8", "int4", "int4_int8kv", "sq"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------------------------
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+
+
+def read_bandwidth(gib: float = 2.0, reps: int = 10) -> float:
+    """Bytes/s of a pure read (a sum over a buffer far larger than L2), median of ``reps``."""
+    if DEVICE != "cuda":
+        gib = 0.05
+    n = int(gib * 2**30) // 2
+    x = torch.empty(n, dtype=torch.float16, device=DEVICE).uniform_()
+    times = []
+    for _ in range(reps + 2):
+        sync()
+        t0 = time.perf_counter()
+        x.sum(dtype=torch.float32)
+        sync()
+        times.append(time.perf_counter() - t0)
+    del x
+    return n * 2 / statistics.median(times[2:])
+
+
+def bytes_per_decode_step(engine, batch: int, context: int) -> int:
+    """Bytes a decode step reads: every weight/scale tensor once, plus the KV cache."""
+    w = 0
+    for name, t in list(engine.model.named_buffers()) + list(engine.model.named_parameters()):
+        if name in ("rope_cos", "rope_sin") or name.startswith("embed."):
+            continue  # the embedding reads one row per token
+        w += t.numel() * t.element_size()
+    a = engine.config.model
+    kv = batch * context * 2 * a.num_hidden_layers * a.kv_size * (
+        1 if engine.config.quant.int8_kv_cache else engine.model.embed.weight.element_size())
+    return w + kv
+
+
+def weight_bytes(engine, linear_only=True) -> int:
+    total = 0
+    for name, t in list(engine.model.named_buffers()) + list(engine.model.named_parameters()):
+        if linear_only and not name.startswith("layers.") or name.endswith("norm.weight"):
+            continue
+        if name in ("rope_cos", "rope_sin"):
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building engines in memory
+# ---------------------------------------------------------------------------------------------
+class Weights:
+    """fp16 random weights (unified names) on the GPU, shared by every mode."""
+
+    def __init__(self, model_config: str, dtype: str = "float16", seed: int = 0):
+        import weight
+        from llama_engine.checkpoint import hf_to_unified
+        from llama_engine.config import ModelArgs
+        self.args = ModelArgs.from_preset_or_file(model_config)
+        self.dtype = dtype
+        sd = weight.random_weights(self.args, dtype, seed=seed, device=DEVICE)
+        self.tensors = hf_to_unified(sd, self.args)
+
+    def engine(self, mode: str, max_batch: int, max_input: int, max_output: int):
+        import build as build_script
+        from llama_engine import quant as q
+        from llama_engine.config import BuildConfig, EngineConfig, QuantConfig
+        from llama_engine.runner import Engine
+        flags, _ = MODES[mode]
+        ns = argparse.Namespace(use_weight_only=False, weight_only_precision="int8",
+                                group_size=None, use_smooth_quant=False, per_token=False,
+                                per_channel=False, int8_kv_cache=False, ckpt_dir=None,
+                                device=DEVICE)
+        for k, v in flags.items():
+            setattr(ns, k, v)
+        quant = build_script.resolve_quant(ns, self.args, QuantConfig(), True, True)
+        tensors = self.tensors
+        if quant.quant_algo or quant.int8_kv_cache:
+            calib = {}
+            if quant.is_smooth_quant or quant.int8_kv_cache:
+                import smoothquant
+                calib = smoothquant.synthetic_calibration(self.args, self.tensors, device=DEVICE)
+            tensors, _ = q.quantize_checkpoint(self.tensors, self.args, quant, progress=False,
+                                               **calib)
+        cfg = EngineConfig(model=self.args, quant=quant, dtype=self.dtype,
+                           build=BuildConfig(max_batch_size=max_batch, max_input_len=max_input,
+                                             max_output_len=max_output))
+        return Engine.from_tensors(cfg, tensors, DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timed runs
+# ---------------------------------------------------------------------------------------------
+def time_engine(engine, batch: int, input_len: int, output_len: int, reps: int = 3) -> dict:
+    prompts = random_prompts(batch, input_len, engine.config.model.vocab_size)
+    engine.generate(prompts, output_len)  # warm-up: graphs captured, kernels compiled
+    reset_peak()
+    lat, pre = [], []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, output_len)
+        sync()
+        lat.append(time.perf_counter() - t0)
+        pre.append(out.prefill_s)
+    latency, prefill = statistics.median(lat), statistics.median(pre)
+    decode_tokens = batch * (output_len - 1)
+    return {"latency_s": latency, "prefill_s": prefill,
+            "decode_tok_s": decode_tokens / max(latency - prefill, 1e-9),
+            "e2e_tok_s": batch * output_len / latency,
+            "peak_mem_gib": peak_gib()}
+
+
+def hf_model(weights: Weights):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from llama_engine.checkpoint import unified_to_hf
+    cfg = LlamaConfig(**{k: v for k, v in weights.args.to_hf_config().items()
+                         if k not in ("architectures",)})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    sd = unified_to_hf(weights.tensors, weights.args)
+    model.load_state_dict(sd, assign=True, strict=False)
+    # The rotary inv_freq buffer was made on the meta device: make the module again for real.
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    model.model.rotary_emb = LlamaRotaryEmbedding(cfg, device=DEVICE)
+    return model.to(dtype=weights.tensors["transformer.ln_f.weight"].dtype).eval()
+
+
+def time_hf(model, batch: int, input_len: int, output_len: int, compile_: bool,
+            reps: int = 3) -> dict:
+    from transformers import GenerationConfig
+    prompts = torch.tensor(random_prompts(batch, input_len, model.config.vocab_size),
+                           device=DEVICE)
+    gen = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+    if compile_:
+        gen.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    with torch.inference_mode():
+        for _ in range(2 if compile_ else 1):
+            model.generate(prompts, generation_config=gen, attention_mask=torch.ones_like(prompts))
+        reset_peak()
+        lat = []
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            model.generate(prompts, generation_config=gen, attention_mask=torch.ones_like(prompts))
+            sync()
+            lat.append(time.perf_counter() - t0)
+    latency = statistics.median(lat)
+    return {"latency_s": latency, "e2e_tok_s": batch * output_len / latency,
+            "peak_mem_gib": peak_gib()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile
+# ---------------------------------------------------------------------------------------------
+CATEGORIES = [
+    ("attention", ("decode_attn", "merge", "flash", "fmha", "attention", "sdpa")),
+    ("kv-cache write", ("rope_kv", "write_kv", "kv_write")),
+    ("weight GEMM/GEMV", ("gemv", "gemm", "linear", "matmul", "cutlass", "sm90", "w8", "w4",
+                          "int_mm", "mm_", "splitk", "dequant")),
+    ("norm + RoPE", ("rms", "norm", "rope")),
+    ("sampling", ("argmax", "topk", "sort", "multinomial", "softmax")),
+]
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other (elementwise, copies)"
+
+
+def profile_decode(engine, batch: int, input_len: int, output_len: int, trace_path: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    prompts = random_prompts(batch, input_len, engine.config.model.vocab_size)
+    engine.generate(prompts, output_len)
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, output_len)
+        sync()
+        wall = time.perf_counter() - t0
+    prof.export_chrome_trace(trace_path)
+    per_cat: dict = {}
+    busy = 0.0
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "self_cuda_time_total", 0)
+        if not dev_us or ev.key.startswith("ProfilerStep"):
+            continue
+        per_cat[categorize(ev.key)] = per_cat.get(categorize(ev.key), 0.0) + dev_us / 1e3
+        busy += dev_us / 1e3
+    per_cat["idle gaps (wall - GPU busy)"] = max(wall * 1e3 - busy, 0.0)
+    return {"wall_ms": wall * 1e3, "prefill_ms": out.prefill_s * 1e3, "by_category_ms": per_cat,
+            "trace": trace_path}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def merge_json(path: str, new: dict) -> dict:
+    old = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    for section, rows in new.items():
+        if isinstance(rows, dict) and isinstance(old.get(section), dict):
+            old[section].update(rows)
+        else:
+            old[section] = rows
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(old, f, indent=2)
+    return old
+
+
+def ablation_markdown(res: dict) -> str:
+    rows = res.get("ablation", {})
+    meta = res.get("meta", {})
+    base = rows.get("hf_eager", {}).get("latency_s")
+    lines = [f"LLaMA-7B shapes, random weights, batch 1, input 8, output 50; "
+             f"{meta.get('gpu', '?')}, {meta.get('date', '?')}; read bandwidth "
+             f"{meta.get('read_TBps', float('nan')):.2f} TB/s measured in the same run.", "",
+             "| configuration | latency (s) | decode tok/s | speedup vs HF eager | % of floor |"
+             " weight bytes (GiB) | peak mem (GiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for key in ABLATION + [k for k in rows if k not in ABLATION]:
+        r = rows.get(key)
+        if not r:
+            continue
+        sp = f"{base / r['latency_s']:.2f}x" if base else "-"
+        dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
+        floor = f"{r['pct_floor']:.0f}%" if "pct_floor" in r else "-"
+        wb = f"{r['weight_gib']:.2f}" if "weight_gib" in r else "-"
+        lines.append(f"| {r.get('label', key)} | {r['latency_s']:.3f} | {dec} | {sp} | {floor} "
+                     f"| {wb} | {r.get('peak_mem_gib', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
+def write_report(res: dict, assets: str) -> None:
+    os.makedirs(assets, exist_ok=True)
+    md = ablation_markdown(res)
+    with open(os.path.join(assets, "benchmark.md"), "w") as f:
+        f.write(md + "\n")
+        for section in ("grid", "kv_long", "prefill"):
+            if res.get(section):
+                f.write(f"\n### {section}\n\n```json\n{json.dumps(res[section], indent=1)}\n```\n")
+    print(md)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    rows = res.get("ablation", {})
+    keys = [k for k in ABLATION if k in rows]
+    if not keys:
+        return
+    tps = [50 / rows[k]["latency_s"] for k in keys]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar([rows[k].get("label", k) for k in keys], tps, color="#4a7ab5")
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("end-to-end tokens/s (batch 1, in 8, out 50)")
+    ax.set_title(f"LLaMA-7B shapes on {res.get('meta', {}).get('gpu', 'GPU')}")
+    plt.xticks(rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(assets, "benchmark.png"), dpi=120)
+
+
+# ---------------------------------------------------------------------------------------------
+def run_ablation(a, weights: Weights, only: Optional[set]) -> dict:
+    from llama_engine.builder import tensor_bytes  # noqa: F401
+    bw = read_bandwidth()
+    out: dict = {}
+    B, I, O = 1, 8, 50
+    for key in ABLATION:
+        if only and key not in only:
+            continue
+        print(f"== {key}", flush=True)
+        if key.startswith("hf_"):
+            model = hf_model(weights)
+            r = time_hf(model, B, I, O, compile_=key == "hf_compile")
+            r["label"] = {"hf_eager": "HF eager", "hf_compile": "HF static cache + compile"}[key]
+            del model
+        else:
+            eng = weights.engine(key, max(B, 1), a.max_input_len, 512)
+            eng.enable_cuda_graphs()
+            r = time_engine(eng, B, I, O)
+            step_bytes = bytes_per_decode_step(eng, B, I + O // 2)
+            r["floor_tok_s"] = bw / step_bytes
+            r["pct_floor"] = 100 * r["decode_tok_s"] / r["floor_tok_s"]
+            r["weight_gib"] = weight_bytes(eng) / 2**30
+            r["label"] = MODES[key][1]
+            del eng
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(r), flush=True)
+        out[key] = r
+    return {"ablation": out, "meta": {"read_TBps": bw / 1e12}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_config", default="llama-7b")
+    p.add_argument("--engine_dir", default=None)
+    p.add_argument("--ablation", action="store_true")
+    p.add_argument("--only", default=None, help="comma list of ablation rows to run")
+    p.add_argument("--modes", default="fp16", help="modes for the grid/profile")
+    p.add_argument("--batch", default="1")
+    p.add_argument("--max_input_len", type=int, default=2048)
+    p.add_argument("--input_len", default="8")
+    p.add_argument("--output_len", default="50")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--selfcheck", action="store_true", help="kernel correctness+speed checks")
+    p.add_argument("--out_json", default="assets/benchmark.json")
+    p.add_argument("--assets", default="assets")
+    p.add_argument("--report", action="store_true", help="only write table/plot from out_json")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only dry-runs the flow")
+    a = p.parse_args(argv)
+    if a.report:
+        with open(a.out_json) as f:
+            write_report(json.load(f), a.assets)
+        return 0
+    global DEVICE
+    DEVICE = a.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("error: benchmark.py needs a CUDA GPU (--device cpu only dry-runs the flow on a "
+              "tiny model)", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run)"
+    meta = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    results: dict = {"meta": meta}
+    if a.selfcheck:
+        from llama_engine.kernels import attn, linear
+        results["selfcheck"] = {"linear": linear.gpu_selfcheck("cuda"),
+                                "attn": attn.gpu_selfcheck("cuda")}
+    weights = None
+    if a.ablation or not a.engine_dir:
+        weights = Weights(a.model_config)
+    if a.ablation:
+        r = run_ablation(a, weights, set(a.only.split(",")) if a.only else None)
+        results["ablation"] = r["ablation"]
+        meta.update(r["meta"])
+    grid = {}
+    if not a.ablation or a.profile:
+        for mode in a.modes.split(","):
+            for B in map(int, a.batch.split(",")):
+                for I in map(int, a.input_len.split(",")):
+                    for O in map(int, a.output_len.split(",")):
+                        if a.engine_dir:
+                            from llama_engine.runner import Engine
+                            eng = Engine.from_dir(a.engine_dir, DEVICE)
+                        else:
+                            eng = weights.engine(mode, B, max(I, 8), max(O, 8))
+                        eng.enable_cuda_graphs()
+                        key = f"{mode} b{B} i{I} o{O}"
+                        if a.profile:
+                            r = profile_decode(eng, B, I, O, os.path.join(
+                                a.assets, f"trace_{mode}_b{B}.json"))
+                        else:
+                            r = time_engine(eng, B, I, O)
+                        print(key, json.dumps(r), flush=True)
+                        grid[key] = r
+                        del eng
+                        gc.collect()
+                        if DEVICE == "cuda":
+                            torch.cuda.empty_cache()
+        results["profile" if a.profile else "grid"] = grid
+    merged = merge_json(a.out_json, results)
+    write_report(merged, a.assets)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
