@@ -46,6 +46,7 @@ from .kernels import linear as K
 INT8_MAX = 127
 INT4_MAX, INT4_MIN = 7, -8
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_SQ_ALPHA = 0.5   # SmoothQuant's migration strength when none is given (paper's default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +67,8 @@ def _check_2d(w: torch.Tensor, what: str) -> None:
 
 
 def quantize_int8_per_channel(w: torch.Tensor, scale_dtype: Optional[torch.dtype] = None):
-    """w[N, K] float -> (q int8[N, K], scale[N] in ``scale_dtype`` (default w.dtype), max_abs_err)."""
+    """w[N, K] float -> (q int8[N, K], scale[N], max_abs_err); scale in ``scale_dtype``
+    (default w.dtype)."""
     _check_2d(w, "quantize_int8_per_channel")
     w32 = w.float()
     scale = _safe_scale(w32.abs().amax(dim=1), INT8_MAX, scale_dtype or w.dtype)  # [N]
@@ -295,8 +297,10 @@ class SmoothQuantLinear(nn.Module):
                               f"{tuple(w_scale.shape)}")
         self.register_buffer("weight", qweight)
         self.register_buffer("w_scale", w_scale.float())
-        self.register_buffer("act_scale", None if self.per_token else act_scale.float().reshape(1, 1))
-        self.register_buffer("smoother", None if smoother is None else smoother.float().reshape(1, k))
+        self.register_buffer("act_scale",
+                             None if self.per_token else act_scale.float().reshape(1, 1))
+        self.register_buffer("smoother",
+                             None if smoother is None else smoother.float().reshape(1, k))
 
     @classmethod
     def from_checkpoint(cls, tensors: dict, quant: QuantConfig):
@@ -382,7 +386,7 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
     """Check build/convert quantization flags; return the QuantConfig they ask for.
 
     ``group_size`` None means the default (int4: 128, int8: per channel); 0 means per channel.
-    ``has_act_stats`` / ``has_kv_stats``: calibrated SmoothQuant statistics / KV scales are
+    ``smoothquant_alpha`` None means 0.5. ``has_act_stats`` / ``has_kv_stats``: calibrated SmoothQuant statistics / KV scales are
     available (from calibration or a calibrated checkpoint). ``ckpt_quant``: the quantization
     of an already-quantized checkpoint being built; the flags must agree with it."""
     if use_smooth_quant and use_weight_only:
@@ -426,7 +430,8 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
                               "hf_llama_convert.py -i HF_DIR -o CKPT_DIR -sq 0.5 and build with "
                               "--ckpt_dir CKPT_DIR")
         quant.quant_algo = SQ_ALGOS[(bool(per_channel), bool(per_token))]
-        quant.smoothquant_val = smoothquant_alpha
+        quant.smoothquant_val = (DEFAULT_SQ_ALPHA if smoothquant_alpha is None
+                                 else float(smoothquant_alpha))
     if int8_kv_cache:
         if not has_kv_stats:
             raise ConfigError("--int8_kv_cache needs calibrated scales: run hf_llama_convert.py "
@@ -501,7 +506,10 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
         dtype = _FLOAT_DTYPES[dtype]
     out = dict(tensors)
     if dtype is not None:
-        out = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
+        # Only the model's float weights take the model dtype: float32-by-format tensors
+        # (KV / SmoothQuant scales) already present keep theirs.
+        out = {k: (v.to(dtype) if v.is_floating_point() and k.endswith(".weight") else v)
+               for k, v in out.items()}
     report: dict = {"quant": quant.describe(), "tensors": {}}
 
     if quant.is_smooth_quant:
@@ -516,7 +524,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
         f32 = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
         f32, smoothed_stats, smoothers = sq.smooth_unified(f32, args, act_stats,
                                                            quant.smoothquant_val)
-        out = {k: v.to(float_dtype) if v.is_floating_point() else v for k, v in f32.items()}
+        out = {k: v.to(float_dtype) if v.is_floating_point() and k.endswith(".weight") else v
+               for k, v in f32.items()}
         for prefix, s in smoothers.items():
             out[prefix + ".smoother"] = s.float().reshape(1, -1)
         act_stats = smoothed_stats
@@ -558,6 +567,22 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
         report["kv_scales"] = {k: v.item() for k, v in out.items()
                                if k.endswith("kv_cache_scaling_factor")}
     return out, report
+
+
+def format_report(report: dict) -> str:
+    """A few lines summarizing ``quantize_checkpoint``'s report (for build logs)."""
+    lines = [f"quantization: {report.get('quant', '?')}"]
+    t = report.get("tensors") or {}
+    if t:
+        worst = max(t, key=lambda p: t[p]["rel_err"])
+        lines.append(f"  {len(t)} linears quantized; relative weight error mean "
+                     f"{report['mean_rel_err']:.4f}, worst {t[worst]['rel_err']:.4f} ({worst})")
+    kv = report.get("kv_scales") or {}
+    if kv:
+        vals = list(kv.values())
+        lines.append(f"  INT8 KV scales for {len(vals)} layers: {min(vals):.4g} .. "
+                     f"{max(vals):.4g}")
+    return "\n".join(lines)
 
 
 def _linear_prefixes(args: ModelArgs) -> list[str]:

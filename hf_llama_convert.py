@@ -1,0 +1,178 @@
+"""Convert a LLaMA checkpoint into TensorRT-LLM's unified checkpoint, calibrated when asked.
+
+The command line of TensorRT-LLM's ``examples/llama/hf_llama_convert.py`` (``-i``, ``-o``,
+``-sq ALPHA``, ``--calibrate-kv-cache``), writing the unified checkpoint format of its later
+``convert_checkpoint.py`` (``config.json`` with ``quantization.quant_algo`` /
+``kv_cache_quant_algo``, ``rank0.safetensors``; docs/design.md lists every tensor), so the
+directory feeds both ``build.py --ckpt_dir`` and, on a machine that has it, ``trtllm-build``.
+
+    python hf_llama_convert.py -i HF_DIR -o CKPT_DIR -sq 0.5 --per_token --per_channel
+    python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --calibrate-kv-cache
+    python hf_llama_convert.py -i model.gguf -o CKPT_DIR -sq 0.5
+    python hf_llama_convert.py -i llama-7b -o CKPT_DIR -sq 0.5      # random weights, speed-only
+
+SmoothQuant variants: the checkpoint records one ``quant_algo``. As in TensorRT-LLM, the
+default (neither ``--per_token`` nor ``--per_channel``) is per-tensor weights with a static
+per-tensor activation scale (``W8A8_SQ_PER_TENSOR_PLUGIN``); ``--per_channel`` gives a scale
+per output channel, ``--per_token`` a dynamic scale per token (the most accurate pair is both).
+Build the engine with the same flags (``build.py --ckpt_dir CKPT_DIR --use_smooth_quant
+[--per_token] [--per_channel]``); a mismatch is rejected there.
+
+Calibration uses the summarize prompt builder on cnn_dailymail train articles
+(``--calib_dataset``, ``--calib_size``, ``--max_input_length``); random-weight presets
+calibrate on synthetic prompts and are labelled speed-only in ``quantization.calibration``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from llama_engine.config import DTYPES, ConfigError
+
+DEFAULT_DATASET = "/work/shared/data/cnn_dailymail/train_calib.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--in-file", "--in_file", dest="in_file", required=True,
+                   help="HF model directory, Meta checkpoint directory, .gguf file, or a preset "
+                        "name (llama-7b, tiny, ...) for random weights")
+    p.add_argument("-o", "--out-dir", "--out_dir", dest="out_dir", required=True,
+                   help="checkpoint directory to write (replaced atomically)")
+    p.add_argument("-sq", "--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant with migration strength ALPHA in [0, 1] (0.5 is a good "
+                        "first try); writes W8A8 int8 weights")
+    p.add_argument("-kv", "--calibrate-kv-cache", "--calibrate_kv_cache",
+                   dest="calibrate_kv_cache", action="store_true",
+                   help="calibrate INT8 KV cache scales (kv_cache_quant_algo INT8)")
+    p.add_argument("--per_token", action="store_true",
+                   help="SmoothQuant: dynamic per-token activation scales (default: static "
+                        "per-tensor)")
+    p.add_argument("--per_channel", action="store_true",
+                   help="SmoothQuant: per-output-channel weight scales (default: per-tensor)")
+    p.add_argument("--use_weight_only", action="store_true",
+                   help="write int8/int4 weight-only weights (no calibration needed)")
+    p.add_argument("--weight_only_precision", default="int8", choices=["int8", "int4"])
+    p.add_argument("--group_size", type=int, default=None,
+                   help="int4 group size: 128 (default), 64, 32, or 0 for per-channel")
+    p.add_argument("--calib_dataset", default=None,
+                   help=f"cnn_dailymail train data: a .jsonl/.json/.parquet file or dataset "
+                        f"folder; 'hub' for the HF hub's train split; 'synthetic' for random "
+                        f"token ids (speed-only). Default: {DEFAULT_DATASET} when present, "
+                        "else the hub")
+    p.add_argument("--calib_size", type=int, default=512,
+                   help="number of calibration articles (default 512, or all there are)")
+    p.add_argument("--max_input_length", type=int, default=512,
+                   help="calibration prompt length in tokens (default 512)")
+    p.add_argument("--use_chat_template", action="store_true",
+                   help="build calibration prompts with the tokenizer's chat template (as "
+                        "summarize.py --use_chat_template does for instruct models)")
+    p.add_argument("--dtype", default="float16", choices=[d for d in DTYPES if d != "float64"],
+                   help="dtype of the checkpoint's float tensors (default float16)")
+    p.add_argument("--device", default=None,
+                   help="device for calibration (default: cuda when available, else cpu)")
+    p.add_argument("--calib_dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the calibration forward (default: float32 on cpu, float16 "
+                        "on cuda)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights / prompts")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _load(in_file: str, seed: int, device: str):
+    """-> (ModelArgs, HF state dict, info) for any supported source."""
+    from weight import load_source
+    if os.path.isfile(in_file) and in_file.endswith(".gguf"):
+        return load_source(gguf_file=in_file)
+    if os.path.isdir(in_file):
+        if os.path.isfile(os.path.join(in_file, "params.json")):
+            return load_source(meta_ckpt_dir=in_file)
+        return load_source(model_dir=in_file)
+    if os.path.exists(in_file) and not in_file.endswith(".json"):
+        raise ConfigError(f"-i {in_file}: not a model directory, .gguf file or preset")
+    # A preset name or config.json: random weights (fp32 on CPU; fp16 on GPU to fit 7B).
+    dtype = "float32" if device == "cpu" else "float16"
+    return load_source(model_config=in_file, dtype=dtype, seed=seed, device=device)
+
+
+def convert(ns: argparse.Namespace) -> str:
+    from llama_engine.checkpoint import hf_to_unified, write_checkpoint
+    from llama_engine.quant import format_report, quantize_checkpoint, validate_quant_flags
+    import smoothquant as sq
+
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args, hf_sd, info = _load(ns.in_file, ns.seed, device)
+    quant = validate_quant_flags(
+        args, use_weight_only=ns.use_weight_only,
+        weight_only_precision=ns.weight_only_precision, group_size=ns.group_size,
+        use_smooth_quant=ns.smoothquant is not None, per_token=ns.per_token,
+        per_channel=ns.per_channel, int8_kv_cache=ns.calibrate_kv_cache,
+        has_act_stats=True, has_kv_stats=True, smoothquant_alpha=ns.smoothquant)
+    print(f"loaded {info['kind']} weights from {info['path']}: {args.num_hidden_layers} layers, "
+          f"hidden {args.hidden_size}; target {quant.describe()}, {ns.dtype}", file=sys.stderr)
+
+    act_stats = kv_stats = None
+    calib_info = None
+    if quant.is_smooth_quant or quant.int8_kv_cache:
+        tokenizer, dataset = _calibration_source(ns, info)
+        calib_dtype = getattr(torch, ns.calib_dtype) if ns.calib_dtype else None
+        act_stats, kv_stats, calib_info = sq.calibrate_source(
+            args, hf_sd, tokenizer, dataset, ns.calib_size, ns.max_input_length,
+            ns.use_chat_template, device=device, dtype=calib_dtype, kv=quant.int8_kv_cache,
+            progress=not ns.no_progress, seed=ns.seed)
+        print(f"calibrated on {calib_info['num_prompts']} prompts "
+              f"({calib_info['num_tokens']} tokens) from {calib_info['source']}", file=sys.stderr)
+
+    tensors = hf_to_unified(hf_sd, args)
+    del hf_sd
+    tensors, report = quantize_checkpoint(tensors, args, quant, act_stats, kv_stats,
+                                          progress=not ns.no_progress, dtype=ns.dtype)
+    qdict = quant.to_checkpoint_dict()
+    if calib_info is not None:
+        qdict["calibration"] = calib_info
+    tok_src = info.get("tokenizer_dir")
+    write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors,
+                     extra_config={"quantization": qdict}, tokenizer_src=tok_src)
+    print(format_report(report), file=sys.stderr)
+    return ns.out_dir
+
+
+def _calibration_source(ns: argparse.Namespace, info: dict):
+    """-> (tokenizer or None, dataset) for calibration; random weights get synthetic prompts."""
+    from llama_engine.tokenizer import load_tokenizer
+    dataset = ns.calib_dataset
+    if info["kind"] == "random" or dataset == "synthetic":
+        if dataset not in (None, "synthetic"):
+            raise ConfigError("random weights calibrate on synthetic prompts only; drop "
+                              "--calib_dataset or pass --calib_dataset synthetic")
+        return None, "synthetic"
+    if dataset is None:
+        dataset = DEFAULT_DATASET if os.path.isfile(DEFAULT_DATASET) else None
+    elif dataset == "hub":
+        dataset = None
+    if not info.get("tokenizer_dir"):
+        raise ConfigError(f"no tokenizer beside {info['path']}; calibration needs one (or pass "
+                          "--calib_dataset synthetic for a speed-only checkpoint)")
+    return load_tokenizer(info["tokenizer_dir"]), dataset
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        out = convert(ns)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote unified checkpoint {out} in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
