@@ -470,8 +470,11 @@ class _EchoEngine:
             max_input_len=4096, max_output_len=512, max_batch_size=8))
 
     @classmethod
-    def from_dir(cls, engine_dir, device=None):
+    def from_dir(cls, engine_dir, device=None, dtype=None):
         return cls(engine_dir)
+
+    def enable_cuda_graphs(self):
+        pass
 
     def generate(self, batch_input_ids, max_new_tokens, sampling=None, end_id=None,
                  streamer=None):
