@@ -107,20 +107,18 @@ def load_float_tensors(a: argparse.Namespace):
 
 def resolve_quant(a: argparse.Namespace, model_args, ckpt_quant: QuantConfig,
                   has_act_stats: bool, has_kv_stats: bool) -> QuantConfig:
-    """The engine's QuantConfig from the flags and what the checkpoint already holds."""
+    """The engine's QuantConfig from the flags and what the checkpoint already holds.
+
+    A quantized checkpoint keeps its weights (flags, if given, must agree with them); its
+    INT8 KV scales are used when the checkpoint says so or ``--int8_kv_cache`` asks."""
     from llama_engine import quant as q
-    if ckpt_quant.quant_algo and (a.use_weight_only or a.use_smooth_quant):
-        raise ConfigError(f"checkpoint {a.ckpt_dir} is already quantized "
-                          f"({ckpt_quant.quant_algo}); build it without quantization flags")
-    if ckpt_quant.is_smooth_quant:
-        return ckpt_quant
+    quantized = bool(ckpt_quant.quant_algo or ckpt_quant.int8_kv_cache)
     wanted = q.validate_quant_flags(
         model_args, use_weight_only=a.use_weight_only,
         weight_only_precision=a.weight_only_precision, group_size=a.group_size,
         use_smooth_quant=a.use_smooth_quant, per_token=a.per_token, per_channel=a.per_channel,
-        int8_kv_cache=a.int8_kv_cache, has_act_stats=has_act_stats, has_kv_stats=has_kv_stats)
-    if ckpt_quant.quant_algo:  # a weight-only checkpoint keeps its weights
-        wanted.quant_algo, wanted.group_size = ckpt_quant.quant_algo, ckpt_quant.group_size
+        int8_kv_cache=a.int8_kv_cache, has_act_stats=has_act_stats, has_kv_stats=has_kv_stats,
+        ckpt_quant=ckpt_quant if quantized else None)
     if ckpt_quant.int8_kv_cache:
         wanted.kv_cache_quant_algo = ckpt_quant.kv_cache_quant_algo
     return wanted
@@ -135,8 +133,9 @@ def build(a: argparse.Namespace) -> int:
         if ckpt_dtype != a.dtype:
             raise ConfigError(f"checkpoint {a.ckpt_dir} is {ckpt_dtype}; build it with "
                               f"--dtype {ckpt_dtype}")
+        from llama_engine.tokenizer import find_tokenizer_source
         info = {"kind": "checkpoint", "path": os.path.abspath(a.ckpt_dir),
-                "tokenizer_dir": a.ckpt_dir}
+                "tokenizer_dir": find_tokenizer_source(a.ckpt_dir)}
     else:
         model_args, tensors, info = load_float_tensors(a)
         ckpt_quant = QuantConfig()
@@ -155,7 +154,7 @@ def build(a: argparse.Namespace) -> int:
             info["calibration"] = "synthetic (speed-only)"
         tensors, report = q.quantize_checkpoint(tensors, model_args, quant, **calib)
         if report:
-            print(report)
+            print(q.format_report(report))
 
     build_cfg = BuildConfig(
         max_batch_size=a.max_batch_size, max_input_len=a.max_input_len,
