@@ -263,6 +263,84 @@ def profile_decode(engine, batch: int, input_len: int, output_len: int, trace_pa
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
+def measure_memory(model_config: str, mode: str, context: int = 2048) -> dict:
+    """Peak GPU memory of one engine at batch 1 with a ``context``-token sequence, the fp16
+    master weights freed first (as an engine built once and loaded would have it)."""
+    weights = Weights(model_config)
+    eng = weights.engine(mode, 1, context, 64)
+    weights.tensors = None
+    del weights
+    gc.collect()
+    torch.cuda.empty_cache()
+    eng.enable_cuda_graphs()
+    prompt = random_prompts(1, context - 16, eng.config.model.vocab_size)
+    torch.cuda.reset_peak_memory_stats()
+    eng.generate(prompt, 16)
+    sync()
+    return {"mode": mode, "context": context, "weight_gib": weight_bytes(eng, False) / 2**30,
+            "peak_mem_gib": peak_gib()}
+
+
+def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
+                hf_batches: int = 2) -> dict:
+    """Inflight batching throughput (issue 5 scenarios), fp16, end-of-sequence ignored."""
+    import random
+
+    from llama_engine.serving.llm_engine import LLMEngine, latency_stats
+    out: dict = {}
+    vocab = weights.args.vocab_size
+    # A: many requests, input 128, output 128, all at once.
+    eng = weights.engine("fp16", 256, 1024, 512)
+    llm = LLMEngine(eng, max_batch_size=256, max_num_tokens=8192)
+    prompts = random_prompts(num_requests, 128, vocab)
+    llm.generate(prompts[:64], 8)  # warm-up: graphs, kernels
+    sync()
+    seqs = llm.generate(prompts, 128)
+    sync()
+    out["uniform_128_128"] = {"num_requests": num_requests, "max_batch": 256,
+                              **latency_stats(seqs)}
+    print("uniform", json.dumps(out["uniform_128_128"]), flush=True)
+    # B: mixed lengths; inflight vs our static batching with the same batch limit.
+    rng = random.Random(0)
+    ins = [rng.randint(32, 1024) for _ in range(mixed_requests)]
+    outs = [rng.randint(16, 512) for _ in range(mixed_requests)]
+    g = torch.Generator().manual_seed(1)
+    mixed = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in ins]
+    limit = 64
+    del llm
+    llm = LLMEngine(eng, max_batch_size=limit, max_num_tokens=8192)
+    sync()
+    t0 = time.perf_counter()
+    seqs = llm.generate(mixed, outs)
+    sync()
+    inflight = latency_stats(seqs)
+    inflight["wall_s"] = time.perf_counter() - t0
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    for i in range(0, mixed_requests, limit):
+        eng.generate(mixed[i:i + limit], max(outs[i:i + limit]))
+    sync()
+    static_s = time.perf_counter() - t0
+    useful = sum(outs)
+    out["mixed"] = {"num_requests": mixed_requests, "max_batch": limit,
+                    "inflight": inflight, "static_tok_s": useful / static_s,
+                    "static_wall_s": static_s,
+                    "inflight_vs_static": inflight["tokens_per_s"] / (useful / static_s)}
+    print("mixed", json.dumps(out["mixed"]), flush=True)
+    # HF padded static batching, batch 32, input 128, output 128 (a few batches).
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = hf_model(weights)
+    r = time_hf(model, 32, 128, 128, compile_=False, reps=hf_batches)
+    out["hf_batch32_128_128"] = r
+    out["uniform_vs_hf"] = out["uniform_128_128"]["tokens_per_s"] / r["e2e_tok_s"]
+    print("hf", json.dumps(r), flush=True)
+    return out
+
+
 def merge_json(path: str, new: dict) -> dict:
     old = {}
     if os.path.isfile(path):
@@ -307,7 +385,7 @@ def write_report(res: dict, assets: str) -> None:
     md = ablation_markdown(res)
     with open(os.path.join(assets, "benchmark.md"), "w") as f:
         f.write(md + "\n")
-        for section in ("grid", "kv_long", "prefill"):
+        for section in ("grid", "kv_long", "prefill", "memory", "profile"):
             if res.get(section):
                 f.write(f"\n### {section}\n\n```json\n{json.dumps(res[section], indent=1)}\n```\n")
     print(md)
@@ -383,6 +461,11 @@ def main(argv=None) -> int:
     p.add_argument("--assets", default="assets")
     p.add_argument("--report", action="store_true", help="only write table/plot from out_json")
     p.add_argument("--device", default="cuda", help="cuda; cpu only dry-runs the flow")
+    p.add_argument("--memory", default=None, help="mode: peak memory at batch 1, 2048 context")
+    p.add_argument("--section", default="grid", help="JSON section for grid results")
+    p.add_argument("--serving", action="store_true", help="inflight batching throughput")
+    p.add_argument("--num_requests", type=int, default=1000)
+    p.add_argument("--mixed_requests", type=int, default=300)
     a = p.parse_args(argv)
     if a.report:
         with open(a.out_json) as f:
@@ -401,6 +484,16 @@ def main(argv=None) -> int:
         from llama_engine.kernels import attn, linear
         results["selfcheck"] = {"linear": linear.gpu_selfcheck("cuda"),
                                 "attn": attn.gpu_selfcheck("cuda")}
+    if a.serving:
+        r = run_serving(Weights(a.model_config), a.num_requests, a.mixed_requests)
+        merge_json(a.out_json, {"meta": meta, "serving": r})
+        return 0
+    if a.memory:
+        r = measure_memory(a.model_config, a.memory)
+        print(json.dumps(r), flush=True)
+        results["memory"] = {a.memory: r}
+        merge_json(a.out_json, results)
+        return 0
     weights = None
     if a.ablation or not a.engine_dir:
         weights = Weights(a.model_config)
@@ -432,7 +525,7 @@ def main(argv=None) -> int:
                         gc.collect()
                         if DEVICE == "cuda":
                             torch.cuda.empty_cache()
-        results["profile" if a.profile else "grid"] = grid
+        results["profile" if a.profile else a.section] = grid
     merged = merge_json(a.out_json, results)
     write_report(merged, a.assets)
     return 0
