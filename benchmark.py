@@ -417,7 +417,8 @@ def run_ablation(a, weights: Weights, only: Optional[set]) -> dict:
     bw = read_bandwidth()
     out: dict = {}
     B, I, O = 1, 8, 50
-    for key in ABLATION:
+    order = [k for k in ABLATION if k != "hf_compile"] + ["hf_compile"]  # slowest last
+    for key in order:
         if only and key not in only:
             continue
         print(f"== {key}", flush=True)
@@ -441,6 +442,7 @@ def run_ablation(a, weights: Weights, only: Optional[set]) -> dict:
             torch.cuda.empty_cache()
         print(json.dumps(r), flush=True)
         out[key] = r
+        merge_json(a.out_json, {"ablation": {key: r}, "meta": {"read_TBps": bw / 1e12}})
     return {"ablation": out, "meta": {"read_TBps": bw / 1e12}}
 
 

@@ -4,20 +4,20 @@
 # parts: ablation kv_long prefill grid memory profile serving   (default: all)
 set -u
 OUTD=${1:?out dir}; shift
-PARTS=${*:-"ablation kv_long prefill grid memory profile serving"}
+PARTS=${*:-"ablation kv_long prefill memory profile serving grid"}
 J=$OUTD/benchmark.json
 export PYTHONUNBUFFERED=1
 B="python3 benchmark.py --out_json $J --assets $OUTD"
 for p in $PARTS; do
   echo "=== $p $(date +%T)"
   case $p in
-    ablation) timeout 260 $B --ablation ;;
-    kv_long)  timeout 90 $B --modes fp16,int8kv --batch 32 --input_len 1920 --output_len 128 --section kv_long ;;
-    prefill)  timeout 40 $B --modes fp16 --batch 1 --input_len 2048 --output_len 2 --section prefill ;;
+    ablation) timeout 250 $B --ablation ;;
+    kv_long)  timeout 70 $B --modes fp16,int8kv --batch 32 --input_len 1920 --output_len 128 --section kv_long ;;
+    prefill)  timeout 35 $B --modes fp16 --batch 1 --input_len 2048 --output_len 2 --section prefill ;;
     grid)     timeout 120 $B --modes fp16,int8,int4,sq --batch 16,64 --input_len 128 --output_len 128 --section grid ;;
-    memory)   timeout 60 $B --memory int4 ;;
-    profile)  timeout 60 $B --profile --modes fp16,int4 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
-    serving)  timeout 200 $B --serving --num_requests 1000 --mixed_requests 200 ;;
+    memory)   timeout 50 $B --memory int4 ;;
+    profile)  timeout 45 $B --profile --modes fp16,int4 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
+    serving)  timeout 150 $B --serving --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
 done
 echo "=== done $(date +%T)"

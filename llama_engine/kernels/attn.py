@@ -266,9 +266,16 @@ if HAS_TRITON:
                 tl.store(vc + HALF, v2.to(VC.dtype.element_ty), mask=mw)
 
     @triton.jit
-    def _attn_tile(q, qf, m_i, l_i, acc, t0, end, kbase, vbase, btrow, qk_scale, d,
+    def _i8_to_f16_shifted(x):
+        # int8 v -> fp16 (v + 1152) without a conversion instruction (those issue at 1/4 rate
+        # on Hopper): the bits 0x6400 + (v + 128) are the fp16 number 1024 + (v + 128).
+        return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _attn_tile(q, qf, qshift, m_i, l_i, acc, t0, end, kbase, vbase, btrow, qk_scale, d,
                    skc_b, skc_t, svc_b, svc_t, BLOCK_N: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                   MAGIC: tl.constexpr):
         # One tile of BLOCK_N context tokens [t0, t0+BLOCK_N) ∩ [.., end) for G_PAD query heads;
         # q [G_PAD, D], m_i/l_i [G_PAD], acc [G_PAD, D] (online softmax state, base 2).
         t = t0 + tl.arange(0, BLOCK_N)
@@ -280,7 +287,11 @@ if HAS_TRITON:
                     mask=tmask[:, None], other=0.0)  # [BLOCK_N, D]
         v = tl.load(vbase + blk[:, None] * svc_b + off[:, None] * svc_t + d[None, :],
                     mask=tmask[:, None], other=0.0)
-        if USE_DOT:
+        if MAGIC:
+            # int8 cache, fp16 math: K and V arrive shifted by +1152 (see _i8_to_f16_shifted).
+            # q.(k + 1152) = q.k + qshift; the V shift is removed once at the end.
+            s = tl.dot(q, tl.trans(_i8_to_f16_shifted(k))) - qshift[:, None]
+        elif USE_DOT:
             # int8 values are exact in fp16/bf16; their scale is folded into qk_scale/out_scale
             if IEEE:
                 s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
@@ -292,13 +303,19 @@ if HAS_TRITON:
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])  # [G_PAD, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if USE_DOT:
+        if MAGIC:
+            # the V shift cancels exactly only if the weights summed are the ones multiplied
+            p16 = p.to(tl.float16)
+            l_i = l_i * alpha + tl.sum(p16.to(tl.float32), axis=1)
+            pv = tl.dot(p16, _i8_to_f16_shifted(v))
+        elif USE_DOT:
+            l_i = l_i * alpha + tl.sum(p, axis=1)
             if IEEE:
                 pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
             else:
                 pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
         else:
+            l_i = l_i * alpha + tl.sum(p, axis=1)
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         acc = acc * alpha[:, None] + pv
         return m_new, l_i, acc
@@ -311,7 +328,8 @@ if HAS_TRITON:
                             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-                            NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+                            MAGIC: tl.constexpr, NUM_STAGES: tl.constexpr,
+                            INTERPRET: tl.constexpr):
         # grid = (B, Hkv, num_splits). Program (b, g, sp) attends the G query heads of KV head
         # g of sequence b over tokens [sp*partition, (sp+1)*partition) of its context, with an
         # online softmax in base 2 (qk_scale already holds log2(e)).
@@ -331,6 +349,7 @@ if HAS_TRITON:
         q = tl.load(Q + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :],
                     mask=gmask[:, None], other=0.0)  # [G_PAD, D]
         qf = q.to(tl.float32)  # FMA path operand (dead code on the dot path)
+        qshift = tl.sum(qf, axis=1) * 1152.0  # MAGIC path: q.(k + 1152) - q.k, per head
 
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
@@ -343,17 +362,19 @@ if HAS_TRITON:
             # while loop runs the same tile code there.
             t0 = start
             while t0 < end:
-                m_i, l_i, acc = _attn_tile(q, qf, m_i, l_i, acc, t0, end, kbase, vbase, btrow,
-                                           qk_scale, d, skc_b, skc_t, svc_b, svc_t,
-                                           BLOCK_N, BLOCK_SIZE, USE_DOT, IEEE)
+                m_i, l_i, acc = _attn_tile(q, qf, qshift, m_i, l_i, acc, t0, end, kbase, vbase,
+                                           btrow, qk_scale, d, skc_b, skc_t, svc_b, svc_t,
+                                           BLOCK_N, BLOCK_SIZE, USE_DOT, IEEE, MAGIC)
                 t0 += BLOCK_N
         else:
             for t0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-                m_i, l_i, acc = _attn_tile(q, qf, m_i, l_i, acc, t0, end, kbase, vbase, btrow,
-                                           qk_scale, d, skc_b, skc_t, svc_b, svc_t,
-                                           BLOCK_N, BLOCK_SIZE, USE_DOT, IEEE)
+                m_i, l_i, acc = _attn_tile(q, qf, qshift, m_i, l_i, acc, t0, end, kbase, vbase,
+                                           btrow, qk_scale, d, skc_b, skc_t, svc_b, svc_t,
+                                           BLOCK_N, BLOCK_SIZE, USE_DOT, IEEE, MAGIC)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # empty context -> zeros, not NaN
         o = acc / l_safe[:, None]
+        if MAGIC:
+            o = tl.where(l_i[:, None] > 0.0, o - 1152.0, 0.0)
         if SPLIT:
             po = PO + b.to(tl.int64) * spo_b + heads[:, None] * spo_h + sp * spo_s + d[None, :]
             tl.store(po, o, mask=gmask[:, None])
@@ -556,9 +577,12 @@ DECODE_CONFIG = {
     "block_n_int8": 128,    # tokens per inner tile for int8 caches (same bytes per tile)
     "num_warps": 4,
     "num_stages": 2,
+    "num_warps_int8": 4,
+    "num_stages_int8": 2,
     "max_partition": 512,   # upper bound of tokens per split
     "max_splits": 64,       # the merge kernel holds all splits of a head in registers
     "dot_min_group": 1,     # query heads per KV head from which tl.dot is used (else FMA)
+    "int8_magic": True,     # int8 -> fp16 by bit tricks instead of conversion instructions
     "target_programs": 0,   # programs to aim for when picking the split; 0: 2 x SM count
 }
 
@@ -654,8 +678,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), *pos_, *pms_,
         G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLIT=split,
-        USE_DOT=use_dot, IEEE=q.dtype == torch.float32, NUM_STAGES=cfg["num_stages"],
-        INTERPRET=_interpreting(), num_warps=cfg["num_warps"])
+        USE_DOT=use_dot, IEEE=q.dtype == torch.float32,
+        MAGIC=use_dot and quant and q.dtype == torch.float16 and cfg["int8_magic"],
+        NUM_STAGES=cfg["num_stages_int8" if quant else "num_stages"],
+        INTERPRET=_interpreting(), num_warps=cfg["num_warps_int8" if quant else "num_warps"])
     if split:
         _decode_merge_kernel[(B, H)](
             out, po, pm, pl, context_lens, part, out_scale,
@@ -715,12 +741,16 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _time_ms(fn, reps: int = 20, warmup: int = 3, flush: Optional[torch.Tensor] = None) -> float:
+    """Median device time of ``fn`` (ms). A sleep kernel queued before the start event lets
+    the host enqueue ``fn`` ahead of the device, so host overhead stays out of the number."""
     for _ in range(warmup):
         fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         if flush is not None:
             flush.zero_()  # evict L2 (50 MB on an H100) so that K/V come from HBM
+        torch.cuda._sleep(200_000)  # ~0.1 ms of device time
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         fn()
@@ -729,6 +759,20 @@ def _time_ms(fn, reps: int = 20, warmup: int = 3, flush: Optional[torch.Tensor] 
         times.append(s.elapsed_time(e))
     times.sort()
     return times[len(times) // 2]
+
+
+def _host_us(fn, reps: int = 50) -> float:
+    """Host time per call (µs) of back-to-back calls: the launch overhead of ``fn``."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # keep the device busy so the queue never drains
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    dt = (time.perf_counter() - t) / reps * 1e6
+    torch.cuda.synchronize()
+    return dt
 
 
 def make_paged_cache(B: int, ctx: int, hkv: int, D: int, block_size: int, dtype, device,
@@ -843,24 +887,29 @@ def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
     # --- decode attention ----------------------------------------------------------------
     Bs = (1, 32) if quick else (1, 8, 32, 64)
     ctxs = (2048,) if quick else (128, 512, 2048)
-    shapes = [(B, c, H, H) for B in Bs for c in ctxs] + [(1, 2048, 64, 8), (32, 2048, 64, 8)]
-    for B, ctx, h, hkv in shapes:
-        for kvd in (dt, torch.int8):
+    cases = [(B, c, H, H, dt) for B in Bs for c in ctxs]
+    cases += [(1, 2048, 64, 8, dt), (32, 2048, 64, 8, dt), (32, 2048, H, H, torch.bfloat16)]
+    for B, ctx, h, hkv, qdt in cases:
+        for kvd in (qdt, torch.int8):
             for static in (False, True):
                 bs = _next_pow2(ctx) if static else 64
                 scale = 0.02 if kvd == torch.int8 else None
-                kc, vc, bt, cl = make_paged_cache(B, ctx, hkv, D, bs, kvd, device, scale,
+                kc, vc, bt, cl = make_paged_cache(B, ctx, hkv, D, bs, kvd, device,
                                                   static=static, extra_blocks=2)
-                q = torch.randn(B, h, D, dtype=dt, device=device)
+                q = torch.randn(B, h, D, dtype=qdt, device=device)
                 sm = 1.0 / math.sqrt(D)
-                out = decode_attention(q, kc, vc, bt, cl, sm, scale)
+                fn = lambda: decode_attention(q, kc, vc, bt, cl, sm, scale)  # noqa: E731
+                out = fn()
                 ref = decode_attention_ref(q, kc, vc, bt, cl, sm, scale)
                 err = _rel_err(out, ref)
-                ms = _time_ms(lambda: decode_attention(q, kc, vc, bt, cl, sm, scale),
-                              flush=flush)
+                ms = _time_ms(fn, flush=flush)
                 esz = 1 if kvd == torch.int8 else 2
-                row("decode_attention", B, ctx, "int8" if esz == 1 else "fp16", "triton",
-                    err, ms, 2 * B * ctx * hkv * D * esz, 5e-3, bs, h, hkv)
+                kvname = "int8" if esz == 1 else ("bf16" if kvd == torch.bfloat16 else "fp16")
+                row("decode_attention", B, ctx, kvname, "triton", err, ms,
+                    2 * B * ctx * hkv * D * esz, 1e-2 if qdt == torch.bfloat16 else 5e-3,
+                    bs, h, hkv)
+                if B == 1 and ctx == 2048 and h == H and not static:
+                    rows[-1]["host_us"] = _host_us(fn)  # launch overhead of the 2 kernels
                 del kc, vc
 
     # --- prefill attention (SDPA) --------------------------------------------------------
@@ -877,7 +926,7 @@ def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    """A fixed-width table of gpu_selfcheck rows."""
+    """A fixed-width table of gpu_selfcheck rows, then the int8-vs-fp16 decode speedups."""
     lines = [f"{'op':18s} {'B':>5s} {'ctx':>5s} {'H/Hkv':>6s} {'bs':>5s} {'kv':>5s} "
              f"{'rel_err':>9s} {'ms':>8s} {'GB/s':>7s} ok"]
     for r in rows:
@@ -885,7 +934,18 @@ def format_rows(rows: list[dict]) -> str:
             f"{r['op']:18s} {r['B']:5d} {str(r['ctx'] or '-'):>5s} "
             f"{str(r['H']) + '/' + str(r['Hkv']):>6s} {str(r['block_size'] or '-'):>5s} "
             f"{r['kv_dtype']:>5s} {r['rel_err']:9.2e} {r['ms']:8.4f} "
-            f"{(r['GBps'] or 0):7.0f} {'ok' if r['ok'] else 'FAIL'}")
+            f"{(r['GBps'] or 0):7.0f} {'ok' if r['ok'] else 'FAIL'}"
+            + (f"  host {r['host_us']:.0f} us/call" if 'host_us' in r else ""))
+    dec = {(r["B"], r["ctx"], r["H"], r["Hkv"], r["block_size"], r["kv_dtype"]): r["ms"]
+           for r in rows if r["op"] == "decode_attention"}
+    for key, ms in dec.items():
+        if key[5] == "int8":
+            for fkey in (key[:5] + ("fp16",), key[:5] + ("bf16",)):
+                if fkey in dec:
+                    lines.append(f"int8 KV speedup B={key[0]} ctx={key[1]} H={key[2]}/{key[3]} "
+                                 f"bs={key[4]} vs {fkey[5]}: {dec[fkey] / ms:.2f}x")
+    bad = [r for r in rows if not r["ok"]]
+    lines.append(f"{len(rows) - len(bad)}/{len(rows)} rows ok")
     return "\n".join(lines)
 
 

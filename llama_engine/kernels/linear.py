@@ -13,15 +13,21 @@ Why the kernels look the way they do:
   full width along K, dequantizes them in registers and accumulates in fp32 (int32 for W8A8).
   Two variants, picked per (M bucket, N, K) from a table measured on an H100:
     - ``fma``: no tensor cores; ``acc[BM, BN, BK] += w * x`` elementwise, one reduction over
-      K at the end (the classic GEMV). Best at M = 1..4.
+      K at the end (the classic GEMV). Wins for some M = 1 shapes.
     - ``dot``: swap-AB tensor-core tile ``acc[BN, BM] += w[BN, BK] @ x[BM, BK].T``: the weight
-      is the large operand, the few tokens are the narrow MMA side (padded to 8/16).
+      is the large operand, the few tokens are the narrow MMA side (padded to 8/16). Wins
+      almost everywhere else.
   Both can split K over a second grid axis (fp32 partials + one small reduction kernel) so
   that the narrow layers (o_proj, down_proj: N = 4096) still fill 132 SMs.
+* Dequantization is ALU-bound before it is memory-bound: int -> float conversion (I2F) runs
+  at a quarter of the FMA rate, which held int4 to ~1.4 TB/s. On CUDA the int8 / int4 -> fp16
+  (and int4 -> bf16) conversion instead builds the half-precision bit pattern with
+  ``prmt`` / ``lop3`` and one packed subtract (inline PTX, 4 weights per instance; the
+  1024 + u magic-number trick). The interpreter and fp32 use plain casts.
 * Large M is compute bound: float goes to cuBLAS; int8/int4 weights go to a tiled Triton GEMM
   that dequantizes each tile in registers (never a full fp16 copy of the weight); W8A8 goes to
   ``torch._int_mm`` (cuBLAS int8, needs M > 16 and K, N multiples of 8) with the scales applied
-  by one epilogue kernel.
+  by one epilogue kernel for 64 < M <= 256, and to the tiled Triton GEMM above that.
 * int4 nibbles are split, not interleaved: ``w[n, 2j]`` is the low nibble and pairs with
   ``x[:, 2j]``, so the kernel splits the (small) activation tile into even / odd columns and
   runs two half-width products instead of shuffling the weight tile.
@@ -241,6 +247,94 @@ if HAS_TRITON:
         w32 = wp.to(tl.int32)                   # sign-extends the byte
         return (w32 << 28) >> 28, w32 >> 4      # arithmetic shifts sign-extend each nibble
 
+    # Fast integer -> half conversions (CUDA only; CVT constexpr 1 = fp16, 2 = bf16). The plain
+    # int -> float conversion (I2F) issues at a quarter of the FMA rate and caps int4 near
+    # 1.3 TB/s on an H100; building the half's bits directly costs ~1 instruction per weight.
+    # Each asm instance takes 4 packed bytes (pack=4, byte i = element i).
+    @triton.jit
+    def _int4_to_f16_fast(wp):
+        """4 bytes -> (4 low-nibble, 4 high-nibble) fp16. Bits 0x6400 | u read as 1024 + u, so
+        0x6400 | (nib ^ 8) - 1032 is the signed nibble; for the high nibble 0x5400 | (u << 4)
+        reads as 64 + u."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, z, k0, k1;
+            mov.b32 z, 0;
+            prmt.b32 t0, $4, z, 0x4140;
+            prmt.b32 t1, $4, z, 0x4342;
+            lop3.b32 $0, t0, 0x000F000F, 0x64086408, 0x6a;
+            lop3.b32 $1, t1, 0x000F000F, 0x64086408, 0x6a;
+            lop3.b32 $2, t0, 0x00F000F0, 0x54805480, 0x6a;
+            lop3.b32 $3, t1, 0x00F000F0, 0x54805480, 0x6a;
+            mov.b32 k0, 0x64086408;
+            mov.b32 k1, 0x54805480;
+            sub.f16x2 $0, $0, k0;
+            sub.f16x2 $1, $1, k0;
+            sub.f16x2 $2, $2, k1;
+            sub.f16x2 $3, $3, k1;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[wp], dtype=(tl.float16, tl.float16),
+            is_pure=True, pack=4)
+
+    @triton.jit
+    def _int4_to_bf16_fast(wp):
+        """As _int4_to_f16_fast for bf16: 0x4300 | u reads as 128 + u (7 mantissa bits)."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, s0, s1, z, one, k;
+            mov.b32 z, 0;
+            prmt.b32 t0, $4, z, 0x4140;
+            prmt.b32 t1, $4, z, 0x4342;
+            shr.b32 s0, t0, 4;
+            shr.b32 s1, t1, 4;
+            lop3.b32 $0, t0, 0x000F000F, 0x43084308, 0x6a;
+            lop3.b32 $1, t1, 0x000F000F, 0x43084308, 0x6a;
+            lop3.b32 $2, s0, 0x000F000F, 0x43084308, 0x6a;
+            lop3.b32 $3, s1, 0x000F000F, 0x43084308, 0x6a;
+            mov.b32 one, 0x3F803F80;
+            mov.b32 k, 0xC308C308;
+            fma.rn.bf16x2 $0, $0, one, k;
+            fma.rn.bf16x2 $1, $1, one, k;
+            fma.rn.bf16x2 $2, $2, one, k;
+            fma.rn.bf16x2 $3, $3, one, k;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[wp], dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True, pack=4)
+
+    @triton.jit
+    def _int8_to_f16_fast(w):
+        """4 int8 -> 4 fp16: 0x64 << 8 | (b ^ 0x80) reads as 1024 + b + 128."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m, k;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 m, 0x64646464;
+            prmt.b32 $0, t, m, 0x5140;
+            prmt.b32 $1, t, m, 0x7362;
+            mov.b32 k, 0x64806480;
+            sub.f16x2 $0, $0, k;
+            sub.f16x2 $1, $1, k;
+            }""",
+            constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _int4_unpack(wp, dtype: tl.constexpr, CVT: tl.constexpr):
+        """Packed bytes [R, C] -> (even-k, odd-k) weights [R, C] in dtype."""
+        if CVT == 1:
+            lo, hi = _int4_to_f16_fast(wp)
+        elif CVT == 2:
+            lo, hi = _int4_to_bf16_fast(wp)
+        else:
+            lo, hi = _int4_halves(wp)
+        return lo.to(dtype), hi.to(dtype)
+
+    @triton.jit
+    def _int8_convert(w, dtype: tl.constexpr, CVT: tl.constexpr):
+        if CVT == 1:
+            return _int8_to_f16_fast(w).to(dtype)
+        else:
+            return w.to(dtype)
+
     @triton.jit
     def _round_half_even(y, USE_RINT: tl.constexpr):
         """Round to nearest even, as torch.round. y is already clamped to |y| <= 127."""
@@ -257,7 +351,8 @@ if HAS_TRITON:
             M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_per_split,
             WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
             WS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr):
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+            ITERS_C: tl.constexpr, CVT: tl.constexpr):
         """out[m, n] (or split partial) = sum_k x[m, k] w[n, k]; tile acc[BN, BM] = W @ X^T."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -270,7 +365,8 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for i in range(0, k_per_split // BLOCK_K):
+        # ITERS_C: trip count fixed at compile time under the interpreter (its loops need ints)
+        for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
@@ -287,7 +383,7 @@ if HAS_TRITON:
                 else:
                     wp = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_p[None, :] < K // 2),
                                  other=0)
-                lo, hi = _int4_halves(wp)                                  # [BN, BK/2]
+                lo, hi = _int4_unpack(wp, x.dtype, CVT)                    # [BN, BK/2]
                 x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
                 if WKIND == 3 and BLOCK_K > GROUP:
                     # several groups per tile: scale the weights in registers. s: [BN, BK/G]
@@ -322,7 +418,8 @@ if HAS_TRITON:
                 if WKIND == 4:
                     acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.int32)
                 else:
-                    acc = tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision=DOT_PREC)
+                    acc = tl.dot(_int8_convert(w, x.dtype, CVT), tl.trans(x), acc,
+                                 input_precision=DOT_PREC)
         # epilogue: per-channel / per-token scales (linear, so also right for split partials)
         if WKIND == 4:
             out = acc.to(tl.float32)
@@ -347,7 +444,8 @@ if HAS_TRITON:
             M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_per_split,
             WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
             WS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ITERS_C: tl.constexpr,
+            CVT: tl.constexpr):
         """GEMV without tensor cores: acc[BM, BN, BK] += x * w elementwise, reduce K at the end.
         Grouped int4 needs BLOCK_K <= GROUP (one group per tile)."""
         pid_n = tl.program_id(0)
@@ -363,7 +461,8 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.int32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for i in range(0, k_per_split // BLOCK_K):
+        # ITERS_C: trip count fixed at compile time under the interpreter (its loops need ints)
+        for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
@@ -380,9 +479,7 @@ if HAS_TRITON:
                 else:
                     wp = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_p[None, :] < K // 2),
                                  other=0)
-                lo, hi = _int4_halves(wp)
-                lo = lo.to(tl.float32)
-                hi = hi.to(tl.float32)
+                lo, hi = _int4_unpack(wp, tl.float32, CVT)
                 if WKIND == 3:
                     s = tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n,
                                 mask=n_ok & (k0 < K), other=0).to(tl.float32)
@@ -399,7 +496,8 @@ if HAS_TRITON:
                 if WKIND == 4:
                     acc += w.to(tl.int32)[None, :, :] * x.to(tl.int32)[:, None, :]
                 else:
-                    acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
+                    acc += (_int8_convert(w, tl.float32, CVT)[None, :, :]
+                            * x.to(tl.float32)[:, None, :])
         out = tl.sum(acc, axis=2)                                            # [BM, BN]
         if WKIND == 4:
             out = out.to(tl.float32)
@@ -423,7 +521,7 @@ if HAS_TRITON:
             WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
             WS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-            DOT_PREC: tl.constexpr):
+            DOT_PREC: tl.constexpr, ITERS_C: tl.constexpr, CVT: tl.constexpr):
         """Tiled GEMM out[BM, BN] = X @ dequant(W)^T for large M. Grouped int4: BLOCK_K <= GROUP."""
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -442,7 +540,9 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # ITERS_C: trip count fixed at compile time under the interpreter (its loops need ints)
+        for i in range(0, ITERS_C if ITERS_C > 0 else tl.cdiv(K, BLOCK_K)):
+            k0 = i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -457,9 +557,9 @@ if HAS_TRITON:
                     wp = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
                 else:
                     wp = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_p[None, :] < K // 2), other=0)
-                lo, hi = _int4_halves(wp)
+                lo, hi = _int4_unpack(wp, x.dtype, CVT)
                 # interleave back to [BN, BK]: element (n, 2j + t) = (lo, hi)[t][n, j]
-                w = tl.reshape(tl.join(lo.to(x.dtype), hi.to(x.dtype)), [BLOCK_N, BLOCK_K])
+                w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
                 if WKIND == 3:
                     part = tl.dot(x, tl.trans(w), input_precision=DOT_PREC)
                     s = tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n,
@@ -476,7 +576,8 @@ if HAS_TRITON:
                 if WKIND == 4:
                     acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
                 else:
-                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PREC)
+                    acc = tl.dot(x, tl.trans(_int8_convert(w, x.dtype, CVT)), acc,
+                                 input_precision=DOT_PREC)
         if WKIND == 4:
             out = acc.to(tl.float32)
             if WS_COL:
@@ -495,7 +596,7 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _splitk_reduce_kernel(p_ptr, out_ptr, S, MN, BLOCK: tl.constexpr):
+    def _splitk_reduce_kernel(p_ptr, out_ptr, MN, S: tl.constexpr, BLOCK: tl.constexpr):
         """out[i] = sum_s partial[s, i] (fp32 partials [S, M*N] -> out dtype)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < MN
@@ -529,7 +630,7 @@ if HAS_TRITON:
     @triton.jit
     def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, AMAX_MIN,
                                 BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
-                                USE_RINT: tl.constexpr):
+                                USE_RINT: tl.constexpr, ITERS_C: tl.constexpr):
         """One program per row: scale = max(amax, eps) / 127, q = round(x / scale)."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xm
@@ -543,12 +644,15 @@ if HAS_TRITON:
             tl.store(q_row + offs, _round_half_even(y, USE_RINT).to(tl.int8), mask=offs < K)
         else:                             # long rows: amax pass, then quantize (re-read from L2)
             m = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            # ITERS_C: trip count fixed at compile time under the interpreter (its loops need ints)
+            for i in range(0, ITERS_C if ITERS_C > 0 else tl.cdiv(K, BLOCK_K)):
+                k0 = i * BLOCK_K
                 x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0).to(tl.float32)
                 m = tl.maximum(m, tl.abs(x))
             amax = tl.max(m, axis=0)
             scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
-            for k0 in range(0, K, BLOCK_K):
+            for i in range(0, ITERS_C if ITERS_C > 0 else tl.cdiv(K, BLOCK_K)):
+                k0 = i * BLOCK_K
                 x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0).to(tl.float32)
                 y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -127.0), 127.0)
                 tl.store(q_row + k0 + offs, _round_half_even(y, USE_RINT).to(tl.int8),
@@ -592,47 +696,157 @@ class GemmCfg:
 
 
 def _m_bucket(M: int) -> int:
-    for b in (1, 4, 8, 16, 32, 64):
+    """Rows are tuned at M = 1, 4, 16, 64; other M use the next bucket up."""
+    for b in (1, 4, 16, 64):
         if M <= b:
             return b
     return 128
 
 
-# Measured on an H100 (gpu_selfcheck / the tuning sweep) for LLaMA-7B shapes:
-# (kind, M bucket, N, K) -> SkinnyCfg. Shapes not listed use _heuristic_skinny.
-_TUNED: dict[tuple, SkinnyCfg] = {}
+_S, _G = SkinnyCfg, GemmCfg
+# Measured on an H100 80GB HBM3 (Triton 3.6, torch 2.11, fp16 activations, weights rotated
+# through copies larger than L2, CUDA-graph timing) for the LLaMA-7B linears:
+# (kind, M bucket, N, K) -> config, with the weight bandwidth it reached. Other shapes take the
+# entry nearest in (log N, log K) for their kind and M bucket.
+_TUNED: dict[tuple, object] = {
+    # @@TUNED_TABLE_BEGIN
+    (_FP, 1, 4096, 4096): _S("dot", 32, 256, 1, 4, 5),  # 2212 GB/s
+    (_FP, 1, 4096, 11008): _S("dot", 64, 128, 2, 4, 5),  # 2521 GB/s
+    (_FP, 1, 12288, 4096): _S("fma", 4, 1024, 1, 4, 3),  # 2671 GB/s
+    (_FP, 1, 22016, 4096): _S("fma", 4, 1024, 1, 4, 1),  # 2926 GB/s
+    (_FP, 1, 32000, 4096): _S("fma", 4, 1024, 1, 4, 3),  # 2992 GB/s
+    (_FP, 4, 4096, 4096): _S("dot", 32, 256, 1, 4, 5),  # 2268 GB/s
+    (_FP, 4, 4096, 11008): _S("dot", 32, 128, 2, 4, 5),  # 2517 GB/s
+    (_FP, 4, 12288, 4096): _S("dot", 32, 128, 1, 4, 5),  # 2576 GB/s
+    (_FP, 4, 22016, 4096): _S("dot", 32, 256, 1, 4, 5),  # 2788 GB/s
+    (_FP, 4, 32000, 4096): _S("dot", 128, 256, 1, 4, 3),  # 2873 GB/s
+    (_FP, 16, 4096, 4096): _S("dot", 64, 256, 1, 4, 5),  # 2259 GB/s
+    (_FP, 16, 4096, 11008): _S("dot", 64, 256, 2, 4, 3),  # 2480 GB/s
+    (_FP, 16, 12288, 4096): _S("dot", 64, 128, 1, 4, 3),  # 2535 GB/s
+    (_FP, 16, 22016, 4096): _S("dot", 64, 256, 1, 4, 5),  # 2774 GB/s
+    (_FP, 16, 32000, 4096): _S("dot", 64, 256, 1, 4, 5),  # 2828 GB/s
+    (_FP, 64, 4096, 4096): _S("dot", 64, 128, 1, 4, 5),  # 2029 GB/s
+    (_FP, 64, 4096, 11008): _S("dot", 64, 128, 2, 4, 5),  # 2276 GB/s
+    (_FP, 64, 12288, 4096): _S("dot", 64, 128, 1, 4, 3),  # 2421 GB/s
+    (_FP, 64, 22016, 4096): _S("dot", 64, 128, 1, 4, 5),  # 2611 GB/s
+    (_FP, 64, 32000, 4096): _S("dot", 128, 128, 1, 4, 3),  # 2752 GB/s
+    (_A8, 1, 4096, 4096): _S("dot", 64, 256, 1, 4, 5),  # 1729 GB/s
+    (_A8, 1, 4096, 11008): _S("fma", 8, 1024, 1, 4, 1),  # 2239 GB/s
+    (_A8, 1, 12288, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2346 GB/s
+    (_A8, 1, 22016, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2527 GB/s
+    (_A8, 1, 32000, 4096): _S("dot", 128, 256, 1, 4, 3),  # 2681 GB/s
+    (_A8, 4, 4096, 4096): _S("dot", 64, 256, 1, 4, 5),  # 1764 GB/s
+    (_A8, 4, 4096, 11008): _S("dot", 64, 512, 1, 4, 5),  # 2293 GB/s
+    (_A8, 4, 12288, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2315 GB/s
+    (_A8, 4, 22016, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2482 GB/s
+    (_A8, 4, 32000, 4096): _S("dot", 128, 256, 1, 4, 3),  # 2664 GB/s
+    (_A8, 16, 4096, 4096): _S("dot", 64, 256, 1, 4, 5),  # 1716 GB/s
+    (_A8, 16, 4096, 11008): _S("dot", 32, 512, 1, 4, 5),  # 2227 GB/s
+    (_A8, 16, 12288, 4096): _S("dot", 32, 256, 1, 4, 3),  # 2292 GB/s
+    (_A8, 16, 22016, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2445 GB/s
+    (_A8, 16, 32000, 4096): _S("dot", 128, 256, 1, 4, 3),  # 2624 GB/s
+    (_A8, 64, 4096, 4096): _S("dot", 64, 256, 1, 4, 5),  # 1500 GB/s
+    (_A8, 64, 4096, 11008): _S("dot", 64, 256, 1, 4, 5),  # 1939 GB/s
+    (_A8, 64, 12288, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2127 GB/s
+    (_A8, 64, 22016, 4096): _G(64, 64, 128, 8, 4, 4),  # 2172 GB/s
+    (_A8, 64, 32000, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2457 GB/s
+    (_I8, 1, 4096, 4096): _S("fma", 8, 1024, 1, 4, 1),  # 1698 GB/s
+    (_I8, 1, 4096, 11008): _S("dot", 32, 256, 4, 4, 3),  # 2152 GB/s
+    (_I8, 1, 12288, 4096): _S("dot", 32, 256, 1, 4, 3),  # 2365 GB/s
+    (_I8, 1, 22016, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2600 GB/s
+    (_I8, 1, 32000, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2698 GB/s
+    (_I8, 4, 4096, 4096): _S("dot", 32, 256, 1, 4, 5),  # 1681 GB/s
+    (_I8, 4, 4096, 11008): _S("dot", 32, 256, 4, 4, 3),  # 2125 GB/s
+    (_I8, 4, 12288, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2335 GB/s
+    (_I8, 4, 22016, 4096): _S("dot", 64, 256, 1, 4, 3),  # 2584 GB/s
+    (_I8, 4, 32000, 4096): _S("dot", 128, 256, 1, 4, 3),  # 2691 GB/s
+    (_I8, 16, 4096, 4096): _S("dot", 32, 256, 1, 4, 5),  # 1631 GB/s
+    (_I8, 16, 4096, 11008): _S("dot", 32, 256, 4, 4, 3),  # 2034 GB/s
+    (_I8, 16, 12288, 4096): _S("dot", 32, 256, 1, 4, 5),  # 2191 GB/s
+    (_I8, 16, 22016, 4096): _S("dot", 32, 256, 1, 4, 5),  # 2328 GB/s
+    (_I8, 16, 32000, 4096): _S("dot", 32, 256, 1, 4, 5),  # 2413 GB/s
+    (_I8, 64, 4096, 4096): _S("dot", 64, 256, 2, 4, 3),  # 1063 GB/s
+    (_I8, 64, 4096, 11008): _S("dot", 64, 256, 2, 4, 3),  # 1366 GB/s
+    (_I8, 64, 12288, 4096): _G(32, 64, 128, 8, 4, 4),  # 1387 GB/s
+    (_I8, 64, 22016, 4096): _G(64, 128, 64, 8, 4, 4),  # 1643 GB/s
+    (_I8, 64, 32000, 4096): _G(64, 64, 128, 8, 4, 3),  # 1776 GB/s
+    (_I4, 1, 4096, 4096): _S("fma", 4, 1024, 1, 4, 1),  # 1051 GB/s
+    (_I4, 1, 4096, 11008): _S("dot", 64, 512, 4, 4, 3),  # 1597 GB/s
+    (_I4, 1, 12288, 4096): _S("dot", 64, 512, 1, 4, 3),  # 1742 GB/s
+    (_I4, 1, 22016, 4096): _S("dot", 64, 512, 2, 4, 3),  # 1836 GB/s
+    (_I4, 1, 32000, 4096): _S("dot", 64, 512, 1, 4, 3),  # 2239 GB/s
+    (_I4, 4, 4096, 4096): _S("dot", 64, 512, 2, 4, 3),  # 987 GB/s
+    (_I4, 4, 4096, 11008): _S("dot", 64, 512, 4, 4, 3),  # 1554 GB/s
+    (_I4, 4, 12288, 4096): _S("dot", 64, 512, 1, 4, 3),  # 1785 GB/s
+    (_I4, 4, 22016, 4096): _S("dot", 64, 512, 2, 4, 3),  # 1805 GB/s
+    (_I4, 4, 32000, 4096): _S("dot", 64, 512, 1, 4, 3),  # 2223 GB/s
+    (_I4, 16, 4096, 4096): _S("dot", 64, 512, 2, 4, 3),  # 839 GB/s
+    (_I4, 16, 4096, 11008): _S("dot", 64, 512, 2, 4, 3),  # 1227 GB/s
+    (_I4, 16, 12288, 4096): _S("dot", 64, 512, 2, 4, 3),  # 1231 GB/s
+    (_I4, 16, 22016, 4096): _S("dot", 64, 512, 1, 4, 3),  # 1421 GB/s
+    (_I4, 16, 32000, 4096): _S("dot", 64, 512, 1, 4, 3),  # 1585 GB/s
+    (_I4, 64, 4096, 4096): _G(32, 64, 128, 8, 4, 4),  # 509 GB/s
+    (_I4, 64, 4096, 11008): _G(32, 64, 128, 8, 4, 4),  # 563 GB/s
+    (_I4, 64, 12288, 4096): _G(64, 64, 128, 8, 4, 4),  # 773 GB/s
+    (_I4, 64, 22016, 4096): _G(64, 128, 64, 8, 4, 4),  # 910 GB/s
+    (_I4, 64, 32000, 4096): _G(64, 128, 64, 8, 4, 4),  # 1288 GB/s
+    (_I4G, 1, 4096, 4096): _S("dot", 64, 512, 2, 4, 3),  # 901 GB/s
+    (_I4G, 1, 4096, 11008): _S("dot", 128, 512, 8, 4, 3),  # 1518 GB/s
+    (_I4G, 1, 12288, 4096): _S("dot", 64, 128, 4, 4, 3),  # 1575 GB/s
+    (_I4G, 1, 22016, 4096): _S("dot", 64, 128, 2, 4, 3),  # 1603 GB/s
+    (_I4G, 1, 32000, 4096): _S("dot", 64, 512, 1, 4, 3),  # 1957 GB/s
+    (_I4G, 4, 4096, 4096): _S("dot", 64, 512, 2, 4, 3),  # 914 GB/s
+    (_I4G, 4, 4096, 11008): _S("dot", 128, 512, 8, 4, 3),  # 1532 GB/s
+    (_I4G, 4, 12288, 4096): _S("dot", 64, 128, 4, 4, 3),  # 1574 GB/s
+    (_I4G, 4, 22016, 4096): _S("dot", 64, 128, 2, 4, 3),  # 1580 GB/s
+    (_I4G, 4, 32000, 4096): _S("dot", 64, 512, 1, 4, 3),  # 1931 GB/s
+    (_I4G, 16, 4096, 4096): _S("dot", 64, 512, 2, 4, 3),  # 808 GB/s
+    (_I4G, 16, 4096, 11008): _S("dot", 128, 128, 8, 4, 3),  # 1162 GB/s
+    (_I4G, 16, 12288, 4096): _S("dot", 128, 128, 4, 4, 3),  # 1302 GB/s
+    (_I4G, 16, 22016, 4096): _S("dot", 128, 128, 2, 4, 3),  # 1415 GB/s
+    (_I4G, 16, 32000, 4096): _S("dot", 64, 512, 1, 4, 3),  # 1546 GB/s
+    (_I4G, 64, 4096, 4096): _S("dot", 128, 128, 8, 4, 3),  # 559 GB/s
+    (_I4G, 64, 4096, 11008): _S("dot", 128, 128, 8, 4, 3),  # 765 GB/s
+    (_I4G, 64, 12288, 4096): _S("dot", 64, 128, 2, 4, 3),  # 741 GB/s
+    (_I4G, 64, 22016, 4096): _G(64, 64, 256, 8, 4, 3),  # 935 GB/s
+    (_I4G, 64, 32000, 4096): _S("dot", 128, 128, 1, 4, 3),  # 1095 GB/s
+    # @@TUNED_TABLE_END
+}
 
 
 def _heuristic_skinny(kind: int, M: int, N: int, K: int) -> SkinnyCfg:
-    """Generic choice: ~16 KB weight tiles, enough programs (>= 2 per SM) via split-K."""
+    """Fallback when the table has nothing for this kind: ~16 KB weight tiles, split-K until
+    there are about two programs per SM."""
     wbytes = {_FP: 2, _I8: 1, _A8: 1, _I4: 0.5, _I4G: 0.5}[kind]
-    if M <= 4:
-        kernel, bn = "fma", 8 if kind in (_FP,) else 16
-        bk = 512 if M == 1 else 256
-        if kind in (_I4, _I4G):
-            bk *= 2
-    else:
-        kernel, bn = "dot", 32
-        bk = int(512 / wbytes) if kind != _FP else 256
-    bk = min(bk, max(32, triton.next_power_of_2(K)) if HAS_TRITON else bk)
-    n_blocks = -(-N // bn)
-    k_blocks = -(-K // bk)
+    bn, bk = 64, int(256 / wbytes)
+    n_blocks, k_blocks = -(-N // bn), -(-K // bk)
     split = 1
     while n_blocks * split < 264 and split * 2 <= k_blocks // 2:
         split *= 2
-    return SkinnyCfg(kernel, bn, bk, split, 4, 3)
+    return SkinnyCfg("dot", bn, bk, split, 4, 3)
 
 
-def _pick_skinny(kind: int, M: int, N: int, K: int) -> SkinnyCfg:
-    cfg = _TUNED.get((kind, _m_bucket(M), N, K))
-    return cfg if cfg is not None else _heuristic_skinny(kind, M, N, K)
+def _pick_skinny(kind: int, M: int, N: int, K: int):
+    """The tuned config for (kind, M bucket, N, K), else the nearest tuned shape."""
+    b = _m_bucket(M)
+    cfg = _TUNED.get((kind, b, N, K))
+    if cfg is not None:
+        return cfg
+    near = [(abs(math.log(N / n)) + abs(math.log(K / k)), c)
+            for (kd, mb, n, k), c in _TUNED.items() if kd == kind and mb == b]
+    if near:
+        return min(near, key=lambda t: t[0])[1]
+    return _heuristic_skinny(kind, M, N, K)
 
 
 def _pick_gemm(kind: int, M: int, N: int, K: int) -> GemmCfg:
-    if M <= 64:
-        return GemmCfg(64, 64, 128 if kind in (_I4, _I4G, _I8, _A8) else 64, 8, 4, 4)
-    if M <= 256:
-        return GemmCfg(64, 128, 64 if kind == _FP else 128, 8, 4, 4)
+    """Large-M tiles, from the same H100 measurements at M = 128, 512, 2048."""
+    if kind == _I4G:
+        return GemmCfg(128, 128, 128, 8, 8, 4)
+    if kind in (_I8, _I4):
+        return GemmCfg(64, 128, 64, 8, 4, 4) if M <= 512 else GemmCfg(128, 128, 64, 8, 8, 3)
+    if kind == _A8:
+        return GemmCfg(128, 128, 64, 8, 8, 4)
     return GemmCfg(128, 128, 64, 8, 8, 3)
 
 
@@ -658,6 +872,28 @@ def _block_k_for(kind: int, bk: int, K: int, G: int, kernel: str) -> int:
         else:
             bk = _pow2_divisor(G, min(bk, G))
     return bk
+
+
+def _iters_c(n: int, t: torch.Tensor) -> int:
+    """Loop trip count as a compile-time constant, only under the interpreter (its loops need
+    Python ints); 0 = read it at run time (one compiled kernel for every K)."""
+    return n if not t.is_cuda else 0
+
+
+# Set LLAMA_ENGINE_FAST_CVT=0 to use the plain int -> float conversions on the GPU as well.
+_FAST_CVT = os.environ.get("LLAMA_ENGINE_FAST_CVT", "1") != "0"
+
+
+def _cvt_mode(kind: int, x: torch.Tensor) -> int:
+    """Which weight conversion the kernels use: 0 plain (interpreter, fp32), 1 fp16 bit tricks,
+    2 bf16 bit tricks (int4 only; int8 has no 8-bit-mantissa trick for bf16)."""
+    if not (x.is_cuda and _FAST_CVT):
+        return 0
+    if x.dtype == torch.float16 and kind in (_I8, _I4, _I4G):
+        return 1
+    if x.dtype == torch.bfloat16 and kind in (_I4, _I4G):
+        return 2
+    return 0
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -695,6 +931,7 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
     sg_stride = s.stride(0) if (kind == _I4G and s.dim() == 2) else 0
     common = dict(WKIND=kind, GROUP=max(G, 1), XS_ROW=xs_row, WS_COL=ws_col, BLOCK_M=block_m,
                   BLOCK_N=cfg.block_n, BLOCK_K=bk, EVEN_K=(K % k_per_split == 0),
+                  ITERS_C=_iters_c(k_per_split // bk, x2), CVT=_cvt_mode(kind, x2),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, w, s, xs if xs is not None else s, dst, M, N, K, x2.stride(0), w.stride(0),
             sg_stride, N, M * N, k_per_split)
@@ -705,7 +942,7 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
         _skinny_fma_kernel[grid](*args, **common)
     if split > 1:
         BLOCK = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](dst, out, split, M * N, BLOCK=BLOCK,
+        _splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](dst, out, M * N, S=split, BLOCK=BLOCK,
                                                             num_warps=4)
     return out
 
@@ -726,6 +963,7 @@ def _launch_gemm(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
         WKIND=kind, GROUP=max(G, 1), XS_ROW=xs is not None and xs.numel() > 1,
         WS_COL=kind == _A8 and s.numel() > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=bk, GROUP_M=cfg.group_m, EVEN_K=(K % bk == 0), DOT_PREC=_dot_prec(x2.dtype),
+        ITERS_C=_iters_c(triton.cdiv(K, bk), x2), CVT=_cvt_mode(kind, x2),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -737,16 +975,24 @@ def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None):
     if w.stride(-1) != 1:
         w = w.contiguous()
     s = s.contiguous()
-    if isinstance(cfg, GemmCfg) or (cfg is None and x2.shape[0] > SKINNY_MAX_M):
+    M, K = x2.shape
+    N = w.shape[0]
+    if cfg is None:
+        cfg = _pick_skinny(kind, M, N, K) if M <= SKINNY_MAX_M else _pick_gemm(kind, M, N, K)
+    if isinstance(cfg, GemmCfg):
         return _launch_gemm(kind, x2, w, s, xs, out_dtype, G, cfg)
     return _launch_skinny(kind, x2, w, s, xs, out_dtype, G, cfg)
 
 
-# Above these M the torch path (cuBLAS) is used on CUDA under impl="auto".
-# fp16/bf16: cuBLAS already streams well for M > 16. int8 WO: dequant + cuBLAS wins for large
-# M where the dequant pass is amortized over much arithmetic.
+# impl="auto" on CUDA (H100 measurements):
+# * float: Triton for M <= 16 (2.7-2.8 TB/s summed over LLaMA-7B vs 2.4-2.5 for cuBLAS);
+#   cuBLAS above (similar at M = 64, much faster once compute bound).
+# * int8 / int4 weight-only: Triton at every M. Dequantize + cuBLAS re-reads a full fp16 copy
+#   of the weight (0.17 TB/s at small M) and only ties the tiled GEMM at M = 2048.
+# * W8A8: skinny Triton for M <= 64 (2.2 TB/s at M = 64 vs 1.7 for _int_mm), _int_mm up to
+#   M = 256, the tiled Triton GEMM above (20-30% faster than _int_mm at M = 2048).
 _AUTO_MAX_M_FP = 16
-_AUTO_MAX_M_W8A16 = 512
+_AUTO_INT_MM_M = (SKINNY_MAX_M, 256)
 
 
 # =============================================================================================
@@ -780,7 +1026,7 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
         raise ConfigError(f"linear_w8a16: scale shape {tuple(scale.shape)} is not [N={N}]")
     x2, lead = _flat(x, K, "linear_w8a16")
     M = x2.shape[0]
-    if _want_triton(impl, x) and (impl == "triton" or M <= _AUTO_MAX_M_W8A16) and M > 0:
+    if _want_triton(impl, x) and M > 0:
         out = _run_triton(_I8, x2, qweight, scale.reshape(N), None, x.dtype, 0, _cfg)
     elif x.is_cuda:
         w = qweight.to(x.dtype) * scale.reshape(N, 1).to(x.dtype)
@@ -827,6 +1073,7 @@ def quantize_per_token(x: torch.Tensor, *, impl: str = "auto"
     block = triton.next_power_of_2(K) if one_pass else 4096
     _quant_per_token_kernel[(M,)](x2, q, scale, K, x2.stride(0), K, AMAX_EPS, BLOCK_K=block,
                                   ONE_PASS=one_pass, USE_RINT=x.is_cuda,
+                                  ITERS_C=_iters_c(triton.cdiv(K, block), x),
                                   num_warps=8 if block >= 4096 else 4)
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
@@ -860,7 +1107,8 @@ def linear_w8a8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
     use_triton = _want_triton(impl, xq)
     if M == 0:
         return linear_w8a8_ref(xq, x_scale, qweight, w_scale, out_dtype)
-    if use_triton and (impl == "triton" or not int_mm_ok):
+    lo, hi = _AUTO_INT_MM_M
+    if use_triton and (impl == "triton" or not int_mm_ok or not lo < M <= hi):
         out = _run_triton(_A8, x2, qweight, ws, xs, out_dtype, 0, _cfg)
     elif int_mm_ok:
         acc = torch._int_mm(x2.contiguous(), qweight.t())          # int32 [M, N] (cuBLAS)
