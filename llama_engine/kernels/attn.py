@@ -205,34 +205,37 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_kv_kernel(Q, K, V, POS, COS, SIN, QO, KO, KC, VC, SLOT,
-                        sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sqo_n, sqo_h, sko_n, sko_h,
-                        s_cos, s_sin, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-                        H, HKV, HALF, kv_scale,
+                        sq_n, sk_n, sv_n, s_cos, skc_b, svc_b, kv_scale,
+                        H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
                         ROPE: tl.constexpr, DO_Q: tl.constexpr, STORE_K: tl.constexpr,
                         WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
                         BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         # One program per token: rotate all its q/k heads (rotate-half layout) and/or write its
         # k/v heads into the paged cache. Head vectors are handled as two halves [x1 | x2].
+        # Rows of q/k/v are [heads, D] with D contiguous (strided token rows allowed); q/k
+        # outputs are contiguous; caches are [blocks, HKV, BLOCK_SIZE, D] with a free block
+        # stride. Few runtime arguments keep the host-side launch cost down.
+        D: tl.constexpr = 2 * HALF
         n = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, BLOCK_HALF)
         dmask = d < HALF
         if ROPE:
             pos = tl.load(POS + n).to(tl.int64)
             c = tl.load(COS + pos * s_cos + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-            s = tl.load(SIN + pos * s_sin + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            s = tl.load(SIN + pos * s_cos + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
         if DO_Q:
             h = tl.arange(0, BLOCK_H)[:, None]
             m = (h < H) & dmask[None, :]
-            qp = Q + n * sq_n + h * sq_h + d[None, :]
+            qp = Q + n * sq_n + h * D + d[None, :]
             q1 = tl.load(qp, mask=m, other=0.0).to(tl.float32)
             q2 = tl.load(qp + HALF, mask=m, other=0.0).to(tl.float32)
-            op = QO + n * sqo_n + h * sqo_h + d[None, :]
+            op = QO + n * (H * D) + h * D + d[None, :]
             tl.store(op, (q1 * c - q2 * s).to(QO.dtype.element_ty), mask=m)
             tl.store(op + HALF, (q2 * c + q1 * s).to(QO.dtype.element_ty), mask=m)
         hk = tl.arange(0, BLOCK_HK)[:, None]
         mk = (hk < HKV) & dmask[None, :]
-        kp = K + n * sk_n + hk * sk_h + d[None, :]
+        kp = K + n * sk_n + hk * D + d[None, :]
         k1 = tl.load(kp, mask=mk, other=0.0).to(tl.float32)
         k2 = tl.load(kp + HALF, mask=mk, other=0.0).to(tl.float32)
         if ROPE:
@@ -240,7 +243,7 @@ if HAS_TRITON:
             k2 = k2 * c + k1 * s
             k1 = k1r
         if STORE_K:
-            op = KO + n * sko_n + hk * sko_h + d[None, :]
+            op = KO + n * (HKV * D) + hk * D + d[None, :]
             tl.store(op, k1.to(KO.dtype.element_ty), mask=mk)
             tl.store(op + HALF, k2.to(KO.dtype.element_ty), mask=mk)
         if WRITE_CACHE:
@@ -248,11 +251,12 @@ if HAS_TRITON:
             mw = mk & (slot >= 0)  # slot -1: padding token, nothing is written
             blk = slot // BLOCK_SIZE
             off = slot % BLOCK_SIZE
-            vp = V + n * sv_n + hk * sv_h + d[None, :]
+            vp = V + n * sv_n + hk * D + d[None, :]
             v1 = tl.load(vp, mask=mk, other=0.0).to(tl.float32)
             v2 = tl.load(vp + HALF, mask=mk, other=0.0).to(tl.float32)
-            kc = KC + blk * skc_b + hk * skc_h + off * skc_t + d[None, :]
-            vc = VC + blk * svc_b + hk * svc_h + off * svc_t + d[None, :]
+            inner = hk * (BLOCK_SIZE * D) + off * D + d[None, :]
+            kc = KC + blk * skc_b + inner
+            vc = VC + blk * svc_b + inner
             if QUANT:
                 inv = 1.0 / kv_scale
                 tl.store(kc, _quant_int8(k1, inv), mask=mw)
@@ -273,7 +277,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_tile(q, qf, qshift, m_i, l_i, acc, t0, end, kbase, vbase, btrow, qk_scale, d,
-                   skc_b, skc_t, svc_b, svc_t, BLOCK_N: tl.constexpr,
+                   skc_b, svc_b, D: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
                    MAGIC: tl.constexpr):
         # One tile of BLOCK_N context tokens [t0, t0+BLOCK_N) ∩ [.., end) for G_PAD query heads;
@@ -283,9 +287,9 @@ if HAS_TRITON:
         # physical block of every token of the tile (block sizes below BLOCK_N cross blocks)
         blk = tl.load(btrow + t // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
         off = (t % BLOCK_SIZE).to(tl.int64)
-        k = tl.load(kbase + blk[:, None] * skc_b + off[:, None] * skc_t + d[None, :],
+        k = tl.load(kbase + blk[:, None] * skc_b + off[:, None] * D + d[None, :],
                     mask=tmask[:, None], other=0.0)  # [BLOCK_N, D]
-        v = tl.load(vbase + blk[:, None] * svc_b + off[:, None] * svc_t + d[None, :],
+        v = tl.load(vbase + blk[:, None] * svc_b + off[:, None] * D + d[None, :],
                     mask=tmask[:, None], other=0.0)
         if MAGIC:
             # int8 cache, fp16 math: K and V arrive shifted by +1152 (see _i8_to_f16_shifted).
@@ -321,18 +325,20 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def _decode_attn_kernel(Q, KC, VC, BT, CL, OUT, PO, PM, PL,
-                            qk_scale, out_scale, partition,
-                            sq_b, sq_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-                            sbt_b, so_b, so_h, spo_b, spo_h, spo_s, spm_b, spm_h,
-                            G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    def _decode_attn_kernel(Q, KC, VC, BT, CL, OUT, WS, qk_scale, out_scale, partition, splits,
+                            sq_b, skc_b, svc_b, sbt_b,
+                            G: tl.constexpr, G_PAD: tl.constexpr, HKV: tl.constexpr,
+                            D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
                             MAGIC: tl.constexpr, NUM_STAGES: tl.constexpr,
                             INTERPRET: tl.constexpr):
-        # grid = (B, Hkv, num_splits). Program (b, g, sp) attends the G query heads of KV head
-        # g of sequence b over tokens [sp*partition, (sp+1)*partition) of its context, with an
+        # grid = (B, Hkv, splits). Program (b, g, sp) attends the G query heads of KV head g of
+        # sequence b over tokens [sp*partition, (sp+1)*partition) of its context, with an
         # online softmax in base 2 (qk_scale already holds log2(e)).
+        # Layouts: q [B, H, D] (row stride sq_b), out [B, H, D] contiguous, caches
+        # [blocks, HKV, BLOCK_SIZE, D] (block stride skc_b/svc_b), workspace WS (fp32) =
+        # partial outputs [B, H, splits, D], then row maxima m and sums l [B, H, splits].
+        H: tl.constexpr = HKV * G
         b = tl.program_id(0)
         g = tl.program_id(1)
         sp = tl.program_id(2)
@@ -346,7 +352,7 @@ if HAS_TRITON:
         gmask = gi < G
         heads = g * G + gi
         d = tl.arange(0, D)
-        q = tl.load(Q + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :],
+        q = tl.load(Q + b.to(tl.int64) * sq_b + heads[:, None] * D + d[None, :],
                     mask=gmask[:, None], other=0.0)  # [G_PAD, D]
         qf = q.to(tl.float32)  # FMA path operand (dead code on the dot path)
         qshift = tl.sum(qf, axis=1) * 1152.0  # MAGIC path: q.(k + 1152) - q.k, per head
@@ -354,8 +360,8 @@ if HAS_TRITON:
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        kbase = KC + g.to(tl.int64) * skc_h
-        vbase = VC + g.to(tl.int64) * svc_h
+        kbase = KC + g.to(tl.int64) * (BLOCK_SIZE * D)
+        vbase = VC + g.to(tl.int64) * (BLOCK_SIZE * D)
         btrow = BT + b.to(tl.int64) * sbt_b
         if INTERPRET:
             # The interpreter (numpy >= 2.4) cannot use program-id-derived range bounds; a
@@ -363,32 +369,32 @@ if HAS_TRITON:
             t0 = start
             while t0 < end:
                 m_i, l_i, acc = _attn_tile(q, qf, qshift, m_i, l_i, acc, t0, end, kbase, vbase,
-                                           btrow, qk_scale, d, skc_b, skc_t, svc_b, svc_t,
+                                           btrow, qk_scale, d, skc_b, svc_b, D,
                                            BLOCK_N, BLOCK_SIZE, USE_DOT, IEEE, MAGIC)
                 t0 += BLOCK_N
         else:
             for t0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
                 m_i, l_i, acc = _attn_tile(q, qf, qshift, m_i, l_i, acc, t0, end, kbase, vbase,
-                                           btrow, qk_scale, d, skc_b, skc_t, svc_b, svc_t,
+                                           btrow, qk_scale, d, skc_b, svc_b, D,
                                            BLOCK_N, BLOCK_SIZE, USE_DOT, IEEE, MAGIC)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # empty context -> zeros, not NaN
         o = acc / l_safe[:, None]
         if MAGIC:
             o = tl.where(l_i[:, None] > 0.0, o - 1152.0, 0.0)
         if SPLIT:
-            po = PO + b.to(tl.int64) * spo_b + heads[:, None] * spo_h + sp * spo_s + d[None, :]
-            tl.store(po, o, mask=gmask[:, None])
-            pm = b.to(tl.int64) * spm_b + heads * spm_h + sp
-            tl.store(PM + pm, m_i, mask=gmask)
-            tl.store(PL + pm, l_i, mask=gmask)
+            row = (b.to(tl.int64) * H + heads) * splits + sp  # [G_PAD] rows of [B, H, splits]
+            tl.store(WS + row[:, None] * D + d[None, :], o, mask=gmask[:, None])
+            nrows = tl.num_programs(0).to(tl.int64) * H * splits
+            pm = WS + nrows * D
+            tl.store(pm + row, m_i, mask=gmask)
+            tl.store(pm + nrows + row, l_i, mask=gmask)
         else:
-            op = OUT + b.to(tl.int64) * so_b + heads[:, None] * so_h + d[None, :]
+            op = OUT + b.to(tl.int64) * (H * D) + heads[:, None] * D + d[None, :]
             tl.store(op, (o * out_scale).to(OUT.dtype.element_ty), mask=gmask[:, None])
 
     @triton.jit
-    def _decode_merge_kernel(OUT, PO, PM, PL, CL, partition, out_scale,
-                             so_b, so_h, spo_b, spo_h, spo_s, spm_b, spm_h,
-                             D: tl.constexpr, S_PAD: tl.constexpr):
+    def _decode_merge_kernel(OUT, WS, CL, partition, splits, out_scale,
+                             H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
         # grid = (B, H): log-sum-exp merge of the per-partition results of one query head.
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
@@ -396,17 +402,19 @@ if HAS_TRITON:
         n = (ctx + partition - 1) // partition  # partitions that saw tokens
         sidx = tl.arange(0, S_PAD)
         smask = sidx < n
-        m = tl.load(PM + b * spm_b + h * spm_h + sidx, mask=smask, other=float("-inf"))
-        l = tl.load(PL + b * spm_b + h * spm_h + sidx, mask=smask, other=0.0)
+        row = (b * H + h) * splits + sidx  # [S_PAD]
+        nrows = tl.num_programs(0).to(tl.int64) * H * splits
+        pm = WS + nrows * D
+        m = tl.load(pm + row, mask=smask, other=float("-inf"))
+        l = tl.load(pm + nrows + row, mask=smask, other=0.0)
         m_max = tl.max(m, axis=0)
         w = tl.where(smask, l * tl.exp2(m - m_max), 0.0)  # [S_PAD]
         d = tl.arange(0, D)
-        o = tl.load(PO + b * spo_b + h * spo_h + sidx[:, None] * spo_s + d[None, :],
-                    mask=smask[:, None], other=0.0)  # [S_PAD, D]
+        o = tl.load(WS + row[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
         den = tl.sum(w, axis=0)
         den = tl.where(den > 0.0, den, 1.0)
         out = tl.sum(w[:, None] * o, axis=0) * (out_scale / den)
-        tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty))
+        tl.store(OUT + (b * H + h) * D + d, out.to(OUT.dtype.element_ty))
 
 
 # =============================================================================================
@@ -469,6 +477,22 @@ def _check_rope(q, k, positions, cos, sin):
         raise ConfigError(f"rope: {positions.shape[0]} positions for {q.shape[0]} tokens")
 
 
+def _rope_tables_contig(cos: torch.Tensor, sin: torch.Tensor):
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+def _check_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    for c in (k_cache, v_cache):
+        _, _, bs, d = c.shape
+        if c.stride(3) != 1 or c.stride(2) != d or c.stride(1) != bs * d:
+            raise ConfigError("KV cache [blocks, Hkv, block_size, D] must be contiguous "
+                              "within a block (a layer slice of a bigger cache is fine)")
+        if bs & (bs - 1):
+            raise ConfigError(f"KV block size {bs} must be a power of two")
+
+
 def _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale):
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ConfigError("KV caches must both be [num_blocks, Hkv, block_size, D], got "
@@ -480,15 +504,20 @@ def _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale):
         raise ConfigError(f"write_kv: {slot_mapping.shape[0]} slots for {k.shape[0]} tokens")
     if k_cache.dtype == torch.int8 and not kv_scale:
         raise ConfigError("int8 KV cache needs kv_scale")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ConfigError("KV cache last dim must be contiguous")
+
+
+def _heads_contig(x: torch.Tensor) -> torch.Tensor:
+    """[N, heads, D] with D contiguous and heads packed; token rows may be strided."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def _launch_rope_kv(q, k, v, positions, cos, sin, q_out, k_out, k_cache, v_cache, slot_mapping,
                     kv_scale, rope: bool, do_q: bool, store_k: bool, write_cache: bool):
     N, Hkv, D = k.shape
     H = q.shape[1] if q is not None else 1
-    # Unused pointer arguments get `k` and zero strides (the constexpr flags keep them unread).
+    if N == 0:
+        return
+    # Unused pointer arguments get `k` (the constexpr flags keep them unread).
     q = q if q is not None else k
     q_out = q_out if q_out is not None else k
     k_out = k_out if k_out is not None else k
@@ -499,25 +528,18 @@ def _launch_rope_kv(q, k, v, positions, cos, sin, q_out, k_out, k_cache, v_cache
     slots = slot_mapping if slot_mapping is not None else pos
     kc = k_cache if k_cache is not None else k
     vc = v_cache if v_cache is not None else k
-    kcs = (kc.stride(0), kc.stride(1), kc.stride(2)) if write_cache else (0, 0, 0)
-    vcs = (vc.stride(0), vc.stride(1), vc.stride(2)) if write_cache else (0, 0, 0)
     quant = write_cache and kc.dtype == torch.int8
     block_size = kc.shape[2] if write_cache else 1
-    if write_cache and block_size & (block_size - 1):
-        raise ConfigError(f"KV block size {block_size} must be a power of two")
-    if N == 0:
-        return
     bh, bhk = _next_pow2(H), _next_pow2(Hkv)
     half = D // 2
     _rope_kv_kernel[(N,)](
         q, k, v, pos, cos_t, sin_t, q_out, k_out, kc, vc, slots,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        cos_t.stride(0) if rope else 0, sin_t.stride(0) if rope else 0, *kcs, *vcs,
-        H, Hkv, half, float(kv_scale) if quant else 1.0,
+        q.stride(0), k.stride(0), v.stride(0), cos_t.stride(0) if rope else 0,
+        kc.stride(0) if write_cache else 0, vc.stride(0) if write_cache else 0,
+        float(kv_scale) if quant else 1.0,
+        H=H, HKV=Hkv, HALF=half,
         ROPE=rope, DO_Q=do_q, STORE_K=store_k, WRITE_CACHE=write_cache, QUANT=quant,
-        BLOCK_H=bh, BLOCK_HK=bhk, BLOCK_HALF=_next_pow2(half),
-        BLOCK_SIZE=block_size,
+        BLOCK_H=bh, BLOCK_HK=bhk, BLOCK_HALF=_next_pow2(half), BLOCK_SIZE=block_size,
         num_warps=4 if bh * _next_pow2(half) >= 2048 else 1)
 
 
@@ -530,8 +552,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
     _check_rope(q, k, positions, cos, sin)
     if not _use_triton(impl, q, k, positions, cos, sin):
         return apply_rope_ref(q, k, positions, cos, sin)
-    q, k = _last_dim_contig(q), _last_dim_contig(k)
-    cos, sin = _last_dim_contig(cos), _last_dim_contig(sin)
+    q, k = _heads_contig(q), _heads_contig(k)
+    cos, sin = _rope_tables_contig(cos, sin)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), \
         torch.empty(k.shape, dtype=k.dtype, device=k.device)
     _launch_rope_kv(q, k, None, positions, cos, sin, q_out, k_out, None, None, None, None,
@@ -548,7 +570,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         return write_kv_ref(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     if k.shape[2] % 2:
         raise ConfigError(f"write_kv: head dim {k.shape[2]} must be even")
-    k, v = _last_dim_contig(k), _last_dim_contig(v)
+    _check_cache_layout(k_cache, v_cache)
+    k, v = _heads_contig(k), _heads_contig(v)
     _launch_rope_kv(None, k, v, None, None, None, None, None, k_cache, v_cache, slot_mapping,
                     kv_scale, rope=False, do_q=False, store_k=False, write_cache=True)
 
@@ -563,8 +586,9 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     if not _use_triton(impl, q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
         return rope_write_kv_ref(q, k, v, positions, cos, sin, k_cache, v_cache,
                                  slot_mapping, kv_scale)
-    q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
-    cos, sin = _last_dim_contig(cos), _last_dim_contig(sin)
+    _check_cache_layout(k_cache, v_cache)
+    q, k, v = _heads_contig(q), _heads_contig(k), _heads_contig(v)
+    cos, sin = _rope_tables_contig(cos, sin)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch_rope_kv(q, k, v, positions, cos, sin, q_out, None, k_cache, v_cache, slot_mapping,
                     kv_scale, rope=True, do_q=True, store_k=False, write_cache=True)
@@ -574,12 +598,13 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 # Decode-attention launch parameters. Tuned on an H100 (see gpu_selfcheck); tests override them.
 DECODE_CONFIG = {
     "block_n": 64,          # tokens per inner tile (fp16/bf16/fp32 caches)
-    "block_n_int8": 128,    # tokens per inner tile for int8 caches (same bytes per tile)
+    "block_n_int8": 64,     # tokens per inner tile for int8 caches
     "num_warps": 4,
-    "num_stages": 2,
+    "num_stages": 3,
     "num_warps_int8": 4,
     "num_stages_int8": 2,
-    "max_partition": 512,   # upper bound of tokens per split
+    "max_partition": 2048,  # upper bound of tokens per split (B*Hkv >= 2 x SMs: no split)
+    "max_partition_int8": 512,
     "max_splits": 64,       # the merge kernel holds all splits of a head in registers
     "dot_min_group": 1,     # query heads per KV head from which tl.dot is used (else FMA)
     "int8_magic": True,     # int8 -> fp16 by bit tricks instead of conversion instructions
@@ -587,14 +612,18 @@ DECODE_CONFIG = {
 }
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton reads TRITON_INTERPRET when it is imported, so reading it once here agrees with it.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_SM_COUNT: dict = {}
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -629,17 +658,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if D & (D - 1) or D < 16:
         raise ConfigError(f"decode_attention: Triton path needs a power-of-two head dim >= 16,"
                           f" got {D}")
-    if block_size & (block_size - 1):
-        raise ConfigError(f"KV block size {block_size} must be a power of two")
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _check_cache_layout(k_cache, v_cache)
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    q = _last_dim_contig(q)
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ConfigError("KV cache last dim must be contiguous")
+    q = _heads_contig(q)
     cfg = DECODE_CONFIG
     G = H // hkv
-    use_dot = G >= cfg["dot_min_group"] and q.dtype != torch.float64
+    use_dot = G >= cfg["dot_min_group"]
     g_pad = max(16, _next_pow2(G)) if use_dot else _next_pow2(G)
     block_n = cfg["block_n_int8"] if quant else cfg["block_n"]
     if q.dtype == torch.float32 and not quant:
@@ -648,45 +674,38 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         else block_tables.shape[1] * block_size
     max_ctx = max(int(max_ctx), 1)
     if partition_size is None:
+        # Largest partition (up to max_partition) that still gives ~target programs: batch 1
+        # with a long context is spread over the SMs, big batches are not split at all.
         target = cfg["target_programs"] or 2 * _sm_count(q.device)
-        part = max(cfg["max_partition"], block_n)
-        while part > block_n and B * hkv * triton.cdiv(max_ctx, part) < target:
+        part = max(cfg["max_partition_int8" if quant else "max_partition"], block_n)
+        while part > block_n and B * hkv * -(-max_ctx // part) < target:
             part //= 2
-        part = max(part, triton.cdiv(triton.cdiv(max_ctx, cfg["max_splits"]), block_n) * block_n)
+        part = max(part, -(-max_ctx // (cfg["max_splits"] * block_n)) * block_n)
     else:
         part = partition_size
         if part % block_n:
             block_n = math.gcd(part, block_n)
             if block_n < 16:
                 raise ConfigError(f"partition_size {part} must be a multiple of 16")
-    splits = triton.cdiv(max_ctx, part)
+    splits = -(-max_ctx // part)
     split = splits > 1
     qk_scale = float(softmax_scale) * _LOG2E * (float(kv_scale) if quant else 1.0)
     out_scale = float(kv_scale) if quant else 1.0
-    if split:
-        po = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
-        pm = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
-        pl = torch.empty_like(pm)
-    else:
-        po = pm = pl = out  # unused
-    pos_ = (po.stride(0), po.stride(1), po.stride(2)) if split else (0, 0, 0)
-    pms_ = (pm.stride(0), pm.stride(1)) if split else (0, 0)
+    # one fp32 workspace: partial outputs [B, H, splits, D], then m and l [B, H, splits]
+    ws = torch.empty(B * H * splits * (D + 2) if split else 1, dtype=torch.float32,
+                     device=q.device)
     _decode_attn_kernel[(B, hkv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, po, pm, pl,
-        qk_scale, out_scale, part,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1), *pos_, *pms_,
-        G=G, G_PAD=g_pad, D=D, BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLIT=split,
+        q, k_cache, v_cache, block_tables, context_lens, out, ws, qk_scale, out_scale, part,
+        splits, q.stride(0), k_cache.stride(0), v_cache.stride(0), block_tables.stride(0),
+        G=G, G_PAD=g_pad, HKV=hkv, D=D, BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLIT=split,
         USE_DOT=use_dot, IEEE=q.dtype == torch.float32,
         MAGIC=use_dot and quant and q.dtype == torch.float16 and cfg["int8_magic"],
         NUM_STAGES=cfg["num_stages_int8" if quant else "num_stages"],
-        INTERPRET=_interpreting(), num_warps=cfg["num_warps_int8" if quant else "num_warps"])
+        INTERPRET=_INTERPRET, num_warps=cfg["num_warps_int8" if quant else "num_warps"])
     if split:
         _decode_merge_kernel[(B, H)](
-            out, po, pm, pl, context_lens, part, out_scale,
-            out.stride(0), out.stride(1), *pos_, *pms_,
-            D=D, S_PAD=_next_pow2(splits), num_warps=4 if splits * D >= 4096 else 2)
+            out, ws, context_lens, part, splits, out_scale,
+            H=H, D=D, S_PAD=_next_pow2(splits), num_warps=4 if splits * D >= 4096 else 2)
     return out
 
 
@@ -750,7 +769,7 @@ def _time_ms(fn, reps: int = 20, warmup: int = 3, flush: Optional[torch.Tensor] 
     for _ in range(reps):
         if flush is not None:
             flush.zero_()  # evict L2 (50 MB on an H100) so that K/V come from HBM
-        torch.cuda._sleep(200_000)  # ~0.1 ms of device time
+        torch.cuda._sleep(2_000_000)  # ~1 ms of device time: longer than any host overhead
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         fn()
