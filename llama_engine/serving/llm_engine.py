@@ -1,0 +1,198 @@
+"""The inflight-batching engine: the API programs use (TensorRT-LLM's ``--use_inflight_batching``).
+
+``LLMEngine.step()`` is nano-vllm's loop of a few lines: the scheduler picks this step's
+requests and token counts, the model runner computes them and samples, the scheduler appends
+the tokens and finishes requests. Around it:
+
+    engine = LLMEngine("engines/llama-7b", max_batch_size=64)
+    rid = engine.add_request(prompt_ids, SamplingConfig(), max_tokens=128, stop_ids=[2])
+    while engine.has_unfinished():
+        for out in engine.step():            # RequestOutput: request_id, new_token_ids, ...
+            ...
+    engine.cancel(rid)                       # frees its blocks; reported as finished
+    seqs = engine.generate(prompts, max_tokens=128)     # in input order, each a Sequence
+    for out in engine.stream(): ...          # step() outputs until nothing is left
+
+A request that can never run (too long for the engine's limits or for the whole cache) is
+reported finished with ``FinishReason.ERROR`` and a one-line ``error``; the others carry on.
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Union
+
+from llama_engine.config import ConfigError
+from llama_engine.runner import Engine, SamplingConfig
+from llama_engine.serving.block_manager import BlockManager
+from llama_engine.serving.model_runner import ModelRunner
+from llama_engine.serving.scheduler import Scheduler
+from llama_engine.serving.sequence import FinishReason, Sequence
+
+DEFAULT_MAX_NUM_TOKENS = 8192  # TensorRT-LLM's default token budget per step
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: int
+    new_token_ids: list
+    finished: bool
+    sequence: Sequence          # the request itself: output_ids, finish_reason, error, ttft...
+
+    @property
+    def finish_reason(self) -> Optional[FinishReason]:
+        return self.sequence.finish_reason
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.sequence.error
+
+
+class LLMEngine:
+    """Inflight batching over one ``runner.Engine`` (an engine directory or a loaded one).
+
+    ``max_batch_size`` / ``max_num_tokens`` default to the engine's build config (the token
+    budget to 8192); the KV cache is sized by ``kv_cache_free_gpu_memory_fraction`` on CUDA
+    and by ``max_kv_cache_tokens`` (a cap on CUDA, the size on the CPU)."""
+
+    def __init__(self, engine: Union[Engine, str], max_batch_size: Optional[int] = None,
+                 max_num_tokens: Optional[int] = None,
+                 kv_cache_free_gpu_memory_fraction: float = 0.9,
+                 max_kv_cache_tokens: Optional[int] = None, cuda_graphs: bool = True,
+                 device: Optional[str] = None, dtype: Optional[str] = None):
+        if isinstance(engine, str):
+            engine = Engine.from_dir(engine, device=device, dtype=dtype)
+        self.engine = engine
+        b = engine.config.build
+        max_batch_size = max_batch_size or b.max_batch_size
+        if max_num_tokens is None:
+            max_num_tokens = max(b.max_num_tokens or DEFAULT_MAX_NUM_TOKENS, max_batch_size)
+        self.runner = ModelRunner(engine, max_batch_size, max_num_tokens, b.max_seq_len,
+                                  kv_cache_free_gpu_memory_fraction, max_kv_cache_tokens,
+                                  cuda_graphs)
+        self.block_manager = BlockManager(self.runner.num_blocks, b.tokens_per_block)
+        self.scheduler = Scheduler(self.block_manager, max_batch_size, max_num_tokens,
+                                   max_input_len=b.max_input_len, max_output_len=b.max_output_len,
+                                   max_seq_len=b.max_seq_len)
+        self._ids = itertools.count()
+        self._reported: dict = {}   # request_id -> output tokens already returned by step()
+        self.num_steps = 0
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt_ids: Iterable[int], sampling: Optional[SamplingConfig] = None,
+                    max_tokens: Optional[int] = None, stop_ids: Iterable[int] = (),
+                    arrival_time: Optional[float] = None) -> int:
+        """Queue a request; -> its id. ``max_tokens`` defaults to the engine's max_output_len;
+        ``stop_ids`` end it (the stop id is not output), e.g. ``[tokenizer.eos_id]``."""
+        if max_tokens is None:
+            max_tokens = self.engine.config.build.max_output_len
+        rid = next(self._ids)
+        seq = Sequence(rid, prompt_ids, max_tokens, sampling or SamplingConfig(), stop_ids,
+                       arrival_time)
+        self._reported[rid] = 0
+        self.scheduler.add(seq)
+        return rid
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a queued or running request and free its blocks; the next ``step()`` reports
+        it finished (``FinishReason.CANCELLED``). False when unknown or already finished."""
+        return self.scheduler.cancel(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; -> a RequestOutput for each request that got tokens or
+        finished (cancelled and never-fitting requests included)."""
+        out = self.scheduler.schedule()
+        tokens = self.runner.execute(out)
+        self.scheduler.update(out, tokens)
+        self.num_steps += 1
+        results = []
+        finished = self.scheduler.pop_finished()
+        done = {id(s) for s in finished}
+        for seq in out.seqs:
+            if id(seq) not in done:
+                self._report(seq, False, results)
+        for seq in finished:
+            self.runner.release(seq)
+            self._report(seq, True, results)
+            self._reported.pop(seq.request_id, None)
+        return results
+
+    def _report(self, seq: Sequence, finished: bool, results: list) -> None:
+        start = self._reported.get(seq.request_id, 0)
+        new = seq.output_ids[start:]
+        if new or finished:
+            self._reported[seq.request_id] = start + len(new)
+            results.append(RequestOutput(seq.request_id, new, finished, seq))
+
+    def stream(self) -> Iterator[RequestOutput]:
+        """Step until every queued request has finished, yielding each step's outputs."""
+        while True:
+            yield from self.step()
+            if not self.scheduler.has_unfinished():
+                return
+
+    def generate(self, prompts: list, max_tokens: Union[int, list, None] = None,
+                 sampling: Optional[SamplingConfig] = None, stop_ids: Iterable[int] = (),
+                 streamer: Optional[Callable[[RequestOutput], None]] = None) -> list[Sequence]:
+        """Run ``prompts`` (lists of ids, all arriving now) to completion. -> their finished
+        ``Sequence`` objects in input order (``output_ids``, ``finish_reason``, ``error``,
+        ``ttft``, ``tpot``). ``max_tokens`` may be one int or one per prompt. ``streamer``
+        sees every RequestOutput of these requests as it is produced."""
+        if isinstance(max_tokens, (list, tuple)):
+            if len(max_tokens) != len(prompts):
+                raise ConfigError(f"{len(max_tokens)} max_tokens for {len(prompts)} prompts")
+            limits = list(max_tokens)
+        else:
+            limits = [max_tokens] * len(prompts)
+        stop_ids = list(stop_ids)
+        now = time.perf_counter()
+        ids = [self.add_request(p, sampling, m, stop_ids, now) for p, m in zip(prompts, limits)]
+        mine = set(ids)
+        results: dict = {}
+        while len(results) < len(ids):
+            for out in self.step():
+                if out.request_id not in mine:
+                    continue
+                if streamer:
+                    streamer(out)
+                if out.finished:
+                    results[out.request_id] = out.sequence
+        return [results[i] for i in ids]
+
+
+def latency_stats(seqs: list[Sequence]) -> dict:
+    """Throughput and latency of finished requests: output tok/s over the span from the first
+    arrival to the last finish, and p50/p99 time to first token and time per output token."""
+    done = [s for s in seqs if s.finish_time is not None]
+    if not done:
+        return {"num_requests": 0}
+    span = max(s.finish_time for s in done) - min(s.arrival_time for s in done)
+    tokens = sum(s.num_output_tokens for s in done)
+    stats = {"num_requests": len(done), "output_tokens": tokens, "elapsed_s": span,
+             "tokens_per_s": tokens / span if span > 0 else float("inf"),
+             "num_preempted": sum(1 for s in done if s.num_preemptions)}
+    for name in ("ttft", "tpot"):
+        vals = sorted(v for v in (getattr(s, name) for s in done) if v is not None)
+        if vals:
+            stats[f"{name}_p50_s"] = percentile(vals, 50)
+            stats[f"{name}_p99_s"] = percentile(vals, 99)
+            stats[f"{name}_mean_s"] = statistics.fmean(vals)
+    return stats
+
+
+def percentile(sorted_vals: list, q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of an ascending list."""
+    if len(sorted_vals) == 1:
+        return sorted_vals[0]
+    pos = (len(sorted_vals) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
