@@ -64,23 +64,29 @@ def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
 
 
 # =============================================================================================
-# References (fp32 math). These are the CPU path and the test oracle.
+# References (fp32 math, fp64 for fp64 inputs). These are the CPU path and the test oracle.
 # =============================================================================================
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the references: fp64 engines stay fp64 (exactness tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
+    xf = x.float()  # HF's LlamaRMSNorm normalizes in fp32 whatever the model dtype
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (normed.float() * weight.float()).to(x.dtype)
+    return (normed.to(_acc(x)) * weight.to(_acc(x))).to(x.dtype)
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     # The sum is rounded to the model dtype first, as HF's `residual + hidden` is.
-    new_res = (x.float() + residual.float()).to(x.dtype)
+    new_res = (x.to(_acc(x)) + residual.to(_acc(x))).to(x.dtype)
     return rms_norm_ref(new_res, weight, eps), new_res
 
 
 def _rotate_ref(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(_acc(x)).chunk(2, dim=-1)
+    c, s = c.to(x1.dtype), s.to(x1.dtype)
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
@@ -116,7 +122,8 @@ def rope_write_kv_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mappi
 
 
 def gather_kv_ref(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                  kv_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  kv_scale: Optional[float] = None, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense fp32 ``[B, Hkv, Lmax, D]`` view of a paged cache and the ``[B, Lmax]`` valid mask."""
     bs = cache.shape[2]
     lmax = max(int(context_lens.max().item()), 1) if context_lens.numel() else 1
@@ -126,7 +133,7 @@ def gather_kv_ref(cache: torch.Tensor, block_tables: torch.Tensor, context_lens:
     blk = block_tables.long()[:, col]  # [B, Lmax]; entries past the context may be garbage
     blk = torch.where(valid, blk, torch.zeros_like(blk)).clamp_(0, cache.shape[0] - 1)
     x = cache[blk, :, (t % bs)[None, :].expand_as(blk)]  # [B, Lmax, Hkv, D]
-    x = x.float()
+    x = x.to(dtype)
     if cache.dtype == torch.int8:
         x = x * kv_scale
     return x.permute(0, 2, 1, 3), valid
@@ -140,9 +147,9 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     hkv = k_cache.shape[1]
     if B == 0:
         return torch.empty_like(q)
-    k, valid = gather_kv_ref(k_cache, block_tables, context_lens, kv_scale)
-    v, _ = gather_kv_ref(v_cache, block_tables, context_lens, kv_scale)
-    qf = q.float().view(B, hkv, H // hkv, D)  # query head h -> kv head h // (H // Hkv)
+    k, valid = gather_kv_ref(k_cache, block_tables, context_lens, kv_scale, _acc(q))
+    v, _ = gather_kv_ref(v_cache, block_tables, context_lens, kv_scale, _acc(q))
+    qf = q.to(_acc(q)).view(B, hkv, H // hkv, D)  # query head h -> kv head h // (H // Hkv)
     s = torch.einsum("bgqd,bgtd->bgqt", qf, k) * softmax_scale
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # empty context -> zeros
@@ -159,9 +166,9 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         causal_offset = S - T
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     rep = H // hkv
-    kf = k.float().repeat_interleave(rep, dim=1)  # [S, H, D]
-    vf = v.float().repeat_interleave(rep, dim=1)
-    s = torch.einsum("thd,shd->hts", q.float(), kf) * scale
+    kf = k.to(_acc(q)).repeat_interleave(rep, dim=1)  # [S, H, D]
+    vf = v.to(_acc(q)).repeat_interleave(rep, dim=1)
+    s = torch.einsum("thd,shd->hts", q.to(_acc(q)), kf) * scale
     qpos = causal_offset + torch.arange(T, device=q.device)
     allowed = torch.arange(S, device=q.device)[None, :] <= qpos[:, None]  # [T, S]
     s = s.masked_fill(~allowed[None], float("-inf"))

@@ -142,12 +142,18 @@ def _want_triton(impl: str, t: torch.Tensor) -> bool:
 
 
 # =============================================================================================
-# References (fp32 math, result in x.dtype): CPU path and test oracle
+# References (fp32 math, fp64 for fp64 inputs; result in x.dtype): CPU path and test oracle
 # =============================================================================================
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the references: fp64 engines stay fp64 (exactness tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def linear_fp_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _check_weight(weight, "linear_fp")
     x2, lead = _flat(x, weight.shape[1], "linear_fp")
-    out = x2.float() @ weight.float().t()
+    acc = _acc(x)
+    out = x2.to(acc) @ weight.to(acc).t()
     return out.to(x.dtype).reshape(*lead, weight.shape[0])
 
 
@@ -157,8 +163,9 @@ def linear_w8a16_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     if scale.numel() != N:
         raise ConfigError(f"linear_w8a16: scale shape {tuple(scale.shape)} is not [N={N}]")
     x2, lead = _flat(x, K, "linear_w8a16")
-    w = qweight.float() * scale.reshape(N, 1).float()
-    return (x2.float() @ w.t()).to(x.dtype).reshape(*lead, N)
+    acc = _acc(x)
+    w = qweight.to(acc) * scale.reshape(N, 1).to(acc)
+    return (x2.to(acc) @ w.t()).to(x.dtype).reshape(*lead, N)
 
 
 def pack_int4_ref(q: torch.Tensor) -> torch.Tensor:
@@ -188,9 +195,10 @@ def linear_w4a16_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      group_size: int) -> torch.Tensor:
     N, K, G, s = _w4_geometry(x, qweight, scales, group_size)
     x2, lead = _flat(x, K, "linear_w4a16")
-    w = unpack_int4_ref(qweight).float()                         # [N, K]
-    w = w * s.float().repeat_interleave(G, dim=0).t()            # scale of (n, k) = s[k // G, n]
-    return (x2.float() @ w.t()).to(x.dtype).reshape(*lead, N)
+    acc = _acc(x)
+    w = unpack_int4_ref(qweight).to(acc)                         # [N, K]
+    w = w * s.to(acc).repeat_interleave(G, dim=0).t()            # scale of (n, k) = s[k // G, n]
+    return (x2.to(acc) @ w.t()).to(x.dtype).reshape(*lead, N)
 
 
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
