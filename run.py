@@ -57,6 +57,25 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
     return engine, "PyTorch engine (ours)"
 
 
+def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=None,
+                      stop_ids=()):
+    """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput."""
+    import time
+
+    from llama_engine.runner import GenerationOutput
+    from llama_engine.serving import LLMEngine
+    llm = getattr(engine, "_llm_engine", None)
+    if llm is None:  # one per engine: it owns the paged KV cache and the CUDA graphs
+        llm = engine._llm_engine = LLMEngine(engine)
+    t0 = time.perf_counter()
+    seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids)
+    for s in seqs:
+        if s.error:
+            raise ConfigError(s.error)
+    outs = [list(s.output_ids) for s in seqs]
+    return GenerationOutput(outs, sum(map(len, outs)), time.perf_counter() - t0)
+
+
 def _main(args) -> int:
     import time
 
@@ -73,15 +92,16 @@ def _main(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer_dir or args.engine_dir)
     batch_ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
     engine, _ = load_runner(args.engine_dir, device, dtype, not args.no_cuda_graphs)
+    from llama_engine import parallel
+    parallel.quiet_non_main_ranks()  # torchrun: every rank computes the same tokens; rank 0 prints
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed)
     end_id = tokenizer.eos_id
 
     def once(streamer=None):
         if args.use_inflight_batching:
-            from llama_engine.serving.llm_engine import LLMEngine
-            return LLMEngine(engine).generate(batch_ids, args.max_output_len, sampling,
-                                              stop_ids=tokenizer.end_ids)
+            return generate_inflight(engine, batch_ids, args.max_output_len, sampling,
+                                     stop_ids=tokenizer.end_ids)
         return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_id,
                                streamer=streamer)
 

@@ -105,14 +105,13 @@ def _timed_loop(prompts: list, batch_size: int, device: str, generate) -> tuple[
 
 
 def run_engine_side(args, prompts: list, tokenizer, device: str) -> SideResult:
-    from run import load_runner
+    from run import generate_inflight, load_runner
     engine, backend = load_runner(args.engine_dir, device, None)
     _check_engine_limits(engine, args, max(len(p) for p in prompts))
 
     def generate(batch):
-        if getattr(args, "use_inflight_batching", False):
-            from llama_engine.serving.llm_engine import LLMEngine
-            out = LLMEngine(engine).generate(batch, args.output_len, stop_ids=tokenizer.end_ids)
+        if args.use_inflight_batching:
+            out = generate_inflight(engine, batch, args.output_len, stop_ids=tokenizer.end_ids)
         else:
             out = engine.generate(batch, max_new_tokens=args.output_len, end_id=tokenizer.eos_id)
         return [strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
@@ -186,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_json", default=None,
                    help="write per-article outputs and the scores to this file")
     p.add_argument("--use_inflight_batching", action="store_true",
-                   help="(not yet supported)")
+                   help="run the engine side through the inflight-batching scheduler")
     return p
 
 
@@ -196,8 +195,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _validate(args) -> None:
-    if args.use_inflight_batching:
-        raise ConfigError("--use_inflight_batching is not yet supported")
     if not (args.test_trt_llm or args.test_hf):
         raise ConfigError("nothing to do: pass --test_trt_llm and/or --test_hf")
     if args.test_trt_llm and not args.engine_dir:

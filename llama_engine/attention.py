@@ -64,8 +64,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     ctx = meta.context_lens_host
     if ctx is None:
         ctx = meta.context_lens.tolist()
-    outs, start = [], 0
-    for i, qlen in enumerate(meta.query_lens):
+    # Inflight batching puts decoding sequences (one new token each) first in a mixed step:
+    # they go through the decode kernel together instead of one prefill call each.
+    nd = 0
+    while nd < len(meta.query_lens) and meta.query_lens[nd] == 1 and ctx[nd] > 1:
+        nd += 1
+    outs, start = [], nd
+    if nd:
+        outs.append(ops.decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
+                                         meta.context_lens[:nd], softmax_scale, kv_scale))
+    for i in range(nd, len(meta.query_lens)):
+        qlen = meta.query_lens[i]
         qi = q[start:start + qlen]
         ki, vi = k[start:start + qlen], v[start:start + qlen]
         prefix = ctx[i] - qlen

@@ -135,3 +135,4 @@ def test_conflicting_sources_rejected(tmp_path):
     with pytest.raises(SystemExit) as e:
         build.main(["--model_dir", "a", "--meta_ckpt_dir", "b"])
     assert e.value.code == 2
+

@@ -66,3 +66,33 @@ def test_run_equals_run_hf(smol_engine, smollm2_gguf, capsys):
         return re.findall(r'^Output: "(.*?)"\n(?=Input: |llama-)', s, re.M | re.S)
     assert len(outs(ours)) == 2 and outs(ours) == outs(theirs)
     assert "llama-run (mean latency:" in ours and "llama-hf-run (mean latency:" in theirs
+
+
+def test_summarize_inflight_batching_gives_same_rouge(smol_engine, shared_data, tmp_path):
+    """summarize.py --use_inflight_batching: the same summaries and ROUGE as static batching."""
+    res = {}
+    for name, extra in (("static", []), ("inflight", ["--use_inflight_batching"])):
+        out = tmp_path / f"{name}.json"
+        assert summarize.main(["--test_trt_llm", "--engine_dir", str(smol_engine),
+                               "--device", "cpu", "--dataset_path",
+                               str(shared_data / "cnn_dailymail" / "test_dev.jsonl"),
+                               "--max_ite", "2", "--batch_size", "2", "--output_len", "16",
+                               "--max_input_length", "200", "--use_chat_template",
+                               "--output_json", str(out), *extra]) == 0
+        res[name] = json.loads(out.read_text())
+    ids = [[a["engine"]["output_ids"] for a in r["articles"]] for r in res.values()]
+    assert ids[0] == ids[1]
+    assert (res["static"]["results"]["engine"]["rouge"]
+            == res["inflight"]["results"]["engine"]["rouge"])
+
+
+def test_run_inflight_batching_equals_static(smol_engine, capsys):
+    prompts = ["Born in north-east France, Soyer trained as a", "Once upon a time"]
+    args = ["--engine_dir", str(smol_engine), "--max_output_len", "12", "--device", "cpu",
+            *[a for p in prompts for a in ("--input_text", p)]]
+    assert run.main(args) == 0
+    static = capsys.readouterr().out
+    assert run.main(args + ["--use_inflight_batching"]) == 0
+    inflight = capsys.readouterr().out
+    cut = lambda s: s[:s.index("llama-run (mean latency")]  # noqa: E731
+    assert cut(static) == cut(inflight) and cut(static).count("Output:") == 2

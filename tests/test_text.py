@@ -517,8 +517,6 @@ def test_summarize_engine_side_with_stand_in(spm_dir, tmp_path, monkeypatch, cap
 
     rc = summarize.main(base + ["--check_accuracy", "--tensorrt_llm_rouge1_threshold", "101"])
     assert rc == 1 and "[FAILED]" in capsys.readouterr().out
-    rc = summarize.main(base + ["--use_inflight_batching"])
-    assert rc == 2 and "not yet supported" in capsys.readouterr().err
     rc = summarize.main(["--dataset_path", str(data)])
     assert rc == 2 and "nothing to do" in capsys.readouterr().err
     rc = summarize.main(base + ["--output_len", "600"])        # beyond the engine's limit
