@@ -9,6 +9,8 @@ installed) a TensorRT engine.
     python build.py --model_dir ./llama-7b-hf --dtype float16 --output_dir ./engines/fp16
     python build.py --model_config llama-7b --use_weight_only --weight_only_precision int4 \
         --output_dir ./engines/int4          # random weights, for speed measurements
+    python build.py --model_config llama-13b --world_size 2 --tp_size 2 --output_dir ./engines/tp2
+    torchrun --nproc_per_node 2 run.py --engine_dir ./engines/tp2 --max_output_len 50
 """
 from __future__ import annotations
 
@@ -66,8 +68,10 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     b.add_argument("--backend", default="pytorch", choices=("pytorch", "tensorrt_llm"))
     b.add_argument("--checkpoint_only", action="store_true",
                    help="tensorrt_llm backend: write the unified checkpoint only")
-    b.add_argument("--world_size", type=int, default=1)
-    b.add_argument("--tp_size", type=int, default=1)
+    b.add_argument("--world_size", type=int, default=None,
+                   help="ranks (= --tp_size; default 1); run with torchrun --nproc_per_node N")
+    b.add_argument("--tp_size", type=int, default=None, help="tensor-parallel ranks (default "
+                   "--world_size): one rank{r}.safetensors each")
     p.add_argument("--device", default=None, help="device for quantization/calibration work")
     args = p.parse_args(argv)
     check_flags(p, args)
@@ -79,8 +83,14 @@ def check_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     sources = [x for x in ("model_dir", "meta_ckpt_dir", "gguf_file", "ckpt_dir") if getattr(a, x)]
     if len(sources) > 1:
         p.error("give at most one of --" + ", --".join(sources))
-    if a.world_size != 1 or a.tp_size != 1:
-        p.error("tensor parallelism (--world_size/--tp_size > 1) is not built yet")
+    # Either flag alone sets both (world_size = tp_size: no pipeline parallelism).
+    a.tp_size = a.tp_size or a.world_size or 1
+    a.world_size = a.world_size or a.tp_size
+    if a.tp_size < 1 or a.world_size < 1:
+        p.error("--world_size and --tp_size must be at least 1")
+    if a.world_size != a.tp_size:
+        p.error(f"--world_size {a.world_size} must equal --tp_size {a.tp_size} (tensor "
+                "parallelism only; no pipeline parallelism)")
     if a.checkpoint_only and a.backend != "tensorrt_llm":
         p.error("--checkpoint_only applies to --backend tensorrt_llm")
     if a.use_inflight_batching and not a.paged_kv_cache:
@@ -145,6 +155,9 @@ def build(a: argparse.Namespace) -> int:
     has_kv = ckpt_quant.int8_kv_cache
     quant = resolve_quant(a, model_args, ckpt_quant, has_act_stats=random_source,
                           has_kv_stats=has_kv or random_source)
+    if a.tp_size > 1:
+        from llama_engine import parallel
+        parallel.check_tp(model_args, quant, a.tp_size)  # before any quantization work
     if quant.quant_algo != ckpt_quant.quant_algo or (quant.int8_kv_cache and not has_kv):
         calib = {}
         if random_source and (quant.is_smooth_quant or (quant.int8_kv_cache and not has_kv)):
@@ -168,7 +181,8 @@ def build(a: argparse.Namespace) -> int:
         return build_trtllm(a, model_args, quant, tensors, build_cfg, tok_dir)
 
     config = builder.engine_from_tensors(model_args, quant, a.dtype, tensors, build_cfg,
-                                         source={k: v for k, v in info.items() if v is not None})
+                                         source={k: v for k, v in info.items() if v is not None},
+                                         world_size=a.tp_size)
     builder.write_engine(a.output_dir, config, tensors, tok_dir)
     print(builder.describe(config, tensors, elapsed()))
     print(f"engine written to {os.path.abspath(a.output_dir)}"
@@ -179,7 +193,8 @@ def build(a: argparse.Namespace) -> int:
 def build_trtllm(a, model_args, quant, tensors, build_cfg, tok_dir) -> int:
     from llama_engine import checkpoint as ckpt, trtllm
     ckpt_dir = a.output_dir if a.checkpoint_only else os.path.join(a.output_dir + "_ckpt")
-    ckpt.write_checkpoint(ckpt_dir, model_args, a.dtype, quant, tensors, tokenizer_src=tok_dir)
+    ckpt.write_checkpoint(ckpt_dir, model_args, a.dtype, quant, tensors, tokenizer_src=tok_dir,
+                          world_size=a.tp_size)
     print(f"TensorRT-LLM unified checkpoint written to {os.path.abspath(ckpt_dir)}")
     if a.checkpoint_only:
         return 0

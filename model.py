@@ -136,10 +136,20 @@ class Transformer(nn.Module):
     @classmethod
     def from_checkpoint(cls, args: ModelArgs, quant: QuantConfig,
                         tensors: dict[str, torch.Tensor], max_positions: int,
-                        make_linear: Optional[Callable] = None) -> "Transformer":
-        """Build the network from canonical unified-checkpoint tensors (docs/design.md)."""
+                        make_linear: Optional[Callable] = None, tp_rank: int = 0,
+                        tp_size: int = 1) -> "Transformer":
+        """Build the network from canonical unified-checkpoint tensors (docs/design.md).
+
+        With ``tp_size`` > 1 the tensors are rank ``tp_rank``'s shards
+        (``llama_engine.parallel.shard_checkpoint``) and ``args`` the full architecture: the
+        network gets the rank's heads, an all-reduce after each row-parallel linear and
+        vocabulary-parallel embedding / lm_head (llama_engine/parallel.py)."""
         if make_linear is None:
             from llama_engine.quant import make_linear
+        full_args = args
+        if tp_size > 1:
+            from llama_engine import parallel
+            args = parallel.local_args(args, tp_size)
         groups = ckpt.group_by_prefix(tensors)
 
         def group(prefix: str) -> dict[str, torch.Tensor]:
@@ -150,14 +160,17 @@ class Transformer(nn.Module):
         def norm(prefix: str) -> RMSNorm:
             return RMSNorm(group(prefix)["weight"], args.norm_epsilon)
 
-        def linear(prefix: str) -> nn.Module:
-            return make_linear(prefix, group(prefix), quant)
+        def linear(prefix: str, row_parallel: bool = False) -> nn.Module:
+            m = make_linear(prefix, group(prefix), quant)
+            return parallel.RowParallelLinear(m) if row_parallel and tp_size > 1 else m
 
         layers = []
         for i in range(args.num_hidden_layers):
             p = ckpt.layer_prefix(i)
-            attn = Attention(args, linear(p + "attention.qkv"), linear(p + "attention.dense"))
-            mlp = MLP(linear(p + "mlp.fc"), linear(p + "mlp.gate"), linear(p + "mlp.proj"))
+            attn = Attention(args, linear(p + "attention.qkv"),
+                             linear(p + "attention.dense", row_parallel=True))
+            mlp = MLP(linear(p + "mlp.fc"), linear(p + "mlp.gate"),
+                      linear(p + "mlp.proj", row_parallel=True))
             layers.append(TransformerBlock(norm(p + "input_layernorm"), attn,
                                            norm(p + "post_layernorm"), mlp))
         embed = group("transformer.vocab_embedding")["weight"]
@@ -165,7 +178,10 @@ class Transformer(nn.Module):
             lm_head = make_linear("lm_head", {"weight": embed}, quant)
         else:
             lm_head = linear("lm_head")
-        return cls(args, embed, layers, norm("transformer.ln_f"), lm_head, max_positions)
+        model = cls(args, embed, layers, norm("transformer.ln_f"), lm_head, max_positions)
+        if tp_size > 1:
+            parallel.make_vocab_parallel(model, full_args.vocab_size, tp_rank)
+        return model
 
 
 def kv_scales_from_checkpoint(args: ModelArgs, quant: QuantConfig,

@@ -37,10 +37,24 @@ def tensor_bytes(tensors: dict[str, torch.Tensor], linear_only: bool = False) ->
 
 def write_engine(out_dir: str, config: EngineConfig, tensors: dict[str, torch.Tensor],
                  tokenizer_src: Optional[str] = None) -> None:
-    """Write an engine directory atomically: nothing is left half-written on failure."""
+    """Write an engine directory atomically: nothing is left half-written on failure.
+
+    With ``config.world_size`` > 1 the (full, canonical) tensors are sharded for tensor
+    parallelism, each rank's shard written as ``rank{r}.safetensors`` (llama_engine/parallel.py)."""
+    meta = {"format": "llama_engine", "version": str(config.format_version)}
+    world = config.world_size
+    if world > 1:
+        from . import parallel
+        parallel.check_tp(config.model, config.quant, world)  # before anything is written
     with ckpt.atomic_output_dir(out_dir) as tmp:
-        ckpt.save_tensors(os.path.join(tmp, WEIGHTS_FILE), tensors,
-                          metadata={"format": "llama_engine", "version": str(config.format_version)})
+        if world > 1:
+            for rank in range(world):  # one shard in memory at a time
+                shard = parallel.shard_checkpoint(tensors, config.model, config.quant, world, rank)
+                ckpt.save_tensors(os.path.join(tmp, f"rank{rank}.safetensors"), shard,
+                                  metadata={**meta, "rank": str(rank), "world_size": str(world)})
+                del shard
+        else:
+            ckpt.save_tensors(os.path.join(tmp, WEIGHTS_FILE), tensors, metadata=meta)
         config.save(tmp)
         if tokenizer_src:
             from .tokenizer import save_tokenizer
@@ -50,7 +64,8 @@ def write_engine(out_dir: str, config: EngineConfig, tensors: dict[str, torch.Te
 def describe(config: EngineConfig, tensors: dict[str, torch.Tensor], seconds: float) -> str:
     a, b = config.model, config.build
     gib = tensor_bytes(tensors) / 2**30
-    return (f"built {config.backend} engine: LLaMA {a.num_hidden_layers} layers, hidden "
+    tp = f", tensor parallel over {config.world_size} ranks" if config.world_size > 1 else ""
+    return (f"built {config.backend} engine{tp}: LLaMA {a.num_hidden_layers} layers, hidden "
             f"{a.hidden_size}, heads {a.num_attention_heads}/{a.num_key_value_heads} kv, "
             f"vocab {a.vocab_size}, {config.dtype}, {config.quant.describe()}; limits batch "
             f"{b.max_batch_size}, input {b.max_input_len}, output {b.max_output_len}; "
@@ -59,15 +74,20 @@ def describe(config: EngineConfig, tensors: dict[str, torch.Tensor], seconds: fl
 
 def engine_from_tensors(args: ModelArgs, quant: QuantConfig, dtype: str,
                         tensors: dict[str, torch.Tensor], build: BuildConfig,
-                        source: Optional[dict] = None) -> EngineConfig:
-    """Check tensors against the config and make the EngineConfig."""
+                        source: Optional[dict] = None, world_size: int = 1) -> EngineConfig:
+    """Check tensors against the config and make the EngineConfig (``world_size`` ranks of
+    tensor parallelism)."""
     build.validate()
+    if world_size != 1:
+        from . import parallel
+        parallel.check_tp(args, quant, world_size)
     if build.max_seq_len > 1 << 20:
         raise ConfigError(f"max_input_len + max_output_len = {build.max_seq_len} is unreasonably "
                           "large")
     if not quant.quant_algo:
         ckpt.check_shapes(tensors, ckpt.expected_float_shapes(args))
-    return EngineConfig(model=args, quant=quant, build=build, dtype=dtype, source=source or {})
+    return EngineConfig(model=args, quant=quant, build=build, dtype=dtype, source=source or {},
+                        world_size=world_size)
 
 
 def timed() -> "callable":

@@ -224,14 +224,32 @@ def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConf
     """Write a TensorRT-LLM unified checkpoint (config.json + rank{rank}.safetensors).
 
     The tensors are canonical (docs/design.md); ``llama_engine.trtllm.to_trtllm`` turns them
-    into exactly what TensorRT-LLM's builder reads, where the two differ."""
-    config, out_tensors = _to_trtllm(args, dtype, quant, tensors, world_size)
-    if extra_config:
-        config.update(extra_config)
+    into exactly what TensorRT-LLM's builder reads, where the two differ.
+
+    With ``world_size`` > 1 the tensors are the full model: they are split for tensor
+    parallelism as TensorRT-LLM's LLaMA converter splits them (llama_engine/parallel.py;
+    embedding and lm_head by vocabulary, ``use_parallel_embedding``) and every rank's
+    ``rank{r}.safetensors`` is written (``rank`` is ignored)."""
+    if world_size > 1:
+        from . import parallel
+        parallel.check_tp(args, quant, world_size)
+        shards = (parallel.shard_checkpoint(tensors, args, quant, world_size, r)
+                  for r in range(world_size))
+        ranks = list(range(world_size))
+    else:
+        shards, ranks = iter([tensors]), [rank]
+    config = None
     with atomic_output_dir(out_dir) as tmp:
+        for r, shard in zip(ranks, shards):  # one rank's tensors in memory at a time
+            config, out_tensors = _to_trtllm(args, dtype, quant, shard, world_size)
+            save_tensors(os.path.join(tmp, f"rank{r}.safetensors"), out_tensors)
+            del out_tensors
+        if world_size > 1:
+            config.update({"use_parallel_embedding": True, "embedding_sharding_dim": 0})
+        if extra_config:
+            config.update(extra_config)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        save_tensors(os.path.join(tmp, f"rank{rank}.safetensors"), out_tensors)
         if tokenizer_src:
             from .tokenizer import save_tokenizer
             save_tokenizer(tokenizer_src, tmp)
@@ -260,6 +278,7 @@ def _from_trtllm(config: dict, tensors: dict[str, torch.Tensor]):
     args, quant, tensors = trtllm.from_trtllm(config, tensors)
     mapping = config.get("mapping") or {}
     if int(mapping.get("world_size", 1)) != 1:
-        raise ConfigError(f"checkpoint has world_size {mapping.get('world_size')}; this engine "
-                          "runs one rank per checkpoint file (tensor parallelism is not built yet)")
+        raise ConfigError(f"checkpoint is split for world_size {mapping.get('world_size')}; "
+                          "build.py reads unsplit (world_size 1) checkpoints and splits them "
+                          "itself with --tp_size")
     return args, quant, dtype, tensors

@@ -75,8 +75,15 @@ def default_device() -> str:
 
 
 def load_engine_tensors(engine_dir: str, device: str = "cpu") -> tuple[EngineConfig, dict]:
+    """-> (config, this rank's tensors). An engine built with --tp_size N holds
+    rank{r}.safetensors per rank; this process's rank comes from the torchrun group (joined
+    here if needed, llama_engine/parallel.py)."""
     config = EngineConfig.load(engine_dir)
-    tensors = ckpt.load_tensors(os.path.join(engine_dir, WEIGHTS_FILE), device=device)
+    name = WEIGHTS_FILE
+    if config.world_size > 1:
+        from . import parallel
+        name = f"rank{parallel.require_world(config.world_size)}.safetensors"
+    tensors = ckpt.load_tensors(os.path.join(engine_dir, name), device=device)
     return config, tensors
 
 
@@ -98,6 +105,10 @@ class Engine:
         """Load an engine built by build.py. ``dtype`` overrides the float dtype (e.g. float32
         to run an fp16 engine on a CPU)."""
         device = device or default_device()
+        if EngineConfig.load(engine_dir).world_size > 1:
+            from . import parallel
+            parallel.init_from_env(device)  # NCCL for CUDA, gloo for CPU; before any loading
+            device = parallel.rank_device(device)
         config, tensors = load_engine_tensors(engine_dir, "cpu")
         return cls.from_tensors(config, tensors, device, dtype, engine_dir)
 
@@ -112,10 +123,24 @@ class Engine:
             config.dtype = dtype
         tensors = {k: v.to(device) for k, v in tensors.items()}
         max_pos = max(config.build.max_seq_len, config.model.max_position_embeddings)
-        model = Transformer.from_checkpoint(config.model, config.quant, tensors, max_pos)
+        tp_size, tp_rank, full_args = config.world_size, 0, config.model
+        if tp_size > 1:
+            # Tensor parallelism: the tensors are this rank's shards. The engine's config then
+            # describes the rank's network (its heads / MLP width; hidden size and vocabulary
+            # stay global), so the KV caches are sized for the rank's KV heads.
+            import dataclasses
+
+            from . import parallel
+            tp_rank = parallel.require_world(tp_size, device)
+            parallel.sync_rng()  # unseeded sampling draws the same tokens on every rank
+            config = dataclasses.replace(config, model=parallel.local_args(full_args, tp_size))
+        model = Transformer.from_checkpoint(full_args, config.quant, tensors, max_pos,
+                                            tp_rank=tp_rank, tp_size=tp_size)
         model = model.to(device).eval()
         kv_scales = kv_scales_from_checkpoint(config.model, config.quant, tensors)
-        return cls(config, model, device, engine_dir, kv_scales)
+        engine = cls(config, model, device, engine_dir, kv_scales)
+        engine.tp_rank, engine.tp_size, engine.full_model_args = tp_rank, tp_size, full_args
+        return engine
 
     # -- limits --------------------------------------------------------------------------------
     def check_limits(self, batch_input_ids: list, max_new_tokens: int) -> None:

@@ -95,6 +95,12 @@ class ModelRunner:
         blocks = budget // (per_token * self.block_size)
         if max_tokens is not None:
             blocks = min(blocks, cdiv(max_tokens, self.block_size))
+        from llama_engine import parallel
+        if parallel.get_world_size() > 1:
+            # Every rank must size the same cache, or their schedules (and collectives) diverge.
+            t = torch.tensor([blocks], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            blocks = int(t)
         if blocks < 1:
             raise ConfigError(f"no GPU memory left for the KV cache ({free / 2**30:.2f} GiB "
                               f"free, {activations / 2**30:.2f} GiB needed by a step of "

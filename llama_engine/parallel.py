@@ -1,0 +1,373 @@
+"""Tensor parallelism for the LLaMA network over ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+
+Megatron-LM's scheme (Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter
+Language Models Using Model Parallelism"), as TensorRT-LLM's ``--tp_size`` applies it to LLaMA:
+
+* column-parallel (output rows split): ``attention.qkv`` *by heads* -- rank r holds
+  ``[q heads of r; k heads of r; v heads of r]`` (TensorRT-LLM's ``split_qkv_tp``); when there are
+  fewer KV heads than ranks each KV head is replicated on the ranks whose q heads use it
+  (TensorRT-LLM's ``dup_kv_weight``) -- and ``mlp.fc`` / ``mlp.gate``;
+* row-parallel (input columns split, partial sums all-reduced): ``attention.dense``, ``mlp.proj``;
+* vocabulary-parallel: ``transformer.vocab_embedding`` (masked lookup + all-reduce) and
+  ``lm_head`` (local logits all-gathered); the vocabulary is padded to a multiple of tp_size.
+
+Everything else (norms, RoPE, KV-cache scales) is replicated. Quantized tensors follow the
+weight they scale: per-output-channel scales split with column-parallel outputs and replicate
+on row-parallel layers; group-wise ``weights_scaling_factor`` [K/G, N] splits N or K/G;
+SmoothQuant's ``smoother`` [1, K] and AWQ's ``prequant_scaling_factor`` [K] split with the input
+of row-parallel layers; ``act_scale`` replicates. (SmoothQuant per-token activation scales
+of a row-parallel layer are then taken over the rank's input columns, as in TensorRT-LLM, so
+those modes are close to, not equal to, one process.) Every rank samples from the same gathered
+logits, so greedy tokens agree on all ranks without another collective.
+
+Processes are started by ``torchrun``; ``init_from_env`` joins the group it describes.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import sys
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import W4A16, W4A16_GROUPWISE, ConfigError, ModelArgs, QuantConfig
+
+# NVLink multicast (NVLS) can take a shared host's GPUs out of service: off unless the user
+# explicitly set these.
+SAFE_CUDA_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                 "NVSHMEM_DISABLE_NVLS": "1"}
+
+COLUMN_LINEARS = ("attention.qkv", "mlp.fc", "mlp.gate")
+ROW_LINEARS = ("attention.dense", "mlp.proj")
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group
+# ---------------------------------------------------------------------------------------------
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+def is_initialized() -> bool:
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return _dist().get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return _dist().get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def init_from_env(device: Optional[str] = None) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes (WORLD_SIZE, RANK, LOCAL_RANK,
+    MASTER_ADDR/PORT). -> (rank, world_size); (0, 1) when not launched by torchrun.
+
+    NCCL when ``device`` is CUDA (default: CUDA if present), gloo otherwise. On CUDA each rank
+    takes GPU LOCAL_RANK and NVLink multicast is switched off (``SAFE_CUDA_ENV``)."""
+    if is_initialized():
+        return get_rank(), get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if use_cuda:
+        for k, v in SAFE_CUDA_ENV.items():
+            os.environ.setdefault(k, v)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    _dist().init_process_group("nccl" if use_cuda else "gloo")
+    # Leave the group before the interpreter tears down: a group still alive at exit can
+    # abort the process ("terminate called without an active exception").
+    atexit.register(shutdown)
+    return get_rank(), get_world_size()
+
+
+def shutdown() -> None:
+    """Leave the process group. No barrier: a rank exiting on an error must not wait for
+    ranks that are stuck in a collective (torchrun then stops them)."""
+    if is_initialized():
+        _dist().destroy_process_group()
+
+
+def rank_device(device: str) -> str:
+    """'cuda' -> 'cuda:LOCAL_RANK' under torchrun (an explicit index or 'cpu' is kept)."""
+    if str(device) == "cuda" and is_initialized():
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
+
+
+def require_world(world_size: int, device: Optional[str] = None) -> int:
+    """This process's rank for an engine built for ``world_size`` ranks (joins the torchrun
+    group if needed); a one-line error when the launch does not match the engine."""
+    rank, world = init_from_env(device)
+    if world != world_size:
+        raise ConfigError(f"the engine was built for {world_size} ranks (--tp_size {world_size}) "
+                          f"but this run has {world}; launch it with torchrun "
+                          f"--nproc_per_node {world_size}")
+    return rank
+
+
+def sync_rng() -> None:
+    """Seed every rank's global RNG with rank 0's draw, so unseeded sampling
+    (``torch.multinomial`` without a generator) picks the same tokens on every rank."""
+    if get_world_size() == 1:
+        return
+    dist = _dist()
+    dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(dev)
+    dist.broadcast(seed, 0)
+    torch.manual_seed(int(seed.item()))
+
+
+def quiet_non_main_ranks() -> None:
+    """Send stdout of ranks other than 0 to /dev/null (every rank computes the same tokens;
+    rank 0 prints them). stderr is kept so errors on any rank still show."""
+    if get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives (identity with one rank)
+# ---------------------------------------------------------------------------------------------
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place."""
+    if get_world_size() > 1:
+        _dist().all_reduce(x)
+    return x
+
+
+def all_gather_last(x: torch.Tensor) -> torch.Tensor:
+    """[..., n] on each rank -> [..., world * n], rank r's block at [r*n, (r+1)*n)."""
+    world = get_world_size()
+    if world == 1:
+        return x
+    x = x.contiguous()
+    if x.is_cuda:
+        # NCCL: one output buffer (also what CUDA-graph capture needs); gloo lacks this call.
+        out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)  # [world, ..., n]
+        _dist().all_gather_into_tensor(out, x)
+        return torch.movedim(out, 0, -2).reshape(*x.shape[:-1], world * x.shape[-1])
+    parts = [torch.empty_like(x) for _ in range(world)]
+    _dist().all_gather(parts, x)
+    return torch.cat(parts, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules inserted by Transformer.from_checkpoint when tp_size > 1
+# ---------------------------------------------------------------------------------------------
+class RowParallelLinear(nn.Module):
+    """A linear whose input columns are split over ranks: local partial product, then all-reduce."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.out_features = getattr(inner, "out_features", None)
+        self.in_features = getattr(inner, "in_features", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self.inner(x))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + n) of the (padded) table: tokens outside give zeros; all-reduce sums."""
+
+    def __init__(self, weight: torch.Tensor, start: int):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [V_pad / tp, D]
+        self.start = start
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(x.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class VocabParallelLMHead(nn.Module):
+    """Local logits [M, V_pad / tp] -> all-gathered [M, V] (vocabulary padding dropped)."""
+
+    def __init__(self, inner: nn.Module, vocab_size: int):
+        super().__init__()
+        self.inner, self.vocab_size = inner, vocab_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_gather_last(self.inner(x))[..., : self.vocab_size]
+
+
+def make_vocab_parallel(model: nn.Module, vocab_size: int, rank: int) -> None:
+    """Swap a rank's Transformer embedding / lm_head (built from vocabulary shards) for the
+    vocabulary-parallel wrappers."""
+    weight = model.embed.weight.data
+    model.embed = VocabParallelEmbedding(weight, rank * weight.shape[0])
+    model.lm_head = VocabParallelLMHead(model.lm_head, vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding plan
+# ---------------------------------------------------------------------------------------------
+def padded_vocab(vocab_size: int, tp_size: int) -> int:
+    return -(-vocab_size // tp_size) * tp_size
+
+
+def check_tp(args: ModelArgs, quant: Optional[QuantConfig], tp_size: int) -> None:
+    """One-line ConfigError when the model cannot be split over ``tp_size`` ranks."""
+    if tp_size < 1:
+        raise ConfigError(f"--tp_size must be at least 1, got {tp_size}")
+    if tp_size == 1:
+        return
+    h, hkv = args.num_attention_heads, args.num_key_value_heads
+    if h % tp_size:
+        raise ConfigError(f"num_attention_heads {h} is not divisible by --tp_size {tp_size}")
+    if hkv >= tp_size and hkv % tp_size:
+        raise ConfigError(f"num_key_value_heads {hkv} is not divisible by --tp_size {tp_size}")
+    if hkv < tp_size and tp_size % hkv:
+        raise ConfigError(f"--tp_size {tp_size} is not a multiple of num_key_value_heads {hkv} "
+                          "(KV heads are replicated only in whole copies)")
+    if args.intermediate_size % tp_size:
+        raise ConfigError(f"intermediate_size {args.intermediate_size} is not divisible by "
+                          f"--tp_size {tp_size}")
+    if quant is not None and quant.quant_algo in (W4A16, W4A16_GROUPWISE):
+        g = quant.group_size if quant.quant_algo == W4A16_GROUPWISE else None
+        for name, k in (("attention.dense", args.q_size), ("mlp.proj", args.intermediate_size)):
+            k_local = k // tp_size
+            if k_local % 2:
+                raise ConfigError(f"int4 {name}: its input width per rank {k}/{tp_size} = "
+                                  f"{k_local} is odd (two int4 values per byte)")
+            if g and k_local % g:
+                raise ConfigError(f"int4 {name}: its input width per rank {k}/{tp_size} = "
+                                  f"{k_local} is not a multiple of --group_size {g}")
+
+
+def local_args(args: ModelArgs, tp_size: int) -> ModelArgs:
+    """The architecture one rank runs: its heads and MLP width; hidden size and vocabulary
+    stay global (the embedding output and the gathered logits are full width)."""
+    if tp_size == 1:
+        return args
+    hkv = args.num_key_value_heads
+    return dataclasses.replace(
+        args, num_attention_heads=args.num_attention_heads // tp_size,
+        num_key_value_heads=max(1, hkv // tp_size),
+        intermediate_size=args.intermediate_size // tp_size, head_dim=args.head_dim)
+
+
+def kv_heads_of_rank(args: ModelArgs, tp_size: int, rank: int) -> list[int]:
+    """The KV heads rank ``rank`` needs: a block of Hkv/tp, or the one its q heads share."""
+    h, hkv = args.num_attention_heads, args.num_key_value_heads
+    if hkv >= tp_size:
+        n = hkv // tp_size
+        return list(range(rank * n, (rank + 1) * n))
+    q_per_rank, group = h // tp_size, h // hkv
+    return [rank * q_per_rank // group]
+
+
+def qkv_rows(args: ModelArgs, tp_size: int, rank: int) -> torch.Tensor:
+    """Row indices into the fused [q; k; v] output of rank ``rank``: int64[(Hl + 2 Hkvl) * D]."""
+    d = args.head_dim
+    hl = args.num_attention_heads // tp_size
+
+    def heads(first_row: int, idx: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(first_row + i * d, first_row + (i + 1) * d) for i in idx])
+
+    kv = kv_heads_of_rank(args, tp_size, rank)
+    return torch.cat([heads(0, list(range(rank * hl, (rank + 1) * hl))),
+                      heads(args.q_size, kv), heads(args.q_size + args.kv_size, kv)])
+
+
+def _chunk(t: torch.Tensor, dim: int, tp_size: int, rank: int) -> torch.Tensor:
+    if t.shape[dim] % tp_size:
+        raise ConfigError(f"cannot split a tensor of shape {tuple(t.shape)} into {tp_size} "
+                          f"equal parts along dim {dim}")
+    return t.chunk(tp_size, dim=dim)[rank].contiguous()
+
+
+def _pad_rows(t: torch.Tensor, dim: int, n: int, value: float) -> torch.Tensor:
+    """Pad dim ``dim`` of ``t`` to ``n`` with ``value`` (vocabulary padding)."""
+    if t.shape[dim] >= n:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n - t.shape[dim]
+    return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], dim=dim)
+
+
+def _shard_column(prefix: str, group: dict, rows, tp_size: int, rank: int,
+                  n_out: int) -> dict:
+    """Output-split linear. ``rows``: int64 index of this rank's output rows, or None for a
+    contiguous chunk. ``n_out``: the (padded) output width."""
+    def take(t: torch.Tensor, dim: int) -> torch.Tensor:
+        t = _pad_rows(t, dim, n_out, 1 if t.is_floating_point() else 0)
+        return _chunk(t, dim, tp_size, rank) if rows is None else \
+            t.index_select(dim, rows.to(t.device)).contiguous()
+
+    out = {}
+    for suffix, t in group.items():
+        if suffix == "weight":
+            out[suffix] = take(t, 0)                         # [N, K] or packed [N, K/2]
+        elif suffix == "per_channel_scale":
+            out[suffix] = t if t.numel() == 1 else take(t, t.dim() - 1)   # [N] / [1, N]
+        elif suffix == "weights_scaling_factor":
+            out[suffix] = take(t, 1)                         # [K/G, N]
+        elif suffix in ("prequant_scaling_factor", "smoother", "act_scale"):
+            out[suffix] = t                                  # input side: full input
+        else:
+            raise ConfigError(f"tensor parallelism: no sharding rule for {prefix}.{suffix}")
+    return out
+
+
+def _shard_row(prefix: str, group: dict, tp_size: int, rank: int) -> dict:
+    """Input-split linear: weight columns, input-side scales; output scales replicate."""
+    out = {}
+    for suffix, t in group.items():
+        if suffix == "weight":
+            out[suffix] = _chunk(t, 1, tp_size, rank)       # [N, K/tp] or packed [N, K/tp/2]
+        elif suffix == "weights_scaling_factor":
+            out[suffix] = _chunk(t, 0, tp_size, rank)       # [K/G/tp, N]
+        elif suffix in ("prequant_scaling_factor", "smoother"):
+            out[suffix] = _chunk(t, t.dim() - 1, tp_size, rank)   # [K] / [1, K]
+        elif suffix in ("per_channel_scale", "act_scale"):
+            out[suffix] = t
+        else:
+            raise ConfigError(f"tensor parallelism: no sharding rule for {prefix}.{suffix}")
+    return out
+
+
+def shard_checkpoint(tensors: dict, args: ModelArgs, quant: Optional[QuantConfig],
+                     tp_size: int, rank: int) -> dict:
+    """Canonical unified-checkpoint tensors (docs/design.md) -> rank ``rank``'s tensors, same
+    names, local shapes."""
+    from .checkpoint import group_by_prefix
+    check_tp(args, quant, tp_size)
+    if tp_size == 1:
+        return dict(tensors)
+    if not 0 <= rank < tp_size:
+        raise ConfigError(f"rank {rank} is outside tp_size {tp_size}")
+    vp = padded_vocab(args.vocab_size, tp_size)
+    qkv = qkv_rows(args, tp_size, rank)
+    out: dict[str, torch.Tensor] = {}
+    for prefix, group in group_by_prefix(tensors).items():
+        kind = prefix.rsplit(".", 2)[-2:] if prefix.startswith("transformer.layers.") else None
+        name = ".".join(kind) if kind else prefix
+        if prefix == "transformer.vocab_embedding":
+            local = {"weight": _chunk(_pad_rows(group["weight"], 0, vp, 0), 0, tp_size, rank)}
+        elif prefix == "lm_head":
+            local = _shard_column(prefix, group, None, tp_size, rank, vp)
+        elif name == "attention.qkv":
+            local = _shard_column(prefix, group, qkv, tp_size, rank, group["weight"].shape[0])
+        elif name in ("mlp.fc", "mlp.gate"):
+            local = _shard_column(prefix, group, None, tp_size, rank, group["weight"].shape[0])
+        elif name in ROW_LINEARS:
+            local = _shard_row(prefix, group, tp_size, rank)
+        else:
+            local = dict(group)  # norms, KV-cache scales: replicated
+        for suffix, t in local.items():
+            out[f"{prefix}.{suffix}"] = t
+    return out
