@@ -194,8 +194,10 @@ def time_hf(model, batch: int, input_len: int, output_len: int, compile_: bool,
     gen = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len,
                            do_sample=False, pad_token_id=0, eos_token_id=None)
     if compile_:
+        # transformers compiles its decoding step itself when the cache is static; wrapping
+        # model.forward in torch.compile(mode="reduce-overhead") ourselves failed on the H100
+        # (CUDA-graph outputs overwritten by the next run inside generate).
         gen.cache_implementation = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     with torch.inference_mode():
         for _ in range(2 if compile_ else 1):
             model.generate(prompts, generation_config=gen, attention_mask=torch.ones_like(prompts))
@@ -216,12 +218,12 @@ def time_hf(model, batch: int, input_len: int, output_len: int, compile_: bool,
 # Profile
 # ---------------------------------------------------------------------------------------------
 CATEGORIES = [
-    ("attention", ("decode_attn", "merge", "flash", "fmha", "attention", "sdpa")),
-    ("kv-cache write", ("rope_kv", "write_kv", "kv_write")),
-    ("weight GEMM/GEMV", ("gemv", "gemm", "linear", "matmul", "cutlass", "sm90", "w8", "w4",
-                          "int_mm", "mm_", "splitk", "dequant")),
-    ("norm + RoPE", ("rms", "norm", "rope")),
-    ("sampling", ("argmax", "topk", "sort", "multinomial", "softmax")),
+    ("attention", ("decode_attn", "decode_merge", "sdpa", "flash", "fmha", "attention")),
+    ("kv-cache write (+RoPE)", ("rope_kv", "write_kv", "kv_write")),
+    ("weight GEMM/GEMV", ("skinny", "splitk", "gemv", "gemm", "cutlass", "xmma", "int_mm",
+                          "matmul", "quant_per_token", "_w4", "_w8", "dequant")),
+    ("RMSNorm", ("rms_norm", "rmsnorm")),
+    ("sampling", ("argmax", "topk", "sort", "multinomial")),
 ]
 
 
@@ -231,6 +233,20 @@ def categorize(name: str) -> str:
         if any(k in low for k in keys):
             return cat
     return "other (elementwise, copies)"
+
+
+def categorize_trace(path: str) -> dict:
+    """GPU time per category (ms) from a Chrome/Perfetto trace written by --profile."""
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        d = json.load(f)
+    per_cat: dict = {}
+    for e in d["traceEvents"] if isinstance(d, dict) else d:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            cat = categorize(e["name"])
+            per_cat[cat] = per_cat.get(cat, 0.0) + e["dur"] / 1e3
+    return per_cat
 
 
 def profile_decode(engine, batch: int, input_len: int, output_len: int, trace_path: str) -> dict:
@@ -245,16 +261,8 @@ def profile_decode(engine, batch: int, input_len: int, output_len: int, trace_pa
         sync()
         wall = time.perf_counter() - t0
     prof.export_chrome_trace(trace_path)
-    per_cat: dict = {}
-    busy = 0.0
-    for ev in prof.key_averages():
-        dev_us = getattr(ev, "self_device_time_total", None)
-        if dev_us is None:
-            dev_us = getattr(ev, "self_cuda_time_total", 0)
-        if not dev_us or ev.key.startswith("ProfilerStep"):
-            continue
-        per_cat[categorize(ev.key)] = per_cat.get(categorize(ev.key), 0.0) + dev_us / 1e3
-        busy += dev_us / 1e3
+    per_cat = categorize_trace(trace_path)
+    busy = sum(per_cat.values())
     per_cat["idle gaps (wall - GPU busy)"] = max(wall * 1e3 - busy, 0.0)
     return {"wall_ms": wall * 1e3, "prefill_ms": out.prefill_s * 1e3, "by_category_ms": per_cat,
             "trace": trace_path}
@@ -380,14 +388,59 @@ def ablation_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def sections_markdown(res: dict) -> str:
+    """The non-ablation sections as small tables."""
+    out = []
+    for section, title in (("grid", "Batch sweep (input 128, output 128)"),
+                           ("kv_long", "INT8 KV cache at long context"),
+                           ("prefill", "Prefill, batch 1, 2048 tokens")):
+        rows = res.get(section) or {}
+        if rows:
+            out += ["", f"### {title}", "",
+                    "| run | latency (s) | prefill (ms) | decode tok/s | peak mem (GiB) |",
+                    "|---|---|---|---|---|"]
+            out += [f"| {k} | {r['latency_s']:.3f} | {1e3 * r['prefill_s']:.1f} | "
+                    f"{r['decode_tok_s']:.0f} | {r.get('peak_mem_gib', float('nan')):.1f} |"
+                    for k, r in rows.items()]
+    for mode, r in (res.get("memory") or {}).items():
+        out += ["", "### Memory", "", f"{mode}: weights {r['weight_gib']:.2f} GiB, peak "
+                f"{r['peak_mem_gib']:.2f} GiB (torch.cuda.max_memory_allocated) at batch 1 with "
+                f"a {r['context']}-token sequence."]
+    prof = res.get("profile") or {}
+    if prof:
+        out += ["", "### Profile (GPU time per kernel category over one generate call, ms)", ""]
+        cats = sorted({c for r in prof.values() for c in r["by_category_ms"]})
+        out += ["| run | wall | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
+        out += [f"| {k} | {r['wall_ms']:.1f} | " + " | ".join(
+            f"{r['by_category_ms'].get(c, 0.0):.1f}" for c in cats) + " |"
+            for k, r in prof.items()]
+    serving = res.get("serving") or {}
+    if serving:
+        out += ["", "### Inflight batching", ""]
+        u = serving.get("uniform_128_128")
+        if u:
+            out.append(f"{u['num_requests']} requests, input 128, output 128, all at once, "
+                       f"batch limit {u['max_batch']}: {u['tokens_per_s']:.0f} output tok/s; "
+                       f"TTFT p50 {u['ttft_p50_s']:.2f} s, p99 {u['ttft_p99_s']:.2f} s; TPOT "
+                       f"p50 {1e3 * u['tpot_p50_s']:.1f} ms.")
+        m = serving.get("mixed")
+        if m:
+            out.append(f"Mixed lengths ({m['num_requests']} requests, batch limit "
+                       f"{m['max_batch']}): inflight {m['inflight']['tokens_per_s']:.0f} tok/s, "
+                       f"our static batching {m['static_tok_s']:.0f} tok/s "
+                       f"({m['inflight_vs_static']:.2f}x).")
+        h = serving.get("hf_batch32_128_128")
+        if h:
+            out.append(f"HF padded static batch 32 (input 128, output 128): "
+                       f"{h['e2e_tok_s']:.0f} tok/s; ours/HF {serving['uniform_vs_hf']:.2f}x.")
+    return "\n".join(out)
+
+
 def write_report(res: dict, assets: str) -> None:
     os.makedirs(assets, exist_ok=True)
-    md = ablation_markdown(res)
+    md = ablation_markdown(res) + "\n" + sections_markdown(res)
     with open(os.path.join(assets, "benchmark.md"), "w") as f:
         f.write(md + "\n")
-        for section in ("grid", "kv_long", "prefill", "memory", "profile"):
-            if res.get(section):
-                f.write(f"\n### {section}\n\n```json\n{json.dumps(res[section], indent=1)}\n```\n")
     print(md)
     try:
         import matplotlib
@@ -400,13 +453,27 @@ def write_report(res: dict, assets: str) -> None:
     keys = [k for k in ABLATION if k in rows]
     if not keys:
         return
-    tps = [50 / rows[k]["latency_s"] for k in keys]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bars = ax.bar([rows[k].get("label", k) for k in keys], tps, color="#4a7ab5")
-    ax.bar_label(bars, fmt="%.0f")
-    ax.set_ylabel("end-to-end tokens/s (batch 1, in 8, out 50)")
-    ax.set_title(f"LLaMA-7B shapes on {res.get('meta', {}).get('gpu', 'GPU')}")
-    plt.xticks(rotation=20, ha="right")
+    short = {"hf_eager": "HF eager", "hf_compile": "HF compile", "fp16": "ours fp16",
+             "int8": "int8 WO", "int4": "int4 WO g128", "int4_int8kv": "int4 + INT8 KV",
+             "sq": "SmoothQuant\nW8A8"}
+    e2e = [50 / rows[k]["latency_s"] for k in keys]
+    dec = [rows[k].get("decode_tok_s", 0.0) for k in keys]
+    floor = [rows[k].get("floor_tok_s", 0.0) for k in keys]
+    x = range(len(keys))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    b1 = ax.bar([i - 0.2 for i in x], e2e, 0.4, label="end to end (prefill included)",
+                color="#4a7ab5")
+    b2 = ax.bar([i + 0.2 for i in x], dec, 0.4, label="decode only", color="#e08a3c")
+    ax.scatter([i + 0.2 for i in x if floor[i]], [f for f in floor if f], marker="_", s=400,
+               color="black", label="bandwidth floor (bytes read per token)")
+    ax.bar_label(b1, fmt="%.0f", fontsize=8)
+    ax.bar_label(b2, labels=[f"{v:.0f}" if v > 0 else "n/a" for v in dec], fontsize=8)
+    ax.set_xticks(list(x), [short.get(k, k) for k in keys])
+    ax.set_ylabel("tokens/s")
+    meta = res.get("meta", {})
+    ax.set_title(f"LLaMA-7B shapes, batch 1, input 8, output 50 - {meta.get('gpu', 'GPU')}, "
+                 f"{meta.get('date', '')}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(os.path.join(assets, "benchmark.png"), dpi=120)
 
