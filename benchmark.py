@@ -349,6 +349,71 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
     return out
 
 
+def run_poisson(llm, prompts: list, out_len: int, rate: float, seed: int = 0) -> dict:
+    """Requests arriving as a Poisson process of ``rate`` per second; -> latency_stats."""
+    import random
+
+    from llama_engine.serving.llm_engine import latency_stats
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in prompts:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    start, i, done = time.perf_counter(), 0, []
+    while i < len(prompts) or llm.has_unfinished():
+        now = time.perf_counter() - start
+        while i < len(prompts) and arrivals[i] <= now:
+            llm.add_request(prompts[i], max_tokens=out_len, arrival_time=start + arrivals[i])
+            i += 1
+        if llm.has_unfinished():
+            done += [o.sequence for o in llm.step() if o.finished]
+        else:
+            time.sleep(max(0.0, min(0.002, arrivals[i] - now)))
+    return {"rate_per_s": rate, **latency_stats(done)}
+
+
+def run_serving_poisson(weights: "Weights", rates: list, num_requests: int) -> dict:
+    """Poisson arrivals at several rates (input 128, output 128, fp16)."""
+    from llama_engine.serving.llm_engine import LLMEngine
+    eng = weights.engine("fp16", 256, 1024, 512)
+    llm = LLMEngine(eng, max_batch_size=256, max_num_tokens=8192)
+    prompts = random_prompts(num_requests, 128, weights.args.vocab_size, seed=2)
+    llm.generate(prompts[:32], 8)  # warm-up
+    out = {}
+    for r in rates:
+        out[f"{r:g}/s"] = run_poisson(llm, prompts, 128, r)
+        print("poisson", json.dumps(out[f"{r:g}/s"]), flush=True)
+    return out
+
+
+def serving_plot(res: dict, assets: str) -> None:
+    """Throughput vs latency under Poisson arrivals -> assets/serving.png."""
+    pts = (res.get("serving") or {}).get("poisson") or {}
+    if not pts:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted(pts.values(), key=lambda r: r["rate_per_s"])
+    tput = [r["tokens_per_s"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for key, lab in (("ttft_p50_s", "p50"), ("ttft_p99_s", "p99")):
+        ax[0].plot(tput, [r[key] for r in rows], "o-", label=lab)
+    for key, lab in (("tpot_p50_s", "p50"), ("tpot_p99_s", "p99")):
+        ax[1].plot(tput, [1e3 * r[key] for r in rows], "o-", label=lab)
+    for r, x in zip(rows, tput):
+        ax[0].annotate(f"{r['rate_per_s']:g}/s", (x, r["ttft_p50_s"]), fontsize=7)
+    ax[0].set(xlabel="output tokens/s", ylabel="time to first token (s)")
+    ax[1].set(xlabel="output tokens/s", ylabel="time per output token (ms)")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.suptitle(f"Inflight batching, Poisson arrivals, input 128 / output 128 - "
+                 f"{res.get('meta', {}).get('gpu', '')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(assets, "serving.png"), dpi=120)
+
+
 def merge_json(path: str, new: dict) -> dict:
     old = {}
     if os.path.isfile(path):
@@ -356,7 +421,11 @@ def merge_json(path: str, new: dict) -> dict:
             old = json.load(f)
     for section, rows in new.items():
         if isinstance(rows, dict) and isinstance(old.get(section), dict):
-            old[section].update(rows)
+            for k, v in rows.items():
+                if isinstance(v, dict) and isinstance(old[section].get(k), dict):
+                    old[section][k].update(v)
+                else:
+                    old[section][k] = v
         else:
             old[section] = rows
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -438,6 +507,10 @@ def sections_markdown(res: dict) -> str:
 
 def write_report(res: dict, assets: str) -> None:
     os.makedirs(assets, exist_ok=True)
+    try:
+        serving_plot(res, assets)
+    except ImportError:
+        pass
     md = ablation_markdown(res) + "\n" + sections_markdown(res)
     with open(os.path.join(assets, "benchmark.md"), "w") as f:
         f.write(md + "\n")
@@ -535,6 +608,8 @@ def main(argv=None) -> int:
     p.add_argument("--serving", action="store_true", help="inflight batching throughput")
     p.add_argument("--num_requests", type=int, default=1000)
     p.add_argument("--mixed_requests", type=int, default=300)
+    p.add_argument("--poisson_rates", default=None, help="with --serving: arrival rates, e.g. "
+                   "10,20,40,80 requests/s")
     a = p.parse_args(argv)
     if a.report:
         with open(a.out_json) as f:
@@ -554,8 +629,14 @@ def main(argv=None) -> int:
         results["selfcheck"] = {"linear": linear.gpu_selfcheck("cuda"),
                                 "attn": attn.gpu_selfcheck("cuda")}
     if a.serving:
-        r = run_serving(Weights(a.model_config), a.num_requests, a.mixed_requests)
-        merge_json(a.out_json, {"meta": meta, "serving": r})
+        w = Weights(a.model_config)
+        if a.poisson_rates:
+            r = {"poisson": run_serving_poisson(
+                w, [float(x) for x in a.poisson_rates.split(",")], a.num_requests)}
+        else:
+            r = run_serving(w, a.num_requests, a.mixed_requests)
+        merged = merge_json(a.out_json, {"meta": meta, "serving": r})
+        write_report(merged, a.assets)
         return 0
     if a.memory:
         r = measure_memory(a.model_config, a.memory)

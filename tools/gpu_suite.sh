@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the README, in one call (each part under its own time limit).
 # Usage on the GPU machine: bash tools/gpu_suite.sh OUT_DIR [parts...]
-# parts: ablation kv_long prefill grid memory profile serving   (default: all)
+# parts: ablation kv_long prefill memory profile serving poisson grid   (default: all)
 set -u
 OUTD=${1:?out dir}; shift
-PARTS=${*:-"ablation kv_long prefill memory profile serving grid"}
+PARTS=${*:-"ablation kv_long prefill memory profile serving poisson grid"}
 J=$OUTD/benchmark.json
 export PYTHONUNBUFFERED=1
 B="python3 benchmark.py --out_json $J --assets $OUTD"
@@ -17,6 +17,7 @@ for p in $PARTS; do
     grid)     timeout 120 $B --modes fp16,int8,int4,sq --batch 16,64 --input_len 128 --output_len 128 --section grid ;;
     memory)   timeout 50 $B --memory int4 ;;
     profile)  timeout 45 $B --profile --modes fp16,int4 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
+    poisson)  timeout 150 $B --serving --poisson_rates 4,8,16,32 --num_requests 200 ;;
     serving)  timeout 150 $B --serving --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
 done
