@@ -723,7 +723,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention of T new tokens q [T,H,D] over S = prefix + T keys k/v [S,Hkv,D].
 
     Query i sits at absolute position ``causal_offset + i`` (default ``S - T``) and sees keys
-    ``0..causal_offset + i``. On CUDA: torch SDPA (flash / memory-efficient kernels).
+    ``0..causal_offset + i``. torch SDPA (flash / memory-efficient kernels on CUDA, the fused
+    CPU kernel elsewhere, as HF's default attention); ``impl="torch"`` is the plain reference.
     """
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[2] != k.shape[2]:
         raise ConfigError(f"prefill_attention: expected q [T,H,D], k/v [S,Hkv,D], got "
@@ -736,7 +737,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         causal_offset = S - T
     if impl not in _IMPLS:
         raise ConfigError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "torch" or (impl == "auto" and not q.is_cuda):
+    if impl == "torch":
         return prefill_attention_ref(q, k, v, causal_offset, softmax_scale)
     if hkv != H:  # expand GQA heads: [S, Hkv, D] -> [S, H, D]
         rep = H // hkv
