@@ -83,24 +83,69 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)).
 
-    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+    ``gate_up_proj`` computes [gate; up] in one GEMM (one launch, one pass over x) when the
+    two linears' tensors can be stacked (``fuse_gate_up``); otherwise ``gate_up_proj`` is a
+    pair (gate_proj, up_proj). ``width`` is gate's output width."""
+
+    def __init__(self, gate_up_proj, width: int, down_proj: nn.Module):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        if isinstance(gate_up_proj, tuple):
+            self.gate_proj, self.up_proj = gate_up_proj
+            self.gate_up_proj = None
+        else:
+            self.gate_up_proj = gate_up_proj
+        self.width, self.down_proj = width, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split([self.width, self.width], dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+def fuse_gate_up(gate: dict[str, torch.Tensor], up: dict[str, torch.Tensor]
+                 ) -> Optional[dict[str, torch.Tensor]]:
+    """Checkpoint tensors of one linear computing [gate; up] (output rows stacked), or None
+    when the two cannot share one module (e.g. different per-tensor scales)."""
+    if gate.keys() != up.keys():
+        return None
+    out = {}
+    for name, g in gate.items():
+        u = up[name]
+        if g.shape != u.shape or g.dtype != u.dtype:
+            return None
+        if name == "weight" or (name == "per_channel_scale" and g.dim() == 1):
+            out[name] = torch.cat([g, u], dim=0)            # [N, ...] rows
+        elif name == "weights_scaling_factor" or (name == "per_channel_scale"
+                                                   and g.shape[-1] > 1):
+            out[name] = torch.cat([g, u], dim=-1)           # [.., N] columns
+        elif torch.equal(g, u):                             # same input: shared scales
+            out[name] = g
+        else:
+            return None
+    return out
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm block. The residual stream travels beside the hidden state so that each
+    residual add is fused into the following RMSNorm (``ops.add_rms_norm``)."""
+
     def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 
-    def forward(self, x, meta, cache_layer, rope):
-        h = x + self.attn(self.attn_norm(x), meta, cache_layer, rope)
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(self, x, residual, meta, cache_layer, rope):
+        """-> (this block's output, residual stream before it); their sum is the new stream."""
+        if residual is None:
+            residual, h = x, self.attn_norm(x)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, self.attn_norm.weight, self.attn_norm.eps)
+        h = self.attn(h, meta, cache_layer, rope)
+        h, residual = ops.add_rms_norm(h, residual, self.mlp_norm.weight, self.mlp_norm.eps)
+        return self.mlp(h), residual
 
 
 class Transformer(nn.Module):
@@ -123,14 +168,14 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, meta: AttentionMeta, cache: KVCache,
                 all_logits: bool = False) -> torch.Tensor:
         """tokens int64[N] -> fp32 logits [len(logits_indices), V] (or [N, V] with all_logits)."""
-        x = self.embed(tokens)
+        x, residual = self.embed(tokens), None
         rope = (self.rope_cos, self.rope_sin)
         for i, layer in enumerate(self.layers):
-            x = layer(x, meta, cache.layer(i), rope)
-        if not all_logits:
-            idx = meta.logits_indices
-            x = x[idx] if idx is not None else x
-        return self.lm_head(self.norm(x)).float()
+            x, residual = layer(x, residual, meta, cache.layer(i), rope)
+        if not all_logits and meta.logits_indices is not None:
+            x, residual = x[meta.logits_indices], residual[meta.logits_indices]
+        x, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        return self.lm_head(x).float()
 
     # -- construction from checkpoint tensors --------------------------------------------------
     @classmethod
@@ -169,8 +214,10 @@ class Transformer(nn.Module):
             p = ckpt.layer_prefix(i)
             attn = Attention(args, linear(p + "attention.qkv"),
                              linear(p + "attention.dense", row_parallel=True))
-            mlp = MLP(linear(p + "mlp.fc"), linear(p + "mlp.gate"),
-                      linear(p + "mlp.proj", row_parallel=True))
+            fused = fuse_gate_up(group(p + "mlp.fc"), group(p + "mlp.gate"))
+            gate_up = (make_linear(p + "mlp.fc", fused, quant) if fused is not None
+                       else (linear(p + "mlp.fc"), linear(p + "mlp.gate")))
+            mlp = MLP(gate_up, args.intermediate_size, linear(p + "mlp.proj", row_parallel=True))
             layers.append(TransformerBlock(norm(p + "input_layernorm"), attn,
                                            norm(p + "post_layernorm"), mlp))
         embed = group("transformer.vocab_embedding")["weight"]

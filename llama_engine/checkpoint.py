@@ -31,8 +31,8 @@ LAYER_TABLE = [
     ("attention.qkv", "attn.qkv_proj", None),  # fused from q_proj, k_proj, v_proj
     ("attention.dense", "attn.o_proj", "self_attn.o_proj"),
     ("post_layernorm", "mlp_norm", "post_attention_layernorm"),
-    ("mlp.fc", "mlp.gate_proj", "mlp.gate_proj"),
-    ("mlp.gate", "mlp.up_proj", "mlp.up_proj"),
+    ("mlp.fc", "mlp.gate_up_proj[:F]", "mlp.gate_proj"),  # stacked into one GEMM at load
+    ("mlp.gate", "mlp.gate_up_proj[F:]", "mlp.up_proj"),
     ("mlp.proj", "mlp.down_proj", "mlp.down_proj"),
 ]
 GLOBAL_TABLE = [
@@ -68,19 +68,6 @@ def linear_shape(args: ModelArgs, prefix: str) -> tuple[int, int]:
     if prefix == "lm_head":
         return (args.vocab_size, d)
     return shapes[prefix.split(".", 3)[-1]]
-
-
-def module_path(unified_prefix: str) -> str:
-    """Our module path for a unified prefix ('transformer.layers.3.mlp.fc' -> 'layers.3.mlp.gate_proj')."""
-    for uni, ours, _ in GLOBAL_TABLE:
-        if unified_prefix == uni:
-            return ours
-    if unified_prefix.startswith("transformer.layers."):
-        _, _, idx, rest = unified_prefix.split(".", 3)
-        for uni, ours, _ in LAYER_TABLE:
-            if rest == uni:
-                return f"layers.{idx}.{ours}"
-    raise KeyError(f"no module for checkpoint prefix {unified_prefix!r}")
 
 
 def expected_float_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
