@@ -1,7 +1,6 @@
 """Shared fixtures: repo paths, the shared data folder, SmolLM2, tiny random HF models."""
 from __future__ import annotations
 
-import glob
 import os
 import sys
 from pathlib import Path
@@ -19,12 +18,10 @@ def shared_data_dir() -> Path:
 
 
 def smollm2_gguf_path():
-    env = os.environ.get("SMOLLM2_GGUF")
-    if env and os.path.isfile(env):
-        return env
-    base = os.environ.get("SMOLLM2_DIR", os.path.expanduser("~/.cache/llama_engine/smollm2"))
-    hits = sorted(glob.glob(os.path.join(base, "**", "*.gguf"), recursive=True))
-    return hits[0] if hits else None
+    sys.path.insert(0, str(REPO / "tools"))
+    from fetch_smollm2 import find_smollm2_gguf
+    p = find_smollm2_gguf()
+    return str(p) if p else None
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import math
 import os
@@ -89,12 +88,10 @@ SETTING_KEYS = ("gguf", "dataset_path", "num_articles", "output_len", "max_input
 # ---------------------------------------------------------------------------------------------
 def find_gguf() -> Optional[str]:
     """SmolLM2's GGUF as tools/fetch_smollm2.py caches it ($SMOLLM2_GGUF, $SMOLLM2_DIR)."""
-    env = os.environ.get("SMOLLM2_GGUF")
-    if env and os.path.isfile(env):
-        return env
-    base = os.environ.get("SMOLLM2_DIR", os.path.expanduser("~/.cache/llama_engine/smollm2"))
-    hits = sorted(glob.glob(os.path.join(base, "**", "*.gguf"), recursive=True))
-    return hits[0] if hits else None
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fetch_smollm2 import find_smollm2_gguf
+    p = find_smollm2_gguf()
+    return str(p) if p else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,7 +446,11 @@ def evaluate_targets(rows: dict) -> dict:
             ok = drop <= tgt["rouge1_drop"]
             checks.append((f"ΔR-1 ≤ {tgt['rouge1_drop']}", ok))
             if not ok:
-                misses.append(f"ROUGE-1 drop {drop:.2f} > {tgt['rouge1_drop']}")
+                why = f"ROUGE-1 drop {drop:.2f} > {tgt['rouge1_drop']}"
+                if se:  # how far from "no drop at all" the drop is, in standard errors
+                    why += (f" (drop = {drop / se:.1f} se of the paired per-article "
+                            "difference" + ("; within noise)" if drop < 2 * se else ")"))
+                misses.append(why)
         if "top1" in tgt and row.get("top1") is not None:
             ok = row["top1"] >= tgt["top1"]
             checks.append((f"top-1 ≥ {tgt['top1'] * 100:.0f}%", ok))

@@ -37,7 +37,11 @@ def cache_dir() -> Path:
 
 
 def find_smollm2_gguf() -> Optional[Path]:
-    """The cached .gguf, or None when it has not been fetched (never downloads)."""
+    """The .gguf named by $SMOLLM2_GGUF, else the cached one; None when it has not been
+    fetched (never downloads)."""
+    env = os.environ.get("SMOLLM2_GGUF")
+    if env and os.path.isfile(env):
+        return Path(env)
     p = cache_dir() / GGUF_NAME
     return p if p.is_file() else None
 
