@@ -496,9 +496,12 @@ def render_markdown(doc: dict) -> str:
             f"{e['rouge1_drop']:+.2f}" + (f" ± {e['rouge1_drop_se']:.2f}"
                                           if e["rouge1_drop_se"] is not None else ""))
         if key == "hf":
-            speed = "1.00 (ref)"
+            speed = f"1.00 ({r['tokens_per_s']:.1f} tok/s)"
+        elif r.get("speed_vs_hf"):
+            speed = (f"{r['speed_vs_hf']:.2f}× ({r['tokens_per_s']:.1f} vs "
+                     f"{r['hf_tokens_per_s']:.1f} tok/s)")
         else:
-            speed = _fmt(r.get("speed_vs_hf"), ".2f") + ("×" if r.get("speed_vs_hf") else "")
+            speed = "—"
         if "size_bytes" in r:
             size = f"{r['size_bytes'] / 2**20:.1f}"
             if fp32_size:
@@ -551,8 +554,19 @@ def render_markdown(doc: dict) -> str:
                  f"(transformers, same prompts) in the same process run, device "
                  f"`{s['device']}` ({meta.get('cpu_threads', '?')} torch threads). Tokens per "
                  "second rather than total latency because modes stop at EOS at different "
-                 "lengths. On a shared CPU these ratios are indicative only; GPU speed is "
-                 "benchmark.py's job.")
+                 "lengths. The engine's and HF's tokens per second are shown beside the "
+                 "ratio; the HF row shows HF's speed in the latest run.")
+    hf_runs = sorted({round(r["hf_tokens_per_s"], 2) for r in rows.values()
+                      if r.get("hf_tokens_per_s")})
+    if len(hf_runs) > 1:
+        lines.append(f"- **The rows were measured in {len(hf_runs)} process runs** (resumed), "
+                     f"whose HF runs gave {', '.join(f'{x:.1f}' for x in hf_runs)} tok/s: this "
+                     "CPU was shared with other jobs whose load changed over time, so speed "
+                     "ratios from different runs do not compare, and none of them is a "
+                     "measurement of GPU speed (that is benchmark.py's job).")
+    else:
+        lines.append("- On a CPU shared with other jobs the speed ratios are indicative only; "
+                     "GPU speed is benchmark.py's job.")
     lines.append("- Weights MiB: bytes of every tensor in the engine's `rank0.safetensors` "
                  "(embeddings included: SmolLM2 ties `lm_head` to a 49152×576 embedding kept in "
                  f"the model dtype, which dominates the quantized sizes). Quantized engines "
