@@ -142,7 +142,15 @@ class Weights:
                 calib = smoothquant.synthetic_calibration(self.args, self.tensors, device=DEVICE)
             tensors, _ = q.quantize_checkpoint(self.tensors, self.args, quant, progress=False,
                                                **calib)
-        cfg = EngineConfig(model=self.args, quant=quant, dtype=self.dtype,
+        world = 1
+        from llama_engine import parallel
+        if parallel.get_world_size() > 1:
+            # Tensor parallelism (torchrun): every rank made the same random weights from the
+            # same seed; each keeps its own shard, as build.py --tp_size writes rank files.
+            world = parallel.get_world_size()
+            tensors = parallel.shard_checkpoint(tensors, self.args, quant, world,
+                                                parallel.get_rank())
+        cfg = EngineConfig(model=self.args, quant=quant, dtype=self.dtype, world_size=world,
                            build=BuildConfig(max_batch_size=max_batch, max_input_len=max_input,
                                              max_output_len=max_output))
         return Engine.from_tensors(cfg, tensors, DEVICE)
@@ -198,6 +206,9 @@ def time_hf(model, batch: int, input_len: int, output_len: int, compile_: bool,
         # model.forward in torch.compile(mode="reduce-overhead") ourselves failed on the H100
         # (CUDA-graph outputs overwritten by the next run inside generate).
         gen.cache_implementation = "static"
+        if compile_ == "default":
+            from transformers import CompileConfig
+            gen.compile_config = CompileConfig(fullgraph=True, mode="default")
     with torch.inference_mode():
         for _ in range(2 if compile_ else 1):
             model.generate(prompts, generation_config=gen, attention_mask=torch.ones_like(prompts))
@@ -290,62 +301,107 @@ def measure_memory(model_config: str, mode: str, context: int = 2048) -> dict:
 
 
 def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
-                hf_batches: int = 2) -> dict:
-    """Inflight batching throughput (issue 5 scenarios), fp16, end-of-sequence ignored."""
+                parts: Optional[set] = None, hf_batches: int = 2) -> dict:
+    """Inflight batching throughput (issue 5 scenarios), fp16, end-of-sequence ignored.
+
+    parts: ``uniform`` (``num_requests`` x 128 in / 128 out, all at once), ``mixed`` (inputs
+    32-1024, outputs 16-512: inflight vs our static batching, same batch limit), ``cnn``
+    (cnn_dailymail-shaped: inputs 800-1000, outputs 100), ``hf`` (HF padded batch 32 on the
+    uniform shape and on the first 32 mixed requests). Under torchrun the keys end in tpN."""
     import random
 
+    from llama_engine import parallel
     from llama_engine.serving.llm_engine import LLMEngine, latency_stats
+    parts = parts or {"uniform", "mixed", "hf"}
+    world = parallel.get_world_size()
+    sfx = f"_tp{world}" if world > 1 else ""
     out: dict = {}
     vocab = weights.args.vocab_size
-    # A: many requests, input 128, output 128, all at once.
     eng = weights.engine("fp16", 256, 1024, 512)
-    llm = LLMEngine(eng, max_batch_size=256, max_num_tokens=8192)
-    prompts = random_prompts(num_requests, 128, vocab)
-    llm.generate(prompts[:64], 8)  # warm-up: graphs, kernels
-    sync()
-    seqs = llm.generate(prompts, 128)
-    sync()
-    out["uniform_128_128"] = {"num_requests": num_requests, "max_batch": 256,
-                              **latency_stats(seqs)}
-    print("uniform", json.dumps(out["uniform_128_128"]), flush=True)
-    # B: mixed lengths; inflight vs our static batching with the same batch limit.
+
+    def timed(llm, prompts, max_tokens) -> dict:
+        sync()
+        t0 = time.perf_counter()
+        seqs = llm.generate(prompts, max_tokens)
+        sync()
+        return {**latency_stats(seqs), "wall_s": time.perf_counter() - t0}
+
+    if "uniform" in parts:
+        llm = LLMEngine(eng, max_batch_size=256, max_num_tokens=8192)
+        prompts = random_prompts(num_requests, 128, vocab)
+        llm.generate(prompts[:64], 8)  # warm-up: graphs, kernels
+        out["uniform_128_128" + sfx] = {"num_requests": num_requests, "max_batch": 256,
+                                        **timed(llm, prompts, 128)}
+        print("uniform", json.dumps(out["uniform_128_128" + sfx]), flush=True)
+        del llm
+    if "cnn" in parts:
+        rng = random.Random(3)
+        g = torch.Generator().manual_seed(3)
+        n = min(num_requests, 500)
+        prompts = [torch.randint(3, vocab, (rng.randint(800, 1000),), generator=g).tolist()
+                   for _ in range(n)]
+        llm = LLMEngine(eng, max_batch_size=256, max_num_tokens=8192)
+        out["cnn_shaped" + sfx] = {"num_requests": n, "max_batch": 256, "input": "800-1000",
+                                   "output": 100, **timed(llm, prompts, 100)}
+        print("cnn", json.dumps(out["cnn_shaped" + sfx]), flush=True)
+        del llm
     rng = random.Random(0)
     ins = [rng.randint(32, 1024) for _ in range(mixed_requests)]
     outs = [rng.randint(16, 512) for _ in range(mixed_requests)]
     g = torch.Generator().manual_seed(1)
     mixed = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in ins]
-    limit = 64
-    del llm
-    llm = LLMEngine(eng, max_batch_size=limit, max_num_tokens=8192)
-    sync()
-    t0 = time.perf_counter()
-    seqs = llm.generate(mixed, outs)
-    sync()
-    inflight = latency_stats(seqs)
-    inflight["wall_s"] = time.perf_counter() - t0
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    t0 = time.perf_counter()
-    for i in range(0, mixed_requests, limit):
-        eng.generate(mixed[i:i + limit], max(outs[i:i + limit]))
-    sync()
-    static_s = time.perf_counter() - t0
-    useful = sum(outs)
-    out["mixed"] = {"num_requests": mixed_requests, "max_batch": limit,
-                    "inflight": inflight, "static_tok_s": useful / static_s,
-                    "static_wall_s": static_s,
-                    "inflight_vs_static": inflight["tokens_per_s"] / (useful / static_s)}
-    print("mixed", json.dumps(out["mixed"]), flush=True)
-    # HF padded static batching, batch 32, input 128, output 128 (a few batches).
-    del eng
-    gc.collect()
-    torch.cuda.empty_cache()
-    model = hf_model(weights)
-    r = time_hf(model, 32, 128, 128, compile_=False, reps=hf_batches)
-    out["hf_batch32_128_128"] = r
-    out["uniform_vs_hf"] = out["uniform_128_128"]["tokens_per_s"] / r["e2e_tok_s"]
-    print("hf", json.dumps(r), flush=True)
+    if "mixed" in parts and mixed_requests:
+        limit = 64
+        llm = LLMEngine(eng, max_batch_size=limit, max_num_tokens=8192)
+        inflight = timed(llm, mixed, outs)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        sync()
+        t0 = time.perf_counter()
+        for i in range(0, mixed_requests, limit):  # padded static batches of the same limit
+            eng.generate(mixed[i:i + limit], max(outs[i:i + limit]))
+        sync()
+        static_s = time.perf_counter() - t0
+        useful = sum(outs)
+        out["mixed" + sfx] = {"num_requests": mixed_requests, "max_batch": limit,
+                              "inflight": inflight, "static_tok_s": useful / static_s,
+                              "static_wall_s": static_s,
+                              "inflight_vs_static": inflight["tokens_per_s"] / (useful / static_s)}
+        print("mixed", json.dumps(out["mixed" + sfx]), flush=True)
+    if "hf" in parts and world == 1:
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = hf_model(weights)
+        r = time_hf(model, 32, 128, 128, compile_=False, reps=hf_batches)
+        out["hf_batch32_128_128"] = r
+        if "uniform_128_128" in out:
+            out["uniform_vs_hf"] = out["uniform_128_128"]["tokens_per_s"] / r["e2e_tok_s"]
+        print("hf", json.dumps(r), flush=True)
+        if mixed_requests >= 32:
+            # HF padded static batch of the first 32 mixed requests: the batch runs to its
+            # longest output; useful tokens are what each request asked for.
+            from transformers import GenerationConfig
+            batch, want = mixed[:32], outs[:32]
+            width = max(map(len, batch))
+            ids = torch.zeros((32, width), dtype=torch.long, device=DEVICE)
+            mask = torch.zeros_like(ids)
+            for j, pr in enumerate(batch):  # left padding, as HF decoder-only generation needs
+                ids[j, width - len(pr):] = torch.tensor(pr)
+                mask[j, width - len(pr):] = 1
+            gen = GenerationConfig(max_new_tokens=max(want), min_new_tokens=max(want),
+                                   do_sample=False, pad_token_id=0, eos_token_id=None)
+            with torch.inference_mode():
+                sync()
+                t0 = time.perf_counter()
+                model.generate(ids, generation_config=gen, attention_mask=mask)
+                sync()
+            hf_s = time.perf_counter() - t0
+            out["hf_batch32_mixed"] = {"num_requests": 32, "wall_s": hf_s,
+                                       "useful_tok_s": sum(want) / hf_s,
+                                       "peak_mem_gib": peak_gib()}
+            print("hf_mixed", json.dumps(out["hf_batch32_mixed"]), flush=True)
     return out
 
 
@@ -428,9 +484,11 @@ def merge_json(path: str, new: dict) -> dict:
                     old[section][k] = v
         else:
             old[section] = rows
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(old, f, indent=2)
+    from llama_engine import parallel
+    if parallel.get_rank() == 0:  # tensor parallelism: rank 0 writes
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(old, f, indent=2)
     return old
 
 
@@ -448,6 +506,10 @@ def ablation_markdown(res: dict) -> str:
         r = rows.get(key)
         if not r:
             continue
+        if "error" in r:
+            lines.append(f"| {r.get('label', key)} | failed: {r['error'][:120]} | - | - | - | - "
+                         "| - |")
+            continue
         sp = f"{base / r['latency_s']:.2f}x" if base else "-"
         dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
         floor = f"{r['pct_floor']:.0f}%" if "pct_floor" in r else "-"
@@ -462,7 +524,8 @@ def sections_markdown(res: dict) -> str:
     out = []
     for section, title in (("grid", "Batch sweep (input 128, output 128)"),
                            ("kv_long", "INT8 KV cache at long context"),
-                           ("prefill", "Prefill, batch 1, 2048 tokens")):
+                           ("prefill", "Prefill, batch 1, 2048 tokens"),
+                           ("tp", "Tensor parallelism (rows ending tpN ran on N GPUs)")):
         rows = res.get(section) or {}
         if rows:
             out += ["", f"### {title}", "",
@@ -502,10 +565,26 @@ def sections_markdown(res: dict) -> str:
         if h:
             out.append(f"HF padded static batch 32 (input 128, output 128): "
                        f"{h['e2e_tok_s']:.0f} tok/s; ours/HF {serving['uniform_vs_hf']:.2f}x.")
+        hm = serving.get("hf_batch32_mixed")
+        if hm:
+            out.append(f"HF padded static batch of the first 32 mixed requests: "
+                       f"{hm['useful_tok_s']:.0f} useful tok/s.")
+        c = serving.get("cnn_shaped")
+        if c:
+            out.append(f"cnn_dailymail-shaped load ({c['num_requests']} requests, input "
+                       f"{c['input']}, output {c['output']}): {c['tokens_per_s']:.0f} output "
+                       f"tok/s; TTFT p50 {c['ttft_p50_s']:.2f} s; TPOT p50 "
+                       f"{1e3 * c['tpot_p50_s']:.1f} ms.")
+        for k, r in serving.items():
+            if "_tp" in k and isinstance(r, dict) and "tokens_per_s" in r:
+                out.append(f"{k} (tensor parallel): {r['tokens_per_s']:.0f} output tok/s.")
     return "\n".join(out)
 
 
 def write_report(res: dict, assets: str) -> None:
+    from llama_engine import parallel
+    if parallel.get_rank() != 0:
+        return
     os.makedirs(assets, exist_ok=True)
     try:
         serving_plot(res, assets)
@@ -523,7 +602,7 @@ def write_report(res: dict, assets: str) -> None:
         print("matplotlib not installed: no plot")
         return
     rows = res.get("ablation", {})
-    keys = [k for k in ABLATION if k in rows]
+    keys = [k for k in ABLATION if k in rows and "latency_s" in rows[k]]
     if not keys:
         return
     short = {"hf_eager": "HF eager", "hf_compile": "HF compile", "fp16": "ours fp16",
@@ -564,8 +643,24 @@ def run_ablation(a, weights: Weights, only: Optional[set]) -> dict:
         print(f"== {key}", flush=True)
         if key.startswith("hf_"):
             model = hf_model(weights)
-            r = time_hf(model, B, I, O, compile_=key == "hf_compile")
-            r["label"] = {"hf_eager": "HF eager", "hf_compile": "HF static cache + compile"}[key]
+            label = {"hf_eager": "HF eager", "hf_compile": "HF static cache + compile"}[key]
+            try:
+                r = time_hf(model, B, I, O, compile_=key == "hf_compile")
+            except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                print(f"{key} failed: {msg}", flush=True)
+                r = {"error": msg}
+                torch._dynamo.reset()
+                if key == "hf_compile":
+                    # transformers' default compile (mode reduce-overhead: CUDA graphs) failed;
+                    # measure its compile without CUDA graphs instead, labelled as such.
+                    try:
+                        r = time_hf(model, B, I, O, compile_="default")
+                        label += " (mode default: no CUDA graphs)"
+                    except Exception as e2:  # noqa: BLE001
+                        print(f"{key} (mode default) failed: {type(e2).__name__}", flush=True)
+                        torch._dynamo.reset()
+            r["label"] = label
             del model
         else:
             eng = weights.engine(key, max(B, 1), a.max_input_len, 512)
@@ -608,9 +703,12 @@ def main(argv=None) -> int:
     p.add_argument("--serving", action="store_true", help="inflight batching throughput")
     p.add_argument("--num_requests", type=int, default=1000)
     p.add_argument("--mixed_requests", type=int, default=300)
+    p.add_argument("--serving_parts", default="uniform,mixed,hf",
+                   help="with --serving: which scenarios (uniform, mixed, hf)")
     p.add_argument("--poisson_rates", default=None, help="with --serving: arrival rates, e.g. "
                    "10,20,40,80 requests/s")
     a = p.parse_args(argv)
+    a.serving_parts = set(a.serving_parts.split(","))
     if a.report:
         with open(a.out_json) as f:
             write_report(json.load(f), a.assets)
@@ -621,6 +719,18 @@ def main(argv=None) -> int:
         print("error: benchmark.py needs a CUDA GPU (--device cpu only dry-runs the flow on a "
               "tiny model)", file=sys.stderr)
         return 2
+    from llama_engine import parallel
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # torchrun --nproc_per_node N benchmark.py ...: tensor parallelism over N GPUs (NCCL);
+        # rank 0 prints and writes the results.
+        parallel.init_from_env(DEVICE)
+        parallel.quiet_non_main_ranks()
+        if a.ablation or a.memory or a.engine_dir or a.profile:
+            print("error: under torchrun benchmark.py runs the latency grid and --serving "
+                  "(random weights); not --ablation, --memory, --profile or --engine_dir",
+                  file=sys.stderr)
+            return 2
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run)"
     meta = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     results: dict = {"meta": meta}
@@ -634,7 +744,7 @@ def main(argv=None) -> int:
             r = {"poisson": run_serving_poisson(
                 w, [float(x) for x in a.poisson_rates.split(",")], a.num_requests)}
         else:
-            r = run_serving(w, a.num_requests, a.mixed_requests)
+            r = run_serving(w, a.num_requests, a.mixed_requests, parts=a.serving_parts)
         merged = merge_json(a.out_json, {"meta": meta, "serving": r})
         write_report(merged, a.assets)
         return 0
@@ -663,7 +773,9 @@ def main(argv=None) -> int:
                         else:
                             eng = weights.engine(mode, B, max(I, 8), max(O, 8))
                         eng.enable_cuda_graphs()
-                        key = f"{mode} b{B} i{I} o{O}"
+                        key = f"{mode} b{B} i{I} o{O}" + (f" tp{world}" if world > 1 else "")
+                        if a.model_config != "llama-7b" and not a.engine_dir:
+                            key = f"{a.model_config} {key}"
                         if a.profile:
                             r = profile_decode(eng, B, I, O, os.path.join(
                                 a.assets, f"trace_{mode}_b{B}.json"))

@@ -17,8 +17,8 @@ for p in $PARTS; do
     grid)     timeout 120 $B --modes fp16,int8,int4,sq --batch 16,64 --input_len 128 --output_len 128 --section grid ;;
     memory)   timeout 50 $B --memory int4 ;;
     profile)  timeout 45 $B --profile --modes fp16,int4 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
-    poisson)  timeout 150 $B --serving --poisson_rates 4,8,16,32 --num_requests 200 ;;
-    serving)  timeout 150 $B --serving --num_requests 1000 --mixed_requests 100 ;;
+    poisson)  timeout 150 $B --serving --poisson_rates 8,16,32,64 --num_requests 200 ;;
+    serving)  timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
 done
 echo "=== done $(date +%T)"

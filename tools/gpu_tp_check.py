@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Tensor parallelism on GPUs (NCCL) against one GPU: run on a machine with 2+ GPUs.
+
+    python tools/gpu_tp_check.py [--tp 2]
+
+Builds the tiny engines of ``tests/test_tp.py`` for one rank and for ``--tp`` ranks, then runs
+the ranks under ``torchrun`` on the GPUs: prefill and teacher-forced decode logits against
+the one-GPU engine (fp32: 1e-4 relative), greedy tokens equal (fp32/fp64) on every rank,
+with CUDA graphs off and on, and inflight batching (``LLMEngine``) giving each rank the same
+tokens as one GPU. Prints one PASS/FAIL line per check; exits non-zero on any failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import torch  # noqa: E402
+
+# fp32 engines compared by logits, fp64 by tokens, int8 weight-only for a quantized mode.
+NAMES = ["mha-fp32", "gqa-fp32", "gqa-int8", "mqa-tied-fp32", "gqa-fp64"]  # fp64 last
+SERVE_PROMPTS = [[1, 5, 9, 33, 100, 7, 250], [1, 200, 3], [4] * 15, [9, 8, 7, 6, 5]]
+SERVE_TOKENS = [6, 8, 3, 8]  # within the engines' limits (tests/tp_models.py)
+
+
+def run_all(engine_dir: str) -> dict:
+    """Probe one engine dir (eager, graphs, inflight batching) on this process's GPU."""
+    import tp_models
+    from llama_engine.runner import Engine
+    from llama_engine.serving.llm_engine import LLMEngine
+    eng = Engine.from_dir(engine_dir, device=os.environ.get("TP_CHECK_DEVICE", "cuda"))
+    out = {"eager": tp_models.probe(eng)}
+    eng.enable_cuda_graphs()
+    out["graphs"] = tp_models.probe(eng)
+    llm = LLMEngine(eng, max_batch_size=2, max_num_tokens=64)  # the rest queue
+    out["serve"] = [s.output_ids for s in llm.generate(SERVE_PROMPTS, SERVE_TOKENS)]
+    return out
+
+
+def worker(out_dir: str, dirs: list) -> None:
+    from llama_engine import parallel
+    for d in dirs:
+        name = os.path.basename(d)
+        try:
+            res = run_all(d)
+        except Exception as e:  # record it and go on with the other engines
+            print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            continue
+        rank = parallel.get_rank()
+        to_cpu = {k: {kk: (vv.cpu() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
+                  if isinstance(v, dict) else v for k, v in res.items()}
+        torch.save(to_cpu, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+
+
+FAILS: list = []
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
+    if not ok:
+        FAILS.append(name)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--device", default="cuda", help="cuda; cpu (gloo) only dry-runs the flow")
+    a = p.parse_args()
+    os.environ["TP_CHECK_DEVICE"] = a.device
+    if a.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() < a.tp):
+        print(f"error: needs {a.tp} CUDA GPUs, found "
+              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}", file=sys.stderr)
+        return 2
+    import tp_models
+    tmp = Path(tempfile.mkdtemp(prefix="tpcheck"))
+    ref = {n: run_all(tp_models.build_engine(tmp, n, 1)) for n in NAMES}
+    dirs = [tp_models.build_engine(tmp, n, a.tp) for n in NAMES]
+    res_dir = tmp / "res"
+    res_dir.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}", NCCL_NVLS_ENABLE="0",
+               TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={a.tp}", __file__, "--worker", str(res_dir), *dirs]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    check(f"torchrun tp{a.tp} exits 0", proc.returncode == 0, proc.stderr[-3000:]
+          if proc.returncode else "")
+    if proc.returncode:
+        return 1
+    for n in NAMES:
+        paths = [res_dir / f"{n}.rank{r}.pt" for r in range(a.tp)]
+        if not all(p.exists() for p in paths):
+            check(f"{n} ran on every rank", False, proc.stderr[-2000:])
+            continue
+        ranks = [torch.load(p) for p in paths]
+        one = ref[n]
+        for mode in ("eager", "graphs"):
+            r0 = ranks[0][mode]
+            if "fp64" not in n:
+                tol = 1e-4 if "fp32" in n else 1e-3
+                e_pre = rel(r0["prefill"], one[mode]["prefill"].cpu())
+                e_dec = rel(r0["decode"], one[mode]["decode"].cpu())
+                check(f"{n} {mode} logits tp{a.tp} vs 1 GPU", max(e_pre, e_dec) < tol,
+                      f"prefill {e_pre:.2e} decode {e_dec:.2e} (tol {tol:g})")
+            agree = all(r[mode]["greedy"] == r0["greedy"] for r in ranks)
+            check(f"{n} {mode} greedy tokens agree on all ranks", agree)
+            if "fp64" in n:  # float64: no near-tie can flip a token
+                check(f"{n} {mode} greedy tokens tp{a.tp} == 1 GPU",
+                      r0["greedy"] == one[mode]["greedy"])
+        agree = all(r["serve"] == ranks[0]["serve"] for r in ranks)
+        check(f"{n} inflight batching tokens agree on all ranks", agree)
+        if "fp64" in n:
+            same = ranks[0]["serve"] == one["serve"]
+            check(f"{n} inflight batching tokens tp{a.tp} == 1 GPU", same,
+                  "" if same else json.dumps([ranks[0]["serve"], one["serve"]]))
+    print(f"{len(FAILS)} failed" if FAILS else "all passed", flush=True)
+    return 1 if FAILS else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3:])
+        sys.exit(0)
+    sys.exit(main())

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Tensor parallelism and inflight-batching measurements on a 2-GPU machine, in one call.
+# Usage on the GPU machine: bash tools/gpu_tp_suite.sh OUT_DIR [parts...]
+# parts: check tp13b serving_tp serving   (default: all)
+set -u
+OUTD=${1:?out dir}; shift
+PARTS=${*:-"check tp13b serving_tp serving"}
+J=$OUTD/benchmark.json
+# NVLink multicast off (it can take a shared host's GPUs out of service).
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+B="python3 benchmark.py --out_json $J --assets $OUTD"
+TR="python3 -m torch.distributed.run --standalone --nproc_per_node 2 benchmark.py --out_json $J --assets $OUTD"
+G="--model_config llama-13b --modes fp16 --batch 1,16 --input_len 8 --output_len 50 --section tp"
+nvidia-smi -L
+for p in $PARTS; do
+  echo "=== $p $(date +%T)"
+  case $p in
+    check)      timeout 150 python3 tools/gpu_tp_check.py --tp 2 ;;
+    tp13b)      timeout 100 $B $G && timeout 120 $TR $G ;;
+    serving_tp) timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
+    serving)    timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
+  esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
+done
+echo "=== done $(date +%T)"
