@@ -301,23 +301,26 @@ def measure_memory(model_config: str, mode: str, context: int = 2048) -> dict:
 
 
 def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
-                parts: Optional[set] = None, hf_batches: int = 2) -> dict:
+                parts: Optional[set] = None, hf_batches: int = 2, mode: str = "fp16",
+                save=None) -> dict:
     """Inflight batching throughput (issue 5 scenarios), fp16, end-of-sequence ignored.
 
     parts: ``uniform`` (``num_requests`` x 128 in / 128 out, all at once), ``mixed`` (inputs
     32-1024, outputs 16-512: inflight vs our static batching, same batch limit), ``cnn``
     (cnn_dailymail-shaped: inputs 800-1000, outputs 100), ``hf`` (HF padded batch 32 on the
-    uniform shape and on the first 32 mixed requests). Under torchrun the keys end in tpN."""
+    uniform shape and on the first 32 mixed requests). Under torchrun the keys end in tpN, for
+    a ``mode`` other than fp16 in _mode. ``save(out)`` is called after each part."""
     import random
 
     from llama_engine import parallel
     from llama_engine.serving.llm_engine import LLMEngine, latency_stats
     parts = parts or {"uniform", "mixed", "hf"}
     world = parallel.get_world_size()
-    sfx = f"_tp{world}" if world > 1 else ""
+    sfx = (f"_{mode}" if mode != "fp16" else "") + (f"_tp{world}" if world > 1 else "")
     out: dict = {}
+    save = save or (lambda _: None)
     vocab = weights.args.vocab_size
-    eng = weights.engine("fp16", 256, 1024, 512)
+    eng = weights.engine(mode, 256, 1024, 512)
 
     def timed(llm, prompts, max_tokens) -> dict:
         sync()
@@ -333,6 +336,7 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
         out["uniform_128_128" + sfx] = {"num_requests": num_requests, "max_batch": 256,
                                         **timed(llm, prompts, 128)}
         print("uniform", json.dumps(out["uniform_128_128" + sfx]), flush=True)
+        save(out)
         del llm
     if "cnn" in parts:
         rng = random.Random(3)
@@ -344,6 +348,7 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
         out["cnn_shaped" + sfx] = {"num_requests": n, "max_batch": 256, "input": "800-1000",
                                    "output": 100, **timed(llm, prompts, 100)}
         print("cnn", json.dumps(out["cnn_shaped" + sfx]), flush=True)
+        save(out)
         del llm
     rng = random.Random(0)
     ins = [rng.randint(32, 1024) for _ in range(mixed_requests)]
@@ -369,7 +374,8 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
                               "static_wall_s": static_s,
                               "inflight_vs_static": inflight["tokens_per_s"] / (useful / static_s)}
         print("mixed", json.dumps(out["mixed" + sfx]), flush=True)
-    if "hf" in parts and world == 1:
+        save(out)
+    if "hf" in parts and world == 1 and mode == "fp16":
         del eng
         gc.collect()
         torch.cuda.empty_cache()
@@ -379,6 +385,7 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
         if "uniform_128_128" in out:
             out["uniform_vs_hf"] = out["uniform_128_128"]["tokens_per_s"] / r["e2e_tok_s"]
         print("hf", json.dumps(r), flush=True)
+        save(out)
         if mixed_requests >= 32:
             # HF padded static batch of the first 32 mixed requests: the batch runs to its
             # longest output; useful tokens are what each request asked for.
@@ -496,7 +503,9 @@ def ablation_markdown(res: dict) -> str:
     rows = res.get("ablation", {})
     meta = res.get("meta", {})
     base = rows.get("hf_eager", {}).get("latency_s")
-    lines = [f"LLaMA-7B shapes, random weights, batch 1, input 8, output 50; "
+    shapes = {"llama-7b": "LLaMA-7B", "llama-13b": "LLaMA-13B"}.get(
+        meta.get("ablation_model", "llama-7b"), meta.get("ablation_model"))
+    lines = [f"{shapes} shapes, random weights, batch 1, input 8, output 50; "
              f"{meta.get('gpu', '?')}, {meta.get('date', '?')}; read bandwidth "
              f"{meta.get('read_TBps', float('nan')):.2f} TB/s measured in the same run.", "",
              "| configuration | latency (s) | decode tok/s | speedup vs HF eager | % of floor |"
@@ -575,9 +584,12 @@ def sections_markdown(res: dict) -> str:
                        f"{c['input']}, output {c['output']}): {c['tokens_per_s']:.0f} output "
                        f"tok/s; TTFT p50 {c['ttft_p50_s']:.2f} s; TPOT p50 "
                        f"{1e3 * c['tpot_p50_s']:.1f} ms.")
-        for k, r in serving.items():
-            if "_tp" in k and isinstance(r, dict) and "tokens_per_s" in r:
-                out.append(f"{k} (tensor parallel): {r['tokens_per_s']:.0f} output tok/s.")
+        base = ("uniform_128_128", "cnn_shaped", "mixed")
+        for k, r in serving.items():  # other weight/KV modes (_mode) and tensor parallel (_tpN)
+            if k.startswith(base) and k not in base and isinstance(r, dict):
+                tps = r.get("tokens_per_s") or (r.get("inflight") or {}).get("tokens_per_s")
+                if tps:
+                    out.append(f"{k}: {tps:.0f} output tok/s.")
     return "\n".join(out)
 
 
@@ -678,7 +690,7 @@ def run_ablation(a, weights: Weights, only: Optional[set]) -> dict:
         print(json.dumps(r), flush=True)
         out[key] = r
         merge_json(a.out_json, {"ablation": {key: r}, "meta": {"read_TBps": bw / 1e12}})
-    return {"ablation": out, "meta": {"read_TBps": bw / 1e12}}
+    return {"ablation": out, "meta": {"read_TBps": bw / 1e12, "ablation_model": a.model_config}}
 
 
 def main(argv=None) -> int:
@@ -744,7 +756,9 @@ def main(argv=None) -> int:
             r = {"poisson": run_serving_poisson(
                 w, [float(x) for x in a.poisson_rates.split(",")], a.num_requests)}
         else:
-            r = run_serving(w, a.num_requests, a.mixed_requests, parts=a.serving_parts)
+            r = run_serving(w, a.num_requests, a.mixed_requests, parts=a.serving_parts,
+                            mode=a.modes, save=lambda part: merge_json(a.out_json,
+                                                                       {"serving": part}))
         merged = merge_json(a.out_json, {"meta": meta, "serving": r})
         write_report(merged, a.assets)
         return 0

@@ -41,10 +41,12 @@ def probe(engine) -> dict:
     cache = engine.kv_cache(bsz, max_seq)
     bt = static_block_tables(bsz, max_seq, engine.block_size, engine.device)
     prefill = engine.prefill(PROMPTS, cache, bt)
-    ctx = torch.tensor([len(p) for p in PROMPTS], dtype=torch.int32)
-    decode = [engine.decode_step(torch.tensor(t), ctx, bt, cache) for t in DECODE_TOKENS]
+    dev = engine.device  # decode_step takes its inputs on the engine's device (GPU check too)
+    ctx = torch.tensor([len(p) for p in PROMPTS], dtype=torch.int32, device=dev)
+    decode = [engine.decode_step(torch.tensor(t, device=dev), ctx, bt, cache).cpu()
+              for t in DECODE_TOKENS]
     greedy = engine.generate(PROMPTS, NEW_TOKENS).output_ids
-    return {"prefill": prefill, "decode": torch.stack(decode), "greedy": greedy}
+    return {"prefill": prefill.cpu(), "decode": torch.stack(decode), "greedy": greedy}
 
 
 

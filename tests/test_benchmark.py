@@ -1,0 +1,92 @@
+"""benchmark.py's flow on the CPU (``--device cpu``, tiny random model): the speed numbers
+mean nothing here (the GPU run makes those); what is checked is that every part runs, writes
+the sections and keys the report reads, merges with earlier results instead of replacing
+them, and that the tensor-parallel path under torchrun writes once, from rank 0."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import benchmark  # noqa: E402
+
+TINY = ["--device", "cpu", "--model_config", "tiny"]
+
+
+def run(tmp: Path, *args) -> dict:
+    rc = benchmark.main([*TINY, "--out_json", str(tmp / "b.json"), "--assets", str(tmp), *args])
+    assert rc == 0
+    return json.loads((tmp / "b.json").read_text())
+
+
+def test_ablation_grid_and_report_merge(tmp_path):
+    d = run(tmp_path, "--ablation", "--only", "hf_eager,fp16,int8")
+    rows = d["ablation"]
+    assert set(rows) == {"hf_eager", "fp16", "int8"}
+    for k in ("fp16", "int8"):
+        r = rows[k]
+        assert r["decode_tok_s"] > 0 and r["latency_s"] > r["prefill_s"] > 0
+        assert 0 < r["pct_floor"] and r["floor_tok_s"] > 0
+    # int8 weight-only reads half the bytes of fp16 per linear weight
+    assert rows["int8"]["weight_gib"] < 0.6 * rows["fp16"]["weight_gib"]
+    d = run(tmp_path, "--modes", "fp16,sq", "--batch", "1,3", "--input_len", "5",
+            "--output_len", "4", "--section", "grid")
+    assert set(d["ablation"]) == {"hf_eager", "fp16", "int8"}  # merged, not replaced
+    assert set(d["grid"]) == {f"tiny {m} b{b} i5 o4" for m in ("fp16", "sq") for b in (1, 3)}
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "| HF eager |" in md and "### Batch sweep" in md and "tiny fp16 b3 i5 o4" in md
+    assert (tmp_path / "benchmark.png").stat().st_size > 0
+
+
+def test_serving_parts(tmp_path):
+    d = run(tmp_path, "--serving", "--num_requests", "5", "--mixed_requests", "4",
+            "--serving_parts", "uniform,mixed")
+    s = d["serving"]
+    u = s["uniform_128_128"]
+    assert u["num_requests"] == 5 and u["output_tokens"] == 5 * 128 and u["tokens_per_s"] > 0
+    m = s["mixed"]
+    assert m["inflight"]["num_requests"] == 4 and m["inflight_vs_static"] > 0
+    assert "cnn_shaped" not in s and "hf_batch32_128_128" not in s
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "### Inflight batching" in md and "Mixed lengths (4 requests" in md
+
+
+def test_failing_hf_baseline_is_reported(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("compile exploded\nsecond line")
+    monkeypatch.setattr(benchmark, "time_hf", boom)
+    d = run(tmp_path, "--ablation", "--only", "hf_eager,fp16")
+    assert d["ablation"]["hf_eager"]["error"] == "RuntimeError: compile exploded"
+    assert "failed: RuntimeError: compile exploded" in (tmp_path / "benchmark.md").read_text()
+    assert d["ablation"]["fp16"]["decode_tok_s"] > 0
+
+
+def test_tensor_parallel_grid_under_torchrun(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "benchmark.py"), *TINY, "--modes", "fp16", "--batch", "2",
+           "--input_len", "6", "--output_len", "4", "--section", "tp",
+           "--out_json", str(tmp_path / "b.json"), "--assets", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads((tmp_path / "b.json").read_text())
+    assert list(d["tp"]) == ["tiny fp16 b2 i6 o4 tp2"]
+    assert proc.stdout.count("tiny fp16 b2 i6 o4 tp2 {") == 1  # rank 1 prints nothing
+
+
+@pytest.mark.parametrize("flag", ["--ablation", "--profile"])
+def test_torchrun_rejects_single_gpu_parts(tmp_path, flag):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "benchmark.py"), *TINY, flag, "--out_json", str(tmp_path / "b.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "under torchrun benchmark.py runs the latency grid and --serving" in proc.stderr
+    assert not (tmp_path / "b.json").exists()
