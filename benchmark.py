@@ -302,7 +302,7 @@ def measure_memory(model_config: str, mode: str, context: int = 2048) -> dict:
 
 def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
                 parts: Optional[set] = None, hf_batches: int = 2, mode: str = "fp16",
-                save=None) -> dict:
+                policy: str = "max_utilization", save=None) -> dict:
     """Inflight batching throughput (issue 5 scenarios), fp16, end-of-sequence ignored.
 
     parts: ``uniform`` (``num_requests`` x 128 in / 128 out, all at once), ``mixed`` (inputs
@@ -316,7 +316,8 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
     from llama_engine.serving.llm_engine import LLMEngine, latency_stats
     parts = parts or {"uniform", "mixed", "hf"}
     world = parallel.get_world_size()
-    sfx = (f"_{mode}" if mode != "fp16" else "") + (f"_tp{world}" if world > 1 else "")
+    sfx = (f"_{mode}" if mode != "fp16" else "") + (f"_tp{world}" if world > 1 else "") + (
+        "_no_evict" if policy == "guaranteed_no_evict" else "")
     out: dict = {}
     save = save or (lambda _: None)
     vocab = weights.args.vocab_size
@@ -324,13 +325,16 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
 
     def timed(llm, prompts, max_tokens) -> dict:
         sync()
+        llm.reset_step_stats()
         t0 = time.perf_counter()
         seqs = llm.generate(prompts, max_tokens)
         sync()
-        return {**latency_stats(seqs), "wall_s": time.perf_counter() - t0}
+        return {**latency_stats(seqs), "wall_s": time.perf_counter() - t0,
+                "steps": llm.step_summary(), "kv_cache_tokens": llm.block_manager.capacity_tokens}
 
     if "uniform" in parts:
-        llm = LLMEngine(eng, max_batch_size=256, max_num_tokens=8192)
+        llm = LLMEngine(eng, max_batch_size=256, max_num_tokens=8192,
+                        scheduler_policy=policy)
         prompts = random_prompts(num_requests, 128, vocab)
         llm.generate(prompts[:64], 8)  # warm-up: graphs, kernels
         out["uniform_128_128" + sfx] = {"num_requests": num_requests, "max_batch": 256,
@@ -344,7 +348,7 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
         n = min(num_requests, 500)
         prompts = [torch.randint(3, vocab, (rng.randint(800, 1000),), generator=g).tolist()
                    for _ in range(n)]
-        llm = LLMEngine(eng, max_batch_size=256, max_num_tokens=8192)
+        llm = LLMEngine(eng, max_batch_size=256, max_num_tokens=8192, scheduler_policy=policy)
         out["cnn_shaped" + sfx] = {"num_requests": n, "max_batch": 256, "input": "800-1000",
                                    "output": 100, **timed(llm, prompts, 100)}
         print("cnn", json.dumps(out["cnn_shaped" + sfx]), flush=True)
@@ -357,7 +361,7 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
     mixed = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in ins]
     if "mixed" in parts and mixed_requests:
         limit = 64
-        llm = LLMEngine(eng, max_batch_size=limit, max_num_tokens=8192)
+        llm = LLMEngine(eng, max_batch_size=limit, max_num_tokens=8192, scheduler_policy=policy)
         inflight = timed(llm, mixed, outs)
         del llm
         gc.collect()
@@ -715,6 +719,8 @@ def main(argv=None) -> int:
     p.add_argument("--serving", action="store_true", help="inflight batching throughput")
     p.add_argument("--num_requests", type=int, default=1000)
     p.add_argument("--mixed_requests", type=int, default=300)
+    p.add_argument("--scheduler_policy", default="max_utilization",
+                   choices=("max_utilization", "guaranteed_no_evict"))
     p.add_argument("--serving_parts", default="uniform,mixed,hf",
                    help="with --serving: which scenarios (uniform, mixed, hf)")
     p.add_argument("--poisson_rates", default=None, help="with --serving: arrival rates, e.g. "
@@ -757,7 +763,7 @@ def main(argv=None) -> int:
                 w, [float(x) for x in a.poisson_rates.split(",")], a.num_requests)}
         else:
             r = run_serving(w, a.num_requests, a.mixed_requests, parts=a.serving_parts,
-                            mode=a.modes, save=lambda part: merge_json(a.out_json,
+                            mode=a.modes, policy=a.scheduler_policy, save=lambda part: merge_json(a.out_json,
                                                                        {"serving": part}))
         merged = merge_json(a.out_json, {"meta": meta, "serving": r})
         write_report(merged, a.assets)

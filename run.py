@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streaming", action="store_true", help="print tokens as they come")
     p.add_argument("--use_inflight_batching", action="store_true",
                    help="run the prompts through the inflight-batching scheduler")
+    p.add_argument("--scheduler_policy", default="max_utilization",
+                   choices=("max_utilization", "guaranteed_no_evict"),
+                   help="with --use_inflight_batching: preempt when the KV cache runs out "
+                        "(max_utilization) or admit only requests that fit whole "
+                        "(guaranteed_no_evict; TensorRT-LLM's CapacitySchedulerPolicy)")
     p.add_argument("--no_cuda_graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
@@ -58,7 +63,7 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
 
 
 def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=None,
-                      stop_ids=()):
+                      stop_ids=(), scheduler_policy: str = "max_utilization"):
     """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput."""
     import time
 
@@ -66,7 +71,7 @@ def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=Non
     from llama_engine.serving import LLMEngine
     llm = getattr(engine, "_llm_engine", None)
     if llm is None:  # one per engine: it owns the paged KV cache and the CUDA graphs
-        llm = engine._llm_engine = LLMEngine(engine)
+        llm = engine._llm_engine = LLMEngine(engine, scheduler_policy=scheduler_policy)
     t0 = time.perf_counter()
     seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids)
     for s in seqs:
@@ -101,7 +106,8 @@ def _main(args) -> int:
     def once(streamer=None):
         if args.use_inflight_batching:
             return generate_inflight(engine, batch_ids, args.max_output_len, sampling,
-                                     stop_ids=tokenizer.end_ids)
+                                     stop_ids=tokenizer.end_ids,
+                                     scheduler_policy=args.scheduler_policy)
         return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_id,
                                streamer=streamer)
 

@@ -111,7 +111,8 @@ def run_engine_side(args, prompts: list, tokenizer, device: str) -> SideResult:
 
     def generate(batch):
         if args.use_inflight_batching:
-            out = generate_inflight(engine, batch, args.output_len, stop_ids=tokenizer.end_ids)
+            out = generate_inflight(engine, batch, args.output_len, stop_ids=tokenizer.end_ids,
+                                    scheduler_policy=args.scheduler_policy)
         else:
             out = engine.generate(batch, max_new_tokens=args.output_len, end_id=tokenizer.eos_id)
         return [strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write per-article outputs and the scores to this file")
     p.add_argument("--use_inflight_batching", action="store_true",
                    help="run the engine side through the inflight-batching scheduler")
+    p.add_argument("--scheduler_policy", default="max_utilization",
+                   choices=("max_utilization", "guaranteed_no_evict"),
+                   help="with --use_inflight_batching: see run.py --help")
     return p
 
 

@@ -342,8 +342,23 @@ def test_duplicate_request_id_and_bad_limits_rejected():
         Scheduler(BlockManager(8, 4), max_batch_size=8, max_num_tokens=4)
 
 
+def test_guaranteed_no_evict_never_preempts():
+    rng = random.Random(1)
+    specs = make_specs(rng, 6, (6, 12), (10, 20))  # the preemption test's load
+    sched = Scheduler(BlockManager(10, 4), max_batch_size=6, max_num_tokens=64,
+                      policy="guaranteed_no_evict")
+    finished, outs = run_to_completion(sched, specs)
+    assert sched.num_preemptions == 0 and not any(o.preempted for o in outs)
+    assert_outputs(finished, specs)
+    # It admits only what fits whole: never more running than the cache holds at full length.
+    assert max(len(o.seqs) for o in outs) < 6
+    with pytest.raises(ConfigError, match="unknown scheduler policy 'fifo'"):
+        Scheduler(BlockManager(10, 4), max_batch_size=6, max_num_tokens=64, policy="fifo")
+
+
+@pytest.mark.parametrize("policy", Scheduler.POLICIES)
 @pytest.mark.parametrize("seed", range(40))
-def test_random_scenarios(seed):
+def test_random_scenarios(seed, policy):
     """Random caches, limits, arrivals and cancellations: every request finishes exactly once
     with the tokens it would get alone, the cache always agrees with the block tables, and
     every block comes back."""
@@ -369,9 +384,11 @@ def test_random_scenarios(seed):
             cancels.setdefault(rng.randrange(60), []).append(spec[0])
             cancelled.add(spec[0])
     sched = Scheduler(BlockManager(num_blocks, block_size), max_batch_size=max_batch,
-                      max_num_tokens=max_num_tokens)
+                      max_num_tokens=max_num_tokens, policy=policy)
     finished, _ = run_to_completion(sched, specs, arrivals, cancels)
     assert set(finished) == {s[0] for s in specs}
+    if policy == "guaranteed_no_evict":
+        assert sched.num_preemptions == 0
     never_fit = {rid for rid, s in finished.items() if s.finish_reason == FinishReason.ERROR}
     for rid in never_fit:
         spec = next(s for s in specs if s[0] == rid)
@@ -454,6 +471,19 @@ def test_inflight_greedy_equals_each_prompt_alone(tiny_engine, alone, kv_tokens,
         assert seq.output_ids == alone(p, m)
     assert (eng.scheduler.num_preemptions > 0) == preempts
     assert_blocks_returned(eng)
+
+
+def test_step_stats_count_every_step(tiny_engine):
+    eng = llm(tiny_engine, max_num_tokens=8)
+    prompts = tiny_prompts(3, seed=4, lo=10, hi=20)
+    eng.generate(prompts, 5)
+    st = eng.step_summary()
+    assert st["decode"]["steps"] + st["mixed"]["steps"] == eng.num_steps
+    assert st["mixed"]["tokens"] + st["decode"]["tokens"] == sum(map(len, prompts)) + 3 * 4
+    assert st["decode"]["tokens"] == st["decode"]["seqs"]  # one token per sequence
+    assert st["mixed"]["ms_per_step"] > 0 and st["preemptions"] == 0
+    eng.reset_step_stats()
+    assert eng.step_summary()["decode"]["steps"] == 0
 
 
 def test_chunked_prefill_and_mixed_steps_are_exercised(tiny_engine, alone):

@@ -57,13 +57,16 @@ class LLMEngine:
 
     ``max_batch_size`` / ``max_num_tokens`` default to the engine's build config (the token
     budget to 8192); the KV cache is sized by ``kv_cache_free_gpu_memory_fraction`` on CUDA
-    and by ``max_kv_cache_tokens`` (a cap on CUDA, the size on the CPU)."""
+    and by ``max_kv_cache_tokens`` (a cap on CUDA, the size on the CPU). ``scheduler_policy``:
+    ``max_utilization`` (preempt when the cache runs out) or ``guaranteed_no_evict``
+    (scheduler.py)."""
 
     def __init__(self, engine: Union[Engine, str], max_batch_size: Optional[int] = None,
                  max_num_tokens: Optional[int] = None,
                  kv_cache_free_gpu_memory_fraction: float = 0.9,
                  max_kv_cache_tokens: Optional[int] = None, cuda_graphs: bool = True,
-                 device: Optional[str] = None, dtype: Optional[str] = None):
+                 device: Optional[str] = None, dtype: Optional[str] = None,
+                 scheduler_policy: str = "max_utilization"):
         if isinstance(engine, str):
             engine = Engine.from_dir(engine, device=device, dtype=dtype)
         self.engine = engine
@@ -77,10 +80,27 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, b.tokens_per_block)
         self.scheduler = Scheduler(self.block_manager, max_batch_size, max_num_tokens,
                                    max_input_len=b.max_input_len, max_output_len=b.max_output_len,
-                                   max_seq_len=b.max_seq_len)
+                                   max_seq_len=b.max_seq_len, policy=scheduler_policy)
         self._ids = itertools.count()
         self._reported: dict = {}   # request_id -> output tokens already returned by step()
         self.num_steps = 0
+        self.reset_step_stats()
+
+    def reset_step_stats(self) -> None:
+        """Per step kind (``decode``: one token per sequence; ``mixed``: prompt chunks too):
+        steps, wall seconds, tokens computed and sequences, summed since the last reset."""
+        self.step_stats = {k: {"steps": 0, "seconds": 0.0, "tokens": 0, "seqs": 0}
+                           for k in ("decode", "mixed")}
+
+    def step_summary(self) -> dict:
+        """step_stats with means: ms per step, sequences per step, tokens per step."""
+        out = {}
+        for k, st in self.step_stats.items():
+            n = max(st["steps"], 1)
+            out[k] = {**st, "ms_per_step": 1e3 * st["seconds"] / n,
+                      "seqs_per_step": st["seqs"] / n, "tokens_per_step": st["tokens"] / n}
+        out["preemptions"] = self.scheduler.num_preemptions
+        return out
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt_ids: Iterable[int], sampling: Optional[SamplingConfig] = None,
@@ -109,10 +129,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; -> a RequestOutput for each request that got tokens or
         finished (cancelled and never-fitting requests included)."""
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
-        tokens = self.runner.execute(out)
+        tokens = self.runner.execute(out)  # the sampled ids come back to the host: synced
         self.scheduler.update(out, tokens)
         self.num_steps += 1
+        if out.seqs:
+            kind = "decode" if out.is_decode else "mixed"
+            st = self.step_stats[kind]
+            st["steps"] += 1
+            st["seconds"] += time.perf_counter() - t0
+            st["tokens"] += out.num_tokens
+            st["seqs"] += len(out.seqs)
         results = []
         finished = self.scheduler.pop_finished()
         done = {id(s) for s in finished}

@@ -15,6 +15,12 @@ manager and vLLM do it, with chunked prefill (Agrawal et al., "Sarathi", 2023):
 * a request that could never run (over ``max_input_len``/``max_output_len``/``max_seq_len``
   or longer than the whole cache) finishes at once with an error; the others carry on.
 
+Capacity policy (TensorRT-LLM's ``CapacitySchedulerPolicy`` names): ``max_utilization``
+admits a request when the blocks for its next chunk are free, and preempts when running
+requests later outgrow the cache; ``guaranteed_no_evict`` admits it only when the blocks for
+its whole length (prompt + ``max_tokens``) fit beside what every running request may still
+grow to, so nothing is ever preempted (fewer requests at once when outputs end early at EOS).
+
 ``schedule()`` returns a ``SchedulerOutput``; the model runner computes it and samples; then
 ``update(output, tokens)`` appends the tokens and finishes, frees and reports requests.
 Pure Python, no tensors.
@@ -54,9 +60,15 @@ class SchedulerOutput:
 class Scheduler:
     """FCFS inflight batching over a ``BlockManager``; see the module docstring."""
 
+    POLICIES = ("max_utilization", "guaranteed_no_evict")
+
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int,
                  max_input_len: Optional[int] = None, max_output_len: Optional[int] = None,
-                 max_seq_len: Optional[int] = None):
+                 max_seq_len: Optional[int] = None, policy: str = "max_utilization"):
+        if policy not in self.POLICIES:
+            raise ConfigError(f"unknown scheduler policy {policy!r}; choose one of "
+                              f"{', '.join(self.POLICIES)}")
+        self.policy = policy
         if max_batch_size <= 0:
             raise ConfigError(f"max_batch_size must be positive, got {max_batch_size}")
         if max_num_tokens < max_batch_size:
@@ -167,6 +179,9 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
                 break
+            if self.policy == "guaranteed_no_evict" and (
+                    self._full_blocks(seq) + self._reserved_blocks() > self.bm.num_free_blocks):
+                break
             self.bm.allocate(seq, seq.num_computed_tokens + n)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -180,6 +195,15 @@ class Scheduler:
             out.sample.append(seq.num_computed_tokens + n == seq.num_tokens)
         out.is_decode = bool(planned) and all(n == 1 for n in out.num_new_tokens)
         return out
+
+    def _full_blocks(self, seq: Sequence) -> int:
+        """Blocks ``seq`` still lacks for its whole length (the last token's K/V is never
+        written, hence prompt + max_tokens - 1 slots)."""
+        return self.bm.blocks_needed(seq, seq.num_prompt_tokens + seq.max_tokens - 1)
+
+    def _reserved_blocks(self) -> int:
+        """Blocks the running requests may still take before they finish."""
+        return sum(self._full_blocks(s) for s in self.running)
 
     def _reserve(self, seq: Sequence, num_slots: int, planned: dict,
                  out: SchedulerOutput) -> tuple[bool, int]:
