@@ -100,9 +100,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).split([self.width, self.width], dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            # one kernel for silu(gate) * up on CUDA (kernels/act.py); PyTorch's two elsewhere
+            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
