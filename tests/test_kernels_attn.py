@@ -264,6 +264,13 @@ def _check_decode_per_channel(A):
     finally:
         A.DECODE_CONFIG.clear()
         A.DECODE_CONFIG.update(saved)
+    # Very small and very large scales: q * ks / max(ks) stays in fp16's normal range.
+    for mult in (1e-3, 300.0):
+        ks, vs = _channel_scales(2, 16, g)
+        out, ref, _ = _decode_case(A, 2, 4, 2, 16, [50, 130], 16, torch.float16, torch.int8, g,
+                                   64, (ks * mult, vs * mult))
+        if not (torch.isfinite(out).all() and _rel(out, ref) < 1e-2):
+            fails.append(f"per-channel decode with scales x{mult}: rel err {_rel(out, ref):.2e}")
     # Scales given as [Hkv, D] work too, and a float equals the constant pair.
     out, ref, (q, kc, vc, bt, cl, sm) = _decode_case(A, 2, 4, 2, 16, [40, 9], 16,
                                                      torch.float16, torch.int8, g, 32, 0.02)

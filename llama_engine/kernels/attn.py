@@ -437,9 +437,13 @@ if HAS_TRITON:
         if QUANT:
             # q . (k_int8 * ks) = (q * ks) . k_int8: the K scales of this KV head go into q,
             # rounded back to q's dtype (the dot operand; qf and the MAGIC shift use the same
-            # rounded values, so the +1152 shift still cancels exactly).
+            # rounded values, so the +1152 shift still cancels exactly). Normalized by the
+            # largest scale, which goes into the scalar qk_scale, so that q * ks / max(ks) never
+            # leaves q's range (no fp16 overflow, no needless subnormals).
             ks = tl.load(KS + g.to(tl.int64) * D + d)  # [D] fp32
-            q = (q.to(tl.float32) * ks[None, :]).to(Q.dtype.element_ty)
+            ks_max = tl.max(ks, axis=0)
+            q = (q.to(tl.float32) * (ks / ks_max)[None, :]).to(Q.dtype.element_ty)
+            qk_scale = qk_scale * ks_max
         qf = q.to(tl.float32)  # FMA path operand (dead code on the dot path)
         qshift = tl.sum(qf, axis=1) * 1152.0  # MAGIC path: q.(k + 1152) - q.k, per head
 
