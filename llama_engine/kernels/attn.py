@@ -152,10 +152,8 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 def quantize_kv_ref(x: torch.Tensor, kv_scale) -> torch.Tensor:
     """x [..., Hkv, D] -> int8; ``kv_scale`` a float or a tensor broadcasting to [Hkv, D].
 
-    Multiplies by the fp32 reciprocal of the scale, as the write kernel does, so the two
-    round exactly alike (x / s and x * (1/s) can differ by one level at a tie)."""
-    inv = torch.reciprocal(torch.as_tensor(kv_scale, dtype=torch.float32, device=x.device))
-    return torch.round(x.float() * inv).clamp_(-127, 127).to(torch.int8)
+    An IEEE fp32 division, as the write kernel does (``div_rn``), so both round alike."""
+    return torch.round(x.float() / kv_scale).clamp_(-127, 127).to(torch.int8)
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -267,11 +265,12 @@ if HAS_TRITON:
         tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _quant_int8(x, inv_scale):
-        # x: fp32. Clamp first (127 is an integer, so clamp-then-round == round-then-clamp),
-        # then round half to even with the 1.5*2^23 trick (exact for |x| < 2^22), matching
-        # torch.round.
-        y = x * inv_scale
+    def _quant_int8(x, scale):
+        # x, scale: fp32. A correctly rounded division (not x * (1/scale), which can land one
+        # level off at a tie), exactly as the reference's x / scale. Clamp first (127 is an
+        # integer, so clamp-then-round == round-then-clamp), then round half to even with the
+        # 1.5*2^23 trick (exact for |x| < 2^22), matching torch.round.
+        y = tl.math.div_rn(x, scale)
         y = tl.minimum(tl.maximum(y, -127.0), 127.0)
         y = (y + 12582912.0) - 12582912.0
         return y.to(tl.int8)
@@ -338,10 +337,10 @@ if HAS_TRITON:
                 ks2 = tl.load(KS + sp + HALF, mask=mk, other=1.0)
                 vs1 = tl.load(VS + sp, mask=mk, other=1.0)
                 vs2 = tl.load(VS + sp + HALF, mask=mk, other=1.0)
-                tl.store(kc, _quant_int8(k1, 1.0 / ks1), mask=mw)
-                tl.store(kc + HALF, _quant_int8(k2, 1.0 / ks2), mask=mw)
-                tl.store(vc, _quant_int8(v1, 1.0 / vs1), mask=mw)
-                tl.store(vc + HALF, _quant_int8(v2, 1.0 / vs2), mask=mw)
+                tl.store(kc, _quant_int8(k1, ks1), mask=mw)
+                tl.store(kc + HALF, _quant_int8(k2, ks2), mask=mw)
+                tl.store(vc, _quant_int8(v1, vs1), mask=mw)
+                tl.store(vc + HALF, _quant_int8(v2, vs2), mask=mw)
             else:
                 tl.store(kc, k1.to(KC.dtype.element_ty), mask=mw)
                 tl.store(kc + HALF, k2.to(KC.dtype.element_ty), mask=mw)
