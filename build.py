@@ -193,8 +193,9 @@ def build(a: argparse.Namespace) -> int:
 def build_trtllm(a, model_args, quant, tensors, build_cfg, tok_dir) -> int:
     from llama_engine import checkpoint as ckpt, trtllm
     ckpt_dir = a.output_dir if a.checkpoint_only else os.path.join(a.output_dir + "_ckpt")
+    # A TensorRT-LLM export: only TensorRT-LLM's tensors (no per-channel KV scale extension).
     ckpt.write_checkpoint(ckpt_dir, model_args, a.dtype, quant, tensors, tokenizer_src=tok_dir,
-                          world_size=a.tp_size)
+                          world_size=a.tp_size, extensions=False)
     print(f"TensorRT-LLM unified checkpoint written to {os.path.abspath(ckpt_dir)}")
     if a.checkpoint_only:
         return 0

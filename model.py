@@ -232,15 +232,46 @@ class Transformer(nn.Module):
 
 
 def kv_scales_from_checkpoint(args: ModelArgs, quant: QuantConfig,
-                              tensors: dict[str, torch.Tensor]) -> Optional[list[float]]:
-    """Per-layer INT8 KV scales, or None for a float cache. Never invents a scale."""
+                              tensors: dict[str, torch.Tensor]
+                              ) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """INT8 KV scales per layer: (k_scale, v_scale) float32 [Hkv, D] on the tensors' device, or
+    None for a float cache. Never invents a scale.
+
+    Uses our per-(KV head, channel) ``attention.k_cache_scale`` / ``v_cache_scale`` when the
+    checkpoint has them, else TensorRT-LLM's per-layer ``kv_cache_scaling_factor`` for every
+    channel of K and V (older checkpoints, TensorRT-LLM's own). ``args`` is the architecture
+    the tensors are for (a rank's local one under tensor parallelism)."""
     if not quant.int8_kv_cache:
         return None
+    hkv, d = args.num_key_value_heads, args.head_dim
     scales = []
     for i in range(args.num_hidden_layers):
-        name = ckpt.layer_prefix(i) + "attention.kv_cache_scaling_factor"
-        if name not in tensors:
-            raise ConfigError(f"INT8 KV cache needs calibrated scales but {name} is missing; "
-                              "run hf_llama_convert.py --calibrate-kv-cache")
-        scales.append(float(tensors[name].float().reshape(-1)[0]))
+        p = ckpt.layer_prefix(i) + "attention."
+        kn, vn = (p + s for s in ckpt.KV_CHANNEL_SCALES)
+        if kn in tensors or vn in tensors:
+            if kn not in tensors or vn not in tensors:
+                raise ConfigError(f"checkpoint has only one of {kn} and {vn}; per-channel INT8 "
+                                  "KV scales come in pairs (re-run hf_llama_convert.py "
+                                  "--calibrate-kv-cache)")
+            pair = []
+            for n in (kn, vn):
+                t = tensors[n].float()
+                if t.numel() != hkv * d:
+                    raise ConfigError(f"{n} has {t.numel()} values; expected Hkv*D = "
+                                      f"{hkv}*{d} = {hkv * d}")
+                pair.append(t.reshape(hkv, d).contiguous())
+        else:
+            name = p + ckpt.KV_SCALE
+            if name not in tensors:
+                raise ConfigError(f"INT8 KV cache needs calibrated scales but {name} is "
+                                  "missing; run hf_llama_convert.py --calibrate-kv-cache")
+            s = tensors[name].float().reshape(-1)[:1].reshape(1, 1).expand(hkv, d)
+            pair = [s.contiguous(), s.contiguous()]  # TensorRT-LLM's: one scale for K and V
+            kn = vn = name
+        for n, t in zip((kn, vn), pair):
+            # one host check at load time (a zero scale would divide by zero when quantizing)
+            if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+                raise ConfigError(f"{n} holds a zero, negative or non-finite INT8 KV scale; "
+                                  "re-calibrate (hf_llama_convert.py --calibrate-kv-cache)")
+        scales.append((pair[0], pair[1]))
     return scales

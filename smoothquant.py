@@ -16,11 +16,15 @@ Two steps, as in TensorRT-LLM's ``examples/llama/smoothquant.py`` (our own code)
    ``transformer.layers.{i}.mlp.proj``          input of down_proj
    ==================================  =====================================
 
-   For the INT8 KV cache it also records max |k| and max |v| per layer
-   (``transformer.layers.{i}.attention`` -> tensor([max|k|, max|v|])). K is measured *after*
-   RoPE, read from the model's KV cache, because that is what our cache stores (TensorRT-LLM
-   measures the k_proj output before RoPE; a rotation can raise one component by up to
-   sqrt(2)).
+   For the INT8 KV cache it also records, per layer, max |k| and max |v| of every (KV head,
+   channel) over all calibration tokens (``transformer.layers.{i}.attention`` -> tensor
+   [2, Hkv*D], row 0 K, row 1 V, channel h*D + d). K is measured *after* RoPE, read from the
+   model's KV cache, because that is exactly what our cache stores: RoPE mixes channels d and
+   d + D/2 differently at every position, so the maximum over positions of the rotated K is
+   the statistic a per-channel scale needs (TensorRT-LLM measures the k_proj output before
+   RoPE, per layer; a rotation can raise one component by up to sqrt(2)). V usually spans far
+   less than K, and K has outlier channels: separate per-channel scales keep most channels'
+   int8 grid fine where one per-layer scale would be set by the largest K outlier.
 
 2. **Smoothing** (``smooth_unified``) on unified float tensors: per input channel j,
    s_j = max|X_j|^alpha / max|W_j|^(1-alpha), with max|W_j| over all rows that read the
@@ -158,11 +162,12 @@ def capture_stats(model, prompts: Iterable[list[int]], kv: bool = True, progress
             n_tokens += len(ids)
             if kv:
                 for i, (k, v) in enumerate(_cache_layers(cache)):
-                    # k, v: [1, Hkv, T, D]; k is post-RoPE, as our cache holds it.
-                    mk = k.detach().abs().amax().float().cpu()
-                    mv = v.detach().abs().amax().float().cpu()
+                    # k, v: [1, Hkv, T, D]; k is post-RoPE, as our cache holds it. Max over the
+                    # tokens per (head, channel) -> [Hkv*D], channel h*D + d as in our cache.
+                    mk = k.detach().abs().amax(dim=2).float().reshape(-1).cpu()
+                    mv = v.detach().abs().amax(dim=2).float().reshape(-1).cpu()
                     key = f"transformer.layers.{i}.attention"
-                    new = torch.stack([mk, mv])
+                    new = torch.stack([mk, mv])  # [2, Hkv*D]
                     kvmax[key] = new if key not in kvmax else torch.maximum(kvmax[key], new)
     finally:
         for h in hooks:

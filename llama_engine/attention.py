@@ -41,22 +41,31 @@ def last_token_indices(query_lens: list, device) -> torch.Tensor:
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int,
-                   scale: Optional[float], dtype: torch.dtype) -> torch.Tensor:
-    """First ``length`` cached tokens of one sequence. -> [length, Hkv, D] in ``dtype``."""
+                   scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """First ``length`` cached tokens of one sequence. -> [length, Hkv, D] in ``dtype``.
+
+    ``scale``: an int8 cache's dequantization scales, float32 [Hkv, D] (per KV head and
+    channel; a float is accepted too), or None for a float cache."""
     block_size = cache.shape[2]
     n = (length + block_size - 1) // block_size
     blocks = cache[block_table[:n].long()]                 # [n, Hkv, bs, D]
     x = blocks.permute(0, 2, 1, 3).reshape(n * block_size, cache.shape[1], cache.shape[3])
-    x = x[:length].to(dtype)
-    return x * scale if scale is not None else x
+    x = x[:length]
+    if scale is None:
+        return x.to(dtype)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.reshape(cache.shape[1], cache.shape[3])  # [Hkv, D] broadcasts over tokens
+    return (x.float() * scale).to(dtype)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, kv_scale: Optional[float],
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, kv_scale,
                     softmax_scale: float) -> torch.Tensor:
     """q[N,H,D], k/v[N,Hkv,D] of the new tokens -> attention output [N,H,D].
 
-    Writes the new K/V into the cache first (quantizing when the cache is int8)."""
+    Writes the new K/V into the cache first (quantizing when the cache is int8). ``kv_scale``
+    (int8 caches): ``(k_scale, v_scale)`` float32 [Hkv, D] as ``KVCache.layer`` gives them
+    (or one float for both), else None."""
     ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scale)
     if meta.is_decode:
         return ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
@@ -70,6 +79,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     while nd < len(meta.query_lens) and meta.query_lens[nd] == 1 and ctx[nd] > 1:
         nd += 1
     outs, start = [], nd
+    ks = vs = None
+    if k_cache.dtype == torch.int8:
+        ks, vs = ops.kv_scale_tensors(kv_scale, k_cache.shape[1], k_cache.shape[3],
+                                      k_cache.device)
     if nd:
         outs.append(ops.decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
                                          meta.context_lens[:nd], softmax_scale, kv_scale))
@@ -80,8 +93,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
         prefix = ctx[i] - qlen
         if prefix > 0:
             # Chunked prefill / continuation: earlier tokens come from the cache.
-            kp = gather_context(k_cache, meta.block_tables[i], prefix, kv_scale, q.dtype)
-            vp = gather_context(v_cache, meta.block_tables[i], prefix, kv_scale, q.dtype)
+            kp = gather_context(k_cache, meta.block_tables[i], prefix, ks, q.dtype)
+            vp = gather_context(v_cache, meta.block_tables[i], prefix, vs, q.dtype)
             ki, vi = torch.cat([kp, ki]), torch.cat([vp, vi])
         outs.append(ops.prefill_attention(qi, ki, vi, prefix, softmax_scale=softmax_scale))
         start += qlen

@@ -41,6 +41,17 @@ GLOBAL_TABLE = [
     ("lm_head", "lm_head", "lm_head"),
 ]
 LAYER_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+# INT8 KV cache scales, under each layer's ``attention.`` (docs/design.md): TensorRT-LLM's one
+# scale for K and V (float32 [1]) and our extension, per (KV head, channel) for K and for V
+# (float32 [Hkv*D] each). TensorRT-LLM exports (trtllm.to_trtllm) carry only the first.
+KV_SCALE = "kv_cache_scaling_factor"
+KV_CHANNEL_SCALES = ("k_cache_scale", "v_cache_scale")
+
+
+def is_kv_channel_scale(name: str) -> bool:
+    """True for our per-channel INT8 KV scale tensors (not part of TensorRT-LLM's format)."""
+    prefix, _, suffix = name.rpartition(".")
+    return suffix in KV_CHANNEL_SCALES and prefix.endswith(".attention")
 
 
 def layer_prefix(i: int) -> str:
@@ -141,7 +152,8 @@ def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int
 def group_by_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{'transformer.layers.0.attention.qkv': {'weight': ..., 'per_channel_scale': ...}, ...}.
 
-    ``attention.kv_cache_scaling_factor`` is grouped under '...attention'."""
+    ``attention.kv_cache_scaling_factor`` (and ``k_cache_scale`` / ``v_cache_scale``) are
+    grouped under '...attention'."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         prefix, _, suffix = name.rpartition(".")
@@ -206,8 +218,8 @@ def load_tensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
 
 def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConfig,
                      tensors: dict[str, torch.Tensor], rank: int = 0, world_size: int = 1,
-                     extra_config: Optional[dict] = None, tokenizer_src: Optional[str] = None
-                     ) -> str:
+                     extra_config: Optional[dict] = None, tokenizer_src: Optional[str] = None,
+                     extensions: bool = True) -> str:
     """Write a TensorRT-LLM unified checkpoint (config.json + rank{rank}.safetensors).
 
     The tensors are canonical (docs/design.md); ``llama_engine.trtllm.to_trtllm`` turns them
@@ -216,7 +228,11 @@ def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConf
     With ``world_size`` > 1 the tensors are the full model: they are split for tensor
     parallelism as TensorRT-LLM's LLaMA converter splits them (llama_engine/parallel.py;
     embedding and lm_head by vocabulary, ``use_parallel_embedding``) and every rank's
-    ``rank{r}.safetensors`` is written (``rank`` is ignored)."""
+    ``rank{r}.safetensors`` is written (``rank`` is ignored).
+
+    ``extensions``: keep our tensors that TensorRT-LLM does not define (the per-channel INT8
+    KV scales ``attention.k_cache_scale`` / ``v_cache_scale``; its loader only warns about
+    them). ``False`` writes a pure TensorRT-LLM export (``build.py --backend tensorrt_llm``)."""
     if world_size > 1:
         from . import parallel
         parallel.check_tp(args, quant, world_size)
@@ -228,7 +244,7 @@ def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConf
     config = None
     with atomic_output_dir(out_dir) as tmp:
         for r, shard in zip(ranks, shards):  # one rank's tensors in memory at a time
-            config, out_tensors = _to_trtllm(args, dtype, quant, shard, world_size)
+            config, out_tensors = _to_trtllm(args, dtype, quant, shard, world_size, extensions)
             save_tensors(os.path.join(tmp, f"rank{r}.safetensors"), out_tensors)
             del out_tensors
         if world_size > 1:
@@ -254,9 +270,10 @@ def read_checkpoint(ckpt_dir: str, rank: int = 0):
     return _from_trtllm(config, tensors)
 
 
-def _to_trtllm(args, dtype, quant, tensors, world_size):
+def _to_trtllm(args, dtype, quant, tensors, world_size, extensions=False):
     from . import trtllm
-    return trtllm.to_trtllm(tensors, args, quant, dtype=dtype, world_size=world_size)
+    return trtllm.to_trtllm(tensors, args, quant, dtype=dtype, world_size=world_size,
+                            extensions=extensions)
 
 
 def _from_trtllm(config: dict, tensors: dict[str, torch.Tensor]):

@@ -11,7 +11,9 @@ Language Models Using Model Parallelism"), as TensorRT-LLM's ``--tp_size`` appli
 * vocabulary-parallel: ``transformer.vocab_embedding`` (masked lookup + all-reduce) and
   ``lm_head`` (local logits all-gathered); the vocabulary is padded to a multiple of tp_size.
 
-Everything else (norms, RoPE, KV-cache scales) is replicated. Quantized tensors follow the
+Everything else (norms, RoPE, the per-layer KV-cache scale) is replicated; the per-(KV head,
+channel) INT8 KV scales ``attention.k_cache_scale`` / ``v_cache_scale`` [Hkv*D] follow the KV
+heads (a rank keeps the rows of its KV heads, replicated with them). Quantized tensors follow the
 weight they scale: per-output-channel scales split with column-parallel outputs and replicate
 on row-parallel layers; group-wise ``weights_scaling_factor`` [K/G, N] splits N or K/G;
 SmoothQuant's ``smoother`` [1, K] and AWQ's ``prequant_scaling_factor`` [K] split with the input
@@ -340,6 +342,30 @@ def _shard_row(prefix: str, group: dict, tp_size: int, rank: int) -> dict:
     return out
 
 
+def kv_channel_rows(args: ModelArgs, tp_size: int, rank: int) -> torch.Tensor:
+    """Indices into a [Hkv*D] per-(KV head, channel) vector of rank ``rank``'s KV heads."""
+    d = args.head_dim
+    return torch.cat([torch.arange(h * d, (h + 1) * d)
+                      for h in kv_heads_of_rank(args, tp_size, rank)])
+
+
+def _shard_kv_scales(prefix: str, group: dict, args: ModelArgs, tp_size: int,
+                     rank: int) -> dict:
+    """``...attention`` tensors: per-layer KV scale replicated, per-channel ones by KV head."""
+    from .checkpoint import KV_CHANNEL_SCALES
+    out = {}
+    for suffix, t in group.items():
+        if suffix in KV_CHANNEL_SCALES:
+            if t.numel() != args.kv_size:
+                raise ConfigError(f"{prefix}.{suffix} has {t.numel()} values; expected Hkv*D "
+                                  f"= {args.kv_size}")
+            rows = kv_channel_rows(args, tp_size, rank).to(t.device)
+            out[suffix] = t.reshape(-1).index_select(0, rows).contiguous()
+        else:
+            out[suffix] = t  # kv_cache_scaling_factor [1]: one value for the whole layer
+    return out
+
+
 def shard_checkpoint(tensors: dict, args: ModelArgs, quant: Optional[QuantConfig],
                      tp_size: int, rank: int) -> dict:
     """Canonical unified-checkpoint tensors (docs/design.md) -> rank ``rank``'s tensors, same
@@ -366,6 +392,8 @@ def shard_checkpoint(tensors: dict, args: ModelArgs, quant: Optional[QuantConfig
             local = _shard_column(prefix, group, None, tp_size, rank, group["weight"].shape[0])
         elif name in ROW_LINEARS:
             local = _shard_row(prefix, group, tp_size, rank)
+        elif kind and prefix.endswith(".attention"):  # transformer.layers.{i}.attention
+            local = _shard_kv_scales(prefix, group, args, tp_size, rank)
         else:
             local = dict(group)  # norms, KV-cache scales: replicated
         for suffix, t in local.items():

@@ -142,8 +142,32 @@ def kv_cache_scale(max_abs_k: float, max_abs_v: float) -> torch.Tensor:
     return torch.tensor([amax / INT8_MAX if amax > 0 else 1.0], dtype=torch.float32)
 
 
-def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """The INT8 KV rule (reference): round(x / scale) clamped to +-127."""
+def kv_channel_scales(k_max: torch.Tensor, v_max: torch.Tensor, name: str = "KV"
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-(KV head, channel) INT8 KV scales from calibrated maxima ``k_max``, ``v_max``
+    ([Hkv*D] each: max |k| after RoPE and max |v| of each channel over the calibration tokens)
+    -> (k_scale, v_scale) float32 [Hkv*D] = max/127, and TensorRT-LLM's per-layer
+    ``kv_cache_scaling_factor`` float32 [1] = max(max|k|, max|v|)/127.
+
+    A channel that calibration saw only as 0 (e.g. a zeroed projection row) takes the layer's
+    scale, which holds anything the per-layer scheme holds; non-finite maxima are an error."""
+    k_max, v_max = k_max.float().reshape(-1), v_max.float().reshape(-1)
+    for what, m in (("K", k_max), ("V", v_max)):
+        if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+            raise ConfigError(f"calibrated {what} channel maxima of {name} are not finite and "
+                              "non-negative; calibrate in float32 (--device cpu) or check "
+                              "the weights")
+    layer = kv_cache_scale(k_max.max().item() if k_max.numel() else 0.0,
+                           v_max.max().item() if v_max.numel() else 0.0)
+    out = []
+    for m in (k_max, v_max):
+        out.append(torch.where(m > 0, m / INT8_MAX, layer).to(torch.float32))
+    return out[0], out[1], layer
+
+
+def quantize_kv(x: torch.Tensor, scale) -> torch.Tensor:
+    """The INT8 KV rule (reference): round(x / scale) clamped to +-127; ``scale`` a float or
+    a tensor broadcasting against ``x`` (per (KV head, channel): [Hkv, D] for x [..., Hkv, D])."""
     return torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
@@ -495,10 +519,13 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
     """Quantize unified float tensors as ``quant`` says -> (tensors, report).
 
     ``act_stats``: {linear prefix: max|x| per input channel [K]} from ``smoothquant.py``
-    (required for SmoothQuant). ``kv_stats``: {'transformer.layers.{i}.attention':
-    tensor([max|k|, max|v|])} (required for an INT8 KV cache unless the tensors already carry
-    ``attention.kv_cache_scaling_factor``). ``dtype``: the model dtype for float tensors and
-    weight-only scales (default: that of the input weights). The input dict is not modified.
+    (required for SmoothQuant). ``kv_stats``: {'transformer.layers.{i}.attention': tensor
+    [2, Hkv*D]} per-channel max |k| (after RoPE) and max |v| -> ``attention.k_cache_scale``,
+    ``attention.v_cache_scale`` and ``attention.kv_cache_scaling_factor``; or the older
+    tensor([max|k|, max|v|]) -> ``kv_cache_scaling_factor`` only. Required for an INT8 KV
+    cache unless the tensors already carry the scales (passed through). ``dtype``: the model
+    dtype for float tensors and weight-only scales (default: that of the input weights). The
+    input dict is not modified.
 
     ``report`` = {"tensors": {prefix: {"algo", "max_abs_err", "rel_err"}}, "worst_rel_err",
     "mean_rel_err", "kv_scales": {...}} (rel_err: ||W - dequant||_F / ||W||_F)."""
@@ -566,6 +593,18 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
         out.update(_kv_scales(tensors, args, kv_stats))
         report["kv_scales"] = {k: v.item() for k, v in out.items()
                                if k.endswith("kv_cache_scaling_factor")}
+        chan = {k: v for k, v in out.items() if k.endswith(".k_cache_scale")
+                or k.endswith(".v_cache_scale")}
+        if chan:
+            # how much finer the per-channel grid is than the per-layer one (median channel)
+            ratio = {kind: [] for kind in ("k", "v")}
+            for k, v in chan.items():
+                layer = out[k.rpartition(".")[0] + ".kv_cache_scaling_factor"].item()
+                ratio[k.rpartition(".")[2][0]].append(layer / v.float().median().item())
+            report["kv_channel_scales"] = {
+                "layers": len(chan) // 2,
+                "k_median_gain": sorted(ratio["k"])[len(ratio["k"]) // 2],
+                "v_median_gain": sorted(ratio["v"])[len(ratio["v"]) // 2]}
     return out, report
 
 
@@ -582,6 +621,12 @@ def format_report(report: dict) -> str:
         vals = list(kv.values())
         lines.append(f"  INT8 KV scales for {len(vals)} layers: {min(vals):.4g} .. "
                      f"{max(vals):.4g}")
+    ch = report.get("kv_channel_scales")
+    if ch:
+        lines.append(f"  per-(KV head, channel) K/V scales in {ch['layers']} layers; the median "
+                     f"channel's step is {ch['k_median_gain']:.1f}x (K) / "
+                     f"{ch['v_median_gain']:.1f}x (V) finer than the per-layer scale's "
+                     "(median layer)")
     return "\n".join(lines)
 
 
@@ -627,12 +672,19 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
 
 
 def _kv_scales(tensors: dict, args: ModelArgs, kv_stats: Optional[dict]) -> dict:
+    """-> {name: tensor} of the INT8 KV scales of every layer (docs/design.md)."""
+    from .checkpoint import KV_CHANNEL_SCALES, KV_SCALE
     names = [f"transformer.layers.{i}.attention" for i in range(args.num_hidden_layers)]
     if kv_stats is None:
-        have = [n + ".kv_cache_scaling_factor" in tensors for n in names]
-        if all(have):
-            return {n + ".kv_cache_scaling_factor": tensors[n + ".kv_cache_scaling_factor"]
-                    .float().reshape(1) for n in names}
+        have = [f"{n}.{KV_SCALE}" in tensors for n in names]
+        if all(have):  # an already-calibrated checkpoint: keep its scales
+            out = {}
+            for n in names:
+                out[f"{n}.{KV_SCALE}"] = tensors[f"{n}.{KV_SCALE}"].float().reshape(1)
+                for s in KV_CHANNEL_SCALES:
+                    if f"{n}.{s}" in tensors:
+                        out[f"{n}.{s}"] = tensors[f"{n}.{s}"].float().reshape(-1)
+            return out
         raise ConfigError("--int8_kv_cache needs calibrated scales: run hf_llama_convert.py "
                           "--calibrate-kv-cache -i HF_DIR -o CKPT_DIR and build with "
                           "--ckpt_dir CKPT_DIR")
@@ -640,6 +692,16 @@ def _kv_scales(tensors: dict, args: ModelArgs, kv_stats: Optional[dict]) -> dict
     for n in names:
         if n not in kv_stats:
             raise ConfigError(f"KV calibration has no statistics for {n}")
-        mk, mv = (float(x) for x in torch.as_tensor(kv_stats[n]).reshape(2))
-        out[n + ".kv_cache_scaling_factor"] = kv_cache_scale(mk, mv)
+        st = torch.as_tensor(kv_stats[n]).float()
+        if st.numel() == 2:  # older statistics: per-layer maxima only
+            mk, mv = (float(x) for x in st.reshape(2))
+            out[f"{n}.{KV_SCALE}"] = kv_cache_scale(mk, mv)
+        elif st.shape == (2, args.kv_size):
+            ks, vs, layer = kv_channel_scales(st[0], st[1], n)
+            out[f"{n}.{KV_SCALE}"] = layer
+            out[f"{n}.{KV_CHANNEL_SCALES[0]}"] = ks
+            out[f"{n}.{KV_CHANNEL_SCALES[1]}"] = vs
+        else:
+            raise ConfigError(f"KV statistics of {n} have shape {tuple(st.shape)}; expected "
+                              f"[2, Hkv*D] = [2, {args.kv_size}] (or [2])")
     return out

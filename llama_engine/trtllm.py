@@ -17,7 +17,11 @@ where the two differ:
   MLP input quantizers (``*.scale_to_int``, ``*.quantization_scaling_factor``: multipliers
   127/amax) are derived from our ``act_scale`` (= amax/127);
 * ``exclude_modules``: TensorRT-LLM matches fnmatch patterns on full module names, and its
-  default list (used when the field is null) also excludes ``*vocab_embedding``.
+  default list (used when the field is null) also excludes ``*vocab_embedding``;
+* INT8 KV: TensorRT-LLM has one ``kv_cache_scaling_factor`` [1] per layer. Our per-channel
+  K/V scales (``attention.k_cache_scale`` / ``v_cache_scale``) are an extension: an export
+  drops them (``extensions=False``, the default); our own checkpoints keep them
+  (``extensions=True``), and ``from_trtllm`` passes them through when present.
 
 TensorRT-LLM itself (building, running) is used only when ``tensorrt_llm`` imports; otherwise
 ``build_trtllm_engine`` raises ``TrtllmUnavailable`` naming the checkpoint and the exact
@@ -134,11 +138,13 @@ def trtllm_quant_dict(quant: QuantConfig) -> dict:
 
 
 def to_trtllm(tensors: dict, args: ModelArgs, quant: QuantConfig, dtype: Optional[str] = None,
-              world_size: int = 1) -> tuple[dict, dict]:
+              world_size: int = 1, extensions: bool = False) -> tuple[dict, dict]:
     """Canonical tensors -> (TensorRT-LLM ``config.json`` dict, TensorRT-LLM tensors).
 
     ``dtype``: the model dtype name (default: that of ``transformer.vocab_embedding.weight``).
-    The input dict is not modified; tensors that need no change are passed through."""
+    The input dict is not modified; tensors that need no change are passed through, except
+    our extension tensors (per-channel INT8 KV scales), which are kept only with
+    ``extensions`` (our own checkpoints; TensorRT-LLM's loader would only warn about them)."""
     emb = _need(tensors, "transformer.vocab_embedding.weight")
     if dtype is None:
         dtype = {v: k for k, v in _FLOAT_DTYPES.items()}.get(emb.dtype)
@@ -196,6 +202,12 @@ def to_trtllm(tensors: dict, args: ModelArgs, quant: QuantConfig, dtype: Optiona
 
     for name in [k for k in out if k.endswith(".kv_cache_rcp_scaling_factor")]:
         del out[name]  # TensorRT-LLM derives it (preprocess_weights)
+    from .checkpoint import is_kv_channel_scale
+    for name in [k for k in out if is_kv_channel_scale(k)]:
+        if extensions and quant.int8_kv_cache:
+            out[name] = out[name].float().reshape(-1)
+        else:
+            del out[name]  # ours, not TensorRT-LLM's: never in an export
     if quant.int8_kv_cache:
         for i in range(args.num_hidden_layers):
             n = f"transformer.layers.{i}.attention.kv_cache_scaling_factor"
@@ -289,9 +301,12 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
     elif quant.is_smooth_quant:
         _sq_from_trtllm(out, args, quant)
     if quant.int8_kv_cache:
+        from .checkpoint import is_kv_channel_scale
         for i in range(args.num_hidden_layers):
             n = f"transformer.layers.{i}.attention.kv_cache_scaling_factor"
             out[n] = _need(out, n).float().reshape(1)
+        for n in [k for k in out if is_kv_channel_scale(k)]:  # ours, when present
+            out[n] = out[n].float().reshape(-1)
     return args, quant, out
 
 

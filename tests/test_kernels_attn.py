@@ -162,6 +162,149 @@ def _decode_case(A, B, H, Hkv, D, ctxs, bs, q_dt, kv_dt, g, part=None, scale=Non
     return out, ref, (q, kc, vc, bt, cl, sm)
 
 
+def _channel_scales(Hkv, D, g, spread=8.0):
+    """(k_scale, v_scale) float32 [Hkv*D] spanning ``spread``x, as calibrated K/V scales do
+    (K outlier channels; V much smaller than K)."""
+    ks = 0.01 * spread ** torch.rand(Hkv * D, generator=g)
+    vs = 0.002 * spread ** torch.rand(Hkv * D, generator=g)
+    return ks, vs
+
+
+def _check_write_per_channel(A):
+    """write_kv / rope_write_kv with per-(KV head, channel) K and V scales: odd head counts,
+    a head dim whose half is not a power of two, per-channel round trip within scale/2."""
+    fails = []
+    g = torch.Generator().manual_seed(13)
+    for N, H, Hkv, D, dt, bs in ((7, 6, 3, 24, torch.float32, 16),
+                                 (9, 4, 1, 16, torch.float16, 64),
+                                 (5, 5, 5, 40, torch.float32, 32)):
+        q, k, v = _qkv(N, H, Hkv, D, dt, g)
+        ks, vs = _channel_scales(Hkv, D, g)
+        # inputs inside the representable range of every channel (the round-trip bound needs it)
+        k = (k.float().clamp(-1, 1) * ks.view(Hkv, D) * 120).to(dt)
+        v = (v.float().clamp(-1, 1) * vs.view(Hkv, D) * 120).to(dt)
+        nb = 3
+        slots = torch.randperm(nb * bs, generator=g)[:N]
+        slots[1] = -1
+        cos, sin, _ = _rope_tables(64, D)
+        pos = torch.randint(0, 64, (N,), generator=g)
+        for fused in (False, True):
+            kc = torch.randint(-5, 5, (nb, Hkv, bs, D), generator=g).to(torch.int8)
+            vc = torch.randint(-5, 5, (nb, Hkv, bs, D), generator=g).to(torch.int8)
+            kc2, vc2 = kc.clone(), vc.clone()
+            if fused:
+                A.rope_write_kv(q, k, v, pos, cos, sin, kc, vc, slots, (ks, vs), impl="triton")
+                A.rope_write_kv_ref(q, k, v, pos, cos, sin, kc2, vc2, slots, (ks, vs))
+            else:
+                A.write_kv(k, v, kc, vc, slots, (ks, vs), impl="triton")
+                A.write_kv_ref(k, v, kc2, vc2, slots, (ks, vs))
+            dk = (kc.float() - kc2.float()).abs().max().item()
+            dv = (vc.float() - vc2.float()).abs().max().item()
+            tol = 1.0 if fused else 0.0  # fused: the rotated k may round one level apart
+            if dk > tol or dv > tol:
+                fails.append(f"per-channel {'rope_write_kv' if fused else 'write_kv'} "
+                             f"N={N} H={H}/{Hkv} D={D} {dt}: max diff k {dk} v {dv}")
+            if not fused:
+                # read back what the kernel wrote: |x - q*s| <= s/2 in every channel
+                keep = slots >= 0
+                blk, off = slots[keep] // bs, slots[keep] % bs
+                for src, cache, s, nm in ((k, kc, ks, "k"), (v, vc, vs, "v")):
+                    deq = cache[blk, :, off].float() * s.view(Hkv, D)       # [n, Hkv, D]
+                    err = (deq - src[keep].float()).abs()
+                    bound = s.view(Hkv, D) / 2 * (1 + 1e-5) + 1e-7
+                    if not bool((err <= bound).all()):
+                        fails.append(f"per-channel round trip {nm} D={D}: error over scale/2 "
+                                     f"({(err / bound).max().item():.3f} x bound)")
+                # a constant pair is exactly the scalar (old checkpoints' fallback)
+                kc3, vc3 = torch.zeros_like(kc), torch.zeros_like(vc)
+                kc4, vc4 = torch.zeros_like(kc), torch.zeros_like(vc)
+                A.write_kv(k, v, kc3, vc3, slots, 0.013, impl="triton")
+                c = torch.full((Hkv * D,), 0.013)
+                A.write_kv(k, v, kc4, vc4, slots, (c, c), impl="triton")
+                if not (torch.equal(kc3, kc4) and torch.equal(vc3, vc4)):
+                    fails.append(f"float scale != constant per-channel scales D={D}")
+    return fails
+
+
+def _check_decode_per_channel(A):
+    """decode_attention with per-(KV head, channel) K/V scales vs the reference: GQA groups that
+    are not powers of two, MQA, MHA, split and unsplit contexts of odd lengths, the dot (bit
+    trick and plain conversion), FMA and fp32 paths."""
+    fails = []
+    g = torch.Generator().manual_seed(14)
+    cases = [
+        # B, H, Hkv, D, ctxs, block size, q dtype, partition
+        (3, 6, 2, 16, [1, 37, 301], 16, torch.float16, 64),    # GQA 3, split
+        (2, 6, 2, 32, [77, 5], 64, torch.float16, None),       # GQA 3, unsplit
+        (2, 5, 1, 16, [129, 3], 16, torch.float16, 32),        # MQA, 5 query heads
+        (2, 3, 3, 16, [65, 200], 32, torch.float32, 64),       # MHA, fp32 (IEEE dots)
+        (1, 4, 2, 64, [513], 128, torch.float16, 128),
+    ]
+    saved = dict(A.DECODE_CONFIG)
+    try:
+        for cfg in ({}, {"int8_magic": False}, {"dot_min_group": 8}):
+            A.DECODE_CONFIG.clear()
+            A.DECODE_CONFIG.update(saved, **cfg)
+            for B, H, Hkv, D, ctxs, bs, qd, part in cases:
+                ks, vs = _channel_scales(Hkv, D, g)
+                out, ref, (q, kc, vc, bt, cl, sm) = _decode_case(
+                    A, B, H, Hkv, D, ctxs, bs, qd, torch.int8, g, part, (ks, vs))
+                tol = 1e-5 if qd == torch.float32 else 1e-2
+                e = _rel(out, ref)
+                if not e < tol:
+                    fails.append(f"per-channel decode {cfg} B={B} H={H}/{Hkv} D={D} "
+                                 f"ctx={ctxs} bs={bs} {qd} part={part}: rel err {e:.2e}")
+                # the reference itself: dense attention on the dequantized values
+                kd = kc.float() * ks.view(1, Hkv, 1, D)
+                vd = vc.float() * vs.view(1, Hkv, 1, D)
+                dense = A.decode_attention_ref(q.float(), kd, vd, bt, cl, sm)
+                if not _rel(ref.float(), dense) < (1e-6 if qd == torch.float32 else 2e-3):
+                    fails.append(f"per-channel reference != dequantized float attention "
+                                 f"H={H}/{Hkv} D={D}")
+    finally:
+        A.DECODE_CONFIG.clear()
+        A.DECODE_CONFIG.update(saved)
+    # Very small and very large scales: q * ks / max(ks) stays in fp16's normal range.
+    for mult in (1e-3, 300.0):
+        ks, vs = _channel_scales(2, 16, g)
+        out, ref, _ = _decode_case(A, 2, 4, 2, 16, [50, 130], 16, torch.float16, torch.int8, g,
+                                   64, (ks * mult, vs * mult))
+        if not (torch.isfinite(out).all() and _rel(out, ref) < 1e-2):
+            fails.append(f"per-channel decode with scales x{mult}: rel err {_rel(out, ref):.2e}")
+    # Scales given as [Hkv, D] work too, and a float equals the constant pair.
+    out, ref, (q, kc, vc, bt, cl, sm) = _decode_case(A, 2, 4, 2, 16, [40, 9], 16,
+                                                     torch.float16, torch.int8, g, 32, 0.02)
+    c = torch.full((2, 16), 0.02)
+    out2 = A.decode_attention(q, kc, vc, bt, cl, sm, (c, c), partition_size=32, impl="triton")
+    if not _rel(out2, out) < 1e-3:
+        fails.append(f"float kv_scale vs constant [Hkv, D] pair: {_rel(out2, out):.2e}")
+    # Per-channel quantization of K with outlier channels and a small V beats one shared
+    # scale against float attention on the unquantized values.
+    B, H, Hkv, D, bs = 2, 4, 2, 32, 16
+    ctxs = [65, 300]
+    _, _, (q, kc, vc, bt, cl, sm) = _decode_case(A, B, H, Hkv, D, ctxs, bs, torch.float32,
+                                                 torch.float32, g, 64)
+    gain = torch.ones(Hkv, D)
+    gain[:, ::7] = 8.0                                    # K outlier channels
+    kc, vc = kc * gain[None, :, None, :], vc * 0.25       # V: a smaller range than K
+    exact = A.decode_attention_ref(q, kc, vc, bt, cl, sm)
+    kmax = kc.abs().amax(dim=(0, 2)).reshape(-1)          # [Hkv*D] per (head, channel)
+    vmax = vc.abs().amax(dim=(0, 2)).reshape(-1)
+    ks, vs = kmax / 127, vmax / 127
+    one = max(kmax.max().item(), vmax.max().item()) / 127
+    errs = {}
+    for name, sc_k, sc_v, scale in (("per-channel", ks.view(1, Hkv, 1, D), vs.view(1, Hkv, 1, D),
+                                     (ks, vs)), ("per-layer", one, one, one)):
+        kq, vq = A.quantize_kv_ref(kc, sc_k), A.quantize_kv_ref(vc, sc_v)
+        out8 = A.decode_attention(q, kq, vq, bt, cl, sm, scale, partition_size=64,
+                                  impl="triton")
+        errs[name] = _rel(out8, exact)
+    if not (errs["per-channel"] < 0.5 * errs["per-layer"] and errs["per-channel"] < 2e-2):
+        fails.append(f"per-channel KV not more accurate than per-layer: {errs}")
+    print(f"int8 KV vs float attention, rel err: {errs}", file=sys.stderr)
+    return fails
+
+
 def _check_decode(A):
     fails = []
     g = torch.Generator().manual_seed(4)
@@ -222,7 +365,8 @@ def _check_decode(A):
 
 
 CHECKS = {"norms": _check_norms, "rope": _check_rope, "write": _check_write,
-          "decode": _check_decode}
+          "decode": _check_decode, "write_per_channel": _check_write_per_channel,
+          "decode_per_channel": _check_decode_per_channel}
 
 
 def _run_in_interpreter(name: str) -> list:
@@ -314,6 +458,65 @@ def test_prefill_ref_causal_offset():
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), is_causal=True)
     assert _rel(full, sdpa.transpose(0, 1)) < 1e-5
+
+
+def test_kv_scale_forms_and_errors():
+    from llama_engine.config import ConfigError
+    from llama_engine.kernels import attn as A
+    ks, vs = A.kv_scale_tensors(0.5, 2, 4)  # TensorRT-LLM's one scale: every channel, K and V
+    assert ks.shape == vs.shape == (2, 4) and ks.dtype == torch.float32
+    assert bool((ks == 0.5).all()) and bool((vs == 0.5).all())
+    k8, v8 = torch.rand(8) + 0.1, torch.rand(2, 4) + 0.1
+    ks, vs = A.kv_scale_tensors((k8, v8), 2, 4)
+    assert torch.equal(ks, k8.view(2, 4)) and torch.equal(vs, v8)
+    assert ks.data_ptr() == k8.data_ptr() and vs.data_ptr() == v8.data_ptr()  # views, no copy
+    for bad, msg in ((None, "needs kv_scale"), (0.0, "finite and positive"),
+                     (float("nan"), "finite and positive"), ((k8, torch.ones(5)), "expected 1 or"),
+                     ((k8, v8, v8), "pair")):
+        with pytest.raises(ConfigError, match=msg):
+            A.kv_scale_tensors(bad, 2, 4)
+
+
+def test_chunked_prefill_and_decode_read_per_channel_int8_cache():
+    """paged_attention over an int8 cache with per-(KV head, channel) scales: a chunk after a
+    cached prefix and a decode step see the dequantized prefix (K and V each with their own
+    scales) and their own fresh K/V."""
+    from llama_engine.attention import AttentionMeta, paged_attention
+    from llama_engine.kernels import attn as A
+    g = torch.Generator().manual_seed(8)
+    T, P, H, Hkv, D, bs = 12, 7, 6, 2, 16, 4
+    q = torch.randn(T, H, D, generator=g)
+    k = torch.randn(T, Hkv, D, generator=g) * (1 + 7 * (torch.arange(D) % 5 == 0))  # outliers
+    v = torch.randn(T, Hkv, D, generator=g) * 0.1
+    ks = (k.abs().amax(0) / 127).reshape(-1)   # [Hkv*D], calibrated on exactly these values
+    vs = (v.abs().amax(0) / 127).reshape(-1)
+    scales = A.kv_scale_tensors((ks, vs), Hkv, D)
+    kc = torch.zeros(5, Hkv, bs, D, dtype=torch.int8)
+    vc = torch.zeros_like(kc)
+    bt = torch.tensor([[3, 0, 4, 1]], dtype=torch.int32)
+    slots = (bt[0].long()[torch.arange(T) // bs] * bs + torch.arange(T) % bs)
+    sm = D ** -0.5
+
+    def meta(a, b, decode):
+        return AttentionMeta(positions=torch.arange(a, b), slot_mapping=slots[a:b],
+                             block_tables=bt, context_lens=torch.tensor([b], dtype=torch.int32),
+                             query_lens=[b - a], is_decode=decode, context_lens_host=[b])
+    paged_attention(q[:P], k[:P], v[:P], meta(0, P, False), kc, vc, scales, sm)
+    out = paged_attention(q[P:T - 1], k[P:T - 1], v[P:T - 1], meta(P, T - 1, False), kc, vc,
+                          scales, sm)
+    deq_k = A.quantize_kv_ref(k, scales[0]).float() * scales[0]
+    deq_v = A.quantize_kv_ref(v, scales[1]).float() * scales[1]
+    assert bool(((deq_k - k).abs() <= scales[0] / 2 + 1e-7).all())
+    assert bool(((deq_v - v).abs() <= scales[1] / 2 + 1e-7).all())
+    want = A.prefill_attention_ref(q[P:T - 1], torch.cat([deq_k[:P], k[P:T - 1]]),
+                                   torch.cat([deq_v[:P], v[P:T - 1]]), P, sm)
+    assert _rel(out, want) < 1e-5
+    dec = paged_attention(q[T - 1:], k[T - 1:], v[T - 1:], meta(T - 1, T, True), kc, vc,
+                          scales, sm)
+    want = A.prefill_attention_ref(q[T - 1:], deq_k, deq_v, T - 1, sm)
+    assert _rel(dec, want) < 1e-5
+    # ... and is close to float attention on the unquantized values
+    assert _rel(dec, A.prefill_attention_ref(q[T - 1:], k, v, T - 1, sm)) < 3e-2
 
 
 def test_bad_input_is_config_error():

@@ -283,7 +283,11 @@ def _design_shapes(args, quant):
                 out[p + ".smoother"] = (torch.float32, (1, k))
     if quant.int8_kv_cache:
         for i in range(args.num_hidden_layers):
-            out[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"] = (torch.float32, (1,))
+            lp = f"transformer.layers.{i}.attention."
+            out[lp + "kv_cache_scaling_factor"] = (torch.float32, (1,))
+            # ours: per (KV head, channel), K and V separately
+            out[lp + "k_cache_scale"] = (torch.float32, (args.kv_size,))
+            out[lp + "v_cache_scale"] = (torch.float32, (args.kv_size,))
     return out
 
 
@@ -327,9 +331,12 @@ def test_quantize_checkpoint_layout(tiny, mode):
         assert 0 < report["worst_rel_err"] < (0.2 if "int4" in mode else 0.05)
     if quant.int8_kv_cache:
         for i in range(args.num_hidden_layers):
-            mk, mv = kv[f"transformer.layers.{i}.attention"].tolist()
-            got = out[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"].item()
-            assert got == pytest.approx(max(mk, mv) / 127, rel=1e-6)
+            st = kv[f"transformer.layers.{i}.attention"]            # [2, Hkv*D] maxima
+            lp = f"transformer.layers.{i}.attention."
+            got = out[lp + "kv_cache_scaling_factor"].item()
+            assert got == pytest.approx(st.max().item() / 127, rel=1e-6)
+            assert torch.allclose(out[lp + "k_cache_scale"], st[0] / 127, rtol=1e-6)
+            assert torch.allclose(out[lp + "v_cache_scale"], st[1] / 127, rtol=1e-6)
     # Every linear builds with the one factory, and runs.
     from llama_engine.checkpoint import group_by_prefix
     groups = group_by_prefix(out)
@@ -354,8 +361,9 @@ def test_quantize_checkpoint_requires_calibration(tiny):
     again, _ = Q.quantize_checkpoint(withkv, args, QuantConfig(quant_algo=W8A16,
                                                                kv_cache_quant_algo="INT8"),
                                      progress=False)
-    name = "transformer.layers.1.attention.kv_cache_scaling_factor"
-    assert torch.equal(again[name], withkv[name])
+    for s in ("kv_cache_scaling_factor", "k_cache_scale", "v_cache_scale"):
+        name = "transformer.layers.1.attention." + s
+        assert torch.equal(again[name], withkv[name])
     # Quantizing twice is refused.
     q8, _ = Q.quantize_checkpoint(tensors, args, QuantConfig(quant_algo=W8A16), progress=False)
     with pytest.raises(ConfigError, match="already quantized"):
@@ -392,18 +400,22 @@ def test_capture_stats_match_independent_hooks(tiny):
     assert torch.allclose(act["transformer.layers.1.attention.qkv"], cmax(seen["qkv"]))
     assert torch.allclose(act["transformer.layers.1.attention.dense"], cmax(seen["o"]))
     assert torch.allclose(act["transformer.layers.1.mlp.proj"], cmax(seen["down"]))
-    # K after RoPE (what the cache stores), V as is.
+    # K after RoPE (what the cache stores), V as is; max over tokens per (KV head, channel),
+    # channel h*D + d.
     d = args.head_dim
-    kmax = 0.0
+    kmax = torch.zeros(args.kv_size)
     for k, ids in zip(seen["k"], prompts):
-        k = k.view(1, len(ids), -1, d).transpose(1, 2)
+        k = k.view(1, len(ids), -1, d).transpose(1, 2)              # [1, Hkv, T, D]
         pos = torch.arange(len(ids))[None]
         cos, sin = model.model.rotary_emb(k, pos)
         _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
-        kmax = max(kmax, k_rot.abs().max().item())
-    vmax = max(v.abs().max().item() for v in seen["v"])
-    mk, mv = kv["transformer.layers.1.attention"].tolist()
-    assert mk == pytest.approx(kmax, rel=1e-6) and mv == pytest.approx(vmax, rel=1e-6)
+        kmax = torch.maximum(kmax, k_rot.abs().amax(dim=2).reshape(-1))
+    vmax = cmax(seen["v"])                                          # [Hkv*D]
+    st = kv["transformer.layers.1.attention"]
+    assert st.shape == (2, args.kv_size)
+    assert torch.allclose(st[0], kmax, rtol=1e-6) and torch.allclose(st[1], vmax, rtol=1e-6)
+    # RoPE mixes channels d and d + D/2: the rotated maxima are not the k_proj output's.
+    assert not torch.allclose(st[0], cmax(seen["k"]), rtol=1e-3)
 
 
 def _run_hf_with_smoothers(args, hf_sd, smoothers, tokens, tie=False):
@@ -478,6 +490,62 @@ def test_kv_cache_scale_and_roundtrip():
     q = Q.quantize_kv(x, s.item())
     assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
     assert (q.float() * s - x).abs().max() <= s / 2 + 1e-7
+
+
+def test_kv_channel_scales_from_maxima():
+    k_max = torch.tensor([2.54, 0.0, 1.27, 0.5])
+    v_max = torch.tensor([0.127, 0.254, 0.0, 0.01])
+    ks, vs, layer = Q.kv_channel_scales(k_max, v_max)
+    assert ks.dtype == vs.dtype == layer.dtype == torch.float32 and layer.shape == (1,)
+    assert layer.item() == pytest.approx(2.54 / 127)
+    assert torch.allclose(ks, torch.tensor([2.54, 2.54, 1.27, 0.5]) / 127)  # zero -> layer's
+    assert torch.allclose(vs, torch.tensor([0.127, 0.254, 2.54, 0.01]) / 127)
+    with pytest.raises(ConfigError, match="not finite"):
+        Q.kv_channel_scales(torch.tensor([1.0, float("inf")]), torch.ones(2))
+    with pytest.raises(ConfigError, match="not finite"):
+        Q.kv_channel_scales(torch.ones(2), torch.tensor([float("nan"), 1.0]))
+    # per-channel round trip: within half a step of its own channel
+    x = (torch.rand(500, 4) * 2 - 1) * torch.tensor([2.54, 0.0, 1.27, 0.5])
+    q = Q.quantize_kv(x, ks)
+    assert bool(((q.float() * ks - x).abs() <= ks / 2 + 1e-7).all())
+
+
+def test_kv_scales_from_checkpoint_checks(tiny):
+    """Per-channel scales when present (validated), the per-layer scale otherwise."""
+    from model import kv_scales_from_checkpoint
+    model, args, _, act, kv = tiny
+    quant = QuantConfig(kv_cache_quant_algo="INT8")
+    out, _ = Q.quantize_checkpoint(hf_to_unified(_hf_sd(model), args), args, quant, None, kv,
+                                   progress=False)
+    scales = kv_scales_from_checkpoint(args, quant, out)
+    lp = "transformer.layers.1.attention."
+    assert torch.equal(scales[1][0].reshape(-1), out[lp + "k_cache_scale"])
+    assert torch.equal(scales[1][1].reshape(-1), out[lp + "v_cache_scale"])
+    assert scales[1][0].shape == (args.num_key_value_heads, args.head_dim)
+    old = {k: v for k, v in out.items() if not k.endswith(("k_cache_scale", "v_cache_scale"))}
+    ks, vs = kv_scales_from_checkpoint(args, quant, old)[1]  # old checkpoint: K and V alike
+    assert bool((ks == out[lp + "kv_cache_scaling_factor"]).all())
+    assert bool((vs == out[lp + "kv_cache_scaling_factor"]).all())
+    assert kv_scales_from_checkpoint(args, QuantConfig(), out) is None
+    bad = [({k: v for k, v in out.items() if k != lp + "v_cache_scale"}, "only one of"),
+           ({**out, lp + "k_cache_scale": torch.ones(3)}, "expected Hkv\\*D"),
+           ({**out, lp + "v_cache_scale": torch.zeros(args.kv_size)}, "zero, negative"),
+           ({**old, lp + "kv_cache_scaling_factor": torch.tensor([float("nan")])},
+            "zero, negative or non-finite"),
+           ({k: v for k, v in old.items() if k != lp + "kv_cache_scaling_factor"},
+            "needs calibrated scales")]
+    for tensors, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            kv_scales_from_checkpoint(args, quant, tensors)
+    with pytest.raises(ConfigError, match="expected \\[2, Hkv\\*D\\]"):
+        Q.quantize_checkpoint(hf_to_unified(_hf_sd(model), args), args, quant, None,
+                              {k: torch.ones(3, 2) for k in kv}, progress=False)
+    # older [2] statistics still give the per-layer scale (no per-channel tensors)
+    legacy = {k: v.amax(dim=1) for k, v in kv.items()}
+    out2, _ = Q.quantize_checkpoint(hf_to_unified(_hf_sd(model), args), args, quant, None,
+                                    legacy, progress=False)
+    assert not any(k.endswith("cache_scale") for k in out2)
+    assert torch.equal(out2[lp + "kv_cache_scaling_factor"], out[lp + "kv_cache_scaling_factor"])
 
 
 def test_int8_kv_attention_close_to_float():

@@ -84,7 +84,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,tp", [(n, tp) for tp in (2, 4) for n in (
-    "mha-fp32", "gqa-fp32", "gqa-int8", "mqa-tied-fp32", "gqa-int4g32", "gqa-sq")
+    "mha-fp32", "gqa-fp32", "gqa-int8", "mqa-tied-fp32", "gqa-int4g32", "gqa-sq", "gqa-int8kv")
     if not (tp > 2 and "int4" in n)])
 def test_logits_equal_one_process(results, tp, name):
     one, many = results[1][name], results[tp][name]
@@ -94,10 +94,10 @@ def test_logits_equal_one_process(results, tp, name):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("name", ["mha-fp64", "gqa-fp64", "gqa-int8"])
+@pytest.mark.parametrize("name", ["mha-fp64", "gqa-fp64", "gqa-int8", "gqa-int8kv"])
 def test_greedy_tokens_equal_and_agree_on_all_ranks(results, tp, name):
     one, many = results[1][name], results[tp][name]
-    if name.endswith("fp64"):
+    if name.endswith("fp64") or name.endswith("int8kv"):
         # float64 engines still accumulate norms in fp32: equal to ~1e-7
         torch.testing.assert_close(many["prefill"], one["prefill"], atol=1e-6, rtol=1e-6)
     assert many["greedy"] == one["greedy"]
@@ -122,6 +122,34 @@ def test_qkv_rows_replicate_kv_heads_as_trtllm():
                           a.q_size + (r // 2) * d + torch.arange(d),
                           a.q_size + a.kv_size + (r // 2) * d + torch.arange(d)])
         assert torch.equal(rows, want)
+
+
+def test_kv_channel_scales_follow_kv_heads():
+    """Per-(KV head, channel) INT8 KV scales shard like the KV heads of attention.qkv (a block
+    of heads per rank, or the one shared head replicated); the per-layer scale replicates."""
+    for model, tp in (("gqa", 2), ("gqa", 4), ("mha", 4), ("tied", 2), ("tied", 4)):
+        a = ModelArgs(**{k: v for k, v in MODELS[model].items() if k != "rms_norm_eps"})
+        d = a.head_dim
+        lp = "transformer.layers.0.attention."
+        ks = torch.arange(a.kv_size, dtype=torch.float32) + 1.0
+        t = {lp + "kv_cache_scaling_factor": torch.tensor([0.5]),
+             lp + "k_cache_scale": ks, lp + "v_cache_scale": ks * 10}
+        for r in range(tp):
+            shard = parallel.shard_checkpoint(t, a, None, tp, r)
+            heads = parallel.kv_heads_of_rank(a, tp, r)
+            want = torch.cat([ks[h * d:(h + 1) * d] for h in heads])
+            assert torch.equal(shard[lp + "k_cache_scale"], want), (model, tp, r)
+            assert torch.equal(shard[lp + "v_cache_scale"], want * 10)
+            assert shard[lp + "k_cache_scale"].numel() == parallel.local_args(a, tp).kv_size
+            assert torch.equal(shard[lp + "kv_cache_scaling_factor"], torch.tensor([0.5]))
+            # the rank's qkv K rows are the same heads, in the same order
+            rows = parallel.qkv_rows(a, tp, r)
+            hl = a.num_attention_heads // tp
+            k_rows = rows[hl * d:hl * d + len(heads) * d] - a.q_size
+            assert torch.equal(k_rows, parallel.kv_channel_rows(a, tp, r))
+    bad = {"transformer.layers.0.attention.k_cache_scale": torch.ones(3)}
+    with pytest.raises(ConfigError, match="expected Hkv\\*D"):
+        parallel.shard_checkpoint(bad, a, None, 2, 0)
 
 
 def test_int4_groupwise_and_smoothquant_shards_reassemble():

@@ -258,6 +258,49 @@ def test_round_trip_is_exact(mode):
         assert torch.equal(back[k], v), k
 
 
+def _with_kv_channel_scales(args, tensors, seed=1):
+    """Our extension: per-(KV head, channel) K/V scales float32 [Hkv*D] beside TensorRT-LLM's."""
+    g = torch.Generator().manual_seed(seed)
+    t = dict(tensors)
+    for i in range(args.num_hidden_layers):
+        for s in ("k_cache_scale", "v_cache_scale"):
+            t[f"transformer.layers.{i}.attention.{s}"] = torch.rand(args.kv_size, generator=g) + .01
+    return t
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m[3]], ids=[m[0] for m in MODES if m[3]])
+def test_export_has_only_trtllm_kv_scale(mode):
+    """TensorRT-LLM's export carries one kv_cache_scaling_factor [1] per layer and none of our
+    per-channel scales; our own checkpoints (extensions=True) keep them, bit-exact both ways."""
+    _, algo, dtype, kv, tied, pre_quant = mode
+    args, tensors, quant = build_mode(mode)
+    ours = _with_kv_channel_scales(args, tensors)
+    config, out = T.to_trtllm(ours, args, quant)
+    spec = expected_spec(args, spec_mode_key(algo, pre_quant), dtype, kv)
+    assert set(out) == set(spec), sorted(set(out) ^ set(spec))
+    assert not any(n.endswith(("k_cache_scale", "v_cache_scale")) for n in out)
+    for i in range(args.num_hidden_layers):
+        f = out[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"]
+        assert f.dtype == F32 and f.shape == (1,)
+    # an export reads back as an old checkpoint: per-layer scale only
+    _, _, back = T.from_trtllm(json.loads(json.dumps(config)), out)
+    assert set(back) == set(tensors)
+    # our own checkpoint keeps the extension and round-trips exactly
+    config, out = T.to_trtllm(ours, args, quant, extensions=True)
+    assert set(out) == set(spec) | {n for n in ours if n.endswith(("k_cache_scale",
+                                                                     "v_cache_scale"))}
+    _, _, back = T.from_trtllm(json.loads(json.dumps(config)), out)
+    assert set(back) == set(ours)
+    for k, v in ours.items():
+        assert torch.equal(back[k], v), k
+    # without an INT8 KV cache there is nothing to keep
+    _, out = T.to_trtllm(ours, args, QuantConfig(quant_algo=quant.quant_algo,
+                                                 group_size=quant.group_size,
+                                                 smoothquant_val=quant.smoothquant_val),
+                         extensions=True)
+    assert not any(n.endswith(("k_cache_scale", "v_cache_scale")) for n in out)
+
+
 def test_input_not_modified():
     args, tensors, quant = build_mode(MODES[5])  # W4A16
     before = {k: v.clone() for k, v in tensors.items()}

@@ -31,7 +31,11 @@ ENGINES = {"mha-fp32": ("mha", "float32", ()), "gqa-fp32": ("gqa", "float32", ()
            # int4 group 32 at 2 ranks only: 4 ranks leave attention.dense 16 input columns each
            "gqa-int4g32": ("gqa", "float32", ("--use_weight_only", "--weight_only_precision",
                                               "int4", "--group_size", "32")),
-           "gqa-sq": ("gqa", "float32", ("--use_smooth_quant", "--per_channel"))}
+           "gqa-sq": ("gqa", "float32", ("--use_smooth_quant", "--per_channel")),
+           # INT8 KV with per-(KV head, channel) scales (synthetic calibration): the scales
+           # must follow the KV heads (4 ranks replicate each of the 2). float64 so that K/V
+           # reach the quantizer equal to ~1e-15 and round alike in every layout.
+           "gqa-int8kv": ("gqa", "float64", ("--int8_kv_cache",))}
 
 
 def probe(engine) -> dict:

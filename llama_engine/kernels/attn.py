@@ -11,9 +11,13 @@ Conventions (docs/design.md):
 * RoPE in the rotate-half (GPT-NeoX / HF) layout: for ``x = [x1, x2]`` (halves of the head),
   ``out = [x1*cos - x2*sin, x2*cos + x1*sin]``; ``cos``/``sin`` are ``[max_pos, D/2]`` tables.
 * Paged KV cache per layer: ``[num_blocks, Hkv, block_size, D]``, model dtype or int8; token
-  slot ``= block * block_size + offset``; slot ``-1`` is padding and is not written. INT8 KV
-  follows TensorRT-LLM: one scale per layer, ``q = clamp(round(x / s), -127, 127)``,
-  ``x ~= q * s``.
+  slot ``= block * block_size + offset``; slot ``-1`` is padding and is not written. INT8 KV:
+  ``q = clamp(round(x / s), -127, 127)``, ``x ~= q * s``, with static calibrated scales per
+  (KV head, channel), separately for K and V (``kv_scale = (k_scale, v_scale)``, each float32
+  ``[Hkv, D]``); TensorRT-LLM's single per-layer scale is the special case of constant
+  vectors (a plain float ``kv_scale`` is accepted and expanded). The scales cost nothing in
+  decode attention: ``q . (k_q * ks) = (q * ks) . k_q`` scales the query row once per
+  program, and ``sum_t p_t (v_q,t * vs) = vs * sum_t p_t v_q,t`` scales the output once.
 * Decode attention is flash-decoding (Dao et al., "Flash-Decoding for long-context
   inference", 2023) over a vLLM-style paged cache (Kwon et al., "PagedAttention", 2023): the
   context of each sequence is cut into partitions handled by separate programs, each of which
@@ -63,6 +67,54 @@ def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _one_kv_scale(s, hkv: int, head_dim: int, device, what: str) -> torch.Tensor:
+    """A float or a tensor of 1 or Hkv*D values -> float32 [Hkv, D] contiguous on ``device``.
+
+    Tensors already in that form come back as they are (no copy, no host sync: this runs
+    inside captured CUDA graphs); values are checked where scales are loaded, not here."""
+    if isinstance(s, torch.Tensor):
+        if s.numel() == hkv * head_dim:
+            t = s.reshape(hkv, head_dim)
+        elif s.numel() == 1:
+            t = s.reshape(1, 1).expand(hkv, head_dim)
+        else:
+            raise ConfigError(f"{what} scale has {s.numel()} values; expected 1 or "
+                              f"Hkv*D = {hkv}*{head_dim} = {hkv * head_dim}")
+        if device is not None and t.device != torch.device(device):
+            t = t.to(device)
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            t = t.to(torch.float32).contiguous()
+        return t
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} scale must be a float or a tensor, got {type(s).__name__}"
+                          ) from None
+    if not (math.isfinite(v) and v > 0):
+        raise ConfigError(f"{what} scale must be finite and positive, got {v}")
+    return torch.full((hkv, head_dim), v, dtype=torch.float32, device=device)
+
+
+def kv_scale_tensors(kv_scale, hkv: int, head_dim: int, device=None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 KV scales in the kernels' form: (k_scale, v_scale), float32 ``[Hkv, D]`` each.
+
+    ``kv_scale``: one float for K and V (TensorRT-LLM's per-layer ``kv_cache_scaling_factor``)
+    or a pair ``(k_scale, v_scale)``, each a float or a tensor of ``Hkv*D`` values (scale of
+    KV head h, channel d at ``h*D + d``)."""
+    if kv_scale is None:
+        raise ConfigError("int8 KV cache needs kv_scale")
+    if isinstance(kv_scale, (tuple, list)):
+        if len(kv_scale) != 2:
+            raise ConfigError(f"kv_scale pair must be (k_scale, v_scale), got {len(kv_scale)} "
+                              "items")
+        ks, vs = kv_scale
+    else:
+        ks = vs = kv_scale
+    return (_one_kv_scale(ks, hkv, head_dim, device, "K"),
+            _one_kv_scale(vs, hkv, head_dim, device, "V"))
+
+
 # =============================================================================================
 # References (fp32 math, fp64 for fp64 inputs). These are the CPU path and the test oracle.
 # =============================================================================================
@@ -97,20 +149,26 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return _rotate_ref(q, c, s), _rotate_ref(k, c, s)
 
 
-def quantize_kv_ref(x: torch.Tensor, kv_scale: float) -> torch.Tensor:
+def quantize_kv_ref(x: torch.Tensor, kv_scale) -> torch.Tensor:
+    """x [..., Hkv, D] -> int8; ``kv_scale`` a float or a tensor broadcasting to [Hkv, D].
+
+    An IEEE fp32 division, as the write kernel does (``div_rn``), so both round alike."""
     return torch.round(x.float() / kv_scale).clamp_(-127, 127).to(torch.int8)
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                 kv_scale: Optional[float] = None) -> None:
+                 kv_scale=None) -> None:
     bs = k_cache.shape[2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blk, off = slots // bs, slots % bs
-    for src, cache in ((k[keep], k_cache), (v[keep], v_cache)):
+    scales = (None, None)
+    if k_cache.dtype == torch.int8:
+        scales = kv_scale_tensors(kv_scale, k.shape[1], k.shape[2], k.device)
+    for src, cache, scale in ((k[keep], k_cache, scales[0]), (v[keep], v_cache, scales[1])):
         if cache.dtype == torch.int8:
-            src = quantize_kv_ref(src, kv_scale)
+            src = quantize_kv_ref(src, scale)  # [n, Hkv, D] / [Hkv, D]
         cache[blk, :, off] = src.to(cache.dtype)  # [n, Hkv, D] into [blk, :, off, :]
 
 
@@ -122,9 +180,11 @@ def rope_write_kv_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mappi
 
 
 def gather_kv_ref(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                  kv_scale: Optional[float] = None, dtype: torch.dtype = torch.float32
+                  kv_scale=None, dtype: torch.dtype = torch.float32
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense fp32 ``[B, Hkv, Lmax, D]`` view of a paged cache and the ``[B, Lmax]`` valid mask."""
+    """Dense fp32 ``[B, Hkv, Lmax, D]`` view of a paged cache and the ``[B, Lmax]`` valid mask.
+
+    ``kv_scale``: this cache's dequantization scale (int8): a float, or ``Hkv*D`` values."""
     bs = cache.shape[2]
     lmax = max(int(context_lens.max().item()), 1) if context_lens.numel() else 1
     t = torch.arange(lmax, device=cache.device)
@@ -135,20 +195,24 @@ def gather_kv_ref(cache: torch.Tensor, block_tables: torch.Tensor, context_lens:
     x = cache[blk, :, (t % bs)[None, :].expand_as(blk)]  # [B, Lmax, Hkv, D]
     x = x.to(dtype)
     if cache.dtype == torch.int8:
-        x = x * kv_scale
+        x = x * _one_kv_scale(kv_scale, cache.shape[1], cache.shape[3], cache.device,
+                              "KV").to(dtype)  # per (head, channel): [Hkv, D]
     return x.permute(0, 2, 1, 3), valid
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, context_lens: torch.Tensor,
-                         softmax_scale: float, kv_scale: Optional[float] = None,
+                         softmax_scale: float, kv_scale=None,
                          **_unused) -> torch.Tensor:
     B, H, D = q.shape
     hkv = k_cache.shape[1]
     if B == 0:
         return torch.empty_like(q)
-    k, valid = gather_kv_ref(k_cache, block_tables, context_lens, kv_scale, _acc(q))
-    v, _ = gather_kv_ref(v_cache, block_tables, context_lens, kv_scale, _acc(q))
+    ks = vs = None
+    if k_cache.dtype == torch.int8:
+        ks, vs = kv_scale_tensors(kv_scale, hkv, D, k_cache.device)
+    k, valid = gather_kv_ref(k_cache, block_tables, context_lens, ks, _acc(q))
+    v, _ = gather_kv_ref(v_cache, block_tables, context_lens, vs, _acc(q))
     qf = q.to(_acc(q)).view(B, hkv, H // hkv, D)  # query head h -> kv head h // (H // Hkv)
     s = torch.einsum("bgqd,bgtd->bgqt", qf, k) * softmax_scale
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -201,18 +265,19 @@ if HAS_TRITON:
         tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _quant_int8(x, inv_scale):
-        # x: fp32. Clamp first (127 is an integer, so clamp-then-round == round-then-clamp),
-        # then round half to even with the 1.5*2^23 trick (exact for |x| < 2^22), matching
-        # torch.round.
-        y = x * inv_scale
+    def _quant_int8(x, scale):
+        # x, scale: fp32. A correctly rounded division (not x * (1/scale), which can land one
+        # level off at a tie), exactly as the reference's x / scale. Clamp first (127 is an
+        # integer, so clamp-then-round == round-then-clamp), then round half to even with the
+        # 1.5*2^23 trick (exact for |x| < 2^22), matching torch.round.
+        y = tl.math.div_rn(x, scale)
         y = tl.minimum(tl.maximum(y, -127.0), 127.0)
         y = (y + 12582912.0) - 12582912.0
         return y.to(tl.int8)
 
     @triton.jit
-    def _rope_kv_kernel(Q, K, V, POS, COS, SIN, QO, KO, KC, VC, SLOT,
-                        sq_n, sk_n, sv_n, s_cos, skc_b, svc_b, kv_scale,
+    def _rope_kv_kernel(Q, K, V, POS, COS, SIN, QO, KO, KC, VC, SLOT, KS, VS,
+                        sq_n, sk_n, sv_n, s_cos, skc_b, svc_b,
                         H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
                         ROPE: tl.constexpr, DO_Q: tl.constexpr, STORE_K: tl.constexpr,
                         WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr,
@@ -222,7 +287,8 @@ if HAS_TRITON:
         # k/v heads into the paged cache. Head vectors are handled as two halves [x1 | x2].
         # Rows of q/k/v are [heads, D] with D contiguous (strided token rows allowed); q/k
         # outputs are contiguous; caches are [blocks, HKV, BLOCK_SIZE, D] with a free block
-        # stride. Few runtime arguments keep the host-side launch cost down.
+        # stride; int8 scales KS/VS are fp32 [HKV, D]. Few runtime arguments keep the host-side
+        # launch cost down.
         D: tl.constexpr = 2 * HALF
         n = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, BLOCK_HALF)
@@ -265,11 +331,16 @@ if HAS_TRITON:
             kc = KC + blk * skc_b + inner
             vc = VC + blk * svc_b + inner
             if QUANT:
-                inv = 1.0 / kv_scale
-                tl.store(kc, _quant_int8(k1, inv), mask=mw)
-                tl.store(kc + HALF, _quant_int8(k2, inv), mask=mw)
-                tl.store(vc, _quant_int8(v1, inv), mask=mw)
-                tl.store(vc + HALF, _quant_int8(v2, inv), mask=mw)
+                # per (head, channel) scales of both halves, [BLOCK_HK, BLOCK_HALF] each
+                sp = hk * D + d[None, :]
+                ks1 = tl.load(KS + sp, mask=mk, other=1.0)
+                ks2 = tl.load(KS + sp + HALF, mask=mk, other=1.0)
+                vs1 = tl.load(VS + sp, mask=mk, other=1.0)
+                vs2 = tl.load(VS + sp + HALF, mask=mk, other=1.0)
+                tl.store(kc, _quant_int8(k1, ks1), mask=mw)
+                tl.store(kc + HALF, _quant_int8(k2, ks2), mask=mw)
+                tl.store(vc, _quant_int8(v1, vs1), mask=mw)
+                tl.store(vc + HALF, _quant_int8(v2, vs2), mask=mw)
             else:
                 tl.store(kc, k1.to(KC.dtype.element_ty), mask=mw)
                 tl.store(kc + HALF, k2.to(KC.dtype.element_ty), mask=mw)
@@ -303,7 +374,7 @@ if HAS_TRITON:
             # q.(k + 1152) = q.k + qshift; the V shift is removed once at the end.
             s = tl.dot(q, tl.trans(_i8_to_f16_shifted(k))) - qshift[:, None]
         elif USE_DOT:
-            # int8 values are exact in fp16/bf16; their scale is folded into qk_scale/out_scale
+            # int8 values are exact in fp16/bf16; their scales are folded into q and o
             if IEEE:
                 s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
             else:
@@ -332,19 +403,20 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def _decode_attn_kernel(Q, KC, VC, BT, CL, OUT, WS, qk_scale, out_scale, partition, splits,
+    def _decode_attn_kernel(Q, KC, VC, KS, VS, BT, CL, OUT, WS, qk_scale, partition, splits,
                             sq_b, skc_b, svc_b, sbt_b,
                             G: tl.constexpr, G_PAD: tl.constexpr, HKV: tl.constexpr,
                             D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-                            MAGIC: tl.constexpr, NUM_STAGES: tl.constexpr,
-                            INTERPRET: tl.constexpr):
+                            MAGIC: tl.constexpr, QUANT: tl.constexpr,
+                            NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
         # grid = (B, Hkv, splits). Program (b, g, sp) attends the G query heads of KV head g of
         # sequence b over tokens [sp*partition, (sp+1)*partition) of its context, with an
         # online softmax in base 2 (qk_scale already holds log2(e)).
         # Layouts: q [B, H, D] (row stride sq_b), out [B, H, D] contiguous, caches
         # [blocks, HKV, BLOCK_SIZE, D] (block stride skc_b/svc_b), workspace WS (fp32) =
         # partial outputs [B, H, splits, D], then row maxima m and sums l [B, H, splits].
+        # int8 caches (QUANT): KS/VS are the fp32 [HKV, D] dequantization scales.
         H: tl.constexpr = HKV * G
         b = tl.program_id(0)
         g = tl.program_id(1)
@@ -361,6 +433,16 @@ if HAS_TRITON:
         d = tl.arange(0, D)
         q = tl.load(Q + b.to(tl.int64) * sq_b + heads[:, None] * D + d[None, :],
                     mask=gmask[:, None], other=0.0)  # [G_PAD, D]
+        if QUANT:
+            # q . (k_int8 * ks) = (q * ks) . k_int8: the K scales of this KV head go into q,
+            # rounded back to q's dtype (the dot operand; qf and the MAGIC shift use the same
+            # rounded values, so the +1152 shift still cancels exactly). Normalized by the
+            # largest scale, which goes into the scalar qk_scale, so that q * ks / max(ks) never
+            # leaves q's range (no fp16 overflow, no needless subnormals).
+            ks = tl.load(KS + g.to(tl.int64) * D + d)  # [D] fp32
+            ks_max = tl.max(ks, axis=0)
+            q = (q.to(tl.float32) * (ks / ks_max)[None, :]).to(Q.dtype.element_ty)
+            qk_scale = qk_scale * ks_max
         qf = q.to(tl.float32)  # FMA path operand (dead code on the dot path)
         qshift = tl.sum(qf, axis=1) * 1152.0  # MAGIC path: q.(k + 1152) - q.k, per head
 
@@ -388,6 +470,11 @@ if HAS_TRITON:
         o = acc / l_safe[:, None]
         if MAGIC:
             o = tl.where(l_i[:, None] > 0.0, o - 1152.0, 0.0)
+        if QUANT:
+            # sum_t p_t (v_t * vs) = vs * sum_t p_t v_t; partial results are stored already
+            # scaled (the merge is linear in them).
+            vs = tl.load(VS + g.to(tl.int64) * D + d)  # [D] fp32
+            o = o * vs[None, :]
         if SPLIT:
             row = (b.to(tl.int64) * H + heads) * splits + sp  # [G_PAD] rows of [B, H, splits]
             tl.store(WS + row[:, None] * D + d[None, :], o, mask=gmask[:, None])
@@ -397,10 +484,10 @@ if HAS_TRITON:
             tl.store(pm + nrows + row, l_i, mask=gmask)
         else:
             op = OUT + b.to(tl.int64) * (H * D) + heads[:, None] * D + d[None, :]
-            tl.store(op, (o * out_scale).to(OUT.dtype.element_ty), mask=gmask[:, None])
+            tl.store(op, o.to(OUT.dtype.element_ty), mask=gmask[:, None])
 
     @triton.jit
-    def _decode_merge_kernel(OUT, WS, CL, partition, splits, out_scale,
+    def _decode_merge_kernel(OUT, WS, CL, partition, splits,
                              H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
         # grid = (B, H): log-sum-exp merge of the per-partition results of one query head.
         b = tl.program_id(0).to(tl.int64)
@@ -420,7 +507,7 @@ if HAS_TRITON:
         o = tl.load(WS + row[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
         den = tl.sum(w, axis=0)
         den = tl.where(den > 0.0, den, 1.0)
-        out = tl.sum(w[:, None] * o, axis=0) * (out_scale / den)
+        out = tl.sum(w[:, None] * o, axis=0) * (1.0 / den)
         tl.store(OUT + (b * H + h) * D + d, out.to(OUT.dtype.element_ty))
 
 
@@ -509,7 +596,7 @@ def _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale):
                           f"cache {tuple(k_cache.shape)}")
     if slot_mapping.shape[0] != k.shape[0]:
         raise ConfigError(f"write_kv: {slot_mapping.shape[0]} slots for {k.shape[0]} tokens")
-    if k_cache.dtype == torch.int8 and not kv_scale:
+    if k_cache.dtype == torch.int8 and kv_scale is None:
         raise ConfigError("int8 KV cache needs kv_scale")
 
 
@@ -536,14 +623,16 @@ def _launch_rope_kv(q, k, v, positions, cos, sin, q_out, k_out, k_cache, v_cache
     kc = k_cache if k_cache is not None else k
     vc = v_cache if v_cache is not None else k
     quant = write_cache and kc.dtype == torch.int8
+    ks = vs = k  # unread unless QUANT
+    if quant:
+        ks, vs = kv_scale_tensors(kv_scale, Hkv, D, kc.device)
     block_size = kc.shape[2] if write_cache else 1
     bh, bhk = _next_pow2(H), _next_pow2(Hkv)
     half = D // 2
     _rope_kv_kernel[(N,)](
-        q, k, v, pos, cos_t, sin_t, q_out, k_out, kc, vc, slots,
+        q, k, v, pos, cos_t, sin_t, q_out, k_out, kc, vc, slots, ks, vs,
         q.stride(0), k.stride(0), v.stride(0), cos_t.stride(0) if rope else 0,
         kc.stride(0) if write_cache else 0, vc.stride(0) if write_cache else 0,
-        float(kv_scale) if quant else 1.0,
         H=H, HKV=Hkv, HALF=half,
         ROPE=rope, DO_Q=do_q, STORE_K=store_k, WRITE_CACHE=write_cache, QUANT=quant,
         BLOCK_H=bh, BLOCK_HK=bhk, BLOCK_HALF=_next_pow2(half), BLOCK_SIZE=block_size,
@@ -569,9 +658,11 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, kv_scale: Optional[float] = None, *,
+             slot_mapping: torch.Tensor, kv_scale=None, *,
              impl: str = "auto") -> None:
-    """Scatter k/v [N,Hkv,D] into the paged caches at ``slot_mapping`` (in place; -1 skips)."""
+    """Scatter k/v [N,Hkv,D] into the paged caches at ``slot_mapping`` (in place; -1 skips).
+
+    int8 caches quantize with ``kv_scale`` (see ``kv_scale_tensors``)."""
     _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     if not _use_triton(impl, k, v, k_cache, v_cache, slot_mapping):
         return write_kv_ref(k, v, k_cache, v_cache, slot_mapping, kv_scale)
@@ -586,7 +677,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                  kv_scale: Optional[float] = None, *, impl: str = "auto") -> torch.Tensor:
+                  kv_scale=None, *, impl: str = "auto") -> torch.Tensor:
     """Fused RoPE of q and k plus the KV-cache write of (rotated k, v); returns rotated q."""
     _check_rope(q, k, positions, cos, sin)
     _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
@@ -635,14 +726,15 @@ def _sm_count(device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     softmax_scale: float, kv_scale: Optional[float] = None, *,
+                     softmax_scale: float, kv_scale=None, *,
                      max_context_len: Optional[int] = None,
                      partition_size: Optional[int] = None,
                      impl: str = "auto") -> torch.Tensor:
     """One new query token per sequence over its paged KV cache.
 
     q [B,H,D]; caches [num_blocks, Hkv, block_size, D] (model dtype, or int8 with
-    ``kv_scale``); block_tables int32 [B, max_blocks]; context_lens int32 [B] (tokens in the
+    ``kv_scale``: a float, or (k_scale, v_scale) per (KV head, channel), see
+    ``kv_scale_tensors``); block_tables int32 [B, max_blocks]; context_lens int32 [B] (tokens in the
     cache, this step's included). ``max_context_len`` (optional host int, an upper bound)
     only tunes the split; without it the bound is ``max_blocks * block_size``.
     """
@@ -657,7 +749,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if block_tables.shape[0] != B or context_lens.shape[0] != B:
         raise ConfigError("decode_attention: block_tables/context_lens batch != q batch")
     quant = k_cache.dtype == torch.int8
-    if quant and not kv_scale:
+    if quant and kv_scale is None:
         raise ConfigError("int8 KV cache needs kv_scale")
     if not _use_triton(impl, q, k_cache, v_cache, block_tables, context_lens):
         return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens,
@@ -670,6 +762,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if B == 0:
         return out
     q = _heads_contig(q)
+    ks = vs = q  # unread unless QUANT
+    if quant:
+        ks, vs = kv_scale_tensors(kv_scale, hkv, D, k_cache.device)
     cfg = DECODE_CONFIG
     G = H // hkv
     use_dot = G >= cfg["dot_min_group"]
@@ -696,22 +791,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                 raise ConfigError(f"partition_size {part} must be a multiple of 16")
     splits = -(-max_ctx // part)
     split = splits > 1
-    qk_scale = float(softmax_scale) * _LOG2E * (float(kv_scale) if quant else 1.0)
-    out_scale = float(kv_scale) if quant else 1.0
+    qk_scale = float(softmax_scale) * _LOG2E  # the K scales go into q inside the kernel
     # one fp32 workspace: partial outputs [B, H, splits, D], then m and l [B, H, splits]
     ws = torch.empty(B * H * splits * (D + 2) if split else 1, dtype=torch.float32,
                      device=q.device)
     _decode_attn_kernel[(B, hkv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, ws, qk_scale, out_scale, part,
+        q, k_cache, v_cache, ks, vs, block_tables, context_lens, out, ws, qk_scale, part,
         splits, q.stride(0), k_cache.stride(0), v_cache.stride(0), block_tables.stride(0),
         G=G, G_PAD=g_pad, HKV=hkv, D=D, BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLIT=split,
         USE_DOT=use_dot, IEEE=q.dtype == torch.float32,
         MAGIC=use_dot and quant and q.dtype == torch.float16 and cfg["int8_magic"],
-        NUM_STAGES=cfg["num_stages_int8" if quant else "num_stages"],
+        QUANT=quant, NUM_STAGES=cfg["num_stages_int8" if quant else "num_stages"],
         INTERPRET=_INTERPRET, num_warps=cfg["num_warps_int8" if quant else "num_warps"])
     if split:
         _decode_merge_kernel[(B, H)](
-            out, ws, context_lens, part, splits, out_scale,
+            out, ws, context_lens, part, splits,
             H=H, D=D, S_PAD=_next_pow2(splits), num_warps=4 if splits * D >= 4096 else 2)
     return out
 
@@ -832,6 +926,15 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def random_kv_scales(hkv: int, D: int, mean: float, device, spread: float = 0.5,
+                     generator: Optional[torch.Generator] = None):
+    """(k_scale, v_scale) float32 [Hkv, D], uniform in mean * [1 - spread, 1 + spread]."""
+    def one():
+        r = torch.rand(hkv, D, generator=generator)
+        return (mean * (1.0 - spread + 2.0 * spread * r)).to(device)
+    return one(), one()
+
+
 def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
     """Check and time every op at LLaMA-7B shapes (H=Hkv=32, D=128) on ``device``.
 
@@ -884,7 +987,8 @@ def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
         ms = _time_ms(lambda: apply_rope(q, k, pos, cos, sin), flush=flush)
         row("apply_rope", N, None, "-", "triton", err, ms, 4 * N * hidden * 2, 2e-3)
         for kvd in (dt, torch.int8):
-            scale = 0.03 if kvd == torch.int8 else None
+            # int8: per (head, channel) K/V scales, as engines use them
+            scale = random_kv_scales(H, D, 0.03, device) if kvd == torch.int8 else None
             bs = 64
             nblk = triton_cdiv(N, bs) + 3
             kc = torch.zeros(nblk, H, bs, D, dtype=kvd, device=device)
@@ -920,7 +1024,7 @@ def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
         for kvd in (qdt, torch.int8):
             for static in (False, True):
                 bs = _next_pow2(ctx) if static else 64
-                scale = 0.02 if kvd == torch.int8 else None
+                scale = random_kv_scales(hkv, D, 0.02, device) if kvd == torch.int8 else None
                 kc, vc, bt, cl = make_paged_cache(B, ctx, hkv, D, bs, kvd, device,
                                                   static=static, extra_blocks=2)
                 q = torch.randn(B, h, D, dtype=qdt, device=device)
