@@ -1012,7 +1012,9 @@ def linear_fp(x: torch.Tensor, weight: torch.Tensor, *, impl: str = "auto",
     _check_weight(weight, "linear_fp")
     x2, lead = _flat(x, weight.shape[1], "linear_fp")
     M = x2.shape[0]
-    if _want_triton(impl, x) and (impl == "triton" or M <= _AUTO_MAX_M_FP) and M > 0:
+    # float64 (exactness runs) has no Triton kernel here: cuBLAS on CUDA under impl="auto".
+    if _want_triton(impl, x) and (impl == "triton" or (M <= _AUTO_MAX_M_FP
+                                                       and x.dtype != torch.float64)) and M > 0:
         if weight.dtype != x.dtype:
             raise ConfigError(f"linear_fp: weight dtype {weight.dtype} != input {x.dtype}")
         _check_float(x, "linear_fp")
