@@ -121,6 +121,12 @@ class Engine:
             tensors = {k: (v.to(TORCH_DTYPES[dtype]) if v.dtype == src else v)
                        for k, v in tensors.items()}
             config.dtype = dtype
+        if config.dtype == "float64" and torch.device(device).type == "cuda":
+            # The Triton kernels (attention) have no float64 variant; float64 engines exist for
+            # exactness tests on the CPU.
+            raise ConfigError("float64 engines run on the CPU only (--device cpu); build with "
+                              "--dtype float32/float16/bfloat16 for CUDA, or pass --dtype "
+                              "float32 to run.py")
         tensors = {k: v.to(device) for k, v in tensors.items()}
         max_pos = max(config.build.max_seq_len, config.model.max_position_embeddings)
         tp_size, tp_rank, full_args = config.world_size, 0, config.model

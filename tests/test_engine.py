@@ -136,3 +136,13 @@ def test_conflicting_sources_rejected(tmp_path):
         build.main(["--model_dir", "a", "--meta_ckpt_dir", "b"])
     assert e.value.code == 2
 
+
+
+def test_float64_engine_on_cuda_is_a_clear_error(tmp_path):
+    # Raised before anything touches a GPU, so it is checked on CPU-only machines too.
+    from llama_engine.config import ConfigError
+    d = tmp_path / "e64"
+    assert build.main(["--model_config", "tiny", "--dtype", "float64", "--output_dir", str(d)]) == 0
+    with pytest.raises(ConfigError, match="float64 engines run on the CPU only"):
+        Engine.from_dir(str(d), device="cuda")
+    assert Engine.from_dir(str(d), device="cpu").dtype == torch.float64
