@@ -561,39 +561,51 @@ def sections_markdown(res: dict) -> str:
             for k, r in prof.items()]
     serving = res.get("serving") or {}
     if serving:
-        out += ["", "### Inflight batching", ""]
-        u = serving.get("uniform_128_128")
-        if u:
-            out.append(f"{u['num_requests']} requests, input 128, output 128, all at once, "
-                       f"batch limit {u['max_batch']}: {u['tokens_per_s']:.0f} output tok/s; "
-                       f"TTFT p50 {u['ttft_p50_s']:.2f} s, p99 {u['ttft_p99_s']:.2f} s; TPOT "
-                       f"p50 {1e3 * u['tpot_p50_s']:.1f} ms.")
+        out += ["", "### Inflight batching (fp16 unless the run's name says otherwise)", "",
+                "| run | requests | output tok/s | TTFT p50 / p99 (s) | TPOT p50 (ms) | "
+                "preempted | decode steps: ms (seqs) | mixed steps: ms (tokens) |",
+                "|---|---|---|---|---|---|---|---|"]
+        for k, r in serving.items():
+            r = (r.get("inflight") if isinstance(r, dict) and "inflight" in r else r)
+            if not isinstance(r, dict) or "tokens_per_s" not in r:
+                continue
+            st = r.get("steps") or {}
+            dec, mix = st.get("decode"), st.get("mixed")
+            out.append(
+                f"| {k} | {r['num_requests']} | {r['tokens_per_s']:.0f} | "
+                f"{r.get('ttft_p50_s', float('nan')):.2f} / {r.get('ttft_p99_s', float('nan')):.2f}"
+                f" | {1e3 * r.get('tpot_p50_s', float('nan')):.1f} | {r.get('num_preempted', '-')} | "
+                + (f"{dec['ms_per_step']:.1f} ({dec['seqs_per_step']:.0f})" if dec else "-") + " | "
+                + (f"{mix['ms_per_step']:.1f} ({mix['tokens_per_step']:.0f})" if mix else "-")
+                + " |")
         m = serving.get("mixed")
         if m:
-            out.append(f"Mixed lengths ({m['num_requests']} requests, batch limit "
-                       f"{m['max_batch']}): inflight {m['inflight']['tokens_per_s']:.0f} tok/s, "
-                       f"our static batching {m['static_tok_s']:.0f} tok/s "
-                       f"({m['inflight_vs_static']:.2f}x).")
-        h = serving.get("hf_batch32_128_128")
-        if h:
-            out.append(f"HF padded static batch 32 (input 128, output 128): "
-                       f"{h['e2e_tok_s']:.0f} tok/s; ours/HF {serving['uniform_vs_hf']:.2f}x.")
+            out += ["", f"Mixed lengths ({m['num_requests']} requests, inputs 32-1024, outputs "
+                    f"16-512, batch limit {m['max_batch']}): inflight "
+                    f"{m['inflight']['tokens_per_s']:.0f} tok/s, our static batching "
+                    f"{m['static_tok_s']:.0f} tok/s ({m['inflight_vs_static']:.2f}x)."]
+        for key, what in (("hf_batch32_128_128", "HF padded static batch 32 (input 128, "
+                           "output 128)"),
+                          ("hf_batch32_128_128_run4", "The same HF baseline in a later call")):
+            h = serving.get(key)
+            if h:
+                out.append(f"{what}: {h['e2e_tok_s']:.0f} tok/s.")
+        if "uniform_vs_hf" in serving:
+            out.append(f"Ours (uniform_128_128) / HF batch 32 in the same call: "
+                       f"{serving['uniform_vs_hf']:.2f}x.")
         hm = serving.get("hf_batch32_mixed")
         if hm:
             out.append(f"HF padded static batch of the first 32 mixed requests: "
                        f"{hm['useful_tok_s']:.0f} useful tok/s.")
-        c = serving.get("cnn_shaped")
-        if c:
-            out.append(f"cnn_dailymail-shaped load ({c['num_requests']} requests, input "
-                       f"{c['input']}, output {c['output']}): {c['tokens_per_s']:.0f} output "
-                       f"tok/s; TTFT p50 {c['ttft_p50_s']:.2f} s; TPOT p50 "
-                       f"{1e3 * c['tpot_p50_s']:.1f} ms.")
-        base = ("uniform_128_128", "cnn_shaped", "mixed")
-        for k, r in serving.items():  # other weight/KV modes (_mode) and tensor parallel (_tpN)
-            if k.startswith(base) and k not in base and isinstance(r, dict):
-                tps = r.get("tokens_per_s") or (r.get("inflight") or {}).get("tokens_per_s")
-                if tps:
-                    out.append(f"{k}: {tps:.0f} output tok/s.")
+        pts = serving.get("poisson") or {}
+        if pts:
+            out += ["", "Poisson arrivals (input 128, output 128):", "",
+                    "| rate (req/s) | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |",
+                    "|---|---|---|---|"]
+            for r in sorted(pts.values(), key=lambda r: r["rate_per_s"]):
+                out.append(f"| {r['rate_per_s']:g} | {r['tokens_per_s']:.0f} | "
+                           f"{1e3 * r['ttft_p50_s']:.0f} / {1e3 * r['ttft_p99_s']:.0f} | "
+                           f"{1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f} |")
     return "\n".join(out)
 
 
