@@ -78,7 +78,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     nd = 0
     while nd < len(meta.query_lens) and meta.query_lens[nd] == 1 and ctx[nd] > 1:
         nd += 1
-    outs, start = [], nd
+    outs = []
     ks = vs = None
     if k_cache.dtype == torch.int8:
         ks, vs = ops.kv_scale_tensors(kv_scale, k_cache.shape[1], k_cache.shape[3],
@@ -86,8 +86,36 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     if nd:
         outs.append(ops.decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
                                          meta.context_lens[:nd], softmax_scale, kv_scale))
-    for i in range(nd, len(meta.query_lens)):
+    # Prompts with no cached prefix and the same length (inflight batching admits many at
+    # once) share one attention call; the rest go one by one.
+    starts, pos = [], nd
+    for qlen in meta.query_lens[nd:]:
+        starts.append(pos)
+        pos += qlen
+    groups: dict = {}
+    for j, i in enumerate(range(nd, len(meta.query_lens))):
         qlen = meta.query_lens[i]
+        if ctx[i] == qlen and qlen > 1:
+            groups.setdefault(qlen, []).append(j)
+    per_seq: list = [None] * len(starts)
+    for qlen, members in groups.items():
+        if len(members) < 2:
+            continue
+        first = starts[members[0]]
+        if all(starts[m] == first + n * qlen for n, m in enumerate(members)):
+            sl = slice(first, first + len(members) * qlen)  # adjacent: views, no copies
+            qb, kb, vb = (x[sl].unflatten(0, (len(members), qlen)) for x in (q, k, v))
+        else:
+            qb, kb, vb = (torch.stack([x[starts[m]:starts[m] + qlen] for m in members])
+                          for x in (q, k, v))
+        ob = ops.prefill_attention_batch(qb, kb, vb, softmax_scale=softmax_scale)
+        for n, m in enumerate(members):
+            per_seq[m] = ob[n]
+    for j, i in enumerate(range(nd, len(meta.query_lens))):
+        if per_seq[j] is not None:
+            outs.append(per_seq[j])
+            continue
+        qlen, start = meta.query_lens[i], starts[j]
         qi = q[start:start + qlen]
         ki, vi = k[start:start + qlen], v[start:start + qlen]
         prefix = ctx[i] - qlen
@@ -97,5 +125,4 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
             vp = gather_context(v_cache, meta.block_tables[i], prefix, vs, q.dtype)
             ki, vi = torch.cat([kp, ki]), torch.cat([vp, vi])
         outs.append(ops.prefill_attention(qi, ki, vi, prefix, softmax_scale=softmax_scale))
-        start += qlen
     return torch.cat(outs)

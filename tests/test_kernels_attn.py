@@ -537,3 +537,22 @@ def test_bad_input_is_config_error():
 if __name__ == "__main__":  # interpreter subprocess: python tests/test_kernels_attn.py <check>
     from llama_engine.kernels import attn as _A
     print(json.dumps(CHECKS[sys.argv[1]](_A)))
+
+
+@pytest.mark.parametrize("H,hkv", [(4, 4), (6, 2)])
+def test_prefill_attention_batch_equals_one_by_one(H, hkv):
+    from llama_engine.config import ConfigError
+    from llama_engine.kernels import attn as A
+    g = torch.Generator().manual_seed(3)
+    B, T, D = 3, 7, 16
+    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, T, hkv, D, generator=g, dtype=torch.float64)
+    got = A.prefill_attention_batch(q, k, v, softmax_scale=0.3)
+    for b in range(B):
+        want = A.prefill_attention_ref(q[b], k[b], v[b], 0, 0.3)
+        assert _rel(got[b], want) < 1e-12
+        assert _rel(A.prefill_attention_batch(q, k, v, softmax_scale=0.3, impl="torch")[b],
+                    want) == 0
+    with pytest.raises(ConfigError, match="expected q \\[B,T,H,D\\]"):
+        A.prefill_attention_batch(q[0], k[0], v[0])

@@ -506,6 +506,25 @@ def test_chunked_prefill_and_mixed_steps_are_exercised(tiny_engine, alone):
     assert_blocks_returned(eng)
 
 
+def test_equal_length_prompts_share_one_attention_call(tiny_engine, alone, monkeypatch):
+    # Prompts of one length admitted together go through prefill_attention_batch (adjacent:
+    # views; with another prompt between them: stacked); tokens still equal each alone.
+    from llama_engine.kernels import ops
+    calls = []
+    batch = ops.prefill_attention_batch
+    monkeypatch.setattr(ops, "prefill_attention_batch",
+                        lambda q, *a, **k: (calls.append(q.shape[0]), batch(q, *a, **k))[1])
+    eq = tiny_prompts(3, seed=7, lo=9, hi=9)
+    other = tiny_prompts(1, seed=8, lo=5, hi=5)
+    prompts = [eq[0], eq[1], other[0], eq[2]]
+    eng = llm(tiny_engine, max_num_tokens=64)
+    seqs = eng.generate(prompts, 5)
+    assert calls and max(calls) == 3   # all three 9-token prompts in one call
+    for p, seq in zip(prompts, seqs):
+        assert seq.output_ids == alone(p, 5)
+    assert_blocks_returned(eng)
+
+
 def test_stream_and_stop_ids(tiny_engine, alone):
     prompts = tiny_prompts(3, seed=3, hi=20)
     full = [alone(p, 12) for p in prompts]
