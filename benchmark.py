@@ -190,7 +190,8 @@ def hf_model(weights: Weights):
     model.load_state_dict(sd, assign=True, strict=False)
     # The rotary inv_freq buffer was made on the meta device: make the module again for real.
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-    model.model.rotary_emb = LlamaRotaryEmbedding(cfg, device=DEVICE)
+    with torch.device(DEVICE):  # (its device= argument is deprecated in transformers 5.17)
+        model.model.rotary_emb = LlamaRotaryEmbedding(cfg)
     return model.to(dtype=weights.tensors["transformer.ln_f.weight"].dtype).eval()
 
 
