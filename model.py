@@ -76,9 +76,17 @@ class Attention(nn.Module):
         q = q.view(n, self.n_heads, self.head_dim)
         k = k.view(n, self.n_kv_heads, self.head_dim)
         v = v.view(n, self.n_kv_heads, self.head_dim)
-        q, k = ops.apply_rope(q, k, meta.positions, *rope)
         k_cache, v_cache, kv_scale = cache_layer
-        out = paged_attention(q, k, v, meta, k_cache, v_cache, kv_scale, self.softmax_scale)
+        if meta.is_decode:
+            # Decode reads every K from the cache: RoPE of q and k and the cache write in one
+            # kernel (one launch a layer less than apply_rope + write_kv).
+            q = ops.rope_write_kv(q, k, v, meta.positions, *rope, k_cache, v_cache,
+                                  meta.slot_mapping, kv_scale)
+            out = ops.decode_attention(q, k_cache, v_cache, meta.block_tables,
+                                       meta.context_lens, self.softmax_scale, kv_scale)
+        else:
+            q, k = ops.apply_rope(q, k, meta.positions, *rope)
+            out = paged_attention(q, k, v, meta, k_cache, v_cache, kv_scale, self.softmax_scale)
         return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
 
 
