@@ -164,7 +164,14 @@ def capture_stats(model, prompts: Iterable[list[int]], kv: bool = True, progress
                 for i, (k, v) in enumerate(_cache_layers(cache)):
                     # k, v: [1, Hkv, T, D]; k is post-RoPE, as our cache holds it. Max over the
                     # tokens per (head, channel) -> [Hkv*D], channel h*D + d as in our cache.
-                    mk = k.detach().abs().amax(dim=2).float().reshape(-1).cpu()
+                    # K: RoPE turns each channel pair (d, d + D/2) by a position-dependent
+                    # angle, so a channel can later reach its pair's norm, which rotation
+                    # never changes: both channels of a pair get that norm's maximum, a bound
+                    # that holds at positions calibration never saw.
+                    kf = k.detach().float()
+                    half = kf.shape[-1] // 2
+                    pair = torch.sqrt(kf[..., :half] ** 2 + kf[..., half:] ** 2).amax(dim=2)
+                    mk = torch.cat([pair, pair], dim=-1).reshape(-1).cpu()  # [Hkv*D]
                     mv = v.detach().abs().amax(dim=2).float().reshape(-1).cpu()
                     key = f"transformer.layers.{i}.attention"
                     new = torch.stack([mk, mv])  # [2, Hkv*D]

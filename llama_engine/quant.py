@@ -520,7 +520,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
 
     ``act_stats``: {linear prefix: max|x| per input channel [K]} from ``smoothquant.py``
     (required for SmoothQuant). ``kv_stats``: {'transformer.layers.{i}.attention': tensor
-    [2, Hkv*D]} per-channel max |k| (after RoPE) and max |v| -> ``attention.k_cache_scale``,
+    [2, Hkv*D]} per-channel K maxima (the RoPE pair's norm, smoothquant.calibrate) and max |v|
+    -> ``attention.k_cache_scale``,
     ``attention.v_cache_scale`` and ``attention.kv_cache_scaling_factor``; or the older
     tensor([max|k|, max|v|]) -> ``kv_cache_scaling_factor`` only. Required for an INT8 KV
     cache unless the tensors already carry the scales (passed through). ``dtype``: the model
