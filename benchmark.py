@@ -60,6 +60,13 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
 
 
+def free_memory() -> None:
+    """Return cached GPU blocks, so that an engine sized from free memory sees them."""
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def read_bandwidth(gib: float = 2.0, reps: int = 10) -> float:
     """Bytes/s of a pure read (a sum over a buffer far larger than L2), median of ``reps``."""
     if DEVICE != "cuda":
@@ -343,6 +350,7 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
         print("uniform", json.dumps(out["uniform_128_128" + sfx]), flush=True)
         save(out)
         del llm
+        free_memory()  # the next LLMEngine sizes its KV cache from the free GPU memory
     if "cnn" in parts:
         rng = random.Random(3)
         g = torch.Generator().manual_seed(3)
@@ -355,6 +363,7 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
         print("cnn", json.dumps(out["cnn_shaped" + sfx]), flush=True)
         save(out)
         del llm
+        free_memory()
     rng = random.Random(0)
     ins = [rng.randint(32, 1024) for _ in range(mixed_requests)]
     outs = [rng.randint(16, 512) for _ in range(mixed_requests)]
@@ -483,6 +492,11 @@ def serving_plot(res: dict, assets: str) -> None:
 
 
 def merge_json(path: str, new: dict) -> dict:
+    """Merge ``new`` into the JSON at ``path``: a section's rows are replaced one by one
+    (a re-measured row drops its old keys, e.g. an old error); ``meta`` is updated."""
+    from llama_engine import parallel
+    if parallel.get_rank() != 0:  # tensor parallelism: rank 0 alone reads and writes
+        return new
     old = {}
     if os.path.isfile(path):
         with open(path) as f:
@@ -490,17 +504,18 @@ def merge_json(path: str, new: dict) -> dict:
     for section, rows in new.items():
         if isinstance(rows, dict) and isinstance(old.get(section), dict):
             for k, v in rows.items():
-                if isinstance(v, dict) and isinstance(old[section].get(k), dict):
+                if section == "meta" and isinstance(v, dict) and isinstance(
+                        old[section].get(k), dict):
                     old[section][k].update(v)
                 else:
                     old[section][k] = v
         else:
             old[section] = rows
-    from llama_engine import parallel
-    if parallel.get_rank() == 0:  # tensor parallelism: rank 0 writes
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(old, f, indent=2)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(old, f, indent=2)
+    os.replace(tmp, path)  # a reader never sees a half-written file
     return old
 
 
@@ -735,7 +750,7 @@ def main(argv=None) -> int:
     p.add_argument("--scheduler_policy", default="max_utilization",
                    choices=("max_utilization", "guaranteed_no_evict"))
     p.add_argument("--serving_parts", default="uniform,mixed,hf",
-                   help="with --serving: which scenarios (uniform, mixed, hf)")
+                   help="with --serving: which scenarios (uniform, cnn, mixed, hf)")
     p.add_argument("--poisson_rates", default=None, help="with --serving: arrival rates, e.g. "
                    "10,20,40,80 requests/s")
     a = p.parse_args(argv)
@@ -757,9 +772,10 @@ def main(argv=None) -> int:
         # rank 0 prints and writes the results.
         parallel.init_from_env(DEVICE)
         parallel.quiet_non_main_ranks()
-        if a.ablation or a.memory or a.engine_dir or a.profile:
+        if a.ablation or a.memory or a.engine_dir or a.profile or a.poisson_rates:
             print("error: under torchrun benchmark.py runs the latency grid and --serving "
-                  "(random weights); not --ablation, --memory, --profile or --engine_dir",
+                  "(random weights); not --ablation, --memory, --profile, --engine_dir or "
+                  "--poisson_rates (arrivals by each rank's clock would diverge)",
                   file=sys.stderr)
             return 2
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run)"
@@ -770,6 +786,10 @@ def main(argv=None) -> int:
         results["selfcheck"] = {"linear": linear.gpu_selfcheck("cuda"),
                                 "attn": attn.gpu_selfcheck("cuda")}
     if a.serving:
+        if "," in a.modes:
+            print("error: --serving runs one mode (--modes fp16|int8|int4|int8kv|...)",
+                  file=sys.stderr)
+            return 2
         w = Weights(a.model_config)
         if a.poisson_rates:
             r = {"poisson": run_serving_poisson(

@@ -66,6 +66,10 @@ def test_failing_hf_baseline_is_reported(tmp_path, monkeypatch):
     assert d["ablation"]["hf_eager"]["error"] == "RuntimeError: compile exploded"
     assert "failed: RuntimeError: compile exploded" in (tmp_path / "benchmark.md").read_text()
     assert d["ablation"]["fp16"]["decode_tok_s"] > 0
+    monkeypatch.undo()  # measured again, the row is replaced: no stale error stays beside it
+    d = run(tmp_path, "--ablation", "--only", "hf_eager")
+    assert "error" not in d["ablation"]["hf_eager"] and d["ablation"]["hf_eager"]["latency_s"] > 0
+    assert "failed" not in (tmp_path / "benchmark.md").read_text()
 
 
 def test_tensor_parallel_grid_under_torchrun(tmp_path):
@@ -81,11 +85,12 @@ def test_tensor_parallel_grid_under_torchrun(tmp_path):
     assert proc.stdout.count("tiny fp16 b2 i6 o4 tp2 {") == 1  # rank 1 prints nothing
 
 
-@pytest.mark.parametrize("flag", ["--ablation", "--profile"])
-def test_torchrun_rejects_single_gpu_parts(tmp_path, flag):
+@pytest.mark.parametrize("flags", [["--ablation"], ["--profile"],
+                                   ["--serving", "--poisson_rates", "4"]])
+def test_torchrun_rejects_single_gpu_parts(tmp_path, flags):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "benchmark.py"), *TINY, flag, "--out_json", str(tmp_path / "b.json")]
+           str(REPO / "benchmark.py"), *TINY, *flags, "--out_json", str(tmp_path / "b.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "under torchrun benchmark.py runs the latency grid and --serving" in proc.stderr

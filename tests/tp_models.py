@@ -35,7 +35,9 @@ ENGINES = {"mha-fp32": ("mha", "float32", ()), "gqa-fp32": ("gqa", "float32", ()
            # INT8 KV with per-(KV head, channel) scales (synthetic calibration): the scales
            # must follow the KV heads (4 ranks replicate each of the 2). float64 so that K/V
            # reach the quantizer equal to ~1e-15 and round alike in every layout.
-           "gqa-int8kv": ("gqa", "float64", ("--int8_kv_cache",))}
+           "gqa-int8kv": ("gqa", "float64", ("--int8_kv_cache",)),
+           # the same in float32, for GPUs (no float64 kernels there): tools/gpu_tp_check.py
+           "gqa-int8kv-fp32": ("gqa", "float32", ("--int8_kv_cache",))}
 
 
 def probe(engine) -> dict:

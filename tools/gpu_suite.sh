@@ -25,5 +25,6 @@ for p in $PARTS; do
     mixed300)       timeout 200 $B --serving --serving_parts mixed,hf --mixed_requests 300 ;;
     serving)  timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
+  echo "=== $p exit ${PIPESTATUS[0]}"   # the part's own status (124: its time limit)
 done
 echo "=== done $(date +%T)"

@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import torch  # noqa: E402
 
 # fp32 engines compared by logits, fp64 ones (INT8 KV among them) by tokens.
-NAMES = ["mha-fp32", "gqa-fp32", "gqa-int8", "mqa-tied-fp32", "gqa-fp64", "gqa-int8kv"]  # fp64 last
+NAMES = ["mha-fp32", "gqa-fp32", "gqa-int8", "mqa-tied-fp32", "gqa-int8kv-fp32", "gqa-fp64",
+         "gqa-int8kv"]  # float64 last (CPU only)
 SERVE_PROMPTS = [[1, 5, 9, 33, 100, 7, 250], [1, 200, 3], [4] * 15, [9, 8, 7, 6, 5]]
 SERVE_TOKENS = [6, 8, 3, 8]  # within the engines' limits (tests/tp_models.py)
 
@@ -122,7 +123,9 @@ def main() -> int:
         for mode in ("eager", "graphs"):
             r0 = ranks[0][mode]
             if not exact:
-                tol = 1e-4 if "fp32" in n else 1e-3
+                # int8 weights / KV: a K or V value one rounding apart on two layouts can land
+                # one int8 level apart
+                tol = 1e-4 if n in ("mha-fp32", "gqa-fp32", "mqa-tied-fp32") else 1e-2
                 e_pre = rel(r0["prefill"], one[mode]["prefill"].cpu())
                 e_dec = rel(r0["decode"], one[mode]["decode"].cpu())
                 check(f"{n} {mode} logits tp{a.tp} vs 1 GPU", max(e_pre, e_dec) < tol,
@@ -134,6 +137,10 @@ def main() -> int:
                       r0["greedy"] == one[mode]["greedy"])
         agree = all(r["serve"] == ranks[0]["serve"] for r in ranks)
         check(f"{n} inflight batching tokens agree on all ranks", agree)
+        if not exact:  # float32: a near-tie may flip a late token; the first ones must agree
+            first = all(a[:3] == b[:3] for a, b in zip(ranks[0]["serve"], one["serve"]))
+            check(f"{n} inflight batching first tokens tp{a.tp} == 1 GPU", first,
+                  "" if first else json.dumps([ranks[0]["serve"], one["serve"]]))
         if exact:
             same = ranks[0]["serve"] == one["serve"]
             check(f"{n} inflight batching tokens tp{a.tp} == 1 GPU", same,

@@ -20,5 +20,6 @@ for p in $PARTS; do
     serving_tp) timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
     serving)    timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
+  echo "=== $p exit ${PIPESTATUS[0]}"   # the part's own status (124: its time limit)
 done
 echo "=== done $(date +%T)"

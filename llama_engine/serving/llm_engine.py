@@ -91,6 +91,7 @@ class LLMEngine:
         steps, wall seconds, tokens computed and sequences, summed since the last reset."""
         self.step_stats = {k: {"steps": 0, "seconds": 0.0, "tokens": 0, "seqs": 0}
                            for k in ("decode", "mixed")}
+        self._preemptions_at_reset = self.scheduler.num_preemptions
 
     def step_summary(self) -> dict:
         """step_stats with means: ms per step, sequences per step, tokens per step."""
@@ -99,7 +100,7 @@ class LLMEngine:
             n = max(st["steps"], 1)
             out[k] = {**st, "ms_per_step": 1e3 * st["seconds"] / n,
                       "seqs_per_step": st["seqs"] / n, "tokens_per_step": st["tokens"] / n}
-        out["preemptions"] = self.scheduler.num_preemptions
+        out["preemptions"] = self.scheduler.num_preemptions - self._preemptions_at_reset
         return out
 
     # -- requests ----------------------------------------------------------------------------
