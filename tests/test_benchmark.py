@@ -95,3 +95,10 @@ def test_torchrun_rejects_single_gpu_parts(tmp_path, flags):
     assert proc.returncode != 0
     assert "under torchrun benchmark.py runs the latency grid and --serving" in proc.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_serving_takes_one_mode(tmp_path, capsys):
+    rc = benchmark.main([*TINY, "--serving", "--modes", "fp16,int8",
+                         "--out_json", str(tmp_path / "b.json")])
+    assert rc == 2 and "--serving runs one mode" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
