@@ -20,6 +20,7 @@ import sys
 from typing import Optional
 
 from llama_engine.config import DTYPES, BuildConfig, ConfigError, QuantConfig
+from llama_engine.cli import run_main
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
@@ -217,11 +218,7 @@ def build_trtllm(a, model_args, quant, tensors, build_cfg, tok_dir) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     a = parse_args(argv)
-    try:
-        return build(a)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: build(a))
 
 
 if __name__ == "__main__":

@@ -751,11 +751,8 @@ def main(argv: Optional[list] = None) -> int:
     a = build_parser().parse_args(argv)
     a.assets_dir = os.path.abspath(a.assets_dir)
     a.work_dir = os.path.abspath(a.work_dir)
-    try:
-        return run(a)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from llama_engine.cli import run_main
+    return run_main(lambda: run(a))
 
 
 if __name__ == "__main__":
