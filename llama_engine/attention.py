@@ -26,6 +26,7 @@ class AttentionMeta:
     is_decode: bool                # every sequence has exactly one new token
     logits_indices: Optional[torch.Tensor] = None  # int64 rows projected to logits
     context_lens_host: Optional[list] = None       # python copy of context_lens (prefill)
+    plan: Optional["PrefillPlan"] = None           # made once per step by prefill_plan()
 
     @property
     def num_seqs(self) -> int:
@@ -58,6 +59,39 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int,
     return (x.float() * scale).to(dtype)
 
 
+@dataclass
+class PrefillPlan:
+    """How a prefill / mixed step splits into attention calls (the same for every layer)."""
+    ctx: list          # context length per sequence (host ints)
+    num_decode: int    # leading sequences that decode (one new token over a cached context)
+    starts: list       # first token row of each sequence after the decode rows
+    groups: dict       # length -> indices into starts of >= 2 prompts sharing one call
+
+
+def prefill_plan(meta: AttentionMeta) -> PrefillPlan:
+    """Made on the first layer's call and kept on ``meta`` for the other layers."""
+    if meta.plan is not None:
+        return meta.plan
+    ctx = meta.context_lens_host
+    if ctx is None:
+        ctx = meta.context_lens.tolist()
+    # Inflight batching puts decoding sequences (one new token each) first in a mixed step:
+    # they go through the decode kernel together instead of one prefill call each.
+    nd = 0
+    while nd < len(meta.query_lens) and meta.query_lens[nd] == 1 and ctx[nd] > 1:
+        nd += 1
+    # Prompts with no cached prefix and the same length (inflight batching admits many at
+    # once) share one attention call; the rest go one by one.
+    starts, pos, groups = [], nd, {}
+    for j, qlen in enumerate(meta.query_lens[nd:]):
+        starts.append(pos)
+        pos += qlen
+        if ctx[nd + j] == qlen and qlen > 1:
+            groups.setdefault(qlen, []).append(j)
+    meta.plan = PrefillPlan(ctx, nd, starts, {q: m for q, m in groups.items() if len(m) > 1})
+    return meta.plan
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, kv_scale,
                     softmax_scale: float) -> torch.Tensor:
@@ -70,14 +104,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     if meta.is_decode:
         return ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                     softmax_scale, kv_scale)
-    ctx = meta.context_lens_host
-    if ctx is None:
-        ctx = meta.context_lens.tolist()
-    # Inflight batching puts decoding sequences (one new token each) first in a mixed step:
-    # they go through the decode kernel together instead of one prefill call each.
-    nd = 0
-    while nd < len(meta.query_lens) and meta.query_lens[nd] == 1 and ctx[nd] > 1:
-        nd += 1
+    plan = prefill_plan(meta)
+    ctx, nd, starts = plan.ctx, plan.num_decode, plan.starts
     outs = []
     ks = vs = None
     if k_cache.dtype == torch.int8:
@@ -86,21 +114,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     if nd:
         outs.append(ops.decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
                                          meta.context_lens[:nd], softmax_scale, kv_scale))
-    # Prompts with no cached prefix and the same length (inflight batching admits many at
-    # once) share one attention call; the rest go one by one.
-    starts, pos = [], nd
-    for qlen in meta.query_lens[nd:]:
-        starts.append(pos)
-        pos += qlen
-    groups: dict = {}
-    for j, i in enumerate(range(nd, len(meta.query_lens))):
-        qlen = meta.query_lens[i]
-        if ctx[i] == qlen and qlen > 1:
-            groups.setdefault(qlen, []).append(j)
     per_seq: list = [None] * len(starts)
-    for qlen, members in groups.items():
-        if len(members) < 2:
-            continue
+    for qlen, members in plan.groups.items():
         first = starts[members[0]]
         if all(starts[m] == first + n * qlen for n, m in enumerate(members)):
             sl = slice(first, first + len(members) * qlen)  # adjacent: views, no copies
