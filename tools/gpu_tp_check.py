@@ -123,9 +123,9 @@ def main() -> int:
         for mode in ("eager", "graphs"):
             r0 = ranks[0][mode]
             if not exact:
-                # int8 weights / KV: a K or V value one rounding apart on two layouts can land
-                # one int8 level apart
-                tol = 1e-4 if n in ("mha-fp32", "gqa-fp32", "mqa-tied-fp32") else 1e-2
+                # int8 weights: 1e-3 (as before); INT8 KV: a K or V value one rounding apart on
+                # two layouts can land one int8 level apart
+                tol = {"gqa-int8": 1e-3, "gqa-int8kv-fp32": 1e-2}.get(n, 1e-4)
                 e_pre = rel(r0["prefill"], one[mode]["prefill"].cpu())
                 e_dec = rel(r0["decode"], one[mode]["decode"].cpu())
                 check(f"{n} {mode} logits tp{a.tp} vs 1 GPU", max(e_pre, e_dec) < tol,
