@@ -240,7 +240,7 @@ CATEGORIES = [
     ("attention", ("decode_attn", "decode_merge", "sdpa", "flash", "fmha", "attention")),
     ("kv-cache write (+RoPE)", ("rope_kv", "write_kv", "kv_write")),
     ("weight GEMM/GEMV", ("skinny", "splitk", "gemv", "gemm", "cutlass", "xmma", "int_mm",
-                          "matmul", "quant_per_token", "_w4", "_w8", "dequant")),
+                          "nvjet", "matmul", "quant_per_token", "_w4", "_w8", "dequant")),
     ("RMSNorm", ("rms_norm", "rmsnorm")),
     ("sampling", ("argmax", "topk", "sort", "multinomial")),
 ]

@@ -41,21 +41,30 @@ def run_all(engine_dir: str) -> dict:
     out = {"eager": tp_models.probe(eng)}
     eng.enable_cuda_graphs()
     out["graphs"] = tp_models.probe(eng)
-    llm = LLMEngine(eng, max_batch_size=2, max_num_tokens=64)  # the rest queue
+    # the rest queue; a small cache, not 90% of the GPU (several engines share one process)
+    llm = LLMEngine(eng, max_batch_size=2, max_num_tokens=64, max_kv_cache_tokens=2048)
     out["serve"] = [s.output_ids for s in llm.generate(SERVE_PROMPTS, SERVE_TOKENS)]
     return out
 
 
 def worker(out_dir: str, dirs: list) -> None:
+    import time
+    import traceback
+
     from llama_engine import parallel
     for d in dirs:
         name = os.path.basename(d)
+        t0 = time.perf_counter()
         try:
             res = run_all(d)
-        except Exception as e:  # record it and go on with the other engines
-            print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            continue
+        except Exception:
+            # Stop this rank: going on alone would leave the other rank waiting in a collective
+            # for ever (torchrun then ends the group and main() reports the error).
+            traceback.print_exc()
+            sys.exit(1)
         rank = parallel.get_rank()
+        print(f"rank {rank}: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+              flush=True)
         to_cpu = {k: {kk: (vv.cpu() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
                   if isinstance(v, dict) else v for k, v in res.items()}
         torch.save(to_cpu, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
@@ -79,6 +88,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--device", default="cuda", help="cuda; cpu (gloo) only dry-runs the flow")
+    p.add_argument("--timeout", type=int, default=240, help="seconds for the torchrun ranks")
     a = p.parse_args()
     os.environ["TP_CHECK_DEVICE"] = a.device
     if a.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() < a.tp):
@@ -98,6 +108,10 @@ def main() -> int:
             ref[n] = run_all(tp_models.build_engine(tmp, n, 1))
         except Exception as e:  # noqa: BLE001 - reported; the other engines are still checked
             check(f"{n} runs on one GPU", False, f"{type(e).__name__}: {e}")
+    import gc
+    gc.collect()
+    if a.device == "cuda":
+        torch.cuda.empty_cache()  # rank 0 shares GPU 0 with this process
     dirs = [tp_models.build_engine(tmp, n, a.tp) for n in names]
     res_dir = tmp / "res"
     res_dir.mkdir()
@@ -105,7 +119,13 @@ def main() -> int:
                TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={a.tp}", __file__, "--worker", str(res_dir), *dirs]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=a.timeout)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        check(f"torchrun tp{a.tp} finishes within {a.timeout} s", False, err[-3000:])
+        return 1
     check(f"torchrun tp{a.tp} exits 0", proc.returncode == 0, proc.stderr[-3000:]
           if proc.returncode else "")
     if proc.returncode:

@@ -44,6 +44,25 @@ except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 _IMPLS = ("auto", "triton", "torch")
+
+# SDPA backends for prefill on CUDA. PyTorch may pick cuDNN's attention on an H100, which builds
+# an execution plan for every new (batch, length) shape: ~2 ms of host time per call, per layer.
+# Inflight batching sees a new prompt length nearly every step, so its mixed steps became
+# host-bound (tools/gpu_step_profile.py: 75-190 ms for ~1,000 tokens whose kernels take 25 ms).
+# Flash / memory-efficient attention have no per-shape setup. LLAMA_ENGINE_SDPA_CUDNN=1 allows
+# cuDNN again (fixed shapes, e.g. a static batch, amortize its plans).
+_SDPA_CUDNN = os.environ.get("LLAMA_ENGINE_SDPA_CUDNN", "0") == "1"
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """torch SDPA over [B, H, T, D] tensors, without cuDNN's per-shape plans on CUDA."""
+    F = torch.nn.functional
+    if not q.is_cuda or _SDPA_CUDNN:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
 _LOG2E = 1.4426950408889634
 
 
@@ -840,15 +859,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k = k[:, :, None, :].expand(S, hkv, rep, D).reshape(S, H, D)
         v = v[:, :, None, :].expand(S, hkv, rep, D).reshape(S, H, D)
     qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    F = torch.nn.functional
     if causal_offset == 0 and S == T:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=softmax_scale)
+        o = _sdpa(qt, kt, vt, is_causal=True, scale=softmax_scale)
     elif causal_offset >= S - 1:  # every query sees every key
-        o = F.scaled_dot_product_attention(qt, kt, vt, scale=softmax_scale)
+        o = _sdpa(qt, kt, vt, scale=softmax_scale)
     else:
         qpos = causal_offset + torch.arange(T, device=q.device)
         mask = torch.arange(S, device=q.device)[None, :] <= qpos[:, None]  # [T, S]
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale)
+        o = _sdpa(qt, kt, vt, attn_mask=mask, scale=softmax_scale)
     return o[0].transpose(0, 1).contiguous()
 
 
@@ -875,9 +893,8 @@ def prefill_attention_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         rep = H // hkv
         k = k[:, :, :, None, :].expand(B, T, hkv, rep, D).reshape(B, T, H, D)
         v = v[:, :, :, None, :].expand(B, T, hkv, rep, D).reshape(B, T, H, D)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-        scale=softmax_scale)  # [B, H, T, D]
+    o = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+              scale=softmax_scale)  # [B, H, T, D]
     return o.transpose(1, 2)
 
 
