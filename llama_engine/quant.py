@@ -354,13 +354,9 @@ class SmoothQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flat2d(x)
-        if self.smoother is not None:
-            x2 = (x2.float() / self.smoother).to(x2.dtype)
-        if self.per_token:
-            xq, xs = K.quantize_per_token(x2)  # int8 [M, K], fp32 [M, 1]
-        else:
-            xq, xs = K.quantize_per_tensor(x2, self.act_scale), self.act_scale
-        y = K.linear_w8a8(xq, xs, self.weight, self.w_scale, x.dtype)
+        # smoother, activation quantization and the int8 GEMM: one fused kernel at decode sizes
+        y = K.linear_w8a8_dynamic(x2, self.weight, self.w_scale, x.dtype, smoother=self.smoother,
+                                  act_scale=None if self.per_token else self.act_scale)
         return y.reshape(*lead, self.out_features)
 
 

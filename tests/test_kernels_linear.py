@@ -230,6 +230,131 @@ def test_triton_kernels_interpreted():
     assert "FAILED: none" in out
 
 
+_FUSED_W8A8_CHECKS = r"""
+import os, sys
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import torch
+from llama_engine.kernels import linear as L
+from llama_engine import quant as Q
+
+torch.manual_seed(0)
+fails = []
+
+def report(name, ok, msg=""):
+    print(("ok  " if ok else "FAIL"), name, msg, flush=True)
+    if not ok:
+        fails.append(name)
+
+def check(name, out, ref, tol):
+    out, ref = out.float(), ref.float()
+    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    report(name, bool(torch.isfinite(out).all()) and err <= tol and out.shape == ref.shape,
+           f"rel_err={err:.2e}")
+
+def unfused(x, q8, ws, dt, sm, act):
+    # the reference sequence: smoother (rounded to x.dtype), quantizer, int8 GEMM
+    xin = x if sm is None else (x.float() / sm).to(x.dtype)
+    if act is None:
+        xq, xs = L.quantize_per_token_ref(xin)
+    else:
+        xq, xs = L.quantize_per_tensor_ref(xin, act), act
+    return L.linear_w8a8_ref(xq, xs, q8, ws, dt)
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+S = L.SkinnyCfg
+CFGS = [S("dot", 16, 32, 1), S("dot", 16, 32, 2), S("fma", 8, 32, 1), S("fma", 4, 64, 3)]
+# odd N and K: partial tiles in N and K; K = 97 with 32-wide blocks splits unevenly
+SHAPES = [(1, 37, 97), (3, 24, 160), (16, 40, 64)]
+for dt in (torch.float32, torch.float16, torch.bfloat16):   # int8 dot: bf16 is fine here
+    for (M, N, K) in SHAPES:
+        x = (torch.randn(M, K) * 2).to(dt)
+        x[:, -1] *= 30       # an outlier channel in the last K split: amax spans all splits
+        if M > 1:
+            x[1] = 0                                           # all-zero row: q = 0
+        sm = torch.rand(1, K) * 4 + 0.25
+        q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        eye = torch.eye(N, K, dtype=torch.int8)
+        for cfg in CFGS:
+            # The interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest
+            # even), so the smoothed bf16 activations differ there: bf16 runs unsmoothed.
+            for smo in ((None,) if dt == torch.bfloat16 else (None, sm)):
+                for act in (None, torch.tensor([[float(x.float().abs().max()) / 100]])):
+                    tag = (f"{str(dt)[6:]} M={M} N={N} K={K} {cfg} smooth={smo is not None} "
+                           f"{'per_token' if act is None else 'per_tensor'}")
+                    # identity weight, unit scales: the output IS q * x_scale, so the fused
+                    # quantization must equal the reference bit for bit
+                    ones = torch.ones(1, N)
+                    out = L.linear_w8a8_dynamic(x, eye, ones, torch.float32, smoother=smo,
+                                                act_scale=act, impl="triton", _cfg=cfg)
+                    ref = unfused(x, eye, ones, torch.float32, smo, act)
+                    report("exact " + tag, torch.equal(out, ref),
+                           f"max|diff|={float((out - ref).abs().max()):.3g}")
+                    for ws in (torch.rand(1, N) * 0.01 + 1e-3, torch.tensor([[0.004]])):
+                        check(f"w8a8_dynamic ws{tuple(ws.shape)} " + tag,
+                              L.linear_w8a8_dynamic(x, q8, ws, dt, smoother=smo, act_scale=act,
+                                                    impl="triton", _cfg=cfg),
+                              unfused(x, q8, ws, dt, smo, act), TOL[dt])
+
+# default configs (tuned table) and the unfused fallback above SKINNY_MAX_M; leading dims
+N, K = 48, 128
+q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+ws, sm = torch.rand(1, N) * 0.01, torch.rand(1, K) + 0.5
+for M in (1, 5, 70):
+    x = torch.randn(2, M, K)
+    for act in (None, torch.tensor([[0.03]])):
+        check(f"w8a8_dynamic default cfg M={M} act={act is not None}",
+              L.linear_w8a8_dynamic(x, q8, ws, smoother=sm, act_scale=act, impl="triton"),
+              unfused(x.reshape(-1, K), q8, ws, torch.float32, sm, act).reshape(2, M, N), 1e-5)
+
+# SmoothQuantLinear: Triton path (impl="auto" forced onto the kernels) equals its torch path
+real = L._want_triton
+for dt in (torch.float32, torch.float16):
+    for per_token in (True, False):
+        for smo in (None, torch.rand(1, K) + 0.5):
+            for wsc in (torch.rand(1, N) * 0.01 + 1e-3, torch.tensor([[0.004]])):
+                mod = Q.SmoothQuantLinear(q8, wsc, per_token, torch.tensor([[0.03]]), smo)
+                for M in (1, 3, 70):
+                    x = torch.randn(M, K).to(dt)
+                    L._want_triton = real
+                    ref = mod(x)
+                    L._want_triton = lambda impl, t: impl != "torch"
+                    got = mod(x)
+                    L._want_triton = real
+                    tol = 1e-6 if dt == torch.float32 else 2e-3
+                    check(f"SmoothQuantLinear {str(dt)[6:]} per_token={per_token} "
+                          f"smooth={smo is not None} ws{tuple(wsc.shape)} M={M}", got, ref, tol)
+
+print("FAILED:", fails if fails else "none")
+sys.exit(1 if fails else 0)
+"""
+
+
+def test_fused_w8a8_dynamic_interpreted():
+    """linear_w8a8_dynamic: smoother + activation quantization inside the skinny kernels."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_FUSED_W8A8_CHECKS)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, "fused W8A8 checks failed:\n" + out[-6000:]
+    assert "FAILED: none" in out
+
+
+def test_w8a8_dynamic_cpu_is_unfused_reference():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 40, generator=g)
+    q8 = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
+    ws, sm = torch.rand(1, 24, generator=g), torch.rand(1, 40, generator=g) + 0.5
+    xq, xs = L.quantize_per_token_ref((x.float() / sm).to(x.dtype))
+    assert torch.equal(L.linear_w8a8_dynamic(x, q8, ws, smoother=sm),
+                       L.linear_w8a8_ref(xq, xs, q8, ws, x.dtype))
+    with pytest.raises(ConfigError):
+        L.linear_w8a8_dynamic(x, q8, ws, smoother=torch.ones(1, 39))
+    with pytest.raises(ConfigError):
+        L.linear_w8a8_dynamic(x, q8, ws, act_scale=torch.ones(2))
+
+
 def test_auto_on_cpu_is_reference():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 64, generator=g)

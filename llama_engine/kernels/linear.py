@@ -33,6 +33,14 @@ Why the kernels look the way they do:
   runs two half-width products instead of shuffling the weight tile.
 * Group-wise int4 scales multiply the per-tile product (BK <= G: one group per tile), or the
   weight tile in registers (BK > G).
+* SmoothQuant decode: ``linear_w8a8_dynamic`` takes the float activations and, for M <= 64,
+  quantizes them inside the skinny kernel (constexpr XQUANT / SMOOTH): each program first
+  computes its rows' amax over the whole K (of x / smoother; split-K programs too, x is
+  M x K and comes from L2), then quantizes every x tile it loads with the same correctly
+  rounded division and round-half-even as ``quantize_per_token_ref`` (or the static
+  per-tensor ``act_scale``) and runs the int8 dot; the epilogue applies x_scale and w_scale.
+  That is one launch (+ the split-K reduction) per linear instead of 3-4 (smoother divide,
+  quantizer, GEMM), which is what costs at batch 1. Larger M runs those ops one by one.
 
 Every public op takes ``impl="auto" | "triton" | "torch"``: auto = Triton on CUDA when the shapes
 fit, else the best plain-torch path (cuBLAS, ``_int_mm``); on the CPU, auto and torch give the
@@ -61,7 +69,7 @@ except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 __all__ = [
-    "linear_fp", "linear_w8a16", "linear_w4a16", "linear_w8a8",
+    "linear_fp", "linear_w8a16", "linear_w4a16", "linear_w8a8", "linear_w8a8_dynamic",
     "quantize_per_token", "quantize_per_tensor", "pack_int4", "unpack_int4",
     "linear_fp_ref", "linear_w8a16_ref", "linear_w4a16_ref", "linear_w8a8_ref",
     "quantize_per_token_ref", "quantize_per_tensor_ref", "pack_int4_ref", "unpack_int4_ref",
@@ -353,14 +361,56 @@ if HAS_TRITON:
             # in an fp32 mantissa, so the add itself rounds (half to even) for |y| < 2**22.
             return (y + 12582912.0) - 12582912.0
 
+    # Fused activation quantization of the W8A8 skinny kernels (constexpr XQUANT: 0 the input
+    # is already int8, 1 per-token dynamic, 2 static per-tensor scale; SMOOTH: divide by the
+    # smoother [K] first). Same arithmetic as quantize_per_token_ref: bit-identical int8.
+    _AMAX_MIN = tl.constexpr(AMAX_EPS)
+
+    @triton.jit
+    def _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K: tl.constexpr,
+                  SMOOTH: tl.constexpr):
+        """Activation tile x[BM, BK] (zeros outside); with SMOOTH, x / smoother[k] rounded back
+        to x's dtype, as the unfused path stores it before quantizing."""
+        if EVEN_K:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_ok[:, None], other=0)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
+        if SMOOTH:
+            sm = tl.load(sm_ptr + offs_k, mask=offs_k < K, other=1.0)
+            x = tl.math.div_rn(x.to(tl.float32), sm[None, :]).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _row_scale(x_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SMOOTH: tl.constexpr,
+                   ITERS_A: tl.constexpr):
+        """Per-token scale [BM] = max(amax over the WHOLE row, eps) / 127. Every program
+        recomputes it (split-K programs see only part of K in their main loop); x is M x K
+        and stays in L2."""
+        m = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for i in range(0, ITERS_A if ITERS_A > 0 else tl.cdiv(K, BLOCK_K)):
+            offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K, SMOOTH)
+            m = tl.maximum(m, tl.abs(x.to(tl.float32)))
+        return tl.math.div_rn(tl.maximum(tl.max(m, axis=1), _AMAX_MIN), 127.0)
+
+    @triton.jit
+    def _quant_tile(x, scale, USE_RINT: tl.constexpr):
+        """float x[BM, BK] -> int8 round-half-even(clamp(x / scale, +-127))."""
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -127.0), 127.0)
+        return _round_half_even(y, USE_RINT).to(tl.int8)
+
     @triton.jit(do_not_specialize=["M"])
     def _skinny_dot_kernel(
-            x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr,
+            x_ptr, w_ptr, s_ptr, xs_ptr, sm_ptr, out_ptr,
             M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_per_split,
             WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
             WS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
-            ITERS_C: tl.constexpr, CVT: tl.constexpr):
+            ITERS_C: tl.constexpr, CVT: tl.constexpr, XQUANT: tl.constexpr,
+            SMOOTH: tl.constexpr, USE_RINT: tl.constexpr, ITERS_A: tl.constexpr):
         """out[m, n] (or split partial) = sum_k x[m, k] w[n, k]; tile acc[BN, BM] = W @ X^T."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -369,6 +419,11 @@ if HAS_TRITON:
         n_ok = offs_n < N
         m_ok = offs_m < M
         k_lo = pid_s * k_per_split
+        if XQUANT == 1:     # W8A8 from float x: this program's rows' per-token scales [BM]
+            x_scale = _row_scale(x_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K,
+                                 EVEN_K, SMOOTH, ITERS_A)
+        elif XQUANT == 2:   # static per-tensor act_scale (xs_ptr)
+            x_scale = tl.load(xs_ptr)
         if WKIND == 4:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
         else:
@@ -377,12 +432,11 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=m_ok[:, None], other=0)
-            else:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
+            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K, SMOOTH)
+            if XQUANT == 1:
+                x = _quant_tile(x, x_scale[:, None], USE_RINT)
+            elif XQUANT == 2:
+                x = _quant_tile(x, x_scale, USE_RINT)
             if WKIND == 2 or WKIND == 3:
                 offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :]
@@ -435,7 +489,9 @@ if HAS_TRITON:
                 out = out * tl.load(s_ptr + offs_n, mask=n_ok, other=0)[:, None]
             else:
                 out = out * tl.load(s_ptr)
-            if XS_ROW:
+            if XQUANT == 1:
+                out = out * x_scale[None, :]
+            elif XS_ROW:
                 out = out * tl.load(xs_ptr + offs_m, mask=m_ok, other=0)[None, :]
             else:
                 out = out * tl.load(xs_ptr)
@@ -448,12 +504,13 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M"])
     def _skinny_fma_kernel(
-            x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr,
+            x_ptr, w_ptr, s_ptr, xs_ptr, sm_ptr, out_ptr,
             M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_per_split,
             WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
             WS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ITERS_C: tl.constexpr,
-            CVT: tl.constexpr):
+            CVT: tl.constexpr, XQUANT: tl.constexpr, SMOOTH: tl.constexpr,
+            USE_RINT: tl.constexpr, ITERS_A: tl.constexpr):
         """GEMV without tensor cores: acc[BM, BN, BK] += x * w elementwise, reduce K at the end.
         Grouped int4 needs BLOCK_K <= GROUP (one group per tile)."""
         pid_n = tl.program_id(0)
@@ -463,6 +520,11 @@ if HAS_TRITON:
         n_ok = offs_n < N
         m_ok = offs_m < M
         k_lo = pid_s * k_per_split
+        if XQUANT == 1:     # W8A8 from float x: this program's rows' per-token scales [BM]
+            x_scale = _row_scale(x_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K,
+                                 EVEN_K, SMOOTH, ITERS_A)
+        elif XQUANT == 2:   # static per-tensor act_scale (xs_ptr)
+            x_scale = tl.load(xs_ptr)
         if WKIND == 2 or WKIND == 3:
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
         elif WKIND == 4:
@@ -473,12 +535,11 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=m_ok[:, None], other=0)
-            else:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
+            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K, SMOOTH)
+            if XQUANT == 1:
+                x = _quant_tile(x, x_scale[:, None], USE_RINT)
+            elif XQUANT == 2:
+                x = _quant_tile(x, x_scale, USE_RINT)
             if WKIND == 2 or WKIND == 3:
                 offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :]
@@ -513,7 +574,9 @@ if HAS_TRITON:
                 out = out * tl.load(s_ptr + offs_n, mask=n_ok, other=0)[None, :]
             else:
                 out = out * tl.load(s_ptr)
-            if XS_ROW:
+            if XQUANT == 1:
+                out = out * x_scale[:, None]
+            elif XS_ROW:
                 out = out * tl.load(xs_ptr + offs_m, mask=m_ok, other=0)[:, None]
             else:
                 out = out * tl.load(xs_ptr)
@@ -917,7 +980,11 @@ def _triton_ok(kind: int, K: int, G: int) -> bool:
 
 def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
                    xs: Optional[torch.Tensor], out_dtype: torch.dtype, G: int = 0,
-                   cfg: Optional[SkinnyCfg] = None) -> torch.Tensor:
+                   cfg: Optional[SkinnyCfg] = None, xquant: int = 0,
+                   smoother: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """xquant (W8A8 only): 0 x2 is int8 with scales xs; 1 x2 is float, quantized per token in
+    the kernel; 2 x2 is float, quantized with the per-tensor scale xs [1]. smoother: fp32 [K]
+    that x2 is divided by before quantizing (xquant 1, 2)."""
     M, K = x2.shape
     N = w.shape[0]
     if cfg is None:
@@ -940,9 +1007,11 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
     common = dict(WKIND=kind, GROUP=max(G, 1), XS_ROW=xs_row, WS_COL=ws_col, BLOCK_M=block_m,
                   BLOCK_N=cfg.block_n, BLOCK_K=bk, EVEN_K=(K % k_per_split == 0),
                   ITERS_C=_iters_c(k_per_split // bk, x2), CVT=_cvt_mode(kind, x2),
+                  XQUANT=xquant, SMOOTH=smoother is not None, USE_RINT=x2.is_cuda,
+                  ITERS_A=_iters_c(k_blocks, x2) if xquant == 1 else 0,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (x2, w, s, xs if xs is not None else s, dst, M, N, K, x2.stride(0), w.stride(0),
-            sg_stride, N, M * N, k_per_split)
+    args = (x2, w, s, xs if xs is not None else s, smoother if smoother is not None else s, dst,
+            M, N, K, x2.stride(0), w.stride(0), sg_stride, N, M * N, k_per_split)
     grid = (triton.cdiv(N, cfg.block_n), split)
     if cfg.kernel == "dot":
         _skinny_dot_kernel[grid](*args, DOT_PREC=_dot_prec(x2.dtype), **common)
@@ -1001,6 +1070,11 @@ def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None):
 #   M = 256, the tiled Triton GEMM above (20-30% faster than _int_mm at M = 2048).
 _AUTO_MAX_M_FP = 16
 _AUTO_INT_MM_M = (SKINNY_MAX_M, 256)
+# linear_w8a8_dynamic fuses the quantizer for M up to this. Every N-block program quantizes
+# the whole x again (1-2 correctly rounded divisions per element), ~M*N*K/BLOCK_N divisions in
+# all: free at M = 1, but at M = 64 about as many as weight bytes. Not yet measured on a GPU:
+# lower this if M = 16..64 turns out slower than quantize + linear_w8a8.
+_FUSED_A8_MAX_M = SKINNY_MAX_M
 
 
 # =============================================================================================
@@ -1138,6 +1212,56 @@ def linear_w8a8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
     return out.reshape(*lead, N)
 
 
+def linear_w8a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                        out_dtype: Optional[torch.dtype] = None, *,
+                        smoother: Optional[torch.Tensor] = None,
+                        act_scale: Optional[torch.Tensor] = None, impl: str = "auto",
+                        _cfg=None) -> torch.Tensor:
+    """SmoothQuant linear from FLOAT activations x[..., K] -> [..., N] in out_dtype (x.dtype):
+    xs = (x / smoother) rounded to x.dtype when a smoother [1, K] is given, quantized per
+    token (dynamic) or, with act_scale [1, 1], per tensor; then linear_w8a8. For M <= 64 on
+    Triton, the skinny kernel does all of it in one launch (+ the split-K reduction): each
+    program recomputes its rows' amax, then quantizes every x tile it loads (bit-identical
+    int8 to quantize_per_token_ref). Elsewhere it runs those ops one after the other."""
+    _check_float(x, "linear_w8a8_dynamic")
+    _check_weight(qweight, "linear_w8a8", torch.int8)
+    N, K = qweight.shape
+    x2, lead = _flat(x, K, "linear_w8a8_dynamic")
+    M = x2.shape[0]
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ConfigError(f"linear_w8a8: out_dtype must be a float dtype, got {out_dtype}")
+    if w_scale.numel() not in (1, N):
+        raise ConfigError(f"linear_w8a8: w_scale shape {tuple(w_scale.shape)} is neither "
+                          f"[1, N={N}] nor [1, 1]")
+    if smoother is not None and smoother.numel() != K:
+        raise ConfigError(f"linear_w8a8_dynamic: smoother shape {tuple(smoother.shape)} is "
+                          f"not [1, K={K}]")
+    if act_scale is not None and act_scale.numel() != 1:
+        raise ConfigError(f"linear_w8a8_dynamic: act_scale must hold one value, got "
+                          f"{tuple(act_scale.shape)}")
+    use_triton, cfg = _want_triton(impl, x) and M > 0, _cfg
+    if use_triton and cfg is None and M <= _FUSED_A8_MAX_M:
+        cfg = _pick_skinny(_A8, M, N, K)          # the tuned W8A8 table (may pick the GEMM)
+    if use_triton and isinstance(cfg, SkinnyCfg):
+        xs = None if act_scale is None else act_scale.reshape(1).to(torch.float32)
+        sm = None if smoother is None else smoother.reshape(K).to(torch.float32).contiguous()
+        out = _launch_skinny(_A8, x2 if x2.stride(-1) == 1 else x2.contiguous(),
+                             qweight if qweight.stride(-1) == 1 else qweight.contiguous(),
+                             w_scale.reshape(-1).to(torch.float32).contiguous(), xs, out_dtype,
+                             0, cfg, xquant=1 if act_scale is None else 2, smoother=sm)
+        return out.reshape(*lead, N)
+    # Large M / no Triton / CPU: the unfused sequence (same values).
+    if smoother is not None:
+        x2 = (x2.float() / smoother.reshape(1, K).float()).to(x2.dtype)
+    if act_scale is None:
+        xq, xs = quantize_per_token(x2, impl=impl)                  # int8 [M, K], fp32 [M, 1]
+    else:
+        xq, xs = quantize_per_tensor(x2, act_scale, impl=impl), act_scale
+    out = linear_w8a8(xq, xs, qweight, w_scale, out_dtype, impl=impl, _cfg=_cfg)
+    return out.reshape(*lead, N)
+
+
 def pack_int4(q: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """int8 [N, K] in -8..7 -> int8 [N, K/2] (conversion-time op: torch on every device)."""
     _check_impl(impl)
@@ -1242,6 +1366,7 @@ def gpu_selfcheck(device="cuda", Ms=(1, 4, 16, 64), shapes=LLAMA7B_SHAPES,
             "linear_w4a16_pc": (q4.numel() + s4c.numel() * 2, (q4, s4c)),
             f"linear_w4a16_g{group_size}": (q4.numel() + s4g.numel() * 2, (q4, s4g)),
             "linear_w8a8": (q8.numel() + ws_a8.numel() * 4, (q8, ws_a8)),
+            "linear_w8a8_dynamic": (q8.numel() + ws_a8.numel() * 4, (q8, ws_a8)),
         }
         for op, (nbytes, base) in cases.items():
             n_copies = max(2, math.ceil(3 * L2_BYTES / nbytes))
@@ -1258,6 +1383,10 @@ def gpu_selfcheck(device="cuda", Ms=(1, 4, 16, 64), shapes=LLAMA7B_SHAPES,
                 elif op == "linear_w8a8":
                     call = lambda i, impl: linear_w8a8(xq, xs, copies[i][0], copies[i][1],
                                                        dtype, impl=impl)
+                    ref = linear_w8a8_ref(xq, xs, q8, ws_a8, dtype)
+                elif op == "linear_w8a8_dynamic":      # from float x: quantizer fused in
+                    call = lambda i, impl: linear_w8a8_dynamic(x, copies[i][0], copies[i][1],
+                                                               dtype, impl=impl)
                     ref = linear_w8a8_ref(xq, xs, q8, ws_a8, dtype)
                 else:
                     G = K if op.endswith("_pc") else group_size
