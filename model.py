@@ -9,6 +9,11 @@ The network runs on a *flat* batch: ``tokens[N]`` from several sequences with an
 ``AttentionMeta`` saying where each belongs, and an explicit ``KVCache``. Linear layers are
 whatever ``llama_engine.quant.make_linear`` builds from the checkpoint tensors (float,
 weight-only int8/int4, SmoothQuant W8A8): the network never branches on quantization.
+
+o_proj, gate_up and down_proj are called with ``partials=True``: when their skinny kernel
+splits K (decode), they hand their fp32 split-K partials (``ops.SplitKPartials``) to the next
+op, ``add_rms_norm`` / ``silu_mul``, which sums them while loading instead of a separate
+reduction launch. Attention and MLP outputs are therefore a tensor or SplitKPartials.
 """
 from __future__ import annotations
 
@@ -70,7 +75,8 @@ class Attention(nn.Module):
         self.split = [args.q_size, args.kv_size, args.kv_size]
         self.softmax_scale = 1.0 / math.sqrt(args.head_dim)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMeta, cache_layer, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMeta, cache_layer, rope):
+        """-> o_proj output [n, hidden], a tensor or SplitKPartials (for add_rms_norm)."""
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(n, self.n_heads, self.head_dim)
@@ -87,7 +93,7 @@ class Attention(nn.Module):
         else:
             q, k = ops.apply_rope(q, k, meta.positions, *rope)
             out = paged_attention(q, k, v, meta, k_cache, v_cache, kv_scale, self.softmax_scale)
-        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
+        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim), partials=True)
 
 
 class MLP(nn.Module):
@@ -95,7 +101,8 @@ class MLP(nn.Module):
 
     ``gate_up_proj`` computes [gate; up] in one GEMM (one launch, one pass over x) when the
     two linears' tensors can be stacked (``fuse_gate_up``); otherwise ``gate_up_proj`` is a
-    pair (gate_proj, up_proj). ``width`` is gate's output width."""
+    pair (gate_proj, up_proj). ``width`` is gate's output width. The output (down_proj's) is a
+    tensor or SplitKPartials, for the next ``add_rms_norm``."""
 
     def __init__(self, gate_up_proj, width: int, down_proj: nn.Module):
         super().__init__()
@@ -106,12 +113,13 @@ class MLP(nn.Module):
             self.gate_up_proj = gate_up_proj
         self.width, self.down_proj = width, down_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         if self.gate_up_proj is not None:
             # one kernel for silu(gate) * up on CUDA (kernels/act.py); PyTorch's two elsewhere
-            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(nn.functional.silu(gate) * up)
+            h = ops.silu_mul(self.gate_up_proj(x, partials=True))
+        else:
+            h = nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h, partials=True)
 
 
 def fuse_gate_up(gate: dict[str, torch.Tensor], up: dict[str, torch.Tensor]
@@ -181,7 +189,9 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, meta, cache.layer(i), rope)
         if not all_logits and meta.logits_indices is not None:
-            x, residual = x[meta.logits_indices], residual[meta.logits_indices]
+            idx = meta.logits_indices
+            x = x.index_rows(idx) if isinstance(x, ops.SplitKPartials) else x[idx]
+            residual = residual[idx]
         x, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return self.lm_head(x).float()
 

@@ -176,7 +176,9 @@ class RowParallelLinear(nn.Module):
         self.out_features = getattr(inner, "out_features", None)
         self.in_features = getattr(inner, "in_features", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor:
+        # partials is accepted as by the plain linears but never honoured: the all-reduce
+        # needs the summed tensor.
         return all_reduce(self.inner(x))
 
 

@@ -23,7 +23,9 @@ a whole step on the largest, most important weights). TensorRT-LLM's symmetric q
 divides by 7.
 
 The modules (``FloatLinear``, ``WeightOnlyInt8Linear``, ``WeightOnlyInt4Linear``,
-``SmoothQuantLinear``) all take x[M, K] and return [M, N]; their tensors are buffers kept in
+``SmoothQuantLinear``) all take x[..., K] and return [..., N] (``forward(x, partials=True)``:
+possibly the unsummed split-K ``SplitKPartials`` of kernels/linear.py, for a caller whose next
+op sums them); their tensors are buffers kept in
 their checkpoint dtypes (do not ``.to(float16)`` a model holding SmoothQuant layers: their
 scales are float32 by format). ``make_linear`` is the one place that picks a module.
 """
@@ -180,11 +182,6 @@ def _require(tensors: dict, names: tuple, cls: str) -> None:
         raise ConfigError(f"{cls} needs tensors {list(names)}; missing {missing}")
 
 
-def _flat2d(x: torch.Tensor):
-    """Linear kernels take [M, K]; accept any leading shape."""
-    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
-
-
 class FloatLinear(nn.Module):
     """Unquantized linear: weight [N, K] in the model dtype."""
 
@@ -204,9 +201,8 @@ class FloatLinear(nn.Module):
     def checkpoint_tensors(self) -> dict:
         return {"weight": self.weight}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2, lead = _flat2d(x)
-        return K.linear_fp(x2, self.weight).reshape(*lead, self.out_features)
+    def forward(self, x: torch.Tensor, partials: bool = False):
+        return K.linear_fp(x, self.weight, partials=partials)
 
 
 class WeightOnlyInt8Linear(nn.Module):
@@ -238,9 +234,8 @@ class WeightOnlyInt8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return dequantize_int8_per_channel(self.weight, self.scale, self.scale.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2, lead = _flat2d(x)
-        return K.linear_w8a16(x2, self.weight, self.scale).reshape(*lead, self.out_features)
+    def forward(self, x: torch.Tensor, partials: bool = False):
+        return K.linear_w8a16(x, self.weight, self.scale, partials=partials)
 
 
 class WeightOnlyInt4Linear(nn.Module):
@@ -293,12 +288,10 @@ class WeightOnlyInt4Linear(nn.Module):
         g = None if self.per_channel else self.group_size
         return dequantize_int4(self.weight, self.scales, g, self.scales.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2, lead = _flat2d(x)
+    def forward(self, x: torch.Tensor, partials: bool = False):
         if self.pre_quant_scale is not None:
-            x2 = x2 * self.pre_quant_scale.to(x2.dtype)
-        y = K.linear_w4a16(x2, self.weight, self.scales, self.group_size)
-        return y.reshape(*lead, self.out_features)
+            x = x * self.pre_quant_scale.to(x.dtype)
+        return K.linear_w4a16(x, self.weight, self.scales, self.group_size, partials=partials)
 
 
 class SmoothQuantLinear(nn.Module):
@@ -352,12 +345,12 @@ class SmoothQuantLinear(nn.Module):
             w = w / self.smoother
         return w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2, lead = _flat2d(x)
+    def forward(self, x: torch.Tensor, partials: bool = False):
         # smoother, activation quantization and the int8 GEMM: one fused kernel at decode sizes
-        y = K.linear_w8a8_dynamic(x2, self.weight, self.w_scale, x.dtype, smoother=self.smoother,
-                                  act_scale=None if self.per_token else self.act_scale)
-        return y.reshape(*lead, self.out_features)
+        return K.linear_w8a8_dynamic(x, self.weight, self.w_scale, x.dtype,
+                                     smoother=self.smoother,
+                                     act_scale=None if self.per_token else self.act_scale,
+                                     partials=partials)
 
 
 # ---------------------------------------------------------------------------------------------

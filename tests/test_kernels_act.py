@@ -3,6 +3,7 @@ in a subprocess, since the variable must be set before triton is imported) again
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,6 +34,23 @@ def _check() -> list:
         err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
         if want.numel() and err > tol:
             fails.append(f"{shape} {dt}: rel err {err:.2e}")
+    # the [gate; up] linear's split-K partials: bit for bit the result on their in-order fp32
+    # sum rounded to the model dtype (what the linear's own reduction stores)
+    from llama_engine.kernels.linear import SplitKPartials
+    for lead, w2, dt in (((3,), 2 * 37, torch.float32), ((2, 3), 2 * 1100, torch.float16),
+                         ((1,), 2 * 64, torch.float16)):
+        for S in (1, 2, 3):
+            parts = torch.randn(S, math.prod(lead), w2, generator=g) * 2
+            total = parts[0].clone()
+            for s in range(1, S):
+                total += parts[s]
+            x = total.to(dt).view(*lead, w2)
+            got = act.silu_mul(SplitKPartials(parts, lead, dt), impl="triton")
+            want = act.silu_mul(x, impl="triton")
+            if not torch.equal(got, want) or got.shape != (*lead, w2 // 2):
+                fails.append(f"partials S={S} {lead} {w2} {dt}")
+            if dt == torch.float32 and not torch.allclose(got, act.silu_mul_ref(x), atol=1e-5):
+                fails.append(f"partials S={S} {lead} vs reference")
     # a strided input (every other row of a wider buffer)
     big = torch.randn(6, 2 * 40, generator=g)[::2]
     if not torch.allclose(act.silu_mul(big, impl="triton"), act.silu_mul_ref(big), atol=1e-6):

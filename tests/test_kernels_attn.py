@@ -364,7 +364,43 @@ def _check_decode(A):
     return fails
 
 
-CHECKS = {"norms": _check_norms, "rope": _check_rope, "write": _check_write,
+def _split(x: torch.Tensor, S: int, g) -> tuple:
+    """Random fp32 split-K partials [S, M, D] of an output shaped like x -> (SplitKPartials,
+    their in-order fp32 sum rounded to x.dtype: what the linear's own reduction stores)."""
+    from llama_engine.kernels.linear import SplitKPartials
+    parts = torch.randn(S, x.numel() // x.shape[-1], x.shape[-1], generator=g) / S
+    total = parts[0].clone()
+    for s in range(1, S):
+        total += parts[s]
+    return SplitKPartials(parts, tuple(x.shape[:-1]), x.dtype), total.to(x.dtype).view(x.shape)
+
+
+def _check_norm_partials(A):
+    """add_rms_norm given a linear's split-K partials: the same result (bit for bit) as on the
+    summed tensor, and the reference within the tolerances of _check_norms."""
+    fails = []
+    g = torch.Generator().manual_seed(2)
+    for shape, dt in (((3, 37), torch.float32), ((2, 3, 40), torch.float16),
+                      ((1, 64), torch.float16), ((5, 48), torch.bfloat16)):
+        for S in (1, 2, 3):
+            r = torch.randn(shape, generator=g).to(dt)
+            w = (torch.rand(shape[-1], generator=g) + 0.5).to(dt)
+            p, x = _split(r, S, g)
+            o, nr = A.add_rms_norm(p, r, w, 1e-5, impl="triton")
+            o1, nr1 = A.add_rms_norm(x, r, w, 1e-5, impl="triton")
+            o2, nr2 = A.add_rms_norm_ref(x, r, w, 1e-5)
+            # the interpreter rounds fp32 -> bf16 toward zero, torch to nearest: 1 ulp slack
+            res_tol = 8e-3 if dt == torch.bfloat16 else 0.0
+            same = (_rel(o, o1) <= res_tol and _rel(nr, nr1) <= res_tol if res_tol else
+                    torch.equal(o, o1) and torch.equal(nr, nr1))
+            if not (same and o.shape == shape and _rel(nr, nr2) <= res_tol
+                    and _rel(o, o2) <= (1e-6 if dt == torch.float32 else 1e-2)):
+                fails.append(f"add_rms_norm partials S={S} {shape} {dt}: {_rel(o, o2):.2e}")
+    return fails
+
+
+CHECKS = {"norms": _check_norms, "norm_partials": _check_norm_partials, "rope": _check_rope,
+          "write": _check_write,
           "decode": _check_decode, "write_per_channel": _check_write_per_channel,
           "decode_per_channel": _check_decode_per_channel}
 

@@ -170,6 +170,41 @@ for dt in (torch.float32, torch.float16):
         check(f"w4a16 default cfg M={M} {dt}", L.linear_w4a16(xx, q4, s4, G, impl="triton"),
               L.linear_w4a16_ref(xx, q4, s4, G), TOL[dt])
 
+# split-K partials (partials=True): unsummed SplitKPartials [S, M, N] whose .sum() is exactly
+# the reduced output; partials=False (and a launch without a split) return the plain tensor
+for dt in (torch.float32, torch.float16):
+    M, N, K, G = 3, 40, 256, 32                        # 8 blocks of 32: S = 2, 3 (uneven), 4
+    x = torch.randn(2, M, K).to(dt)                     # leading dims [2, M]
+    w = (torch.randn(N, K) * 0.1).to(dt)
+    q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    s8 = (torch.rand(N) * 0.01 + 1e-3).to(dt)
+    q4 = L.pack_int4(torch.randint(-8, 8, (N, K), dtype=torch.int8))
+    s4 = (torch.rand(K // G, N) * 0.01 + 1e-3).to(dt)
+    xq, xs = L.quantize_per_token_ref(x)
+    ws = torch.rand(1, N) * 0.01
+    ops = {"fp": (lambda **k: L.linear_fp(x, w, impl="triton", **k), L.linear_fp_ref(x, w)),
+           "w8a16": (lambda **k: L.linear_w8a16(x, q8, s8, impl="triton", **k),
+                     L.linear_w8a16_ref(x, q8, s8)),
+           "w4a16g": (lambda **k: L.linear_w4a16(x, q4, s4, G, impl="triton", **k),
+                      L.linear_w4a16_ref(x, q4, s4, G)),
+           "w8a8": (lambda **k: L.linear_w8a8(xq, xs, q8, ws, dt, impl="triton", **k),
+                    L.linear_w8a8_ref(xq, xs, q8, ws, dt))}
+    for cfg, S in ((Skinny("dot", 16, 32, 2), 2), (Skinny("fma", 8, 32, 3), 3),
+                   (Skinny("dot", 32, 32, 4), 4), (Skinny("dot", 16, 32, 1), 1)):
+        for name, (run, ref) in ops.items():
+            tag = f"partials {name} {str(dt)[6:]} {cfg}"
+            p, t = run(partials=True, _cfg=cfg), run(_cfg=cfg)
+            if S == 1:
+                ok = isinstance(p, torch.Tensor) and torch.equal(p, t)
+            else:
+                ok = (isinstance(p, L.SplitKPartials) and isinstance(t, torch.Tensor)
+                      and p.parts.shape == (S, 2 * M, N) and p.parts.dtype == torch.float32
+                      and p.shape == t.shape and p.dtype == dt and torch.equal(p.sum(), t))
+            print(("ok  " if ok else "FAIL"), tag, flush=True)
+            if not ok:
+                fails.append(tag)
+            check(tag + " vs ref", t, ref, TOL[dt])
+
 # activation quantizers: error <= scale / 2 elementwise, scales equal to the reference
 for dt in (torch.float32, torch.float16, torch.bfloat16):
     for (M, K) in ((1, 100), (3, 4096), (2, 8200)):     # 8200: two-pass (long row) variant
@@ -324,6 +359,20 @@ for dt in (torch.float32, torch.float16):
                     check(f"SmoothQuantLinear {str(dt)[6:]} per_token={per_token} "
                           f"smooth={smo is not None} ws{tuple(wsc.shape)} M={M}", got, ref, tol)
 
+# with partials=True and a split K the fused op hands back SplitKPartials summing to its output
+for dt in (torch.float32, torch.float16):
+    x = torch.randn(2, 3, 256).to(dt)
+    q8 = torch.randint(-127, 128, (40, 256), dtype=torch.int8)
+    wsc, smo = torch.rand(1, 40) * 0.01, torch.rand(1, 256) + 0.5
+    for cfg in (L.SkinnyCfg("dot", 16, 32, 2), L.SkinnyCfg("fma", 8, 32, 3)):
+        run = lambda **k: L.linear_w8a8_dynamic(x, q8, wsc, dt, smoother=smo, impl="triton",
+                                                _cfg=cfg, **k)
+        p, t = run(partials=True), run()
+        ok = isinstance(p, L.SplitKPartials) and torch.equal(p.sum(), t)
+        print("ok  " if ok else "FAIL", f"fused w8a8 partials {str(dt)[6:]} {cfg.kernel}")
+        if not ok:
+            fails.append(f"fused w8a8 partials {dt} {cfg.kernel}")
+
 print("FAILED:", fails if fails else "none")
 sys.exit(1 if fails else 0)
 """
@@ -353,6 +402,22 @@ def test_w8a8_dynamic_cpu_is_unfused_reference():
         L.linear_w8a8_dynamic(x, q8, ws, smoother=torch.ones(1, 39))
     with pytest.raises(ConfigError):
         L.linear_w8a8_dynamic(x, q8, ws, act_scale=torch.ones(2))
+
+
+def test_partials_flag_on_cpu_and_index_rows():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(3, 64, generator=g), torch.randn(8, 64, generator=g)
+    # the CPU (reference) path never splits K: partials=True still returns the tensor
+    assert torch.equal(L.linear_fp(x, w, partials=True), L.linear_fp_ref(x, w))
+    parts = torch.randn(3, 5, 7, generator=g)                  # S = 3, M = 5, N = 7
+    p = L.SplitKPartials(parts, (5,), torch.float16)
+    assert p.shape == (5, 7) and torch.equal(p.sum(), parts.sum(0).half())
+    idx = torch.tensor([4, 0, 4])
+    assert torch.equal(p.index_rows(idx).sum(), p.sum()[idx])
+    assert L.summed(p).shape == (5, 7) and L.summed(x) is x
+    assert L.partial_slices(p) is parts and L.partial_slices(x).shape == (1, 3, 64)
+    with pytest.raises(ConfigError):
+        L.SplitKPartials(parts, (1, 5), torch.float16).index_rows(idx)
 
 
 def test_auto_on_cpu_is_reference():

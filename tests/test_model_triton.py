@@ -1,8 +1,11 @@
 """The whole network with its Triton kernels (RMSNorm, fused RoPE + KV write, decode attention,
-SwiGLU activation) against the same network on the PyTorch reference ops, on the CPU under
-``TRITON_INTERPRET=1``: the model-level wiring of the kernels that only a GPU runs by default
-(``impl="auto"`` picks them on CUDA). Prefill, teacher-forced decode steps and the INT8 KV
-cache. The interpreter must be set before triton is imported, hence the subprocess."""
+SwiGLU activation, skinny linears) against the same network on the PyTorch reference ops, on
+the CPU under ``TRITON_INTERPRET=1``: the model-level wiring of the kernels that only a GPU runs
+by default (``impl="auto"`` picks them on CUDA). Prefill, teacher-forced decode steps and the
+INT8 KV cache. Every skinny linear is forced to split K, so o_proj / gate_up / down_proj hand
+their split-K partials to add_rms_norm / silu_mul (and through the logits-row gather), while
+qkv and lm_head reduce them. The interpreter must be set before triton is imported, hence the
+subprocess."""
 from __future__ import annotations
 
 import json
@@ -33,7 +36,7 @@ def _probe(engine) -> torch.Tensor:
 
 
 def _run(engine_dir: str) -> dict:
-    from llama_engine.kernels import act, attn
+    from llama_engine.kernels import act, attn, linear
     from llama_engine.runner import Engine
     eng = Engine.from_dir(engine_dir, device="cpu")
     ref = _probe(eng)
@@ -45,9 +48,20 @@ def _run(engine_dir: str) -> dict:
         calls.append(use)
         return use
     attn._use_triton = act._use_triton = triton_everywhere
+    linear._want_triton = lambda impl, t: impl != "torch"
+    # K blocks of 32: hidden 64 splits in 2, intermediate 160 in 3
+    linear._pick_skinny = lambda kind, M, N, K: linear.SkinnyCfg("dot", 32, 32, 3)
+    real_launch, launches = linear._launch_skinny, []
+
+    def launch(*args, **kw):
+        out = real_launch(*args, **kw)
+        launches.append(isinstance(out, linear.SplitKPartials))
+        return out
+    linear._launch_skinny = launch
     got = _probe(eng)
     err = float((got - ref).norm() / ref.norm())
-    return {"rel_err": err, "triton_calls": sum(calls)}
+    return {"rel_err": err, "triton_calls": sum(calls), "partials": sum(launches),
+            "reduced": len(launches) - sum(launches)}
 
 
 def _build(tmp: str, name: str, extra: list) -> str:
@@ -67,7 +81,7 @@ def test_network_on_triton_kernels_equals_reference_ops(tmp_path, name, extra):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["triton_calls"] > 0
+    assert r["triton_calls"] > 0 and r["partials"] > 0 and r["reduced"] > 0, r
     # int8 KV: the kernels quantize with the same correctly rounded division as the reference
     assert r["rel_err"] < 1e-4, r
 

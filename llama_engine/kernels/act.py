@@ -5,7 +5,8 @@ elementwise kernels and the intermediate ``silu(gate)`` tensor.
 ``impl`` as in ``attn.py``: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` (also
 on CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the reference, which is also HF's
 arithmetic: silu rounded to the model dtype, then the product). The Triton path rounds once,
-after the product in fp32.
+after the product in fp32. The input may be the ``[gate; up]`` linear's ``SplitKPartials``:
+the kernel sums its fp32 slices as it loads them, saving the linear's reduction launch.
 """
 from __future__ import annotations
 
@@ -15,19 +16,26 @@ from torch.nn import functional as F
 from llama_engine.config import ConfigError
 
 from .attn import HAS_TRITON, _use_triton
+from .linear import partial_slices, summed
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .linear import _load_summed
+
     @triton.jit
-    def _silu_mul_kernel(X, OUT, W, stride_x, stride_o, BLOCK: tl.constexpr):
-        # grid = (rows, cdiv(W, BLOCK)); row r: gate = X[r, :W], up = X[r, W:2W].
+    def _silu_mul_kernel(X, OUT, W, stride_s, stride_x, stride_o, S: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        # grid = (rows, cdiv(W, BLOCK)); X [S, rows, 2W] (S split-K partials, summed here);
+        # row r: gate = X[:, r, :W], up = X[:, r, W:2W].
         r = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = c < W
-        g = tl.load(X + r * stride_x + c, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(X + r * stride_x + W + c, mask=m, other=0.0).to(tl.float32)
+        row = X + r * stride_x
+        dt = OUT.dtype.element_ty
+        g = _load_summed(row + c, m, stride_s, S, dt).to(tl.float32)
+        u = _load_summed(row + W + c, m, stride_s, S, dt).to(tl.float32)
         y = g / (1.0 + tl.exp(-g)) * u
         tl.store(OUT + r * stride_o + c, y.to(OUT.dtype.element_ty), mask=m)
 
@@ -37,21 +45,20 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul(gate_up: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """``[..., 2W]`` (gate then up) -> ``silu(gate) * up`` ``[..., W]`` in the input dtype."""
+def silu_mul(gate_up, *, impl: str = "auto") -> torch.Tensor:
+    """``[..., 2W]`` (gate then up; a tensor or a linear's ``SplitKPartials``) ->
+    ``silu(gate) * up`` ``[..., W]`` in the input dtype."""
     if gate_up.shape[-1] % 2:
         raise ConfigError(f"silu_mul: last dim {gate_up.shape[-1]} is not [gate; up] (odd)")
-    if not _use_triton(impl, gate_up) or gate_up.dtype == torch.float64:
-        return silu_mul_ref(gate_up)
-    w2 = gate_up.shape[-1]
-    x = gate_up.reshape(-1, w2)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    w = w2 // 2
-    out = torch.empty((x.shape[0], w), dtype=gate_up.dtype, device=gate_up.device)
-    if x.shape[0]:
+    x = partial_slices(gate_up)                                    # [S, M, 2W]
+    if not _use_triton(impl, x) or gate_up.dtype == torch.float64:
+        return silu_mul_ref(summed(gate_up))
+    w = gate_up.shape[-1] // 2
+    out = torch.empty((x.shape[1], w), dtype=gate_up.dtype, device=x.device)
+    if x.shape[1]:
         block = 1024 if w >= 1024 else triton.next_power_of_2(w)
-        _silu_mul_kernel[(x.shape[0], triton.cdiv(w, block))](x, out, w, x.stride(0),
-                                                               out.stride(0), BLOCK=block,
+        _silu_mul_kernel[(x.shape[1], triton.cdiv(w, block))](x, out, w, x.stride(0),
+                                                               x.stride(1), out.stride(0),
+                                                               S=x.shape[0], BLOCK=block,
                                                                num_warps=4)
     return out.view(*gate_up.shape[:-1], w)

@@ -34,6 +34,8 @@ import torch
 
 from llama_engine.config import ConfigError
 
+from .linear import partial_slices, summed
+
 try:  # Triton is optional on CPU-only installs; the references need only torch.
     import triton
     import triton.language as tl
@@ -263,15 +265,18 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # Triton kernels
 # =============================================================================================
 if HAS_TRITON:
+    from .linear import _load_summed
 
     @triton.jit
-    def _rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_x, stride_r, stride_o, stride_ro,
-                         D, eps, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per row; the whole row (D <= 16k) sits in registers.
+    def _rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_s, stride_x, stride_r, stride_o,
+                         stride_ro, D, eps, S: tl.constexpr, HAS_RES: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        # One program per row; the whole row (D <= 16k) sits in registers. X: [S, M, D], the
+        # S split-K partials of the previous linear (S = 1: its output), summed here.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        x = _load_summed(X + row * stride_x + cols, mask, stride_s, S, OUT.dtype.element_ty)
         if HAS_RES:
             r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
             # round the sum to the model dtype before normalizing, as HF does
@@ -545,32 +550,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         bd = _next_pow2(D)
-        _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), 0,
-                                         out.stride(0), 0, D, float(eps), HAS_RES=False,
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, 0, x2.stride(0), 0,
+                                         out.stride(0), 0, D, float(eps), S=1, HAS_RES=False,
                                          BLOCK_D=bd, num_warps=_norm_warps(bd))
     return out.view(x.shape)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+def add_rms_norm(x, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``new_residual = x + residual; normed = rms_norm(new_residual)``."""
+    """Fused ``new_residual = x + residual; normed = rms_norm(new_residual)``. ``x`` is a tensor
+    or a linear's ``SplitKPartials``, whose slices the kernel sums (no reduction launch)."""
     if x.shape != residual.shape:
         raise ConfigError(f"add_rms_norm: x {tuple(x.shape)} and residual "
                           f"{tuple(residual.shape)} differ")
     if x.shape[-1] != weight.shape[0]:
         raise ConfigError(f"add_rms_norm: last dim {x.shape[-1]} != weight {weight.shape[0]}")
-    if not _use_triton(impl, x, residual, weight):
-        return add_rms_norm_ref(x, residual, weight, eps)
+    if not _use_triton(impl, residual, weight):                    # x lives beside residual
+        return add_rms_norm_ref(summed(x), residual, weight, eps)
     D = x.shape[-1]
-    x2 = _last_dim_contig(x).reshape(-1, D)
+    xs = partial_slices(x)                                         # [S, M, D]
     r2 = _last_dim_contig(residual).reshape(-1, D)
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    res = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
+    out = torch.empty(r2.shape, dtype=x.dtype, device=r2.device)
+    res = torch.empty(r2.shape, dtype=x.dtype, device=r2.device)
+    if r2.shape[0]:
         bd = _next_pow2(D)
-        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res, x2.stride(0), r2.stride(0),
-                                         out.stride(0), res.stride(0), D, float(eps),
-                                         HAS_RES=True, BLOCK_D=bd, num_warps=_norm_warps(bd))
+        _rms_norm_kernel[(r2.shape[0],)](xs, r2, weight, out, res, xs.stride(0), xs.stride(1),
+                                         r2.stride(0), out.stride(0), res.stride(0), D,
+                                         float(eps), S=xs.shape[0], HAS_RES=True, BLOCK_D=bd,
+                                         num_warps=_norm_warps(bd))
     return out.view(x.shape), res.view(x.shape)
 
 

@@ -17,8 +17,11 @@ Why the kernels look the way they do:
     - ``dot``: swap-AB tensor-core tile ``acc[BN, BM] += w[BN, BK] @ x[BM, BK].T``: the weight
       is the large operand, the few tokens are the narrow MMA side (padded to 8/16). Wins
       almost everywhere else.
-  Both can split K over a second grid axis (fp32 partials + one small reduction kernel) so
-  that the narrow layers (o_proj, down_proj: N = 4096) still fill 132 SMs.
+  Both can split K over a second grid axis so that the narrow layers (o_proj, down_proj:
+  N = 4096) still fill 132 SMs. The fp32 partials [S, M, N] are summed by one small reduction
+  kernel, or, with ``partials=True``, returned unsummed as a ``SplitKPartials`` for the next
+  kernel (``add_rms_norm``, ``silu_mul``) to sum while it loads its input: at batch 1 a launch
+  costs as much as the reduction itself, and this saves up to 4 of them per layer.
 * Dequantization is ALU-bound before it is memory-bound: int -> float conversion (I2F) runs
   at a quarter of the FMA rate, which held int4 to ~1.4 TB/s. On CUDA the int8 / int4 -> fp16
   (and int4 -> bf16) conversion instead builds the half-precision bit pattern with
@@ -73,7 +76,7 @@ __all__ = [
     "quantize_per_token", "quantize_per_tensor", "pack_int4", "unpack_int4",
     "linear_fp_ref", "linear_w8a16_ref", "linear_w4a16_ref", "linear_w8a8_ref",
     "quantize_per_token_ref", "quantize_per_tensor_ref", "pack_int4_ref", "unpack_int4_ref",
-    "gpu_selfcheck", "SkinnyCfg", "GemmCfg",
+    "gpu_selfcheck", "SkinnyCfg", "GemmCfg", "SplitKPartials", "partial_slices", "summed",
 ]
 
 # Smallest amax used for a per-token scale: an all-zero row gets a tiny positive scale (and
@@ -86,6 +89,61 @@ _KIND_NAMES = {_FP: "fp", _I8: "w8a16", _I4: "w4a16", _I4G: "w4a16g", _A8: "w8a8
 
 SKINNY_MAX_M = 64          # skinny kernels up to this many rows; tiled GEMM / cuBLAS above
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# =============================================================================================
+# Split-K partials handed to the next kernel
+# =============================================================================================
+@dataclass(frozen=True, eq=False)
+class SplitKPartials:
+    """A linear's output before its split-K reduction: fp32 partial products ``parts[S, M, N]``
+    whose sum over S, rounded to ``dtype``, is the output ``[*lead, N]`` (M = prod(lead)).
+
+    Returned only when the caller asks (``partials=True``) and the skinny kernel did split K.
+    Consumers that take it (``add_rms_norm``, ``silu_mul``) sum the S slices as they load them,
+    in the order and with the final rounding of the reduction kernel, so their results are
+    the same as on the summed tensor; anything else calls ``.sum()``."""
+    parts: torch.Tensor
+    lead: tuple
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.lead, self.parts.shape[-1]))
+
+    def sum(self) -> torch.Tensor:
+        """The output tensor ``[*lead, N]`` in ``dtype`` (sum over S in fp32, then the cast)."""
+        return self.parts.sum(0).to(self.dtype).reshape(self.shape)
+
+    def index_rows(self, idx: torch.Tensor) -> "SplitKPartials":
+        """The partials of ``out[idx]`` for a 2-D output ``[M, N]`` (e.g. the rows that get
+        logits), without summing: one gather, as indexing the tensor would be."""
+        if len(self.lead) != 1:
+            raise ConfigError(f"SplitKPartials.index_rows needs a 2-D output, got {self.shape}")
+        p = self.parts[:, idx]                                   # [S, *idx.shape, N]
+        return SplitKPartials(p.reshape(p.shape[0], -1, p.shape[-1]), tuple(p.shape[1:-1]),
+                              self.dtype)
+
+
+def summed(x) -> torch.Tensor:
+    """A tensor, or the reduced tensor of SplitKPartials (torch paths of the consumers)."""
+    return x.sum() if isinstance(x, SplitKPartials) else x
+
+
+def partial_slices(x) -> torch.Tensor:
+    """Input of a consumer kernel: ``[S, M, N]`` with unit stride along N; the partials, or a
+    tensor ``[..., N]`` as one slice (S = 1). Kernels sum the slices with ``_load_summed``."""
+    if isinstance(x, SplitKPartials):
+        return x.parts
+    x2 = x.reshape(-1, x.shape[-1])
+    return (x2 if x2.stride(-1) == 1 else x2.contiguous()).unsqueeze(0)
+
+
+def _with_lead(out, lead: tuple):
+    """A launcher's result for rows [M] -> leading shape ``lead`` (tensor or partials)."""
+    if isinstance(out, SplitKPartials):
+        return SplitKPartials(out.parts, tuple(lead), out.dtype)
+    return out.reshape(*lead, out.shape[-1])
 
 
 # =============================================================================================
@@ -667,14 +725,21 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _load_summed(ptrs, mask, stride_s, S: tl.constexpr, dtype: tl.constexpr):
+        """sum_s x[s] at ptrs + s * stride_s (fp32 split-K partials, added in order), rounded to
+        dtype: the linear's output. S = 1 is a plain load of the tensor itself."""
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        for s in tl.static_range(1, S):
+            x += tl.load(ptrs + s * stride_s, mask=mask, other=0.0)
+        return x.to(dtype)
+
+    @triton.jit
     def _splitk_reduce_kernel(p_ptr, out_ptr, MN, S: tl.constexpr, BLOCK: tl.constexpr):
         """out[i] = sum_s partial[s, i] (fp32 partials [S, M*N] -> out dtype)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < MN
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in range(0, S):
-            acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + offs, _load_summed(p_ptr + offs, ok, MN, S, out_ptr.dtype.element_ty),
+                 mask=ok)
 
     @triton.jit
     def _int32_scale_kernel(acc_ptr, xs_ptr, ws_ptr, out_ptr, M, N,
@@ -981,8 +1046,9 @@ def _triton_ok(kind: int, K: int, G: int) -> bool:
 def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
                    xs: Optional[torch.Tensor], out_dtype: torch.dtype, G: int = 0,
                    cfg: Optional[SkinnyCfg] = None, xquant: int = 0,
-                   smoother: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """xquant (W8A8 only): 0 x2 is int8 with scales xs; 1 x2 is float, quantized per token in
+                   smoother: Optional[torch.Tensor] = None, partials: bool = False):
+    """out [M, N]; with partials=True and a split K, the unsummed SplitKPartials instead.
+    xquant (W8A8 only): 0 x2 is int8 with scales xs; 1 x2 is float, quantized per token in
     the kernel; 2 x2 is float, quantized with the per-tensor scale xs [1]. smoother: fp32 [K]
     that x2 is divided by before quantizing (xquant 1, 2)."""
     M, K = x2.shape
@@ -998,9 +1064,8 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
         block_m = max(16 if kind == _A8 else 8, triton.next_power_of_2(M))
     else:
         block_m = triton.next_power_of_2(M)
-    out = torch.empty((M, N), device=x2.device, dtype=out_dtype)
-    dst = out if split == 1 else torch.empty((split, M, N), device=x2.device,
-                                             dtype=torch.float32)
+    dst = torch.empty((M, N) if split == 1 else (split, M, N), device=x2.device,
+                      dtype=out_dtype if split == 1 else torch.float32)
     xs_row = xs is not None and xs.numel() > 1
     ws_col = kind == _A8 and s.numel() > 1
     sg_stride = s.stride(0) if (kind == _I4G and s.dim() == 2) else 0
@@ -1017,10 +1082,14 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
         _skinny_dot_kernel[grid](*args, DOT_PREC=_dot_prec(x2.dtype), **common)
     else:
         _skinny_fma_kernel[grid](*args, **common)
-    if split > 1:
-        BLOCK = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](dst, out, M * N, S=split, BLOCK=BLOCK,
-                                                            num_warps=4)
+    if split == 1:
+        return dst
+    if partials:
+        return SplitKPartials(dst, (M,), out_dtype)
+    out = torch.empty((M, N), device=x2.device, dtype=out_dtype)
+    BLOCK = 1024
+    _splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](dst, out, M * N, S=split, BLOCK=BLOCK,
+                                                        num_warps=4)
     return out
 
 
@@ -1045,8 +1114,9 @@ def _launch_gemm(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
     return out
 
 
-def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None):
-    """Skinny kernel for M <= SKINNY_MAX_M, tiled GEMM above (cfg may force either)."""
+def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None, partials=False):
+    """Skinny kernel for M <= SKINNY_MAX_M, tiled GEMM above (cfg may force either).
+    partials: see _launch_skinny (the tiled GEMM never splits K)."""
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if w.stride(-1) != 1:
@@ -1058,7 +1128,7 @@ def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None):
         cfg = _pick_skinny(kind, M, N, K) if M <= SKINNY_MAX_M else _pick_gemm(kind, M, N, K)
     if isinstance(cfg, GemmCfg):
         return _launch_gemm(kind, x2, w, s, xs, out_dtype, G, cfg)
-    return _launch_skinny(kind, x2, w, s, xs, out_dtype, G, cfg)
+    return _launch_skinny(kind, x2, w, s, xs, out_dtype, G, cfg, partials=partials)
 
 
 # impl="auto" on CUDA (H100 measurements):
@@ -1080,8 +1150,11 @@ _FUSED_A8_MAX_M = SKINNY_MAX_M
 # =============================================================================================
 # Public ops
 # =============================================================================================
+# Every linear op takes partials=True from a caller whose next kernel accepts SplitKPartials
+# (add_rms_norm, silu_mul): then a skinny Triton launch that split K returns its unsummed
+# partials instead of launching the reduction. Every other path returns the tensor.
 def linear_fp(x: torch.Tensor, weight: torch.Tensor, *, impl: str = "auto",
-              _cfg=None) -> torch.Tensor:
+              partials: bool = False, _cfg=None):
     """x[..., K] @ weight[N, K].T -> [..., N] in x.dtype (fp32 accumulation)."""
     _check_weight(weight, "linear_fp")
     x2, lead = _flat(x, weight.shape[1], "linear_fp")
@@ -1092,16 +1165,16 @@ def linear_fp(x: torch.Tensor, weight: torch.Tensor, *, impl: str = "auto",
         if weight.dtype != x.dtype:
             raise ConfigError(f"linear_fp: weight dtype {weight.dtype} != input {x.dtype}")
         _check_float(x, "linear_fp")
-        out = _run_triton(_FP, x2, weight, weight, None, x.dtype, 0, _cfg)
+        out = _run_triton(_FP, x2, weight, weight, None, x.dtype, 0, _cfg, partials)
     elif x.is_cuda:
         out = torch.nn.functional.linear(x2, weight.to(x.dtype))
     else:
         return linear_fp_ref(x, weight)
-    return out.reshape(*lead, weight.shape[0])
+    return _with_lead(out, lead)
 
 
 def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
-                 impl: str = "auto", _cfg=None) -> torch.Tensor:
+                 impl: str = "auto", partials: bool = False, _cfg=None):
     """Weight-only int8: x @ (qweight * scale[:, None]).T, qweight int8 [N, K], scale [N]."""
     _check_weight(qweight, "linear_w8a16", torch.int8)
     _check_float(x, "linear_w8a16")
@@ -1111,17 +1184,17 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     x2, lead = _flat(x, K, "linear_w8a16")
     M = x2.shape[0]
     if _want_triton(impl, x) and M > 0:
-        out = _run_triton(_I8, x2, qweight, scale.reshape(N), None, x.dtype, 0, _cfg)
+        out = _run_triton(_I8, x2, qweight, scale.reshape(N), None, x.dtype, 0, _cfg, partials)
     elif x.is_cuda:
         w = qweight.to(x.dtype) * scale.reshape(N, 1).to(x.dtype)
         out = torch.nn.functional.linear(x2, w)
     else:
         return linear_w8a16_ref(x, qweight, scale)
-    return out.reshape(*lead, N)
+    return _with_lead(out, lead)
 
 
 def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 group_size: int, *, impl: str = "auto", _cfg=None) -> torch.Tensor:
+                 group_size: int, *, impl: str = "auto", partials: bool = False, _cfg=None):
     """Weight-only int4: qweight int8 [N, K/2] (two nibbles, even k low), scales [K/G, N]
     (per channel: G = K, scales [1, N])."""
     _check_float(x, "linear_w4a16")
@@ -1130,14 +1203,14 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     kind = _I4 if G == K else _I4G
     if _want_triton(impl, x) and _triton_ok(kind, K, G) and x2.shape[0] > 0:
         out = _run_triton(kind, x2, qweight, s.reshape(N) if kind == _I4 else s, None,
-                          x.dtype, G, _cfg)
+                          x.dtype, G, _cfg, partials)
     elif x.is_cuda:
         w = unpack_int4_ref(qweight).to(x.dtype)
         w = w * s.to(x.dtype).repeat_interleave(G, dim=0).t()
         out = torch.nn.functional.linear(x2, w)
     else:
         return linear_w4a16_ref(x, qweight, scales, group_size)
-    return out.reshape(*lead, N)
+    return _with_lead(out, lead)
 
 
 def quantize_per_token(x: torch.Tensor, *, impl: str = "auto"
@@ -1182,7 +1255,7 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, *,
 
 def linear_w8a8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
                 w_scale: torch.Tensor, out_dtype: torch.dtype = torch.float16, *,
-                impl: str = "auto", _cfg=None) -> torch.Tensor:
+                impl: str = "auto", partials: bool = False, _cfg=None):
     """SmoothQuant GEMM: (xq int8 @ qweight int8 .T) * x_scale [M,1]|[1,1] * w_scale [1,N]|[1,1]."""
     x2, lead, M, N, K = _w8a8_check(xq, x_scale, qweight, w_scale, out_dtype)
     xs = x_scale.reshape(-1).to(torch.float32)
@@ -1193,7 +1266,7 @@ def linear_w8a8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
         return linear_w8a8_ref(xq, x_scale, qweight, w_scale, out_dtype)
     lo, hi = _AUTO_INT_MM_M
     if use_triton and (impl == "triton" or not int_mm_ok or not lo < M <= hi):
-        out = _run_triton(_A8, x2, qweight, ws, xs, out_dtype, 0, _cfg)
+        out = _run_triton(_A8, x2, qweight, ws, xs, out_dtype, 0, _cfg, partials)
     elif int_mm_ok:
         acc = torch._int_mm(x2.contiguous(), qweight.t())          # int32 [M, N] (cuBLAS)
         if HAS_TRITON:
@@ -1209,20 +1282,21 @@ def linear_w8a8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
         out = (acc * xs.reshape(-1, 1) * ws.reshape(1, -1)).to(out_dtype)
     else:
         return linear_w8a8_ref(xq, x_scale, qweight, w_scale, out_dtype)
-    return out.reshape(*lead, N)
+    return _with_lead(out, lead)
 
 
 def linear_w8a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                         out_dtype: Optional[torch.dtype] = None, *,
                         smoother: Optional[torch.Tensor] = None,
                         act_scale: Optional[torch.Tensor] = None, impl: str = "auto",
-                        _cfg=None) -> torch.Tensor:
+                        partials: bool = False, _cfg=None):
     """SmoothQuant linear from FLOAT activations x[..., K] -> [..., N] in out_dtype (x.dtype):
     xs = (x / smoother) rounded to x.dtype when a smoother [1, K] is given, quantized per
     token (dynamic) or, with act_scale [1, 1], per tensor; then linear_w8a8. For M <= 64 on
-    Triton, the skinny kernel does all of it in one launch (+ the split-K reduction): each
-    program recomputes its rows' amax, then quantizes every x tile it loads (bit-identical
-    int8 to quantize_per_token_ref). Elsewhere it runs those ops one after the other."""
+    Triton, the skinny kernel does all of it in one launch (+ the split-K reduction, unless
+    ``partials``): each program recomputes its rows' amax, then quantizes every x tile it
+    loads (bit-identical int8 to quantize_per_token_ref). Elsewhere it runs those ops one
+    after the other."""
     _check_float(x, "linear_w8a8_dynamic")
     _check_weight(qweight, "linear_w8a8", torch.int8)
     N, K = qweight.shape
@@ -1249,8 +1323,9 @@ def linear_w8a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
         out = _launch_skinny(_A8, x2 if x2.stride(-1) == 1 else x2.contiguous(),
                              qweight if qweight.stride(-1) == 1 else qweight.contiguous(),
                              w_scale.reshape(-1).to(torch.float32).contiguous(), xs, out_dtype,
-                             0, cfg, xquant=1 if act_scale is None else 2, smoother=sm)
-        return out.reshape(*lead, N)
+                             0, cfg, xquant=1 if act_scale is None else 2, smoother=sm,
+                             partials=partials)
+        return _with_lead(out, lead)
     # Large M / no Triton / CPU: the unfused sequence (same values).
     if smoother is not None:
         x2 = (x2.float() / smoother.reshape(1, K).float()).to(x2.dtype)
@@ -1258,8 +1333,9 @@ def linear_w8a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
         xq, xs = quantize_per_token(x2, impl=impl)                  # int8 [M, K], fp32 [M, 1]
     else:
         xq, xs = quantize_per_tensor(x2, act_scale, impl=impl), act_scale
-    out = linear_w8a8(xq, xs, qweight, w_scale, out_dtype, impl=impl, _cfg=_cfg)
-    return out.reshape(*lead, N)
+    out = linear_w8a8(xq, xs, qweight, w_scale, out_dtype, impl=impl, partials=partials,
+                      _cfg=_cfg)
+    return _with_lead(out, lead)
 
 
 def pack_int4(q: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
