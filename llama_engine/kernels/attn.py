@@ -736,6 +736,16 @@ DECODE_CONFIG = {
     "int8_magic": True,     # int8 -> fp16 by bit tricks instead of conversion instructions
     "target_programs": 0,   # programs to aim for when picking the split; 0: 2 x SM count
 }
+# LLAMA_ENGINE_DECODE_CONFIG='{"block_n_int8": 128, ...}' overrides entries (tuning runs:
+# tools/gpu_attn_sweep.py --write prints the best setting in this form).
+if os.environ.get("LLAMA_ENGINE_DECODE_CONFIG"):
+    import json as _json
+    _over = _json.loads(os.environ["LLAMA_ENGINE_DECODE_CONFIG"])
+    if not isinstance(_over, dict) or set(_over) - set(DECODE_CONFIG):
+        raise ConfigError(f"LLAMA_ENGINE_DECODE_CONFIG: unknown keys "
+                          f"{sorted(set(_over) - set(DECODE_CONFIG))}; known: "
+                          f"{sorted(DECODE_CONFIG)}")
+    DECODE_CONFIG.update(_over)
 
 
 # Triton reads TRITON_INTERPRET when it is imported, so reading it once here agrees with it.
