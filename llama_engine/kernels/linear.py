@@ -1140,11 +1140,12 @@ def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None, partials=False):
 #   M = 256, the tiled Triton GEMM above (20-30% faster than _int_mm at M = 2048).
 _AUTO_MAX_M_FP = 16
 _AUTO_INT_MM_M = (SKINNY_MAX_M, 256)
-# linear_w8a8_dynamic fuses the quantizer for M up to this. Every N-block program quantizes
-# the whole x again (1-2 correctly rounded divisions per element), ~M*N*K/BLOCK_N divisions in
-# all: free at M = 1, but at M = 64 about as many as weight bytes. Not yet measured on a GPU:
-# lower this if M = 16..64 turns out slower than quantize + linear_w8a8.
-_FUSED_A8_MAX_M = SKINNY_MAX_M
+# linear_w8a8_dynamic fuses the quantizer into the skinny kernel for M up to this. Off by
+# default: measured on an H100 (LLaMA-7B, batch 1) the fused kernels made SmoothQuant decode
+# 61.7 tok/s against 254.7 for quantize + linear_w8a8 (each program recomputes the row's amax
+# and divides every x tile it loads; not profiled further). LLAMA_ENGINE_FUSED_W8A8_MAX_M=64
+# turns it on for measurements.
+_FUSED_A8_MAX_M = int(os.environ.get("LLAMA_ENGINE_FUSED_W8A8_MAX_M", "0"))
 
 
 # =============================================================================================
