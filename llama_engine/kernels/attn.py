@@ -724,13 +724,15 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 # Decode-attention launch parameters. Tuned on an H100 (see gpu_selfcheck); tests override them.
 DECODE_CONFIG = {
     "block_n": 64,          # tokens per inner tile (fp16/bf16/fp32 caches)
-    "block_n_int8": 64,     # tokens per inner tile for int8 caches
+    # int8: swept on an H100 at batch 32, context 2,048 (tools/gpu_attn_sweep.py): 128-token
+    # tiles and no forced split, 233 us a layer (2.30 TB/s of K/V) vs 264 us for 64 / 512
+    "block_n_int8": 128,    # tokens per inner tile for int8 caches
     "num_warps": 4,
     "num_stages": 3,
     "num_warps_int8": 4,
     "num_stages_int8": 2,
     "max_partition": 2048,  # upper bound of tokens per split (B*Hkv >= 2 x SMs: no split)
-    "max_partition_int8": 512,
+    "max_partition_int8": 2048,
     "max_splits": 64,       # the merge kernel holds all splits of a head in registers
     "dot_min_group": 1,     # query heads per KV head from which tl.dot is used (else FMA)
     "int8_magic": True,     # int8 -> fp16 by bit tricks instead of conversion instructions
