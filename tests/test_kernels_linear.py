@@ -254,15 +254,21 @@ sys.exit(1 if fails else 0)
 '''
 
 
-def test_triton_kernels_interpreted():
+def _run_interpreted(script: str, what: str) -> None:
+    """Run a check script in a fresh process under Triton's interpreter (it must be set
+    before triton is imported); it prints 'FAILED: none' when every check passed."""
     pytest.importorskip("triton", reason="Triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_KERNEL_CHECKS)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, "kernel checks failed:\n" + out[-6000:]
+    assert proc.returncode == 0, f"{what} failed:\n" + out[-6000:]
     assert "FAILED: none" in out
+
+
+def test_triton_kernels_interpreted():
+    _run_interpreted(_KERNEL_CHECKS, "kernel checks")
 
 
 _FUSED_W8A8_CHECKS = r"""
@@ -380,14 +386,7 @@ sys.exit(1 if fails else 0)
 
 def test_fused_w8a8_dynamic_interpreted():
     """linear_w8a8_dynamic: smoother + activation quantization inside the skinny kernels."""
-    pytest.importorskip("triton", reason="Triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_FUSED_W8A8_CHECKS)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, "fused W8A8 checks failed:\n" + out[-6000:]
-    assert "FAILED: none" in out
+    _run_interpreted(_FUSED_W8A8_CHECKS, "fused W8A8 checks")
 
 
 def test_w8a8_dynamic_cpu_is_unfused_reference():

@@ -673,12 +673,7 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else tl.cdiv(K, BLOCK_K)):
             k0 = i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=m_ok[:, None], other=0)
-            else:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
+            x = _act_tile(x_ptr, x_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K, False)
             if WKIND == 2 or WKIND == 3:
                 offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :]
