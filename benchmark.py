@@ -237,6 +237,7 @@ def time_hf(model, batch: int, input_len: int, output_len: int, compile_: bool,
 # Profile
 # ---------------------------------------------------------------------------------------------
 CATEGORIES = [
+    ("all-reduce (NCCL)", ("nccl", "allreduce", "all_reduce")),
     ("attention", ("decode_attn", "decode_merge", "sdpa", "flash", "fmha", "attention")),
     ("kv-cache write (+RoPE)", ("rope_kv", "write_kv", "kv_write")),
     ("weight GEMM/GEMV", ("skinny", "splitk", "gemv", "gemm", "cutlass", "xmma", "int_mm",
@@ -269,16 +270,25 @@ def categorize_trace(path: str) -> dict:
 
 
 def profile_decode(engine, batch: int, input_len: int, output_len: int, trace_path: str) -> dict:
+    """GPU time per kernel category over one generate call, and a Perfetto trace. Under
+    torchrun every rank generates (the collectives need them all); rank 0 is profiled."""
+    import contextlib
+
     from torch.profiler import ProfilerActivity, profile
+
+    from llama_engine import parallel
     prompts = random_prompts(batch, input_len, engine.config.model.vocab_size)
     engine.generate(prompts, output_len)
     sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=acts) as prof:
+    main = parallel.get_rank() == 0
+    with (profile(activities=acts) if main else contextlib.nullcontext()) as prof:
         t0 = time.perf_counter()
         out = engine.generate(prompts, output_len)
         sync()
         wall = time.perf_counter() - t0
+    if not main:
+        return {"wall_ms": wall * 1e3, "prefill_ms": out.prefill_s * 1e3, "by_category_ms": {}}
     prof.export_chrome_trace(trace_path)
     per_cat = categorize_trace(trace_path)
     busy = sum(per_cat.values())
@@ -772,11 +782,11 @@ def main(argv=None) -> int:
         # rank 0 prints and writes the results.
         parallel.init_from_env(DEVICE)
         parallel.quiet_non_main_ranks()
-        if a.ablation or a.memory or a.engine_dir or a.profile or a.poisson_rates:
-            print("error: under torchrun benchmark.py runs the latency grid and --serving "
-                  "(random weights); not --ablation, --memory, --profile, --engine_dir or "
-                  "--poisson_rates (arrivals by each rank's clock would diverge)",
-                  file=sys.stderr)
+        if a.ablation or a.memory or a.engine_dir or a.poisson_rates:
+            print("error: under torchrun benchmark.py runs the latency grid, --profile (rank 0 "
+                  "traced) and --serving (random weights); not --ablation, --memory, "
+                  "--engine_dir or --poisson_rates (arrivals by each rank's clock would "
+                  "diverge)", file=sys.stderr)
             return 2
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run)"
     meta = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
@@ -830,8 +840,9 @@ def main(argv=None) -> int:
                         if a.model_config != "llama-7b" and not a.engine_dir:
                             key = f"{a.model_config} {key}"
                         if a.profile:
+                            tp = f"_tp{world}" if world > 1 else ""
                             r = profile_decode(eng, B, I, O, os.path.join(
-                                a.assets, f"trace_{mode}_b{B}.json"))
+                                a.assets, f"trace_{mode}_b{B}{tp}.json"))
                         else:
                             r = time_engine(eng, B, I, O)
                         print(key, json.dumps(r), flush=True)

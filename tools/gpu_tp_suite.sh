@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tensor parallelism and inflight-batching measurements on a 2-GPU machine, in one call.
 # Usage on the GPU machine: bash tools/gpu_tp_suite.sh OUT_DIR [parts...]
-# parts: check tp13b serving_tp serving   (default: all)
+# parts: check tp13b serving_tp serving   (default: all); extra: profile_tp (where a TP token
+#        goes: the all-reduces against the rest, LLaMA-13B batch 1, rank 0 traced)
 set -u
 OUTD=${1:?out dir}; shift
 PARTS=${*:-"check tp13b serving_tp serving"}
@@ -15,7 +16,8 @@ nvidia-smi -L
 for p in $PARTS; do
   echo "=== $p $(date +%T)"
   case $p in
-    check)      timeout 150 python3 tools/gpu_tp_check.py --tp 2 ;;
+    check)      timeout 200 python3 tools/gpu_tp_check.py --tp 2 --timeout 120 ;;
+    profile_tp) timeout 150 $TR --model_config llama-13b --profile --modes fp16 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
     tp13b)      timeout 100 $B $G && timeout 120 $TR $G ;;
     serving_tp) timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
     serving)    timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
