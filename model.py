@@ -206,7 +206,12 @@ class Transformer(nn.Module):
         With ``tp_size`` > 1 the tensors are rank ``tp_rank``'s shards
         (``llama_engine.parallel.shard_checkpoint``) and ``args`` the full architecture: the
         network gets the rank's heads, an all-reduce after each row-parallel linear and
-        vocabulary-parallel embedding / lm_head (llama_engine/parallel.py)."""
+        vocabulary-parallel embedding / lm_head (llama_engine/parallel.py).
+
+        ``make_linear(prefix, tensors, quant)`` (default ``llama_engine.quant.make_linear``)
+        returns modules whose ``forward(x, partials=False)`` may hand back split-K partials
+        (``kernels.linear.SplitKPartials``) when asked; a custom factory must accept the
+        keyword (and may ignore it)."""
         if make_linear is None:
             from llama_engine.quant import make_linear
         full_args = args

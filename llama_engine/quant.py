@@ -346,7 +346,8 @@ class SmoothQuantLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor, partials: bool = False):
-        # smoother, activation quantization and the int8 GEMM: one fused kernel at decode sizes
+        # smoother, activation quantization, int8 GEMM (fused into one kernel only when
+        # LLAMA_ENGINE_FUSED_W8A8_MAX_M says so: slower on the H100, see linear.py)
         return K.linear_w8a8_dynamic(x, self.weight, self.w_scale, x.dtype,
                                      smoother=self.smoother,
                                      act_scale=None if self.per_token else self.act_scale,

@@ -592,3 +592,16 @@ def test_prefill_attention_batch_equals_one_by_one(H, hkv):
                     want) == 0
     with pytest.raises(ConfigError, match="expected q \\[B,T,H,D\\]"):
         A.prefill_attention_batch(q[0], k[0], v[0])
+
+
+def test_decode_config_override_is_checked():
+    """LLAMA_ENGINE_DECODE_CONFIG (tuning runs): known keys, right types, powers of two."""
+    from llama_engine.config import ConfigError
+    from llama_engine.kernels import attn
+    assert attn._decode_config_override('{"block_n_int8": 64, "num_stages_int8": 3}') == {
+        "block_n_int8": 64, "num_stages_int8": 3}
+    for bad, msg in (("[1]", "JSON object"), ("{x", "not JSON"), ('{"bogus": 1}', "unknown"),
+                     ('{"block_n": 48}', "power of two"), ('{"int8_magic": 1}', "bool"),
+                     ('{"max_partition_int8": 64, "block_n_int8": 128}', "at least")):
+        with pytest.raises(ConfigError, match=msg):
+            attn._decode_config_override(bad)

@@ -34,6 +34,7 @@ import torch
 
 from llama_engine.config import ConfigError
 
+from .linear import HAS_TRITON as _linear_has_triton
 from .linear import partial_slices, summed
 
 try:  # Triton is optional on CPU-only installs; the references need only torch.
@@ -44,13 +45,16 @@ except Exception:  # pragma: no cover - depends on the install
     triton = None
     tl = None
     HAS_TRITON = False
+# The norm kernel shares linear.py's split-K loader, so both modules need Triton in full.
+HAS_TRITON = HAS_TRITON and _linear_has_triton
 
 _IMPLS = ("auto", "triton", "torch")
 
 # SDPA backends for prefill on CUDA. PyTorch may pick cuDNN's attention on an H100, which builds
-# an execution plan for every new (batch, length) shape: ~2 ms of host time per call, per layer.
-# Inflight batching sees a new prompt length nearly every step, so its mixed steps became
-# host-bound (tools/gpu_step_profile.py: 75-190 ms for ~1,000 tokens whose kernels take 25 ms).
+# an execution plan for every new (batch, length) shape: 1.2-1.9 ms of host time per call (one a
+# layer). Inflight batching sees a new prompt length nearly every step, so its mixed steps
+# became host-bound (tools/gpu_step_profile.py: 58-192 ms for steps of 109-1,035 tokens whose
+# kernels took 25-29 ms).
 # Flash / memory-efficient attention have no per-shape setup. LLAMA_ENGINE_SDPA_CUDNN=1 allows
 # cuDNN again (fixed shapes, e.g. a static batch, amortize its plans).
 _SDPA_CUDNN = os.environ.get("LLAMA_ENGINE_SDPA_CUDNN", "0") == "1"
@@ -738,16 +742,40 @@ DECODE_CONFIG = {
     "int8_magic": True,     # int8 -> fp16 by bit tricks instead of conversion instructions
     "target_programs": 0,   # programs to aim for when picking the split; 0: 2 x SM count
 }
-# LLAMA_ENGINE_DECODE_CONFIG='{"block_n_int8": 128, ...}' overrides entries (tuning runs:
-# tools/gpu_attn_sweep.py --write prints the best setting in this form).
-if os.environ.get("LLAMA_ENGINE_DECODE_CONFIG"):
-    import json as _json
-    _over = _json.loads(os.environ["LLAMA_ENGINE_DECODE_CONFIG"])
-    if not isinstance(_over, dict) or set(_over) - set(DECODE_CONFIG):
-        raise ConfigError(f"LLAMA_ENGINE_DECODE_CONFIG: unknown keys "
-                          f"{sorted(set(_over) - set(DECODE_CONFIG))}; known: "
+
+
+def _decode_config_override(text: str) -> dict:
+    """Validated entries of LLAMA_ENGINE_DECODE_CONFIG (JSON object of DECODE_CONFIG keys)."""
+    import json
+    try:
+        over = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"LLAMA_ENGINE_DECODE_CONFIG is not JSON: {e}") from None
+    if not isinstance(over, dict):
+        raise ConfigError("LLAMA_ENGINE_DECODE_CONFIG must be a JSON object, e.g. "
+                          '\'{"block_n_int8": 128}\'')
+    unknown = sorted(set(over) - set(DECODE_CONFIG))
+    if unknown:
+        raise ConfigError(f"LLAMA_ENGINE_DECODE_CONFIG: unknown keys {unknown}; known: "
                           f"{sorted(DECODE_CONFIG)}")
-    DECODE_CONFIG.update(_over)
+    for k, v in over.items():
+        if type(v) is not type(DECODE_CONFIG[k]) or (isinstance(v, int) and v < 0):
+            raise ConfigError(f"LLAMA_ENGINE_DECODE_CONFIG: {k}={v!r} must be a "
+                              f"{type(DECODE_CONFIG[k]).__name__} >= 0")
+        if k.startswith(("block_n", "max_partition", "num_warps")) and (v < 1 or v & (v - 1)):
+            raise ConfigError(f"LLAMA_ENGINE_DECODE_CONFIG: {k}={v} must be a power of two")
+    merged = {**DECODE_CONFIG, **over}
+    for sfx in ("", "_int8"):
+        if merged["max_partition" + sfx] < merged["block_n" + sfx]:
+            raise ConfigError(f"LLAMA_ENGINE_DECODE_CONFIG: max_partition{sfx} must be at "
+                              f"least block_n{sfx}")
+    return over
+
+
+# LLAMA_ENGINE_DECODE_CONFIG='{"block_n_int8": 128, ...}' overrides entries (tuning runs:
+# tools/gpu_attn_sweep.py --write saves the best int8 setting in this form).
+if os.environ.get("LLAMA_ENGINE_DECODE_CONFIG"):
+    DECODE_CONFIG.update(_decode_config_override(os.environ["LLAMA_ENGINE_DECODE_CONFIG"]))
 
 
 # Triton reads TRITON_INTERPRET when it is imported, so reading it once here agrees with it.

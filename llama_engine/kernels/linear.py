@@ -36,14 +36,13 @@ Why the kernels look the way they do:
   runs two half-width products instead of shuffling the weight tile.
 * Group-wise int4 scales multiply the per-tile product (BK <= G: one group per tile), or the
   weight tile in registers (BK > G).
-* SmoothQuant decode: ``linear_w8a8_dynamic`` takes the float activations and, for M <= 64,
-  quantizes them inside the skinny kernel (constexpr XQUANT / SMOOTH): each program first
-  computes its rows' amax over the whole K (of x / smoother; split-K programs too, x is
-  M x K and comes from L2), then quantizes every x tile it loads with the same correctly
-  rounded division and round-half-even as ``quantize_per_token_ref`` (or the static
-  per-tensor ``act_scale``) and runs the int8 dot; the epilogue applies x_scale and w_scale.
-  That is one launch (+ the split-K reduction) per linear instead of 3-4 (smoother divide,
-  quantizer, GEMM), which is what costs at batch 1. Larger M runs those ops one by one.
+* SmoothQuant decode: ``linear_w8a8_dynamic`` takes the float activations and can quantize
+  them inside the skinny kernel (constexpr XQUANT / SMOOTH): each program first computes its
+  rows' amax over the whole K (of x / smoother; split-K programs too), then quantizes every
+  x tile it loads with the same correctly rounded division and round-half-even as
+  ``quantize_per_token_ref`` (or the static per-tensor ``act_scale``) and runs the int8 dot.
+  Off by default (``LLAMA_ENGINE_FUSED_W8A8_MAX_M``): on an H100 it decoded LLaMA-7B at 61.7
+  tok/s against 254.7 for the separate quantizer + GEMV (docs/perf-notes.md, run 5).
 
 Every public op takes ``impl="auto" | "triton" | "torch"``: auto = Triton on CUDA when the shapes
 fit, else the best plain-torch path (cuBLAS, ``_int_mm``); on the CPU, auto and torch give the
@@ -1140,7 +1139,7 @@ _AUTO_INT_MM_M = (SKINNY_MAX_M, 256)
 # 61.7 tok/s against 254.7 for quantize + linear_w8a8 (each program recomputes the row's amax
 # and divides every x tile it loads; not profiled further). LLAMA_ENGINE_FUSED_W8A8_MAX_M=64
 # turns it on for measurements.
-_FUSED_A8_MAX_M = int(os.environ.get("LLAMA_ENGINE_FUSED_W8A8_MAX_M", "0"))
+_FUSED_A8_MAX_M = min(int(os.environ.get("LLAMA_ENGINE_FUSED_W8A8_MAX_M", "0")), SKINNY_MAX_M)
 
 
 # =============================================================================================
@@ -1288,11 +1287,11 @@ def linear_w8a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
                         partials: bool = False, _cfg=None):
     """SmoothQuant linear from FLOAT activations x[..., K] -> [..., N] in out_dtype (x.dtype):
     xs = (x / smoother) rounded to x.dtype when a smoother [1, K] is given, quantized per
-    token (dynamic) or, with act_scale [1, 1], per tensor; then linear_w8a8. For M <= 64 on
-    Triton, the skinny kernel does all of it in one launch (+ the split-K reduction, unless
-    ``partials``): each program recomputes its rows' amax, then quantizes every x tile it
-    loads (bit-identical int8 to quantize_per_token_ref). Elsewhere it runs those ops one
-    after the other."""
+    token (dynamic) or, with act_scale [1, 1], per tensor; then linear_w8a8. For M up to
+    ``_FUSED_A8_MAX_M`` (default 0: env LLAMA_ENGINE_FUSED_W8A8_MAX_M) or with a forced
+    ``SkinnyCfg``, the skinny kernel does all of it in one launch: each program recomputes its
+    rows' amax, then quantizes every x tile it loads (bit-identical int8 to
+    quantize_per_token_ref). Otherwise it runs those ops one after the other."""
     _check_float(x, "linear_w8a8_dynamic")
     _check_weight(qweight, "linear_w8a8", torch.int8)
     N, K = qweight.shape
@@ -1456,9 +1455,12 @@ def gpu_selfcheck(device="cuda", Ms=(1, 4, 16, 64), shapes=LLAMA7B_SHAPES,
                     call = lambda i, impl: linear_w8a8(xq, xs, copies[i][0], copies[i][1],
                                                        dtype, impl=impl)
                     ref = linear_w8a8_ref(xq, xs, q8, ws_a8, dtype)
-                elif op == "linear_w8a8_dynamic":      # from float x: quantizer fused in
-                    call = lambda i, impl: linear_w8a8_dynamic(x, copies[i][0], copies[i][1],
-                                                               dtype, impl=impl)
+                elif op == "linear_w8a8_dynamic":
+                    # from float x with the quantizer fused in (forced: off by default)
+                    fcfg = _pick_skinny(_A8, M, N, K) if M <= SKINNY_MAX_M else None
+                    call = lambda i, impl, fcfg=fcfg: linear_w8a8_dynamic(
+                        x, copies[i][0], copies[i][1], dtype, impl=impl,
+                        _cfg=fcfg if isinstance(fcfg, SkinnyCfg) else None)
                     ref = linear_w8a8_ref(xq, xs, q8, ws_a8, dtype)
                 else:
                     G = K if op.endswith("_pc") else group_size
