@@ -12,7 +12,7 @@ weight-only int8/int4, SmoothQuant W8A8): the network never branches on quantiza
 
 o_proj, gate_up and down_proj are called with ``partials=True``: when their skinny kernel
 splits K (decode), they hand their fp32 split-K partials (``ops.SplitKPartials``) to the next
-op, ``add_rms_norm`` / ``silu_mul``, which sums them while loading instead of a separate
+op, ``add_rms_norm`` / down_proj, which sums them while loading instead of a separate
 reduction launch. Attention and MLP outputs are therefore a tensor or SplitKPartials.
 """
 from __future__ import annotations
@@ -101,8 +101,11 @@ class MLP(nn.Module):
 
     ``gate_up_proj`` computes [gate; up] in one GEMM (one launch, one pass over x) when the
     two linears' tensors can be stacked (``fuse_gate_up``); otherwise ``gate_up_proj`` is a
-    pair (gate_proj, up_proj). ``width`` is gate's output width. The output (down_proj's) is a
-    tensor or SplitKPartials, for the next ``add_rms_norm``."""
+    pair (gate_proj, up_proj). ``width`` is gate's output width. With the stacked GEMM,
+    down_proj takes its output directly (``act="swiglu"``): at decode the skinny GEMV computes
+    silu(gate) * up as it loads its input tiles (no activation launch); other paths run
+    ``silu_mul`` first. The output (down_proj's) is a tensor or SplitKPartials, for the next
+    ``add_rms_norm``."""
 
     def __init__(self, gate_up_proj, width: int, down_proj: nn.Module):
         super().__init__()
@@ -115,10 +118,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor):
         if self.gate_up_proj is not None:
-            # one kernel for silu(gate) * up on CUDA (kernels/act.py); PyTorch's two elsewhere
-            h = ops.silu_mul(self.gate_up_proj(x, partials=True))
-        else:
-            h = nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+            return self.down_proj(self.gate_up_proj(x, partials=True), partials=True,
+                                  act="swiglu")
+        h = nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(h, partials=True)
 
 
@@ -211,7 +213,9 @@ class Transformer(nn.Module):
         ``make_linear(prefix, tensors, quant)`` (default ``llama_engine.quant.make_linear``)
         returns modules whose ``forward(x, partials=False)`` may hand back split-K partials
         (``kernels.linear.SplitKPartials``) when asked; a custom factory must accept the
-        keyword (and may ignore it)."""
+        keyword (and may ignore it), and ``act="swiglu"`` for mlp.proj (x is then the stacked
+        [gate; up] output, tensor or SplitKPartials: ``kernels.linear.apply_act`` gives the
+        plain input)."""
         if make_linear is None:
             from llama_engine.quant import make_linear
         full_args = args

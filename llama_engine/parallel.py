@@ -176,10 +176,11 @@ class RowParallelLinear(nn.Module):
         self.out_features = getattr(inner, "out_features", None)
         self.in_features = getattr(inner, "in_features", None)
 
-    def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor:
+    def forward(self, x, partials: bool = False, act: str = "none") -> torch.Tensor:
         # partials is accepted as by the plain linears but never honoured: the all-reduce
-        # needs the summed tensor.
-        return all_reduce(self.inner(x))
+        # needs the summed tensor. act goes to the local linear: gate_up is column-parallel,
+        # so the rank's [gate; up] shard feeds exactly its rows of down_proj's input.
+        return all_reduce(self.inner(x, act=act))
 
 
 class VocabParallelEmbedding(nn.Module):

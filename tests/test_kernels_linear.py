@@ -248,19 +248,19 @@ for xr, wc in ((True, True), (False, True), (True, False)):
                                   BLOCK_M=8, BLOCK_N=32)
     check(f"int32 scale epilogue xs_row={xr} ws_col={wc}", out,
           acc.double() * xs_.double().reshape(-1, 1) * ws_.double().reshape(1, -1), 1e-6)
-
-print("FAILED:", fails if fails else "none")
-sys.exit(1 if fails else 0)
 '''
 
 
 def _run_interpreted(script: str, what: str) -> None:
     """Run a check script in a fresh process under Triton's interpreter (it must be set
-    before triton is imported); it prints 'FAILED: none' when every check passed."""
+    before triton is imported). The script collects failed checks in ``fails``; the runner
+    appends the line that prints 'FAILED: none' when every check passed."""
     pytest.importorskip("triton", reason="Triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT,
+    script = textwrap.dedent(script) + ('\nprint("FAILED:", fails if fails else "none")'
+                                        '\nsys.exit(1 if fails else 0)\n')
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{what} failed:\n" + out[-6000:]
@@ -380,9 +380,6 @@ for dt in (torch.float32, torch.float16):
         print("ok  " if ok else "FAIL", f"fused w8a8 partials {str(dt)[6:]} {cfg.kernel}")
         if not ok:
             fails.append(f"fused w8a8 partials {dt} {cfg.kernel}")
-
-print("FAILED:", fails if fails else "none")
-sys.exit(1 if fails else 0)
 """
 
 
@@ -430,3 +427,128 @@ def test_auto_on_cpu_is_reference():
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ConfigError):
             L.linear_fp(x, w, impl="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU prologue: linear_*(gate_up, act="swiglu") = linear_*(silu_mul(gate_up))
+# ---------------------------------------------------------------------------------------------
+_SWIGLU_CHECKS = r"""
+import os, sys
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import torch
+from llama_engine.kernels import act as A, linear as L
+
+torch.manual_seed(0)
+fails, silu_calls = [], []
+silu_mul = A.silu_mul
+def counting_silu_mul(*a, **k):          # the fallback (apply_act) calls act.silu_mul
+    silu_calls.append(1)
+    return silu_mul(*a, **k)
+A.silu_mul = counting_silu_mul
+
+def report(name, ok):
+    print(("ok  " if ok else "FAIL"), name, flush=True)
+    if not ok:
+        fails.append(name)
+
+Skinny = L.SkinnyCfg
+# W = 72: K blocks of 32 do not divide it (masked tail); W = 96 (3 blocks) splits 2 ways
+# unevenly and 3 ways evenly and takes int4 groups of 32.
+CFGS = [Skinny("dot", 16, 32, 1), Skinny("dot", 16, 32, 2), Skinny("fma", 8, 32, 3)]
+for dt in (torch.float32, torch.float16):
+    for W in (72, 96):
+        N = 24
+        w = (torch.randn(N, W) * 0.1).to(dt)
+        q8 = torch.randint(-127, 128, (N, W), dtype=torch.int8)
+        s8 = (torch.rand(N) * 0.01 + 1e-3).to(dt)
+        q4 = L.pack_int4(torch.randint(-8, 8, (N, W), dtype=torch.int8))
+        ops = {"fp": lambda x, **k: L.linear_fp(x, w, **k),
+               "w8a16": lambda x, **k: L.linear_w8a16(x, q8, s8, **k)}
+        for G in ((W, 32) if W % 32 == 0 else (W,)):
+            s4 = (torch.rand(W // G, N) * 0.01 + 1e-3).to(dt)
+            ops[f"w4a16 G={G}"] = lambda x, s4=s4, G=G, **k: L.linear_w4a16(x, q4, s4, G, **k)
+        for lead in ((1,), (1, 3)):
+            for S in (1, 2, 3):      # S = 1: the tensor; else SplitKPartials [S, M, 2W]
+                if S == 1:
+                    gu = (torch.randn(*lead, 2 * W) * 2).to(dt)
+                else:
+                    M = 1 if lead == (1,) else 3
+                    gu = L.SplitKPartials(torch.randn(S, M, 2 * W), lead, dt)
+                h = silu_mul(gu, impl="triton")
+                for name, op in ops.items():
+                    for cfg in CFGS:
+                        tag = f"{name} {str(dt)[6:]} W={W} lead={lead} S={S} {cfg}"
+                        silu_calls.clear()
+                        got = op(gu, impl="triton", act="swiglu", _cfg=cfg)
+                        fused = not silu_calls
+                        want = op(h, impl="triton", _cfg=cfg)
+                        report(tag, fused and got.shape == want.shape and torch.equal(got, want))
+                    if name == "fp" and S > 1:   # partials=True out of the fused launch
+                        cfg = CFGS[1]
+                        p = op(gu, impl="triton", act="swiglu", partials=True, _cfg=cfg)
+                        report(f"partials out {tag}", isinstance(p, L.SplitKPartials) and
+                               torch.equal(p.sum(), op(h, impl="triton", _cfg=cfg)))
+
+# the other paths fall back to silu_mul, then the plain op: same values
+dt, W, N = torch.float16, 96, 24
+gu = L.SplitKPartials(torch.randn(2, 3, 2 * W), (3,), dt)
+h = silu_mul(gu, impl="triton")
+w = (torch.randn(N, W) * 0.1).to(dt)
+gemm = L.GemmCfg(16, 16, 32, 2, 4, 1)
+silu_calls.clear()
+report("fp forced GEMM falls back", torch.equal(
+    L.linear_fp(gu, w, impl="triton", act="swiglu", _cfg=gemm),
+    L.linear_fp(h, w, impl="triton", _cfg=gemm)) and len(silu_calls) == 1)
+q8, ws = torch.randint(-127, 128, (N, W), dtype=torch.int8), torch.rand(1, N) * 0.01
+for cfg in (None, Skinny("dot", 16, 32, 2)):
+    silu_calls.clear()
+    report(f"w8a8_dynamic falls back {cfg}", torch.equal(
+        L.linear_w8a8_dynamic(gu, q8, ws, impl="triton", act="swiglu", _cfg=cfg),
+        L.linear_w8a8_dynamic(h, q8, ws, impl="triton", _cfg=cfg)) and len(silu_calls) == 1)
+x70 = torch.randn(70, 2 * W).to(dt)          # M > SKINNY_MAX_M: the tiled GEMM
+silu_calls.clear()
+report("w8a16 M=70 falls back", torch.equal(
+    L.linear_w8a16(x70, q8, ws.reshape(N).to(dt), impl="triton", act="swiglu"),
+    L.linear_w8a16(silu_mul(x70, impl="triton"), q8, ws.reshape(N).to(dt), impl="triton"))
+    and len(silu_calls) == 1)
+"""
+
+
+def test_swiglu_prologue_interpreted():
+    """The skinny kernels' act="swiglu" prologue: bit-identical to silu_mul then the linear."""
+    _run_interpreted(_SWIGLU_CHECKS, "SwiGLU prologue checks")
+
+
+def test_swiglu_act_on_cpu_and_errors():
+    from llama_engine.kernels.act import silu_mul_ref
+    from llama_engine import quant as Q
+    g = torch.Generator().manual_seed(5)
+    W, N = 40, 8
+    gu = torch.randn(2, 3, 2 * W, generator=g)
+    parts = L.SplitKPartials(torch.randn(2, 6, 2 * W, generator=g), (2, 3), torch.float32)
+    w = torch.randn(N, W, generator=g)
+    q8, s8 = torch.randint(-127, 128, (N, W), generator=g, dtype=torch.int8), torch.rand(N) + .1
+    q4, s4 = L.pack_int4(torch.randint(-8, 8, (N, W), generator=g, dtype=torch.int8)), \
+        torch.rand(W // 8, N) + .1
+    ws = torch.rand(1, N, generator=g)
+    for x in (gu, parts):
+        h = silu_mul_ref(L.summed(x))
+        assert torch.equal(L.linear_fp(x, w, act="swiglu"), L.linear_fp_ref(h, w))
+        assert torch.equal(L.linear_w8a16(x, q8, s8, act="swiglu"), L.linear_w8a16_ref(h, q8, s8))
+        assert torch.equal(L.linear_w4a16(x, q4, s4, 8, act="swiglu"),
+                           L.linear_w4a16_ref(h, q4, s4, 8))
+        assert torch.equal(L.linear_w8a8_dynamic(x, q8, ws, act="swiglu"),
+                           L.linear_w8a8_dynamic(h, q8, ws))
+        assert torch.equal(L.linear_fp(x, w, act="swiglu", impl="torch"), L.linear_fp_ref(h, w))
+        # modules pass act on; AWQ's pre_quant_scale multiplies silu(gate) * up
+        pqs = torch.rand(W, generator=g) + 0.5
+        m = Q.WeightOnlyInt4Linear(q4, s4, 8, pqs)
+        assert torch.equal(m(x, act="swiglu"), L.linear_w4a16_ref(h * pqs, q4, s4, 8))
+        assert torch.equal(Q.FloatLinear(w)(x, partials=True, act="swiglu"),
+                           L.linear_fp_ref(h, w))
+    with pytest.raises(ConfigError):
+        L.linear_fp(gu[..., :-2], w, act="swiglu")          # width is not 2K
+    with pytest.raises(ConfigError):
+        L.linear_w4a16(gu[..., :W], q4, s4, 8, act="swiglu")
+    with pytest.raises(ConfigError):
+        L.linear_w8a16(gu, q8, s8, act="gelu")

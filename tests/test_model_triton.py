@@ -3,8 +3,9 @@ SwiGLU activation, skinny linears) against the same network on the PyTorch refer
 the CPU under ``TRITON_INTERPRET=1``: the model-level wiring of the kernels that only a GPU runs
 by default (``impl="auto"`` picks them on CUDA). Prefill, teacher-forced decode steps and the
 INT8 KV cache. Every skinny linear is forced to split K, so o_proj / gate_up / down_proj hand
-their split-K partials to add_rms_norm / silu_mul (and through the logits-row gather), while
-qkv and lm_head reduce them. The interpreter must be set before triton is imported, hence the
+their split-K partials to add_rms_norm / down_proj's SwiGLU prologue (and through the
+logits-row gather), while qkv and lm_head reduce them; down_proj computes silu(gate) * up in
+its skinny kernel (act="swiglu"), so no silu_mul runs. The interpreter must be set before triton is imported, hence the
 subprocess."""
 from __future__ import annotations
 
@@ -51,17 +52,21 @@ def _run(engine_dir: str) -> dict:
     linear._want_triton = lambda impl, t: impl != "torch"
     # K blocks of 32: hidden 64 splits in 2, intermediate 160 in 3
     linear._pick_skinny = lambda kind, M, N, K: linear.SkinnyCfg("dot", 32, 32, 3)
-    real_launch, launches = linear._launch_skinny, []
+    real_launch, launches, swiglu = linear._launch_skinny, [], []
 
     def launch(*args, **kw):
         out = real_launch(*args, **kw)
         launches.append(isinstance(out, linear.SplitKPartials))
+        swiglu.append(kw.get("xact", 0) == 1)
         return out
     linear._launch_skinny = launch
+    real_silu, silu_calls = act.silu_mul, []
+    act.silu_mul = lambda *a, **k: silu_calls.append(1) or real_silu(*a, **k)
     got = _probe(eng)
     err = float((got - ref).norm() / ref.norm())
     return {"rel_err": err, "triton_calls": sum(calls), "partials": sum(launches),
-            "reduced": len(launches) - sum(launches)}
+            "reduced": len(launches) - sum(launches), "swiglu": sum(swiglu),
+            "silu_mul": len(silu_calls)}
 
 
 def _build(tmp: str, name: str, extra: list) -> str:
@@ -82,6 +87,8 @@ def test_network_on_triton_kernels_equals_reference_ops(tmp_path, name, extra):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["triton_calls"] > 0 and r["partials"] > 0 and r["reduced"] > 0, r
+    # down_proj's prologue computed every SwiGLU: one per layer and step, no silu_mul launch
+    assert r["swiglu"] > 0 and r["silu_mul"] == 0, r
     # int8 KV: the kernels quantize with the same correctly rounded division as the reference
     assert r["rel_err"] < 1e-4, r
 

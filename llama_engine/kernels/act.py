@@ -7,6 +7,11 @@ on CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the reference, which is also 
 arithmetic: silu rounded to the model dtype, then the product). The Triton path rounds once,
 after the product in fp32. The input may be the ``[gate; up]`` linear's ``SplitKPartials``:
 the kernel sums its fp32 slices as it loads them, saving the linear's reduction launch.
+
+The MLP does not launch this at decode: down_proj's skinny GEMV computes the same values
+(one shared ``@triton.jit`` helper, ``linear._swiglu_load``) as it loads its input
+(``linear_*(gate_up, act="swiglu")``); ``silu_mul`` is that op's fallback on every other path
+(``linear.apply_act``).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .linear import _load_summed
+    from .linear import _swiglu_load
 
     @triton.jit
     def _silu_mul_kernel(X, OUT, W, stride_s, stride_x, stride_o, S: tl.constexpr,
@@ -32,12 +37,8 @@ if HAS_TRITON:
         r = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = c < W
-        row = X + r * stride_x
-        dt = OUT.dtype.element_ty
-        g = _load_summed(row + c, m, stride_s, S, dt).to(tl.float32)
-        u = _load_summed(row + W + c, m, stride_s, S, dt).to(tl.float32)
-        y = g / (1.0 + tl.exp(-g)) * u
-        tl.store(OUT + r * stride_o + c, y.to(OUT.dtype.element_ty), mask=m)
+        y = _swiglu_load(X + r * stride_x + c, m, W, stride_s, S, OUT.dtype.element_ty)
+        tl.store(OUT + r * stride_o + c, y, mask=m)
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:

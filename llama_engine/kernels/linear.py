@@ -20,8 +20,16 @@ Why the kernels look the way they do:
   Both can split K over a second grid axis so that the narrow layers (o_proj, down_proj:
   N = 4096) still fill 132 SMs. The fp32 partials [S, M, N] are summed by one small reduction
   kernel, or, with ``partials=True``, returned unsummed as a ``SplitKPartials`` for the next
-  kernel (``add_rms_norm``, ``silu_mul``) to sum while it loads its input: at batch 1 a launch
-  costs as much as the reduction itself, and this saves up to 4 of them per layer.
+  kernel (``add_rms_norm``, ``silu_mul``, down_proj's SwiGLU prologue) to sum while it loads
+  its input: at batch 1 a launch costs as much as the reduction itself, and this saves up to 4
+  of them per layer.
+* SwiGLU prologue: with ``act="swiglu"`` the float / weight-only ops take the ``[gate; up]``
+  output ``[..., 2K]`` (tensor or SplitKPartials) and the skinny kernels (constexpr XACT = 1)
+  build each x tile as silu(gate) * up, summing gate_up's split-K slices as they load them:
+  down_proj then needs no ``silu_mul`` launch (one per layer at decode). The math is one
+  ``@triton.jit`` helper shared with ``silu_mul``'s kernel (fp32, rounded once to the model
+  dtype), so the result is the same bits; W8A8, the tiled GEMM, cuBLAS and torch paths run
+  ``silu_mul`` first (``apply_act``).
 * Dequantization is ALU-bound before it is memory-bound: int -> float conversion (I2F) runs
   at a quarter of the FMA rate, which held int4 to ~1.4 TB/s. On CUDA the int8 / int4 -> fp16
   (and int4 -> bf16) conversion instead builds the half-precision bit pattern with
@@ -76,6 +84,7 @@ __all__ = [
     "linear_fp_ref", "linear_w8a16_ref", "linear_w4a16_ref", "linear_w8a8_ref",
     "quantize_per_token_ref", "quantize_per_tensor_ref", "pack_int4_ref", "unpack_int4_ref",
     "gpu_selfcheck", "SkinnyCfg", "GemmCfg", "SplitKPartials", "partial_slices", "summed",
+    "apply_act",
 ]
 
 # Smallest amax used for a per-token scale: an all-zero row gets a tiny positive scale (and
@@ -99,9 +108,10 @@ class SplitKPartials:
     whose sum over S, rounded to ``dtype``, is the output ``[*lead, N]`` (M = prod(lead)).
 
     Returned only when the caller asks (``partials=True``) and the skinny kernel did split K.
-    Consumers that take it (``add_rms_norm``, ``silu_mul``) sum the S slices as they load them,
-    in the order and with the final rounding of the reduction kernel, so their results are
-    the same as on the summed tensor; anything else calls ``.sum()``."""
+    Consumers that take it (``add_rms_norm``, ``silu_mul``, the linears with ``act="swiglu"``)
+    sum the S slices as they load them, in the order and with the final rounding of the
+    reduction kernel, so their results are the same as on the summed tensor; anything else
+    calls ``.sum()``."""
     parts: torch.Tensor
     lead: tuple
     dtype: torch.dtype
@@ -109,6 +119,14 @@ class SplitKPartials:
     @property
     def shape(self) -> torch.Size:
         return torch.Size((*self.lead, self.parts.shape[-1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.parts.is_cuda
 
     def sum(self) -> torch.Tensor:
         """The output tensor ``[*lead, N]`` in ``dtype`` (sum over S in fp32, then the cast)."""
@@ -148,8 +166,11 @@ def _with_lead(out, lead: tuple):
 # =============================================================================================
 # Input checks (one-line ConfigError, as the rest of the engine)
 # =============================================================================================
-def _flat(x: torch.Tensor, K: int, what: str) -> tuple[torch.Tensor, tuple]:
-    """x[..., K] -> (x2d[M, K], leading shape)."""
+def _flat(x, K: int, what: str, xact: int = 0) -> tuple[torch.Tensor, tuple]:
+    """x[..., K] -> (x2d[M, K], leading shape); with xact, the [gate; up] input [..., 2K]
+    (tensor or SplitKPartials, see _act_input) -> its slices [S, M, 2K]."""
+    if xact:
+        return partial_slices(x), tuple(x.shape[:-1])
     if x.dim() < 1 or x.shape[-1] != K:
         raise ConfigError(f"{what}: input last dim {tuple(x.shape)} does not match K={K}")
     return x.reshape(-1, K), tuple(x.shape[:-1])
@@ -167,13 +188,13 @@ def _check_float(x: torch.Tensor, what: str) -> None:
         raise ConfigError(f"{what}: activations must be float16/bfloat16/float32, got {x.dtype}")
 
 
-def _w4_geometry(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+def _w4_geometry(k_in: int, qweight: torch.Tensor, scales: torch.Tensor,
                  group_size: int) -> tuple[int, int, int, torch.Tensor]:
-    """Validate a W4A16 call; returns (N, K, G, scales as [K/G, N])."""
+    """Validate a W4A16 call with input width k_in; returns (N, K, G, scales as [K/G, N])."""
     _check_weight(qweight, "linear_w4a16", torch.int8)
     N, K = qweight.shape[0], 2 * qweight.shape[1]
-    if x.shape[-1] != K:
-        raise ConfigError(f"linear_w4a16: input K={x.shape[-1]} but packed weight holds K={K}")
+    if k_in != K:
+        raise ConfigError(f"linear_w4a16: input K={k_in} but packed weight holds K={K}")
     G = int(group_size)
     if G <= 0 or K % G:
         raise ConfigError(f"linear_w4a16: group_size {group_size} must divide K={K}")
@@ -258,7 +279,7 @@ def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
 
 def linear_w4a16_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      group_size: int) -> torch.Tensor:
-    N, K, G, s = _w4_geometry(x, qweight, scales, group_size)
+    N, K, G, s = _w4_geometry(x.shape[-1], qweight, scales, group_size)
     x2, lead = _flat(x, K, "linear_w4a16")
     acc = _acc(x)
     w = unpack_int4_ref(qweight).to(acc)                         # [N, K]
@@ -313,6 +334,9 @@ def linear_w8a8_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tens
 # Triton kernels
 # =============================================================================================
 if HAS_TRITON:
+    # model dtype -> constexpr XDT of the SwiGLU prologue (its x tiles' dtype)
+    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                  torch.float32: tl.float32}
 
     @triton.jit
     def _int4_halves(wp):
@@ -424,16 +448,22 @@ if HAS_TRITON:
     _AMAX_MIN = tl.constexpr(AMAX_EPS)
 
     @triton.jit
-    def _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K: tl.constexpr,
-                  SMOOTH: tl.constexpr):
+    def _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs,
+                  EVEN_K: tl.constexpr, SMOOTH: tl.constexpr, XACT: tl.constexpr,
+                  XSPLIT: tl.constexpr, XDT: tl.constexpr):
         """Activation tile x[BM, BK] (zeros outside); with SMOOTH, x / smoother[k] rounded back
-        to x's dtype, as the unfused path stores it before quantizing."""
+        to x's dtype, as the unfused path stores it before quantizing. XACT = 1 (SwiGLU
+        prologue): x_ptr holds [gate; up] rows [XSPLIT, M, 2K] (split-K slices stride_xs apart,
+        summed) and the tile is silu(gate) * up rounded to XDT, exactly as silu_mul stores it."""
+        ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
         if EVEN_K:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_ok[:, None], other=0)
+            mask = m_ok[:, None]
         else:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
+            mask = m_ok[:, None] & (offs_k[None, :] < K)
+        if XACT == 1:
+            x = _swiglu_load(ptrs, mask, K, stride_xs, XSPLIT, XDT)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0)
         if SMOOTH:
             sm = tl.load(sm_ptr + offs_k, mask=offs_k < K, other=1.0)
             x = tl.math.div_rn(x.to(tl.float32), sm[None, :]).to(x.dtype)
@@ -449,7 +479,8 @@ if HAS_TRITON:
         m = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for i in range(0, ITERS_A if ITERS_A > 0 else tl.cdiv(K, BLOCK_K)):
             offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K, SMOOTH)
+            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, 0, EVEN_K, SMOOTH,
+                          0, 1, tl.float32)
             m = tl.maximum(m, tl.abs(x.to(tl.float32)))
         return tl.math.div_rn(tl.maximum(tl.max(m, axis=1), _AMAX_MIN), 127.0)
 
@@ -462,13 +493,15 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M"])
     def _skinny_dot_kernel(
             x_ptr, w_ptr, s_ptr, xs_ptr, sm_ptr, out_ptr,
-            M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_per_split,
-            WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
+            M, N, K, stride_xm, stride_xs, stride_wn, stride_sg, stride_om, stride_os,
+            k_per_split, WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
             WS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
             ITERS_C: tl.constexpr, CVT: tl.constexpr, XQUANT: tl.constexpr,
-            SMOOTH: tl.constexpr, USE_RINT: tl.constexpr, ITERS_A: tl.constexpr):
-        """out[m, n] (or split partial) = sum_k x[m, k] w[n, k]; tile acc[BN, BM] = W @ X^T."""
+            SMOOTH: tl.constexpr, USE_RINT: tl.constexpr, ITERS_A: tl.constexpr,
+            XACT: tl.constexpr, XSPLIT: tl.constexpr, XDT: tl.constexpr):
+        """out[m, n] (or split partial) = sum_k x[m, k] w[n, k]; tile acc[BN, BM] = W @ X^T.
+        x tiles come from _act_tile (XACT: computed from the [gate; up] input)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -489,7 +522,8 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K, SMOOTH)
+            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, EVEN_K,
+                          SMOOTH, XACT, XSPLIT, XDT)
             if XQUANT == 1:
                 x = _quant_tile(x, x_scale[:, None], USE_RINT)
             elif XQUANT == 2:
@@ -562,12 +596,13 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M"])
     def _skinny_fma_kernel(
             x_ptr, w_ptr, s_ptr, xs_ptr, sm_ptr, out_ptr,
-            M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_per_split,
-            WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
+            M, N, K, stride_xm, stride_xs, stride_wn, stride_sg, stride_om, stride_os,
+            k_per_split, WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
             WS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ITERS_C: tl.constexpr,
             CVT: tl.constexpr, XQUANT: tl.constexpr, SMOOTH: tl.constexpr,
-            USE_RINT: tl.constexpr, ITERS_A: tl.constexpr):
+            USE_RINT: tl.constexpr, ITERS_A: tl.constexpr, XACT: tl.constexpr,
+            XSPLIT: tl.constexpr, XDT: tl.constexpr):
         """GEMV without tensor cores: acc[BM, BN, BK] += x * w elementwise, reduce K at the end.
         Grouped int4 needs BLOCK_K <= GROUP (one group per tile)."""
         pid_n = tl.program_id(0)
@@ -592,7 +627,8 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K, SMOOTH)
+            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, EVEN_K,
+                          SMOOTH, XACT, XSPLIT, XDT)
             if XQUANT == 1:
                 x = _quant_tile(x, x_scale[:, None], USE_RINT)
             elif XQUANT == 2:
@@ -672,7 +708,8 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else tl.cdiv(K, BLOCK_K)):
             k0 = i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = _act_tile(x_ptr, x_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K, False)
+            x = _act_tile(x_ptr, x_ptr, offs_m, offs_k, m_ok, K, stride_xm, 0, EVEN_K, False,
+                          0, 1, tl.float32)
             if WKIND == 2 or WKIND == 3:
                 offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :]
@@ -726,6 +763,16 @@ if HAS_TRITON:
         for s in tl.static_range(1, S):
             x += tl.load(ptrs + s * stride_s, mask=mask, other=0.0)
         return x.to(dtype)
+
+    @triton.jit
+    def _swiglu_load(ptrs, mask, W, stride_s, S: tl.constexpr, dtype: tl.constexpr):
+        """silu(gate) * up of [gate; up] rows: gate at ptrs, up at ptrs + W (each summed over S
+        split-K slices and rounded to dtype, as the linear's output), the product in fp32,
+        rounded once to dtype. The one copy of this math: kernels/act.py's silu_mul and the
+        skinny kernels' SwiGLU prologue (XACT = 1) give the same bits."""
+        g = _load_summed(ptrs, mask, stride_s, S, dtype).to(tl.float32)
+        u = _load_summed(ptrs + W, mask, stride_s, S, dtype).to(tl.float32)
+        return (g / (1.0 + tl.exp(-g)) * u).to(dtype)
 
     @triton.jit
     def _splitk_reduce_kernel(p_ptr, out_ptr, MN, S: tl.constexpr, BLOCK: tl.constexpr):
@@ -1014,14 +1061,15 @@ def _iters_c(n: int, t: torch.Tensor) -> int:
 _FAST_CVT = os.environ.get("LLAMA_ENGINE_FAST_CVT", "1") != "0"
 
 
-def _cvt_mode(kind: int, x: torch.Tensor) -> int:
-    """Which weight conversion the kernels use: 0 plain (interpreter, fp32), 1 fp16 bit tricks,
-    2 bf16 bit tricks (int4 only; int8 has no 8-bit-mantissa trick for bf16)."""
-    if not (x.is_cuda and _FAST_CVT):
+def _cvt_mode(kind: int, dtype: torch.dtype, cuda: bool) -> int:
+    """Which weight conversion the kernels use for activations of ``dtype``: 0 plain
+    (interpreter, fp32), 1 fp16 bit tricks, 2 bf16 bit tricks (int4 only; int8 has no
+    8-bit-mantissa trick for bf16)."""
+    if not (cuda and _FAST_CVT):
         return 0
-    if x.dtype == torch.float16 and kind in (_I8, _I4, _I4G):
+    if dtype == torch.float16 and kind in (_I8, _I4, _I4G):
         return 1
-    if x.dtype == torch.bfloat16 and kind in (_I4, _I4G):
+    if dtype == torch.bfloat16 and kind in (_I4, _I4G):
         return 2
     return 0
 
@@ -1040,12 +1088,20 @@ def _triton_ok(kind: int, K: int, G: int) -> bool:
 def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
                    xs: Optional[torch.Tensor], out_dtype: torch.dtype, G: int = 0,
                    cfg: Optional[SkinnyCfg] = None, xquant: int = 0,
-                   smoother: Optional[torch.Tensor] = None, partials: bool = False):
+                   smoother: Optional[torch.Tensor] = None, partials: bool = False,
+                   xact: int = 0):
     """out [M, N]; with partials=True and a split K, the unsummed SplitKPartials instead.
     xquant (W8A8 only): 0 x2 is int8 with scales xs; 1 x2 is float, quantized per token in
     the kernel; 2 x2 is float, quantized with the per-tensor scale xs [1]. smoother: fp32 [K]
-    that x2 is divided by before quantizing (xquant 1, 2)."""
-    M, K = x2.shape
+    that x2 is divided by before quantizing (xquant 1, 2). xact (float / weight-only kinds):
+    1 = x2 is the [gate; up] input as slices [S, M, 2K] (partial_slices) and the kernel loads
+    silu(gate) * up in out_dtype as its x tiles (SwiGLU prologue)."""
+    if xact:
+        (S, M, K), xdt = (x2.shape[0], x2.shape[1], x2.shape[2] // 2), out_dtype
+        stride_xm, stride_xs = x2.stride(1), x2.stride(0)
+    else:
+        (M, K), S, xdt = x2.shape, 1, x2.dtype
+        stride_xm, stride_xs = x2.stride(0), 0
     N = w.shape[0]
     if cfg is None:
         cfg = _pick_skinny(kind, M, N, K)
@@ -1065,15 +1121,16 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
     sg_stride = s.stride(0) if (kind == _I4G and s.dim() == 2) else 0
     common = dict(WKIND=kind, GROUP=max(G, 1), XS_ROW=xs_row, WS_COL=ws_col, BLOCK_M=block_m,
                   BLOCK_N=cfg.block_n, BLOCK_K=bk, EVEN_K=(K % k_per_split == 0),
-                  ITERS_C=_iters_c(k_per_split // bk, x2), CVT=_cvt_mode(kind, x2),
+                  ITERS_C=_iters_c(k_per_split // bk, x2), CVT=_cvt_mode(kind, xdt, x2.is_cuda),
                   XQUANT=xquant, SMOOTH=smoother is not None, USE_RINT=x2.is_cuda,
-                  ITERS_A=_iters_c(k_blocks, x2) if xquant == 1 else 0,
+                  ITERS_A=_iters_c(k_blocks, x2) if xquant == 1 else 0, XACT=xact, XSPLIT=S,
+                  XDT=_TL_DTYPES[xdt] if xact else None,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, w, s, xs if xs is not None else s, smoother if smoother is not None else s, dst,
-            M, N, K, x2.stride(0), w.stride(0), sg_stride, N, M * N, k_per_split)
+            M, N, K, stride_xm, stride_xs, w.stride(0), sg_stride, N, M * N, k_per_split)
     grid = (triton.cdiv(N, cfg.block_n), split)
     if cfg.kernel == "dot":
-        _skinny_dot_kernel[grid](*args, DOT_PREC=_dot_prec(x2.dtype), **common)
+        _skinny_dot_kernel[grid](*args, DOT_PREC=_dot_prec(xdt), **common)
     else:
         _skinny_fma_kernel[grid](*args, **common)
     if split == 1:
@@ -1103,26 +1160,33 @@ def _launch_gemm(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
         WKIND=kind, GROUP=max(G, 1), XS_ROW=xs is not None and xs.numel() > 1,
         WS_COL=kind == _A8 and s.numel() > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=bk, GROUP_M=cfg.group_m, EVEN_K=(K % bk == 0), DOT_PREC=_dot_prec(x2.dtype),
-        ITERS_C=_iters_c(triton.cdiv(K, bk), x2), CVT=_cvt_mode(kind, x2),
+        ITERS_C=_iters_c(triton.cdiv(K, bk), x2), CVT=_cvt_mode(kind, x2.dtype, x2.is_cuda),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None, partials=False):
+def _resolve_cfg(kind: int, M: int, N: int, K: int, cfg=None):
+    """The launch a Triton op makes: cfg when forced, else the skinny kernel's tuned config for
+    M <= SKINNY_MAX_M (which may name the tiled GEMM) and the GEMM's above."""
+    if cfg is not None:
+        return cfg
+    return _pick_skinny(kind, M, N, K) if M <= SKINNY_MAX_M else _pick_gemm(kind, M, N, K)
+
+
+def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None, partials=False, xact=0):
     """Skinny kernel for M <= SKINNY_MAX_M, tiled GEMM above (cfg may force either).
-    partials: see _launch_skinny (the tiled GEMM never splits K)."""
+    partials: see _launch_skinny (the tiled GEMM never splits K). xact: x2 is the [gate; up]
+    slices [S, M, 2K] and cfg the SkinnyCfg that _act_input resolved."""
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if w.stride(-1) != 1:
         w = w.contiguous()
     s = s.contiguous()
-    M, K = x2.shape
-    N = w.shape[0]
-    if cfg is None:
-        cfg = _pick_skinny(kind, M, N, K) if M <= SKINNY_MAX_M else _pick_gemm(kind, M, N, K)
+    M, K = x2.shape[-2], x2.shape[-1] // 2 if xact else x2.shape[-1]
+    cfg = _resolve_cfg(kind, M, w.shape[0], K, cfg)
     if isinstance(cfg, GemmCfg):
         return _launch_gemm(kind, x2, w, s, xs, out_dtype, G, cfg)
-    return _launch_skinny(kind, x2, w, s, xs, out_dtype, G, cfg, partials=partials)
+    return _launch_skinny(kind, x2, w, s, xs, out_dtype, G, cfg, partials=partials, xact=xact)
 
 
 # impl="auto" on CUDA (H100 measurements):
@@ -1143,24 +1207,71 @@ _FUSED_A8_MAX_M = min(int(os.environ.get("LLAMA_ENGINE_FUSED_W8A8_MAX_M", "0")),
 
 
 # =============================================================================================
+# Activation prologue (act="swiglu": the input is the [gate; up] linear's output)
+# =============================================================================================
+_ACTS = ("none", "swiglu")          # index = constexpr XACT of the skinny kernels
+
+
+def _act_code(act: str, x, K: int, what: str) -> int:
+    """Validate ``act`` and, for "swiglu", the [gate; up] input [..., 2K]; returns XACT."""
+    if act not in _ACTS:
+        raise ConfigError(f"{what}: act must be one of {_ACTS}, got {act!r}")
+    if act == "swiglu" and tuple(x.shape)[-1:] != (2 * K,):
+        raise ConfigError(f"{what}: act='swiglu' takes the [gate; up] input [..., 2K={2 * K}], "
+                          f"got {tuple(x.shape)}")
+    return _ACTS.index(act)
+
+
+def apply_act(x, act: str = "none", *, impl: str = "auto"):
+    """The input a linear called with ``act`` multiplies: x ("none"), or silu(gate) * up
+    [..., W] of the [gate; up] input [..., 2W] (tensor or SplitKPartials) by kernels/act.py's
+    silu_mul. The one fallback of every path that does not fuse the activation."""
+    if act not in _ACTS:
+        raise ConfigError(f"act must be one of {_ACTS}, got {act!r}")
+    if act == "none":
+        return x
+    from .act import silu_mul      # lazily: act.py imports this module
+    return silu_mul(x, impl=impl)
+
+
+def _act_input(x, act: str, K: int, N: int, kind: int, use_triton: bool, cfg, impl: str,
+               what: str):
+    """(x, xact, cfg) of a linear op called with ``act``. When the skinny Triton kernel runs
+    (cfg resolved to its SkinnyCfg), it computes the activation as it loads its x tiles:
+    xact = 1 and x stays the [gate; up] input. Every other path (W8A8, the tiled GEMM,
+    cuBLAS, torch) gets x = apply_act(x, act) and xact = 0."""
+    xact = _act_code(act, x, K, what)
+    if xact and use_triton and kind != _A8:
+        cfg = _resolve_cfg(kind, math.prod(x.shape[:-1]), N, K, cfg)
+        if isinstance(cfg, SkinnyCfg):
+            return x, xact, cfg
+    return apply_act(x, act, impl=impl), 0, cfg
+
+
+# =============================================================================================
 # Public ops
 # =============================================================================================
 # Every linear op takes partials=True from a caller whose next kernel accepts SplitKPartials
 # (add_rms_norm, silu_mul): then a skinny Triton launch that split K returns its unsummed
 # partials instead of launching the reduction. Every other path returns the tensor.
-def linear_fp(x: torch.Tensor, weight: torch.Tensor, *, impl: str = "auto",
-              partials: bool = False, _cfg=None):
+# The float and weight-only ops take act="swiglu" (see _act_input): x is then the [gate; up]
+# output [..., 2K] (a tensor or SplitKPartials) and the op computes down(silu(gate) * up).
+def linear_fp(x, weight: torch.Tensor, *, impl: str = "auto", partials: bool = False,
+              act: str = "none", _cfg=None):
     """x[..., K] @ weight[N, K].T -> [..., N] in x.dtype (fp32 accumulation)."""
     _check_weight(weight, "linear_fp")
-    x2, lead = _flat(x, weight.shape[1], "linear_fp")
-    M = x2.shape[0]
+    N, K = weight.shape
+    M = math.prod(x.shape[:-1])
     # float64 (exactness runs) has no Triton kernel here: cuBLAS on CUDA under impl="auto".
-    if _want_triton(impl, x) and (impl == "triton" or (M <= _AUTO_MAX_M_FP
-                                                       and x.dtype != torch.float64)) and M > 0:
+    use_triton = _want_triton(impl, x) and M > 0 and (
+        impl == "triton" or (M <= _AUTO_MAX_M_FP and x.dtype != torch.float64))
+    x, xact, cfg = _act_input(x, act, K, N, _FP, use_triton, _cfg, impl, "linear_fp")
+    x2, lead = _flat(x, K, "linear_fp", xact)
+    if use_triton:
         if weight.dtype != x.dtype:
             raise ConfigError(f"linear_fp: weight dtype {weight.dtype} != input {x.dtype}")
         _check_float(x, "linear_fp")
-        out = _run_triton(_FP, x2, weight, weight, None, x.dtype, 0, _cfg, partials)
+        out = _run_triton(_FP, x2, weight, weight, None, x.dtype, 0, cfg, partials, xact)
     elif x.is_cuda:
         out = torch.nn.functional.linear(x2, weight.to(x.dtype))
     else:
@@ -1168,18 +1279,20 @@ def linear_fp(x: torch.Tensor, weight: torch.Tensor, *, impl: str = "auto",
     return _with_lead(out, lead)
 
 
-def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
-                 impl: str = "auto", partials: bool = False, _cfg=None):
+def linear_w8a16(x, qweight: torch.Tensor, scale: torch.Tensor, *, impl: str = "auto",
+                 partials: bool = False, act: str = "none", _cfg=None):
     """Weight-only int8: x @ (qweight * scale[:, None]).T, qweight int8 [N, K], scale [N]."""
     _check_weight(qweight, "linear_w8a16", torch.int8)
     _check_float(x, "linear_w8a16")
     N, K = qweight.shape
     if scale.numel() != N:
         raise ConfigError(f"linear_w8a16: scale shape {tuple(scale.shape)} is not [N={N}]")
-    x2, lead = _flat(x, K, "linear_w8a16")
-    M = x2.shape[0]
-    if _want_triton(impl, x) and M > 0:
-        out = _run_triton(_I8, x2, qweight, scale.reshape(N), None, x.dtype, 0, _cfg, partials)
+    use_triton = _want_triton(impl, x) and math.prod(x.shape[:-1]) > 0
+    x, xact, cfg = _act_input(x, act, K, N, _I8, use_triton, _cfg, impl, "linear_w8a16")
+    x2, lead = _flat(x, K, "linear_w8a16", xact)
+    if use_triton:
+        out = _run_triton(_I8, x2, qweight, scale.reshape(N), None, x.dtype, 0, cfg, partials,
+                          xact)
     elif x.is_cuda:
         w = qweight.to(x.dtype) * scale.reshape(N, 1).to(x.dtype)
         out = torch.nn.functional.linear(x2, w)
@@ -1188,17 +1301,22 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     return _with_lead(out, lead)
 
 
-def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 group_size: int, *, impl: str = "auto", partials: bool = False, _cfg=None):
+def linear_w4a16(x, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, *,
+                 impl: str = "auto", partials: bool = False, act: str = "none", _cfg=None):
     """Weight-only int4: qweight int8 [N, K/2] (two nibbles, even k low), scales [K/G, N]
     (per channel: G = K, scales [1, N])."""
     _check_float(x, "linear_w4a16")
-    N, K, G, s = _w4_geometry(x, qweight, scales, group_size)
-    x2, lead = _flat(x, K, "linear_w4a16")
+    _check_weight(qweight, "linear_w4a16", torch.int8)
+    k_in = x.shape[-1] // (2 if _act_code(act, x, 2 * qweight.shape[1], "linear_w4a16") else 1)
+    N, K, G, s = _w4_geometry(k_in, qweight, scales, group_size)
     kind = _I4 if G == K else _I4G
-    if _want_triton(impl, x) and _triton_ok(kind, K, G) and x2.shape[0] > 0:
+    use_triton = (_want_triton(impl, x) and _triton_ok(kind, K, G)
+                  and math.prod(x.shape[:-1]) > 0)
+    x, xact, cfg = _act_input(x, act, K, N, kind, use_triton, _cfg, impl, "linear_w4a16")
+    x2, lead = _flat(x, K, "linear_w4a16", xact)
+    if use_triton:
         out = _run_triton(kind, x2, qweight, s.reshape(N) if kind == _I4 else s, None,
-                          x.dtype, G, _cfg, partials)
+                          x.dtype, G, cfg, partials, xact)
     elif x.is_cuda:
         w = unpack_int4_ref(qweight).to(x.dtype)
         w = w * s.to(x.dtype).repeat_interleave(G, dim=0).t()
@@ -1284,17 +1402,19 @@ def linear_w8a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
                         out_dtype: Optional[torch.dtype] = None, *,
                         smoother: Optional[torch.Tensor] = None,
                         act_scale: Optional[torch.Tensor] = None, impl: str = "auto",
-                        partials: bool = False, _cfg=None):
+                        partials: bool = False, act: str = "none", _cfg=None):
     """SmoothQuant linear from FLOAT activations x[..., K] -> [..., N] in out_dtype (x.dtype):
     xs = (x / smoother) rounded to x.dtype when a smoother [1, K] is given, quantized per
     token (dynamic) or, with act_scale [1, 1], per tensor; then linear_w8a8. For M up to
     ``_FUSED_A8_MAX_M`` (default 0: env LLAMA_ENGINE_FUSED_W8A8_MAX_M) or with a forced
     ``SkinnyCfg``, the skinny kernel does all of it in one launch: each program recomputes its
     rows' amax, then quantizes every x tile it loads (bit-identical int8 to
-    quantize_per_token_ref). Otherwise it runs those ops one after the other."""
+    quantize_per_token_ref). Otherwise it runs those ops one after the other.
+    act="swiglu" (x the [gate; up] input [..., 2K]) is never fused here: silu_mul runs first."""
     _check_float(x, "linear_w8a8_dynamic")
     _check_weight(qweight, "linear_w8a8", torch.int8)
     N, K = qweight.shape
+    x, _, _ = _act_input(x, act, K, N, _A8, False, None, impl, "linear_w8a8_dynamic")
     x2, lead = _flat(x, K, "linear_w8a8_dynamic")
     M = x2.shape[0]
     out_dtype = x.dtype if out_dtype is None else out_dtype
