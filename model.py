@@ -102,9 +102,9 @@ class MLP(nn.Module):
     ``gate_up_proj`` computes [gate; up] in one GEMM (one launch, one pass over x) when the
     two linears' tensors can be stacked (``fuse_gate_up``); otherwise ``gate_up_proj`` is a
     pair (gate_proj, up_proj). ``width`` is gate's output width. With the stacked GEMM,
-    down_proj takes its output directly (``act="swiglu"``): at decode the skinny GEMV computes
-    silu(gate) * up as it loads its input tiles (no activation launch); other paths run
-    ``silu_mul`` first. The output (down_proj's) is a tensor or SplitKPartials, for the next
+    down_proj takes its output directly (``act="swiglu"``): with LLAMA_ENGINE_FUSED_SWIGLU=1
+    the skinny GEMV computes silu(gate) * up as it loads its input tiles (no activation
+    launch; off by default until measured on a GPU); otherwise ``silu_mul`` runs first. The output (down_proj's) is a tensor or SplitKPartials, for the next
     ``add_rms_norm``."""
 
     def __init__(self, gate_up_proj, width: int, down_proj: nn.Module):

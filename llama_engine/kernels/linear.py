@@ -29,7 +29,8 @@ Why the kernels look the way they do:
   down_proj then needs no ``silu_mul`` launch (one per layer at decode). The math is one
   ``@triton.jit`` helper shared with ``silu_mul``'s kernel (fp32, rounded once to the model
   dtype), so the result is the same bits; W8A8, the tiled GEMM, cuBLAS and torch paths run
-  ``silu_mul`` first (``apply_act``).
+  ``silu_mul`` first (``apply_act``). Off by default (``LLAMA_ENGINE_FUSED_SWIGLU=1``): it was
+  tested only under the interpreter so far.
 * Dequantization is ALU-bound before it is memory-bound: int -> float conversion (I2F) runs
   at a quarter of the FMA rate, which held int4 to ~1.4 TB/s. On CUDA the int8 / int4 -> fp16
   (and int4 -> bf16) conversion instead builds the half-precision bit pattern with
@@ -1234,14 +1235,21 @@ def apply_act(x, act: str = "none", *, impl: str = "auto"):
     return silu_mul(x, impl=impl)
 
 
+# The SwiGLU prologue is off by default until it has run on a GPU (it was written and tested
+# under the interpreter after the session's last GPU call): LLAMA_ENGINE_FUSED_SWIGLU=1 turns
+# it on; a forced SkinnyCfg (tests, self-checks) always uses it.
+_FUSED_SWIGLU = os.environ.get("LLAMA_ENGINE_FUSED_SWIGLU", "0") == "1"
+
+
 def _act_input(x, act: str, K: int, N: int, kind: int, use_triton: bool, cfg, impl: str,
                what: str):
     """(x, xact, cfg) of a linear op called with ``act``. When the skinny Triton kernel runs
-    (cfg resolved to its SkinnyCfg), it computes the activation as it loads its x tiles:
-    xact = 1 and x stays the [gate; up] input. Every other path (W8A8, the tiled GEMM,
-    cuBLAS, torch) gets x = apply_act(x, act) and xact = 0."""
+    (cfg resolved to its SkinnyCfg) and the fusion is on (``_FUSED_SWIGLU`` or a forced cfg),
+    it computes the activation as it loads its x tiles: xact = 1 and x stays the [gate; up]
+    input. Every other path (W8A8, the tiled GEMM, cuBLAS, torch) gets x = apply_act(x, act)
+    and xact = 0."""
     xact = _act_code(act, x, K, what)
-    if xact and use_triton and kind != _A8:
+    if xact and use_triton and kind != _A8 and (_FUSED_SWIGLU or cfg is not None):
         cfg = _resolve_cfg(kind, math.prod(x.shape[:-1]), N, K, cfg)
         if isinstance(cfg, SkinnyCfg):
             return x, xact, cfg
