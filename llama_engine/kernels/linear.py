@@ -491,6 +491,36 @@ if HAS_TRITON:
         y = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -127.0), 127.0)
         return _round_half_even(y, USE_RINT).to(tl.int8)
 
+    @triton.jit
+    def _x_scale(x_ptr, xs_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SMOOTH: tl.constexpr,
+                 ITERS_A: tl.constexpr, XQUANT: tl.constexpr):
+        """Scale of the fused W8A8 quantizer: this program's rows' per-token scales [BM]
+        (XQUANT 1), the static per-tensor act_scale at xs_ptr (2); 1.0 (unused) otherwise."""
+        if XQUANT == 1:
+            s = _row_scale(x_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K, EVEN_K,
+                           SMOOTH, ITERS_A)
+        elif XQUANT == 2:
+            s = tl.load(xs_ptr)
+        else:
+            s = 1.0
+        return s
+
+    @triton.jit
+    def _x_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, x_scale,
+                EVEN_K: tl.constexpr, SMOOTH: tl.constexpr, XACT: tl.constexpr,
+                XSPLIT: tl.constexpr, XDT: tl.constexpr, XQUANT: tl.constexpr,
+                USE_RINT: tl.constexpr):
+        """The skinny kernels' x tile [BM, BK]: _act_tile, then quantized to int8 by the fused
+        W8A8 quantizer when XQUANT is 1 (per-token x_scale [BM]) or 2 (scalar)."""
+        x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, EVEN_K,
+                      SMOOTH, XACT, XSPLIT, XDT)
+        if XQUANT == 1:
+            x = _quant_tile(x, x_scale[:, None], USE_RINT)
+        elif XQUANT == 2:
+            x = _quant_tile(x, x_scale, USE_RINT)
+        return x
+
     @triton.jit(do_not_specialize=["M"])
     def _skinny_dot_kernel(
             x_ptr, w_ptr, s_ptr, xs_ptr, sm_ptr, out_ptr,
@@ -510,11 +540,8 @@ if HAS_TRITON:
         n_ok = offs_n < N
         m_ok = offs_m < M
         k_lo = pid_s * k_per_split
-        if XQUANT == 1:     # W8A8 from float x: this program's rows' per-token scales [BM]
-            x_scale = _row_scale(x_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K,
-                                 EVEN_K, SMOOTH, ITERS_A)
-        elif XQUANT == 2:   # static per-tensor act_scale (xs_ptr)
-            x_scale = tl.load(xs_ptr)
+        x_scale = _x_scale(x_ptr, xs_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K,
+                           EVEN_K, SMOOTH, ITERS_A, XQUANT)
         if WKIND == 4:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
         else:
@@ -523,12 +550,8 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, EVEN_K,
-                          SMOOTH, XACT, XSPLIT, XDT)
-            if XQUANT == 1:
-                x = _quant_tile(x, x_scale[:, None], USE_RINT)
-            elif XQUANT == 2:
-                x = _quant_tile(x, x_scale, USE_RINT)
+            x = _x_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, x_scale,
+                        EVEN_K, SMOOTH, XACT, XSPLIT, XDT, XQUANT, USE_RINT)
             if WKIND == 2 or WKIND == 3:
                 offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :]
@@ -613,11 +636,8 @@ if HAS_TRITON:
         n_ok = offs_n < N
         m_ok = offs_m < M
         k_lo = pid_s * k_per_split
-        if XQUANT == 1:     # W8A8 from float x: this program's rows' per-token scales [BM]
-            x_scale = _row_scale(x_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K,
-                                 EVEN_K, SMOOTH, ITERS_A)
-        elif XQUANT == 2:   # static per-tensor act_scale (xs_ptr)
-            x_scale = tl.load(xs_ptr)
+        x_scale = _x_scale(x_ptr, xs_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K,
+                           EVEN_K, SMOOTH, ITERS_A, XQUANT)
         if WKIND == 2 or WKIND == 3:
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
         elif WKIND == 4:
@@ -628,12 +648,8 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, EVEN_K,
-                          SMOOTH, XACT, XSPLIT, XDT)
-            if XQUANT == 1:
-                x = _quant_tile(x, x_scale[:, None], USE_RINT)
-            elif XQUANT == 2:
-                x = _quant_tile(x, x_scale, USE_RINT)
+            x = _x_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, x_scale,
+                        EVEN_K, SMOOTH, XACT, XSPLIT, XDT, XQUANT, USE_RINT)
             if WKIND == 2 or WKIND == 3:
                 offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :]
