@@ -724,14 +724,15 @@ def run_ablation(a, weights: Weights, only: Optional[set]) -> dict:
             r["floor_tok_s"] = bw / step_bytes
             r["pct_floor"] = 100 * r["decode_tok_s"] / r["floor_tok_s"]
             r["weight_gib"] = weight_bytes(eng) / 2**30
-            r["label"] = MODES[key][1]
+            r["label"] = MODES[key][1] + (f" [{a.row_suffix.strip('_')}]" if a.row_suffix else "")
             del eng
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(r), flush=True)
-        out[key] = r
-        merge_json(a.out_json, {"ablation": {key: r}, "meta": {"read_TBps": bw / 1e12}})
+        name = key + a.row_suffix if not key.startswith("hf_") else key
+        out[name] = r
+        merge_json(a.out_json, {"ablation": {name: r}, "meta": {"read_TBps": bw / 1e12}})
     return {"ablation": out, "meta": {"read_TBps": bw / 1e12, "ablation_model": a.model_config}}
 
 
@@ -741,6 +742,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine_dir", default=None)
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--only", default=None, help="comma list of ablation rows to run")
+    p.add_argument("--row_suffix", default="", help="with --ablation: saved as <row><suffix> "
+                   "(e.g. _swiglu: a variant beside the default rows of the same call)")
     p.add_argument("--modes", default="fp16", help="modes for the grid/profile")
     p.add_argument("--batch", default="1")
     p.add_argument("--max_input_len", type=int, default=2048)

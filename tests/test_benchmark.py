@@ -43,6 +43,11 @@ def test_ablation_grid_and_report_merge(tmp_path):
     md = (tmp_path / "benchmark.md").read_text()
     assert "| HF eager |" in md and "### Batch sweep" in md and "tiny fp16 b3 i5 o4" in md
     assert (tmp_path / "benchmark.png").stat().st_size > 0
+    # a variant's rows sit beside the default ones (gpu_suite.sh swiglu)
+    d = run(tmp_path, "--ablation", "--only", "fp16", "--row_suffix", "_swiglu")
+    assert {"fp16", "fp16_swiglu"} <= set(d["ablation"])
+    assert d["ablation"]["fp16_swiglu"]["label"].endswith("[swiglu]")
+    assert "[swiglu] |" in (tmp_path / "benchmark.md").read_text()
 
 
 def test_serving_parts(tmp_path):
