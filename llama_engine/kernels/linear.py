@@ -1220,7 +1220,11 @@ _AUTO_INT_MM_M = (SKINNY_MAX_M, 256)
 # 61.7 tok/s against 254.7 for quantize + linear_w8a8 (each program recomputes the row's amax
 # and divides every x tile it loads; not profiled further). LLAMA_ENGINE_FUSED_W8A8_MAX_M=64
 # turns it on for measurements.
-_FUSED_A8_MAX_M = min(int(os.environ.get("LLAMA_ENGINE_FUSED_W8A8_MAX_M", "0")), SKINNY_MAX_M)
+_env_max_m = os.environ.get("LLAMA_ENGINE_FUSED_W8A8_MAX_M", "0")
+if not _env_max_m.isdigit():
+    raise ConfigError(f"LLAMA_ENGINE_FUSED_W8A8_MAX_M must be a row count >= 0, got "
+                      f"{_env_max_m!r}")
+_FUSED_A8_MAX_M = min(int(_env_max_m), SKINNY_MAX_M)
 
 
 # =============================================================================================
