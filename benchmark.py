@@ -237,7 +237,7 @@ def time_hf(model, batch: int, input_len: int, output_len: int, compile_: bool,
 # Profile
 # ---------------------------------------------------------------------------------------------
 CATEGORIES = [
-    ("all-reduce (NCCL)", ("nccl", "allreduce", "all_reduce")),
+    ("all-reduce (NCCL or one-shot)", ("nccl", "allreduce", "all_reduce")),
     ("attention", ("decode_attn", "decode_merge", "sdpa", "flash", "fmha", "attention")),
     ("kv-cache write (+RoPE)", ("rope_kv", "write_kv", "kv_write")),
     ("weight GEMM/GEMV", ("skinny", "splitk", "gemv", "gemm", "cutlass", "xmma", "int_mm",
@@ -326,8 +326,8 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
     parts: ``uniform`` (``num_requests`` x 128 in / 128 out, all at once), ``mixed`` (inputs
     32-1024, outputs 16-512: inflight vs our static batching, same batch limit), ``cnn``
     (cnn_dailymail-shaped: inputs 800-1000, outputs 100), ``hf`` (HF padded batch 32 on the
-    uniform shape and on the first 32 mixed requests). Under torchrun the keys end in tpN, for
-    a ``mode`` other than fp16 in _mode. ``save(out)`` is called after each part."""
+    uniform shape and on the first 32 mixed requests). Under torchrun the keys end in tpN (and
+    _oneshot for the one-shot all-reduce), for a ``mode`` other than fp16 in _mode. ``save(out)`` is called after each part."""
     import random
 
     from llama_engine import parallel
@@ -340,6 +340,8 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
     save = save or (lambda _: None)
     vocab = weights.args.vocab_size
     eng = weights.engine(mode, 256, 1024, 512)
+    if parallel.all_reduce_path(DEVICE) == "oneshot":  # LLAMA_ENGINE_TP_ALLREDUCE; else NCCL
+        sfx += "_oneshot"
 
     def timed(llm, prompts, max_tokens) -> dict:
         sync()
@@ -840,10 +842,14 @@ def main(argv=None) -> int:
                             eng = weights.engine(mode, B, max(I, 8), max(O, 8))
                         eng.enable_cuda_graphs()
                         key = f"{mode} b{B} i{I} o{O}" + (f" tp{world}" if world > 1 else "")
+                        ar = parallel.all_reduce_path(DEVICE)
+                        if ar not in ("none", "nccl"):  # rows without a path name: NCCL
+                            key += f" {ar}"
                         if a.model_config != "llama-7b" and not a.engine_dir:
                             key = f"{a.model_config} {key}"
                         if a.profile:
                             tp = f"_tp{world}" if world > 1 else ""
+                            tp += f"_{ar}" if ar not in ("none", "nccl") else ""
                             r = profile_decode(eng, B, I, O, os.path.join(
                                 a.assets, f"trace_{mode}_b{B}{tp}.json"))
                         else:

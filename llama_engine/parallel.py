@@ -141,9 +141,121 @@ def quiet_non_main_ranks() -> None:
 # ---------------------------------------------------------------------------------------------
 # Collectives (identity with one rank)
 # ---------------------------------------------------------------------------------------------
+# LLAMA_ENGINE_TP_ALLREDUCE: how CUDA tensors of at most ONESHOT_MAX_BYTES are summed.
+#   "nccl"    -- NCCL's all_reduce (also every larger tensor, and all of gloo);
+#   "oneshot" -- kernels/comm.py's one-shot kernel over a symmetric-memory buffer: one launch,
+#                peer loads over NVLink; an error if the buffer cannot be set up;
+#   "auto"    -- "oneshot" where it can be set up, else NCCL with a one-line notice.
+TP_ALLREDUCE_MODES = ("auto", "oneshot", "nccl")
+DEFAULT_TP_ALLREDUCE = "nccl"
+ONESHOT_MAX_BYTES = 1 << 20  # decode batches up to ~100 tokens of a 5120-wide model in fp16
+
+
+def tp_allreduce_mode() -> str:
+    mode = os.environ.get("LLAMA_ENGINE_TP_ALLREDUCE", DEFAULT_TP_ALLREDUCE)
+    if mode not in TP_ALLREDUCE_MODES:
+        raise ConfigError(f"LLAMA_ENGINE_TP_ALLREDUCE must be one of {', '.join(TP_ALLREDUCE_MODES)}"
+                          f", got {mode!r}")
+    return mode
+
+
+class OneShotAllReduce:
+    """The symmetric buffer and signal pads of ``kernels.comm.one_shot_all_reduce`` for this
+    process's GPU and the default group. Set up collectively (every rank, same point)."""
+
+    DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+    def __init__(self, device: torch.device):
+        import warnings
+
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from .kernels import comm
+        group = _dist().group.WORLD
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                symm_mem.enable_symm_mem_for_group(group.group_name)
+        self.buf = symm_mem.empty(ONESHOT_MAX_BYTES, dtype=torch.uint8, device=device)
+        self.handle = symm_mem.rendezvous(self.buf, group)
+        h = self.handle
+        off = int(getattr(h, "offset", 0))
+        if h.buffer_ptrs[h.rank] + off != self.buf.data_ptr():
+            raise RuntimeError("symmetric buffer address does not match its handle")
+        flags = comm.MAX_PROGRAMS * h.world_size * 4
+        if h.signal_pad_size < flags:
+            raise RuntimeError(f"signal pad of {h.signal_pad_size} bytes < {flags} needed")
+        self.bufs = torch.tensor([p + off for p in h.buffer_ptrs], dtype=torch.int64,
+                                 device=device)
+        self.pads = torch.tensor(list(h.signal_pad_ptrs), dtype=torch.int64, device=device)
+        self.rank, self.world = h.rank, h.world_size
+        self.device = torch.device(device)
+        self._kernel = comm.one_shot_all_reduce
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return (x.device == self.device and x.dtype in self.DTYPES and x.is_contiguous()
+                and x.numel() * x.element_size() <= ONESHOT_MAX_BYTES)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._kernel(x, x, self.bufs, self.pads, self.rank, self.world)
+        return x
+
+
+_ONESHOT: dict = {}  # device -> OneShotAllReduce (or None: NCCL for that device)
+
+
+def setup_all_reduce(device) -> None:
+    """Prepare this rank's all-reduce for CUDA tensors on ``device`` per LLAMA_ENGINE_TP_ALLREDUCE.
+    Collective: every rank calls it at the same point (Engine.from_tensors does, before any
+    forward, so that no setup happens inside CUDA-graph capture). Once per process and device."""
+    device = torch.device(device)
+    if get_world_size() == 1 or device.type != "cuda":
+        return
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device in _ONESHOT:
+        return
+    mode = tp_allreduce_mode()
+    _ONESHOT[device] = None
+    if mode == "nccl":
+        return
+    fast, err = None, ""
+    try:
+        fast = OneShotAllReduce(device)
+    except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
+        err = f"{type(e).__name__}: {e}"
+    # Every rank must take the same path: one rank on NCCL and another in the one-shot kernel
+    # would wait for each other forever.
+    ok = torch.tensor([0 if fast is None else 1], dtype=torch.int32, device=device)
+    _dist().all_reduce(ok, op=_dist().ReduceOp.MIN)
+    if int(ok.item()) == 1:
+        _ONESHOT[device] = fast
+        return
+    why = err or "another rank could not set it up"
+    if mode == "oneshot":
+        raise ConfigError(f"LLAMA_ENGINE_TP_ALLREDUCE=oneshot: symmetric memory could not be set "
+                          f"up ({why}); use LLAMA_ENGINE_TP_ALLREDUCE=nccl")
+    if is_main():
+        print(f"[llama_engine] one-shot all-reduce unavailable ({why}); using NCCL",
+              file=sys.stderr)
+
+
+def all_reduce_path(device) -> str:
+    """What sums this rank's small CUDA tensors: "none" (one rank), "oneshot" or "nccl"."""
+    if get_world_size() == 1:
+        return "none"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return "oneshot" if _ONESHOT.get(device) is not None else "nccl"
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place."""
     if get_world_size() > 1:
+        fast = _ONESHOT.get(x.device) if x.is_cuda else None
+        if fast is not None and fast.takes(x):
+            return fast(x)
         _dist().all_reduce(x)
     return x
 

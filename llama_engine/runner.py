@@ -139,6 +139,7 @@ class Engine:
             from . import parallel
             tp_rank = parallel.require_world(tp_size, device)
             parallel.sync_rng()  # unseeded sampling draws the same tokens on every rank
+            parallel.setup_all_reduce(device)  # collective; before any forward or graph capture
             config = dataclasses.replace(config, model=parallel.local_args(full_args, tp_size))
         model = Transformer.from_checkpoint(full_args, config.quant, tensors, max_pos,
                                             tp_rank=tp_rank, tp_size=tp_size)

@@ -3,12 +3,15 @@
 # Usage on the GPU machine: bash tools/gpu_tp_suite.sh OUT_DIR [parts...]
 # parts: check tp13b serving_tp serving   (default: all); extra: profile_tp (where a TP token
 #        goes: the all-reduces against the rest, LLaMA-13B batch 1, rank 0 traced)
+# tp13b times one GPU, then TP=2 with NCCL's all-reduce and with the one-shot kernel
+# (LLAMA_ENGINE_TP_ALLREDUCE); profile_tp and serving_tp use TP_AR (default oneshot).
 set -u
 OUTD=${1:?out dir}; shift
 PARTS=${*:-"check tp13b serving_tp serving"}
 J=$OUTD/benchmark.json
 # NVLink multicast off (it can take a shared host's GPUs out of service).
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+TP_AR=${TP_AR:-oneshot}
 B="python3 benchmark.py --out_json $J --assets $OUTD"
 TR="python3 -m torch.distributed.run --standalone --nproc_per_node 2 benchmark.py --out_json $J --assets $OUTD"
 G="--model_config llama-13b --modes fp16 --batch 1,16 --input_len 8 --output_len 50 --section tp"
@@ -16,10 +19,11 @@ nvidia-smi -L
 for p in $PARTS; do
   echo "=== $p $(date +%T)"
   case $p in
-    check)      timeout 200 python3 tools/gpu_tp_check.py --tp 2 --timeout 120 ;;
-    profile_tp) timeout 150 $TR --model_config llama-13b --profile --modes fp16 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
-    tp13b)      timeout 100 $B $G && timeout 120 $TR $G ;;
-    serving_tp) timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
+    check)      timeout 330 python3 tools/gpu_tp_check.py --tp 2 --timeout 120 ;;
+    profile_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 150 $TR --model_config llama-13b --profile --modes fp16 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
+    tp13b)      timeout 100 $B $G; LLAMA_ENGINE_TP_ALLREDUCE=nccl timeout 120 $TR $G;
+                LLAMA_ENGINE_TP_ALLREDUCE=oneshot timeout 120 $TR $G ;;
+    serving_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
     serving)    timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
   echo "=== $p exit ${PIPESTATUS[0]}"   # the part's own status (124: its time limit)

@@ -1,0 +1,98 @@
+"""llama_engine/kernels/comm.py, the one-shot all-reduce, under TRITON_INTERPRET=1 (in a
+subprocess: the variable must be set before triton is imported), and the
+LLAMA_ENGINE_TP_ALLREDUCE switch of llama_engine/parallel.py.
+
+The interpreter runs one process, so the kernel meets no real peer here: with one rank it
+goes through both barriers (raising and lowering its own flags) and must return its input
+and leave every flag down; with two ranks and the barriers off it must stage its input into
+its own buffer and sum it with a peer buffer the test filled, in rank order, rounded once.
+Peers over NVLink are checked on GPUs by tools/gpu_tp_check.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _check() -> list:
+    from llama_engine.kernels import comm
+    fails = []
+    g = torch.Generator().manual_seed(0)
+    # one block, a ragged tail, more blocks than programs (ITERS > 1)
+    sizes = (5, 3000, comm.MAX_PROGRAMS * comm.BLOCK + 77)
+    for n in sizes:
+        for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            cap = 2 * comm.MAX_PROGRAMS * comm.BLOCK
+            x = (torch.randn(n, generator=g) * 4).to(dt)
+            # one rank, both barriers: output == input, flags all down afterwards
+            buf = torch.zeros(cap, dtype=dt)
+            pad = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+            bufs = torch.tensor([buf.data_ptr()], dtype=torch.int64)
+            pads = torch.tensor([pad.data_ptr()], dtype=torch.int64)
+            y = x.clone()
+            comm.one_shot_all_reduce(y, y, bufs, pads, 0, 1)
+            if not torch.equal(y, x):
+                fails.append(f"1 rank n={n} {dt}: output differs from input")
+            if pad.abs().sum() != 0:
+                fails.append(f"1 rank n={n} {dt}: flags left raised {pad.tolist()}")
+            # two ranks (this one is rank 1), no barrier: the peer's buffer is pre-filled
+            peer = (torch.randn(cap, generator=g) * 4).to(dt)
+            mine = torch.zeros(cap, dtype=dt)
+            out = torch.full_like(x, 7)
+            bufs2 = torch.tensor([peer.data_ptr(), mine.data_ptr()], dtype=torch.int64)
+            comm.one_shot_all_reduce(x, out, bufs2, pads, 1, 2, sync=False)
+            acc = torch.float64 if dt == torch.float64 else torch.float32
+            total = peer[:n].to(acc) + x.to(acc)
+            if dt == torch.bfloat16:
+                # the interpreter rounds fp32 -> bf16 toward zero (a GPU: to nearest, checked
+                # against NCCL by gpu_tp_check.py): drop the low 16 bits, exactly
+                total = (total.view(torch.int32) & -65536).view(torch.float32)
+            want = total.to(dt)
+            if not torch.equal(out, want):
+                fails.append(f"2 ranks n={n} {dt}: sum differs by "
+                             f"{(out.double() - want.double()).abs().max():.3g}")
+            if not torch.equal(mine[:n], x) or mine[n:].abs().sum() != 0:
+                fails.append(f"2 ranks n={n} {dt}: own buffer is not the staged input")
+    return fails
+
+
+def test_one_shot_all_reduce_kernel_interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, __file__, "--check"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_tp_allreduce_mode_is_validated(monkeypatch):
+    from llama_engine import parallel
+    from llama_engine.config import ConfigError
+    monkeypatch.delenv("LLAMA_ENGINE_TP_ALLREDUCE", raising=False)
+    assert parallel.tp_allreduce_mode() == parallel.DEFAULT_TP_ALLREDUCE
+    for mode in parallel.TP_ALLREDUCE_MODES:
+        monkeypatch.setenv("LLAMA_ENGINE_TP_ALLREDUCE", mode)
+        assert parallel.tp_allreduce_mode() == mode
+    monkeypatch.setenv("LLAMA_ENGINE_TP_ALLREDUCE", "fast")
+    with pytest.raises(ConfigError, match="LLAMA_ENGINE_TP_ALLREDUCE must be one of"):
+        parallel.tp_allreduce_mode()
+
+
+def test_single_process_all_reduce_is_identity_and_path_none():
+    from llama_engine import parallel
+    assert parallel.get_world_size() == 1
+    parallel.setup_all_reduce("cpu")  # nothing to set up: no error, no state
+    x = torch.randn(4, 8)
+    assert parallel.all_reduce(x.clone()).equal(x)
+    assert parallel.all_reduce_path("cpu") == "none"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--check"]:
+    print(json.dumps(_check()))
