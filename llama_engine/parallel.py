@@ -160,8 +160,9 @@ def tp_allreduce_mode() -> str:
 
 
 class OneShotAllReduce:
-    """The symmetric buffer and signal pads of ``kernels.comm.one_shot_all_reduce`` for this
-    process's GPU and the default group. Set up collectively (every rank, same point)."""
+    """The symmetric buffer, signal pads and epoch counters of
+    ``kernels.comm.one_shot_all_reduce`` for this process's GPU and the default group. Set up
+    collectively (every rank, at the same point)."""
 
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -176,7 +177,10 @@ class OneShotAllReduce:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 symm_mem.enable_symm_mem_for_group(group.group_name)
-        self.buf = symm_mem.empty(ONESHOT_MAX_BYTES, dtype=torch.uint8, device=device)
+        world = get_world_size()
+        self.buf = symm_mem.empty(comm.buffer_bytes(ONESHOT_MAX_BYTES, world),
+                                  dtype=torch.uint8, device=device)
+        self.buf.zero_()
         self.handle = symm_mem.rendezvous(self.buf, group)
         h = self.handle
         off = int(getattr(h, "offset", 0))
@@ -188,6 +192,11 @@ class OneShotAllReduce:
         self.bufs = torch.tensor([p + off for p in h.buffer_ptrs], dtype=torch.int64,
                                  device=device)
         self.pads = torch.tensor(list(h.signal_pad_ptrs), dtype=torch.int64, device=device)
+        # the flags start at zero on every rank, as the epochs do
+        h.get_signal_pad(h.rank, (comm.MAX_PROGRAMS * h.world_size,), torch.int32).zero_()
+        self.epochs = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32, device=device)
+        torch.cuda.synchronize(device)
+        _dist().barrier()  # nobody pushes before every rank has cleared its flags
         self.rank, self.world = h.rank, h.world_size
         self.device = torch.device(device)
         self._kernel = comm.one_shot_all_reduce
@@ -197,7 +206,8 @@ class OneShotAllReduce:
                 and x.numel() * x.element_size() <= ONESHOT_MAX_BYTES)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self._kernel(x, x, self.bufs, self.pads, self.rank, self.world)
+        self._kernel(x, x, self.bufs, self.pads, self.epochs, ONESHOT_MAX_BYTES, self.rank,
+                     self.world)
         return x
 
 

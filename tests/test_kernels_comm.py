@@ -3,10 +3,10 @@ subprocess: the variable must be set before triton is imported), and the
 LLAMA_ENGINE_TP_ALLREDUCE switch of llama_engine/parallel.py.
 
 The interpreter runs one process, so the kernel meets no real peer here: with one rank it
-goes through both barriers (raising and lowering its own flags) and must return its input
-and leave every flag down; with two ranks and the barriers off it must stage its input into
-its own buffer and sum it with a peer buffer the test filled, in rank order, rounded once.
-Peers over NVLink are checked on GPUs by tools/gpu_tp_check.py."""
+raises and waits for its own flags, call after call (the epochs and buffer halves advance),
+and must return its input; with two ranks and the waits off it must push its input into its
+slot of both buffers and sum its own buffer's slots (the peer's filled by the test) in rank
+order, rounded once. Peers over NVLink are checked on GPUs by tools/gpu_tp_check.py."""
 from __future__ import annotations
 
 import json
@@ -26,31 +26,42 @@ def _check() -> list:
     from llama_engine.kernels import comm
     fails = []
     g = torch.Generator().manual_seed(0)
+    slot = 8 * (comm.MAX_PROGRAMS + 1) * comm.BLOCK  # bytes: the largest size in fp64 fits
     # one block, a ragged tail, more blocks than programs (ITERS > 1)
     sizes = (5, 3000, comm.MAX_PROGRAMS * comm.BLOCK + 77)
-    for n in sizes:
-        for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            cap = 2 * comm.MAX_PROGRAMS * comm.BLOCK
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        elems = slot // torch.tensor([], dtype=dt).element_size()
+        # one rank: three calls of each size in a row on the same state
+        buf = torch.zeros(comm.buffer_bytes(slot, 1), dtype=torch.uint8)
+        pad = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+        epochs = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+        bufs = torch.tensor([buf.data_ptr()], dtype=torch.int64)
+        pads = torch.tensor([pad.data_ptr()], dtype=torch.int64)
+        calls = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+        for n in sizes:
+            for _ in range(3):
+                x = (torch.randn(n, generator=g) * 4).to(dt)
+                y = x.clone()
+                comm.one_shot_all_reduce(y, y, bufs, pads, epochs, slot, 0, 1)
+                calls[: comm.num_programs(n)] += 1
+                if not torch.equal(y, x):
+                    fails.append(f"1 rank n={n} {dt}: output differs from input")
+        if not (torch.equal(epochs, calls) and torch.equal(pad, calls)):
+            fails.append(f"1 rank {dt}: epochs {epochs.tolist()} / flags {pad.tolist()} "
+                         f"are not the per-program call counts {calls.tolist()}")
+        # two ranks (this one is rank 1), no waits: epoch 1 -> buffer half 1
+        for n in sizes:
             x = (torch.randn(n, generator=g) * 4).to(dt)
-            # one rank, both barriers: output == input, flags all down afterwards
-            buf = torch.zeros(cap, dtype=dt)
-            pad = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
-            bufs = torch.tensor([buf.data_ptr()], dtype=torch.int64)
-            pads = torch.tensor([pad.data_ptr()], dtype=torch.int64)
-            y = x.clone()
-            comm.one_shot_all_reduce(y, y, bufs, pads, 0, 1)
-            if not torch.equal(y, x):
-                fails.append(f"1 rank n={n} {dt}: output differs from input")
-            if pad.abs().sum() != 0:
-                fails.append(f"1 rank n={n} {dt}: flags left raised {pad.tolist()}")
-            # two ranks (this one is rank 1), no barrier: the peer's buffer is pre-filled
-            peer = (torch.randn(cap, generator=g) * 4).to(dt)
-            mine = torch.zeros(cap, dtype=dt)
+            mine = torch.zeros(2, 2, elems, dtype=dt)   # [half, slot, elems]
+            peer = torch.zeros(2, 2, elems, dtype=dt)
+            mine[1, 0] = (torch.randn(elems, generator=g) * 4).to(dt)  # rank 0's push
+            before = mine[1, 0].clone()
             out = torch.full_like(x, 7)
             bufs2 = torch.tensor([peer.data_ptr(), mine.data_ptr()], dtype=torch.int64)
-            comm.one_shot_all_reduce(x, out, bufs2, pads, 1, 2, sync=False)
+            ep = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+            comm.one_shot_all_reduce(x, out, bufs2, pads, ep, slot, 1, 2, sync=False)
             acc = torch.float64 if dt == torch.float64 else torch.float32
-            total = peer[:n].to(acc) + x.to(acc)
+            total = before[:n].to(acc) + x.to(acc)
             if dt == torch.bfloat16:
                 # the interpreter rounds fp32 -> bf16 toward zero (a GPU: to nearest, checked
                 # against NCCL by gpu_tp_check.py): drop the low 16 bits, exactly
@@ -59,8 +70,11 @@ def _check() -> list:
             if not torch.equal(out, want):
                 fails.append(f"2 ranks n={n} {dt}: sum differs by "
                              f"{(out.double() - want.double()).abs().max():.3g}")
-            if not torch.equal(mine[:n], x) or mine[n:].abs().sum() != 0:
-                fails.append(f"2 ranks n={n} {dt}: own buffer is not the staged input")
+            for name, b in (("own", mine), ("peer's", peer)):
+                if not torch.equal(b[1, 1, :n], x) or b[1, 1, n:].abs().sum() != 0:
+                    fails.append(f"2 ranks n={n} {dt}: {name} buffer slot 1 is not the push")
+            if peer[1, 0].abs().sum() != 0 or mine[0].abs().sum() != 0 or peer[0].abs().sum():
+                fails.append(f"2 ranks n={n} {dt}: wrote outside its slot of half 1")
     return fails
 
 

@@ -2,29 +2,39 @@
 
 A decode step of LLaMA-13B at TP=2 all-reduces 81 tensors of ``batch x 5120`` halves (one
 per row-parallel layer, one for the embedding): at batch 1 each is 10 KB, so the cost is the
-collective's latency, not its bandwidth. NCCL's ring all-reduce of a small message is several
-launches' worth of protocol per call; here each rank instead
+collective's latency, not its bandwidth. Here each rank, in one launch,
 
-1. copies its partial sum into its own *symmetric* buffer (memory every rank of the group
-   has mapped: ``torch.distributed._symmetric_memory``, PyTorch's allocator over CUDA's
-   virtual-memory IPC -- peer loads and stores over NVLink, no multicast);
-2. meets the other ranks at a barrier (flags in the group's signal pads);
-3. loads the same slice from every rank's buffer, sums in fp32 (fp64 for fp64), rounds once
-   and writes its output -- the same sum in the same rank order on every rank, so all ranks
-   hold bit-identical results, as they must for their greedy tokens to agree;
-4. meets them again, so that no rank's next call overwrites a buffer a peer is still reading.
+1. *pushes* its partial sums into its own slot of every rank's *symmetric* buffer (memory
+   every rank of the group has mapped: ``torch.distributed._symmetric_memory``, PyTorch's
+   allocator over CUDA's virtual-memory IPC; stores to a peer travel over NVLink and are
+   posted: nothing waits for them; no multicast);
+2. raises a flag in every rank's signal pad: the call's *epoch*, written with a release store
+   at system scope after a block-wide barrier, so the peer sees the data before the flag;
+3. waits until every rank's flag in its own pad has reached the epoch (acquire loads of local
+   memory), then sums the slots of its own buffer in rank order in fp32 (fp64 for fp64),
+   rounds once and writes the output -- the same arithmetic on every rank, so all ranks hold
+   bit-identical sums, as they must for their greedy tokens to agree.
 
-Program ``p`` of every rank handles the same slices, so it synchronises only with program
-``p`` of the other ranks (one flag per (program, source rank) in each rank's signal pad).
-A flag is raised by compare-and-swap 0 -> 1 on the destination's pad (release, system
-scope: the program's stores are visible over NVLink before the flag) and lowered by its
-owner 1 -> 0 (acquire); a raise spins while the previous flag is still up, so the same
-flags serve both barriers and every later call.
+Only one one-way NVLink latency is on the critical path: no read from a peer and no
+round-trip atomic. A first version that had each rank pull from the peers' buffers between
+two compare-and-swap barriers took 12.0-12.6 us per call on 2 H100s (NCCL: ~17.6 us in the
+same CUDA-graph microbenchmark, yet NCCL won end to end: tools/gpu_tp_check.py, docs/runs).
+
+Program ``p`` handles blocks ``p, p + MAX_PROGRAMS, ...`` in every call (the grid is
+``min(blocks, MAX_PROGRAMS)``), so a block's slots are only ever written by program ``p`` of
+each rank and read by program ``p`` of their owner; each program keeps its own epoch counter
+(a plain int32 per program on each rank) and synchronises only with program ``p`` of the
+peers. The buffer has two halves, used by odd and even epochs: a rank can run one call ahead
+of a peer (it passed epoch ``e``'s wait, the peer is still summing epoch ``e``) but not two
+(epoch ``e + 1``'s wait needs the peer's epoch ``e + 1`` flag), so a push never overwrites
+slots a peer has yet to read. Flags only grow; "reached" is a wrap-safe signed difference.
 
 PyTorch ships a one-shot all-reduce (``torch.ops.symm_mem.one_shot_all_reduce``) for fp32 and
 bf16 only; the engine runs fp16, hence this kernel. Used by ``llama_engine.parallel``
-(``LLAMA_ENGINE_TP_ALLREDUCE``); the CPU tests run it under ``TRITON_INTERPRET=1`` with one
-rank and, without the barrier, with a peer buffer the test fills.
+(``LLAMA_ENGINE_TP_ALLREDUCE``). On a GPU the flags use PTX ``st.release.sys`` /
+``ld.acquire.sys``; under ``TRITON_INTERPRET=1`` (no inline assembly) the same steps use
+Triton atomics, and the CPU tests run one rank with its flags, or two ranks without the waits
+and with the peer's slots filled by the test.
 """
 from __future__ import annotations
 
@@ -33,7 +43,7 @@ import torch
 from .attn import HAS_TRITON
 
 BLOCK = 1024        # elements per program per iteration
-MAX_PROGRAMS = 32   # programs per call: they must all be resident (they wait for each other's
+MAX_PROGRAMS = 32   # programs per call: they must all be resident (they wait for their
                     # counterparts on the peers), far below any GPU's SM count
 NUM_WARPS = 4
 
@@ -42,73 +52,91 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _raise_flag(flag):
-        while tl.atomic_cas(flag, 0, 1, sem="release", scope="sys") != 0:
-            pass
+    def _store_release(flag, value, ASM: tl.constexpr):
+        if ASM:
+            tl.inline_asm_elementwise("st.release.sys.global.b32 [$1], $2; mov.u32 $0, 0;",
+                                      "=r,l,r", [flag, value], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+        else:
+            tl.atomic_xchg(flag, value, sem="release", scope="sys")
 
     @triton.jit
-    def _lower_flag(flag):
-        while tl.atomic_cas(flag, 1, 0, sem="acquire", scope="sys") != 1:
-            pass
+    def _load_acquire(flag, ASM: tl.constexpr):
+        if ASM:
+            v = tl.inline_asm_elementwise("ld.acquire.sys.global.b32 $0, [$1];", "=r,l",
+                                          [flag], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            v = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+        return v
 
     @triton.jit
-    def _program_barrier(PADS, pid, rank, WORLD: tl.constexpr):
-        # PADS: int64 [WORLD], the address of each rank's signal pad (int32 flags).
-        tl.debug_barrier()  # every thread's stores precede the release
-        for r in tl.static_range(WORLD):
-            pad = tl.load(PADS + r).to(tl.pointer_type(tl.int32))
-            _raise_flag(pad + pid * WORLD + rank)
-        mine = tl.load(PADS + rank).to(tl.pointer_type(tl.int32))
-        for r in tl.static_range(WORLD):
-            _lower_flag(mine + pid * WORLD + r)
-        tl.debug_barrier()  # every thread's loads follow the acquire
-
-    @triton.jit
-    def _one_shot_all_reduce_kernel(X, OUT, BUFS, PADS, n, rank, ITERS: tl.constexpr,
-                                    WORLD: tl.constexpr,
-                                    SYNC: tl.constexpr, ACC: tl.constexpr,
-                                    BLOCK: tl.constexpr):
-        # BUFS: int64 [WORLD], the address of each rank's symmetric buffer. Program pid takes
-        # blocks pid, pid + grid, ... (ITERS of them).
+    def _one_shot_all_reduce_kernel(X, OUT, BUFS, PADS, EPOCHS, n, cap, rank,
+                                    ITERS: tl.constexpr, WORLD: tl.constexpr,
+                                    SYNC: tl.constexpr, ASM: tl.constexpr,
+                                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+        # BUFS / PADS: int64 [WORLD], the address of each rank's symmetric buffer (2 halves x
+        # WORLD slots x cap elements) and signal pad (int32 flags [programs, WORLD]).
+        # EPOCHS: int32 [MAX_PROGRAMS], this rank's per-program call counters.
         pid = tl.program_id(0)
         grid = tl.num_programs(0)
         dt = X.dtype.element_ty
-        mine = tl.load(BUFS + rank).to(tl.pointer_type(dt))
+        epoch = tl.load(EPOCHS + pid) + 1
+        half = epoch % 2
         for i in tl.static_range(ITERS):
             offs = (i * grid + pid) * BLOCK + tl.arange(0, BLOCK)
             m = offs < n
-            tl.store(mine + offs, tl.load(X + offs, mask=m), mask=m)
+            x = tl.load(X + offs, mask=m)
+            for r in tl.static_range(WORLD):
+                dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
+                tl.store(dst + (half * WORLD + rank) * cap + offs, x, mask=m)
         if SYNC:
-            _program_barrier(PADS, pid, rank, WORLD)
+            tl.debug_barrier()  # every thread's pushes precede the flags' release
+            for r in tl.static_range(WORLD):
+                pad = tl.load(PADS + r).to(tl.pointer_type(tl.int32))
+                _store_release(pad + pid * WORLD + rank, epoch, ASM)
+            mine = tl.load(PADS + rank).to(tl.pointer_type(tl.int32))
+            for r in tl.static_range(WORLD):
+                while _load_acquire(mine + pid * WORLD + r, ASM) - epoch < 0:
+                    pass
+            tl.debug_barrier()
+        own = tl.load(BUFS + rank).to(tl.pointer_type(dt))
         for i in tl.static_range(ITERS):
             offs = (i * grid + pid) * BLOCK + tl.arange(0, BLOCK)
             m = offs < n
             acc = tl.zeros([BLOCK], ACC)
             for r in tl.static_range(WORLD):
-                peer = tl.load(BUFS + r).to(tl.pointer_type(dt))
-                acc += tl.load(peer + offs, mask=m, other=0).to(ACC)
+                acc += tl.load(own + (half * WORLD + r) * cap + offs, mask=m, other=0).to(ACC)
             tl.store(OUT + offs, acc.to(dt), mask=m)
-        if SYNC:
-            _program_barrier(PADS, pid, rank, WORLD)
+        tl.store(EPOCHS + pid, epoch)
 
 
 def num_programs(n: int) -> int:
     return max(1, min(MAX_PROGRAMS, -(-n // BLOCK)))
 
 
+def buffer_bytes(max_bytes: int, world: int) -> int:
+    """Symmetric buffer size for messages of up to ``max_bytes``: 2 halves x world slots."""
+    return 2 * world * max_bytes
+
+
 def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
-                        pads: torch.Tensor, rank: int, world: int, sync: bool = True) -> None:
+                        pads: torch.Tensor, epochs: torch.Tensor, slot_bytes: int, rank: int,
+                        world: int, sync: bool = True) -> None:
     """``out`` <- the sum over ranks of ``x`` (contiguous, same numel; ``out`` may be ``x``).
 
     ``bufs`` / ``pads``: int64 [world] on the device, the addresses of every rank's symmetric
-    buffer (at least ``x.nbytes``) and signal pad (at least ``num_programs(n) * world`` int32
-    flags, all zero between calls). ``sync=False`` skips both barriers (tests only: the peers'
-    buffers must already hold their data)."""
+    buffer (``buffer_bytes(slot_bytes, world)``; ``x.nbytes <= slot_bytes``) and signal pad
+    (``MAX_PROGRAMS * world`` int32 flags, zero before the first call). ``epochs``: int32
+    [MAX_PROGRAMS] on the device, zero before the first call, then left to the kernel.
+    ``sync=False`` skips raising and waiting for flags (tests only: the peers' slots must
+    already hold their data)."""
     n = x.numel()
     if n == 0:
         return
+    assert x.nbytes <= slot_bytes and x.is_contiguous() and out.is_contiguous()
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     grid = num_programs(n)
     _one_shot_all_reduce_kernel[(grid,)](
-        x, out, bufs, pads, n, rank, ITERS=-(-n // (grid * BLOCK)), WORLD=world, SYNC=sync, ACC=acc, BLOCK=BLOCK,
-        num_warps=NUM_WARPS)
+        x, out, bufs, pads, epochs, n, slot_bytes // x.element_size(), rank,
+        ITERS=-(-n // (grid * BLOCK)), WORLD=world, SYNC=sync, ASM=x.is_cuda, ACC=acc,
+        BLOCK=BLOCK, num_warps=NUM_WARPS)
