@@ -340,8 +340,9 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
     save = save or (lambda _: None)
     vocab = weights.args.vocab_size
     eng = weights.engine(mode, 256, 1024, 512)
-    if parallel.all_reduce_path(DEVICE) == "oneshot":  # LLAMA_ENGINE_TP_ALLREDUCE; else NCCL
-        sfx += "_oneshot"
+    ar = parallel.all_reduce_path(DEVICE)  # LLAMA_ENGINE_TP_ALLREDUCE (no suffix: NCCL)
+    if ar not in ("none", "nccl"):
+        sfx += "_" + ar.replace("+", "_")
 
     def timed(llm, prompts, max_tokens) -> dict:
         sync()
@@ -849,7 +850,7 @@ def main(argv=None) -> int:
                             key = f"{a.model_config} {key}"
                         if a.profile:
                             tp = f"_tp{world}" if world > 1 else ""
-                            tp += f"_{ar}" if ar not in ("none", "nccl") else ""
+                            tp += "_" + ar.replace("+", "_") if ar not in ("none", "nccl") else ""
                             r = profile_decode(eng, B, I, O, os.path.join(
                                 a.assets, f"trace_{mode}_b{B}{tp}.json"))
                         else:

@@ -159,10 +159,38 @@ def tp_allreduce_mode() -> str:
     return mode
 
 
+class _SymmetricState:
+    """One symmetric buffer (2 halves x world slots x ONESHOT_MAX_BYTES) with its signal pad
+    and this rank's per-program epochs, for one of kernels/comm.py's kernels."""
+
+    def __init__(self, device: torch.device, group):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from .kernels import comm
+        world = get_world_size()
+        self.buf = symm_mem.empty(comm.buffer_bytes(ONESHOT_MAX_BYTES, world),
+                                  dtype=torch.uint8, device=device)
+        self.buf.zero_()
+        self.handle = h = symm_mem.rendezvous(self.buf, group)
+        off = int(getattr(h, "offset", 0))
+        if h.buffer_ptrs[h.rank] + off != self.buf.data_ptr():
+            raise RuntimeError("symmetric buffer address does not match its handle")
+        flags = comm.MAX_PROGRAMS * h.world_size * 4
+        if h.signal_pad_size < flags:
+            raise RuntimeError(f"signal pad of {h.signal_pad_size} bytes < {flags} needed")
+        self.bufs = torch.tensor([p + off for p in h.buffer_ptrs], dtype=torch.int64,
+                                 device=device)
+        self.pads = torch.tensor(list(h.signal_pad_ptrs), dtype=torch.int64, device=device)
+        # the flags start at zero on every rank, as the epochs do
+        h.get_signal_pad(h.rank, (comm.MAX_PROGRAMS * h.world_size,), torch.int32).zero_()
+        self.epochs = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32, device=device)
+        self.args = (self.bufs, self.pads, self.epochs, ONESHOT_MAX_BYTES, h.rank, h.world_size)
+
+
 class OneShotAllReduce:
-    """The symmetric buffer, signal pads and epoch counters of
-    ``kernels.comm.one_shot_all_reduce`` for this process's GPU and the default group. Set up
-    collectively (every rank, at the same point)."""
+    """kernels/comm.py's one-shot all-reduce, and its fusion with the add_rms_norm that follows
+    a row-parallel linear (``fuse``: LLAMA_ENGINE_TP_FUSE_NORM, default 1), for this process's
+    GPU and the default group. Set up collectively (every rank, at the same point)."""
 
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -177,38 +205,48 @@ class OneShotAllReduce:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 symm_mem.enable_symm_mem_for_group(group.group_name)
-        world = get_world_size()
-        self.buf = symm_mem.empty(comm.buffer_bytes(ONESHOT_MAX_BYTES, world),
-                                  dtype=torch.uint8, device=device)
-        self.buf.zero_()
-        self.handle = symm_mem.rendezvous(self.buf, group)
-        h = self.handle
-        off = int(getattr(h, "offset", 0))
-        if h.buffer_ptrs[h.rank] + off != self.buf.data_ptr():
-            raise RuntimeError("symmetric buffer address does not match its handle")
-        flags = comm.MAX_PROGRAMS * h.world_size * 4
-        if h.signal_pad_size < flags:
-            raise RuntimeError(f"signal pad of {h.signal_pad_size} bytes < {flags} needed")
-        self.bufs = torch.tensor([p + off for p in h.buffer_ptrs], dtype=torch.int64,
-                                 device=device)
-        self.pads = torch.tensor(list(h.signal_pad_ptrs), dtype=torch.int64, device=device)
-        # the flags start at zero on every rank, as the epochs do
-        h.get_signal_pad(h.rank, (comm.MAX_PROGRAMS * h.world_size,), torch.int32).zero_()
-        self.epochs = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32, device=device)
-        torch.cuda.synchronize(device)
-        _dist().barrier()  # nobody pushes before every rank has cleared its flags
-        self.rank, self.world = h.rank, h.world_size
         self.device = torch.device(device)
-        self._kernel = comm.one_shot_all_reduce
+        self.fuse = os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1") != "0"
+        self.plain = _SymmetricState(self.device, group)
+        self.fused = _SymmetricState(self.device, group) if self.fuse else None
+        torch.cuda.synchronize(self.device)
+        _dist().barrier()  # nobody pushes before every rank has cleared its flags
+        self._kernel, self._fused_kernel = comm.one_shot_all_reduce, comm.one_shot_add_rms_norm
 
     def takes(self, x: torch.Tensor) -> bool:
         return (x.device == self.device and x.dtype in self.DTYPES and x.is_contiguous()
                 and x.numel() * x.element_size() <= ONESHOT_MAX_BYTES)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self._kernel(x, x, self.bufs, self.pads, self.epochs, ONESHOT_MAX_BYTES, self.rank,
-                     self.world)
+        self._kernel(x, x, *self.plain.args)
         return x
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return self._fused_kernel(x, residual, weight, eps, *self.fused.args)
+
+
+class PendingAllReduce:
+    """A row-parallel linear's local output whose all-reduce is left to its consumer:
+    ``ops.add_rms_norm`` runs it fused with the norm (``fused_add_rms_norm``), row selection
+    (``x[idx]``: the final norm's rows) happens before it; ``result()`` is the plain sum."""
+
+    def __init__(self, local: torch.Tensor, fast: OneShotAllReduce):
+        self.local, self.fast = local, fast
+        self.shape, self.dtype, self.device = local.shape, local.dtype, local.device
+
+    def __getitem__(self, idx) -> "PendingAllReduce":
+        return PendingAllReduce(self.local[idx].contiguous(), self.fast)
+
+    def result(self) -> torch.Tensor:
+        return all_reduce(self.local)
+
+    def fused_add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        x = self.local
+        if x.dim() == 2 and residual.shape == x.shape and residual.dtype == x.dtype \
+                and residual.is_contiguous() and weight.is_contiguous():
+            return self.fast.add_rms_norm(x, residual, weight, eps)
+        from .kernels import ops
+        return ops.add_rms_norm(self.result(), residual, weight, eps)
 
 
 _ONESHOT: dict = {}  # device -> OneShotAllReduce (or None: NCCL for that device)
@@ -251,13 +289,15 @@ def setup_all_reduce(device) -> None:
 
 
 def all_reduce_path(device) -> str:
-    """What sums this rank's small CUDA tensors: "none" (one rank), "oneshot" or "nccl"."""
+    """What sums this rank's small CUDA tensors: "none" (one rank), "nccl", "oneshot", or
+    "oneshot+norm" (one-shot, fused with the add_rms_norm after row-parallel linears)."""
     if get_world_size() == 1:
         return "none"
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return "oneshot" if _ONESHOT.get(device) is not None else "nccl"
+    fast = _ONESHOT.get(device)
+    return "nccl" if fast is None else "oneshot+norm" if fast.fuse else "oneshot"
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -298,11 +338,17 @@ class RowParallelLinear(nn.Module):
         self.out_features = getattr(inner, "out_features", None)
         self.in_features = getattr(inner, "in_features", None)
 
-    def forward(self, x, partials: bool = False, act: str = "none") -> torch.Tensor:
-        # partials is accepted as by the plain linears but never honoured: the all-reduce
-        # needs the summed tensor. act goes to the local linear: gate_up is column-parallel,
-        # so the rank's [gate; up] shard feeds exactly its rows of down_proj's input.
-        return all_reduce(self.inner(x, act=act))
+    def forward(self, x, partials: bool = False, act: str = "none"):
+        # act goes to the local linear: gate_up is column-parallel, so the rank's [gate; up]
+        # shard feeds exactly its rows of down_proj's input. partials=True (the caller hands
+        # the result to add_rms_norm) may return a PendingAllReduce, summed by the norm's
+        # fused kernel; the local linear's own split-K partials are never returned.
+        y = self.inner(x, act=act)
+        if partials and y.is_cuda:
+            fast = _ONESHOT.get(y.device)
+            if fast is not None and fast.fuse and y.dim() == 2 and fast.takes(y):
+                return PendingAllReduce(y, fast)
+        return all_reduce(y)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -75,6 +75,53 @@ def _check() -> list:
                     fails.append(f"2 ranks n={n} {dt}: {name} buffer slot 1 is not the push")
             if peer[1, 0].abs().sum() != 0 or mine[0].abs().sum() != 0 or peer[0].abs().sum():
                 fails.append(f"2 ranks n={n} {dt}: wrote outside its slot of half 1")
+    fails += _check_fused(g)
+    return fails
+
+
+def _check_fused(g) -> list:
+    """one_shot_add_rms_norm == add_rms_norm (the Triton kernel) of the summed input, bit for
+    bit: one rank with its flags; two ranks without the waits, the peer's rows pre-filled."""
+    from llama_engine.kernels import attn, comm
+    fails = []
+    slot = 8 * 40 * 300
+    for dt in (torch.float16, torch.float32):
+        buf = torch.zeros(comm.buffer_bytes(slot, 1), dtype=torch.uint8)
+        pad = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+        epochs = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+        bufs = torch.tensor([buf.data_ptr()], dtype=torch.int64)
+        pads = torch.tensor([pad.data_ptr()], dtype=torch.int64)
+        calls = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+        for M, D in ((1, 300), (5, 64), (comm.MAX_PROGRAMS + 7, 40)):  # ITERS 1, 1, 2
+            x = torch.randn(M, D, generator=g).to(dt)
+            res = torch.randn(M, D, generator=g).to(dt)
+            w = (torch.rand(D, generator=g) + 0.5).to(dt)
+            want = attn.add_rms_norm(x, res, w, 1e-5, impl="triton")
+            for _ in range(2):
+                got = comm.one_shot_add_rms_norm(x, res, w, 1e-5, bufs, pads, epochs, slot,
+                                                 0, 1)
+                calls[: min(M, comm.MAX_PROGRAMS)] += 1
+                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                    fails.append(f"fused 1 rank M={M} D={D} {dt}: differs from add_rms_norm")
+            # two ranks, this one rank 0, no waits: rows of rank 1 in half 1, slot 1
+            elems = slot // x.element_size()
+            mine = torch.zeros(2, 2, elems, dtype=dt)
+            peer = torch.zeros(2, 2, elems, dtype=dt)
+            other = torch.randn(M, D, generator=g).to(dt)
+            mine[1, 1, : M * D] = other.reshape(-1)
+            bufs2 = torch.tensor([mine.data_ptr(), peer.data_ptr()], dtype=torch.int64)
+            ep = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+            got = comm.one_shot_add_rms_norm(x, res, w, 1e-5, bufs2, pads, ep, slot, 0, 2,
+                                             sync=False)
+            total = (x.float() + other.float()).to(dt)
+            want = attn.add_rms_norm(total, res, w, 1e-5, impl="triton")
+            if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                fails.append(f"fused 2 ranks M={M} D={D} {dt}: differs from add_rms_norm")
+            if not torch.equal(peer[1, 0, : M * D], x.reshape(-1)):
+                fails.append(f"fused 2 ranks M={M} D={D} {dt}: rows not pushed to the peer")
+        if not (torch.equal(epochs, calls) and torch.equal(pad, calls)):
+            fails.append(f"fused {dt}: epochs {epochs.tolist()} / flags {pad.tolist()} are "
+                         f"not the per-program call counts {calls.tolist()}")
     return fails
 
 
@@ -110,3 +157,30 @@ def test_single_process_all_reduce_is_identity_and_path_none():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--check"]:
     print(json.dumps(_check()))
+
+
+def test_pending_all_reduce_goes_to_the_norm_and_selects_rows_first():
+    """The plumbing of the fused path (its CUDA kernel is checked above and on GPUs): a
+    PendingAllReduce given to ops.add_rms_norm runs the fast object's fused op; row selection
+    happens on the local rows; shapes the fused op does not take fall back to the plain sum."""
+    from llama_engine import parallel
+    from llama_engine.kernels import attn, ops
+
+    class Fake:
+        calls = []
+
+        def add_rms_norm(self, x, residual, weight, eps):
+            self.calls.append(tuple(x.shape))
+            return attn.add_rms_norm_ref(x, residual, weight, eps)
+
+    fake = Fake()
+    x, res, w = torch.randn(5, 8), torch.randn(5, 8), torch.rand(8) + 0.5
+    got = ops.add_rms_norm(parallel.PendingAllReduce(x, fake), res, w, 1e-5)
+    want = attn.add_rms_norm_ref(x, res, w, 1e-5)
+    assert fake.calls == [(5, 8)] and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    idx = torch.tensor([4, 1])
+    sel = parallel.PendingAllReduce(x, fake)[idx]
+    assert sel.shape == (2, 8) and torch.equal(sel.local, x[idx])
+    # a residual of another layout: the plain all-reduce (identity on one process), then the norm
+    got = ops.add_rms_norm(parallel.PendingAllReduce(x, fake), res.t().contiguous().t(), w, 1e-5)
+    assert fake.calls == [(5, 8)] and torch.allclose(got[0], want[0])

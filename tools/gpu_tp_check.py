@@ -82,25 +82,54 @@ def probe_all_reduce() -> dict:
         dist.all_reduce(ref)
         ok = ok and bool(torch.equal(buf, ref))
     out["equal"]["float16 n5120 graph replay"] = ok
+    # the fused all-reduce + add_rms_norm (a row-parallel linear's output into the next norm)
+    from llama_engine.kernels import ops
+    fast = parallel._ONESHOT.get(dev)
+    fused = fast is not None and fast.fuse
+    out["fused"] = fused
+    for M, D in ((1, 5120), (16, 5120), (40, 4096), (3, 4100)):
+        x = torch.randn(M, D, generator=g).half().to(dev)
+        res = torch.randn(M, D, generator=g).half().to(dev)   # same on both ranks: seeded
+        w = (torch.rand(D, generator=g) + 0.5).half().to(dev)  # by rank, hence broadcast
+        dist.broadcast(res, 0)
+        dist.broadcast(w, 0)
+        ref = x.clone()
+        dist.all_reduce(ref)
+        want = ops.add_rms_norm(ref, res, w, 1e-5)
+        got = ops.add_rms_norm(parallel.PendingAllReduce(x.clone(), fast) if fused else
+                               parallel.all_reduce(x.clone()), res, w, 1e-5)
+        out["equal"][f"add_rms_norm(all_reduce) M{M} D{D}"] = bool(
+            torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+
+    def timed(fn, *args) -> float:
+        fn(*args)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            for _ in range(80):
+                fn(*args)
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return round(start.elapsed_time(end) * 1e3 / 1600, 2)
+
     # timing: 80 calls per graph
     for n in (5120, 81920):
-        for name, fn in (("nccl", dist.all_reduce), ("configured", parallel.all_reduce)):
-            t = torch.zeros(n, dtype=torch.float16, device=dev)
-            fn(t)
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                for _ in range(80):
-                    fn(t)
-            graph.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            out["us_per_call"][f"{name} n{n}"] = round(start.elapsed_time(end) * 1e3 / 1600, 2)
+        t = torch.zeros(n, dtype=torch.float16, device=dev)
+        out["us_per_call"][f"nccl n{n}"] = timed(dist.all_reduce, t)
+        out["us_per_call"][f"configured n{n}"] = timed(parallel.all_reduce, t)
+    x = torch.randn(1, 5120, generator=g).half().to(dev)
+    res, w = torch.zeros_like(x), torch.ones(5120, dtype=torch.float16, device=dev)
+    out["us_per_call"]["nccl + add_rms_norm 1x5120"] = timed(
+        lambda: ops.add_rms_norm(dist.all_reduce(x) or x, res, w, 1e-5))
+    out["us_per_call"]["configured + add_rms_norm 1x5120"] = timed(
+        lambda: ops.add_rms_norm(parallel.PendingAllReduce(x, fast) if fused
+                                 else parallel.all_reduce(x), res, w, 1e-5))
     return out
 
 
@@ -188,7 +217,9 @@ def run_ranks(a, ar: str, names: list, ref: dict, dirs: list, res_dir: Path) -> 
                 check(f"[{ar}] all-reduce probe ran on rank {r}", False, err[-2000:])
                 continue
             probe = torch.load(p)
-            check(f"[{ar}] rank {r} all-reduce path is {ar}", probe["path"] == ar, probe["path"])
+            want = "oneshot+norm" if ar == "oneshot" else ar
+            check(f"[{ar}] rank {r} all-reduce path is {want}", probe["path"] == want,
+                  probe["path"])
             for k, v in probe["equal"].items():
                 check(f"[{ar}] rank {r} all-reduce == NCCL's, {k}", v)
             print(f"[{ar}] rank {r} microseconds per all-reduce in a graph: "
@@ -207,7 +238,7 @@ def run_ranks(a, ar: str, names: list, ref: dict, dirs: list, res_dir: Path) -> 
             check(f"[{ar}] {n} results readable", False, f"{type(e).__name__}: {e}")
             continue
         used = {r.get("allreduce") for r in ranks}
-        want = ar if a.device == "cuda" else "nccl"
+        want = ("oneshot+norm" if ar == "oneshot" else ar) if a.device == "cuda" else "nccl"
         check(f"[{ar}] {n} all-reduce path on every rank is {want}", used == {want}, str(used))
         one = ref[n]
         for mode in ("eager", "graphs"):

@@ -3,8 +3,8 @@
 # Usage on the GPU machine: bash tools/gpu_tp_suite.sh OUT_DIR [parts...]
 # parts: check tp13b serving_tp serving   (default: all); extra: profile_tp (where a TP token
 #        goes: the all-reduces against the rest, LLaMA-13B batch 1, rank 0 traced)
-# tp13b times one GPU, then TP=2 with NCCL's all-reduce and with the one-shot kernel
-# (LLAMA_ENGINE_TP_ALLREDUCE); profile_tp and serving_tp use TP_AR (default oneshot).
+# tp13b times one GPU, then TP=2 with NCCL's all-reduce, the one-shot kernel, and the one-shot
+# kernel fused with the next RMSNorm (LLAMA_ENGINE_TP_ALLREDUCE, LLAMA_ENGINE_TP_FUSE_NORM); profile_tp and serving_tp use TP_AR (default oneshot).
 set -u
 OUTD=${1:?out dir}; shift
 PARTS=${*:-"check tp13b serving_tp serving"}
@@ -22,6 +22,7 @@ for p in $PARTS; do
     check)      timeout 330 python3 tools/gpu_tp_check.py --tp 2 --timeout 120 ;;
     profile_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 150 $TR --model_config llama-13b --profile --modes fp16 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
     tp13b)      timeout 100 $B $G; LLAMA_ENGINE_TP_ALLREDUCE=nccl timeout 120 $TR $G;
+                LLAMA_ENGINE_TP_ALLREDUCE=oneshot LLAMA_ENGINE_TP_FUSE_NORM=0 timeout 120 $TR $G;
                 LLAMA_ENGINE_TP_ALLREDUCE=oneshot timeout 120 $TR $G ;;
     serving_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
     serving)    timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;

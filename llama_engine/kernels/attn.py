@@ -281,16 +281,24 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         x = _load_summed(X + row * stride_x + cols, mask, stride_s, S, OUT.dtype.element_ty)
+        _add_rms_norm_row(x, R + row * stride_r, W, OUT + row * stride_o,
+                          RES_OUT + row * stride_ro, cols, mask, D, eps, HAS_RES)
+
+    @triton.jit
+    def _add_rms_norm_row(x, R, W, OUT, RES_OUT, cols, mask, D, eps, HAS_RES: tl.constexpr):
+        """One row: [res_out = x + r;] out = rms_norm(res_out or x) * w. x: the row in the
+        model dtype; R / OUT / RES_OUT point at the row's start. The one copy of this math:
+        also the tail of the TP one-shot all-reduce (kernels/comm.py)."""
         if HAS_RES:
-            r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            r = tl.load(R + cols, mask=mask, other=0.0)
             # round the sum to the model dtype before normalizing, as HF does
             x = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
-            tl.store(RES_OUT + row * stride_ro + cols, x, mask=mask)
+            tl.store(RES_OUT + cols, x, mask=mask)
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         y = (xf * rstd).to(OUT.dtype.element_ty).to(tl.float32) * w
-        tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _quant_int8(x, scale):
@@ -563,7 +571,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
 def add_rms_norm(x, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``new_residual = x + residual; normed = rms_norm(new_residual)``. ``x`` is a tensor
-    or a linear's ``SplitKPartials``, whose slices the kernel sums (no reduction launch)."""
+    or a linear's ``SplitKPartials``, whose slices the kernel sums (no reduction launch), or a
+    tensor-parallel ``PendingAllReduce``, whose all-reduce runs fused with this op."""
+    fused = getattr(x, "fused_add_rms_norm", None)
+    if fused is not None:
+        return fused(residual, weight, eps)
     if x.shape != residual.shape:
         raise ConfigError(f"add_rms_norm: x {tuple(x.shape)} and residual "
                           f"{tuple(residual.shape)} differ")

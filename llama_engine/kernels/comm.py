@@ -51,6 +51,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .attn import _add_rms_norm_row
+
     @triton.jit
     def _store_release(flag, value, ASM: tl.constexpr):
         if ASM:
@@ -68,6 +70,19 @@ if HAS_TRITON:
         else:
             v = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
         return v
+
+    @triton.jit
+    def _signal_and_wait(PADS, pid, rank, epoch, WORLD: tl.constexpr, ASM: tl.constexpr):
+        # Raise this program's flag on every rank, then wait for every rank's on this one.
+        tl.debug_barrier()  # every thread's pushes precede the flags' release
+        for r in tl.static_range(WORLD):
+            pad = tl.load(PADS + r).to(tl.pointer_type(tl.int32))
+            _store_release(pad + pid * WORLD + rank, epoch, ASM)
+        mine = tl.load(PADS + rank).to(tl.pointer_type(tl.int32))
+        for r in tl.static_range(WORLD):
+            while _load_acquire(mine + pid * WORLD + r, ASM) - epoch < 0:
+                pass
+        tl.debug_barrier()
 
     @triton.jit
     def _one_shot_all_reduce_kernel(X, OUT, BUFS, PADS, EPOCHS, n, cap, rank,
@@ -90,15 +105,7 @@ if HAS_TRITON:
                 dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
                 tl.store(dst + (half * WORLD + rank) * cap + offs, x, mask=m)
         if SYNC:
-            tl.debug_barrier()  # every thread's pushes precede the flags' release
-            for r in tl.static_range(WORLD):
-                pad = tl.load(PADS + r).to(tl.pointer_type(tl.int32))
-                _store_release(pad + pid * WORLD + rank, epoch, ASM)
-            mine = tl.load(PADS + rank).to(tl.pointer_type(tl.int32))
-            for r in tl.static_range(WORLD):
-                while _load_acquire(mine + pid * WORLD + r, ASM) - epoch < 0:
-                    pass
-            tl.debug_barrier()
+            _signal_and_wait(PADS, pid, rank, epoch, WORLD, ASM)
         own = tl.load(BUFS + rank).to(tl.pointer_type(dt))
         for i in tl.static_range(ITERS):
             offs = (i * grid + pid) * BLOCK + tl.arange(0, BLOCK)
@@ -107,6 +114,43 @@ if HAS_TRITON:
             for r in tl.static_range(WORLD):
                 acc += tl.load(own + (half * WORLD + r) * cap + offs, mask=m, other=0).to(ACC)
             tl.store(OUT + offs, acc.to(dt), mask=m)
+        tl.store(EPOCHS + pid, epoch)
+
+    @triton.jit
+    def _one_shot_add_rms_norm_kernel(X, R, W, OUT, RES_OUT, BUFS, PADS, EPOCHS, M, D, cap,
+                                      eps, rank, ITERS: tl.constexpr, WORLD: tl.constexpr,
+                                      SYNC: tl.constexpr, ASM: tl.constexpr,
+                                      BLOCK_D: tl.constexpr):
+        # The all-reduce of X [M, D] fused with the add_rms_norm that follows it: program pid
+        # takes rows pid, pid + grid, ... (ITERS of them; whole rows, for the norm). After the
+        # sum (rounded to the model dtype, as the plain kernel stores it) the row goes through
+        # attn._add_rms_norm_row, the same arithmetic as add_rms_norm's kernel.
+        pid = tl.program_id(0)
+        grid = tl.num_programs(0)
+        dt = X.dtype.element_ty
+        cols = tl.arange(0, BLOCK_D)
+        cm = cols < D
+        epoch = tl.load(EPOCHS + pid) + 1
+        half = epoch % 2
+        for i in tl.static_range(ITERS):
+            row = i * grid + pid
+            m = cm & (row < M)
+            x = tl.load(X + row * D + cols, mask=m)
+            for r in tl.static_range(WORLD):
+                dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
+                tl.store(dst + (half * WORLD + rank) * cap + row * D + cols, x, mask=m)
+        if SYNC:
+            _signal_and_wait(PADS, pid, rank, epoch, WORLD, ASM)
+        own = tl.load(BUFS + rank).to(tl.pointer_type(dt))
+        for i in tl.static_range(ITERS):
+            row = i * grid + pid
+            if row < M:
+                acc = tl.zeros([BLOCK_D], tl.float32)
+                for r in tl.static_range(WORLD):
+                    acc += tl.load(own + (half * WORLD + r) * cap + row * D + cols, mask=cm,
+                                   other=0).to(tl.float32)
+                _add_rms_norm_row(acc.to(dt), R + row * D, W, OUT + row * D,
+                                  RES_OUT + row * D, cols, cm, D, eps, True)
         tl.store(EPOCHS + pid, epoch)
 
 
@@ -140,3 +184,26 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
         x, out, bufs, pads, epochs, n, slot_bytes // x.element_size(), rank,
         ITERS=-(-n // (grid * BLOCK)), WORLD=world, SYNC=sync, ASM=x.is_cuda, ACC=acc,
         BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def one_shot_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float, bufs: torch.Tensor, pads: torch.Tensor,
+                          epochs: torch.Tensor, slot_bytes: int, rank: int, world: int,
+                          sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_rms_norm(all_reduce(x), residual, weight, eps)`` in one launch: -> (normed,
+    new residual), both [M, D] in x's dtype. x, residual: contiguous [M, D]; the buffers as
+    for ``one_shot_all_reduce``, but their own (rows map to programs differently: the two
+    kernels must not share a buffer, signal pad or epochs)."""
+    M, D = x.shape
+    assert x.nbytes <= slot_bytes and x.is_contiguous() and residual.is_contiguous()
+    out = torch.empty_like(x)
+    res = torch.empty_like(x)
+    if M == 0:
+        return out, res
+    grid = min(M, MAX_PROGRAMS)
+    bd = 1 << (D - 1).bit_length()
+    _one_shot_add_rms_norm_kernel[(grid,)](
+        x, residual, weight, out, res, bufs, pads, epochs, M, D, slot_bytes // x.element_size(),
+        float(eps), rank, ITERS=-(-M // grid), WORLD=world, SYNC=sync, ASM=x.is_cuda,
+        BLOCK_D=bd, num_warps=4 if bd <= 2048 else 8)
+    return out, res
