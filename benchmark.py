@@ -745,8 +745,9 @@ def main(argv=None) -> int:
     p.add_argument("--engine_dir", default=None)
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--only", default=None, help="comma list of ablation rows to run")
-    p.add_argument("--row_suffix", default="", help="with --ablation: saved as <row><suffix> "
-                   "(e.g. _swiglu: a variant beside the default rows of the same call)")
+    p.add_argument("--row_suffix", default="", help="ablation and grid rows are saved as "
+                   "<row><suffix> (e.g. _swiglu: a variant beside the default rows of the "
+                   "same call)")
     p.add_argument("--modes", default="fp16", help="modes for the grid/profile")
     p.add_argument("--batch", default="1")
     p.add_argument("--max_input_len", type=int, default=2048)
@@ -846,6 +847,7 @@ def main(argv=None) -> int:
                         ar = parallel.all_reduce_path(DEVICE)
                         if ar not in ("none", "nccl"):  # rows without a path name: NCCL
                             key += f" {ar}"
+                        key += a.row_suffix
                         if a.model_config != "llama-7b" and not a.engine_dir:
                             key = f"{a.model_config} {key}"
                         if a.profile:

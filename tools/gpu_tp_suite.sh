@@ -2,7 +2,9 @@
 # Tensor parallelism and inflight-batching measurements on a 2-GPU machine, in one call.
 # Usage on the GPU machine: bash tools/gpu_tp_suite.sh OUT_DIR [parts...]
 # parts: check tp13b serving_tp serving   (default: all); extra: profile_tp (where a TP token
-#        goes: the all-reduces against the rest, LLaMA-13B batch 1, rank 0 traced)
+#        goes: the all-reduces against the rest, LLaMA-13B batch 1, rank 0 traced),
+#        tp13b_swiglu (tp13b's one GPU and one-shot rows with LLAMA_ENGINE_FUSED_SWIGLU=1),
+#        swiglu_check (tools/gpu_check.py with it)
 # tp13b times one GPU, then TP=2 with NCCL's all-reduce, the one-shot kernel, and the one-shot
 # kernel fused with the next RMSNorm (LLAMA_ENGINE_TP_ALLREDUCE, LLAMA_ENGINE_TP_FUSE_NORM); profile_tp and serving_tp use TP_AR (default oneshot).
 set -u
@@ -24,6 +26,11 @@ for p in $PARTS; do
     tp13b)      timeout 100 $B $G; LLAMA_ENGINE_TP_ALLREDUCE=nccl timeout 120 $TR $G;
                 LLAMA_ENGINE_TP_ALLREDUCE=oneshot LLAMA_ENGINE_TP_FUSE_NORM=0 timeout 120 $TR $G;
                 LLAMA_ENGINE_TP_ALLREDUCE=oneshot timeout 120 $TR $G ;;
+    tp13b_swiglu) export LLAMA_ENGINE_FUSED_SWIGLU=1  # down_proj computes silu(gate)*up itself
+                timeout 100 $B $G --row_suffix " swiglu";
+                LLAMA_ENGINE_TP_ALLREDUCE=oneshot timeout 120 $TR $G --row_suffix " swiglu";
+                unset LLAMA_ENGINE_FUSED_SWIGLU ;;
+    swiglu_check) LLAMA_ENGINE_FUSED_SWIGLU=1 timeout 240 python3 tools/gpu_check.py ;;
     serving_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
     serving)    timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "

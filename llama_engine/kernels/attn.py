@@ -291,13 +291,22 @@ if HAS_TRITON:
         also the tail of the TP one-shot all-reduce (kernels/comm.py)."""
         if HAS_RES:
             r = tl.load(R + cols, mask=mask, other=0.0)
+        else:
+            r = x
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        _add_rms_norm_vals(x, r, w, OUT, RES_OUT, cols, mask, D, eps, HAS_RES)
+
+    @triton.jit
+    def _add_rms_norm_vals(x, r, w, OUT, RES_OUT, cols, mask, D, eps, HAS_RES: tl.constexpr):
+        """_add_rms_norm_row on a residual row r and weights w already loaded (the TP kernel
+        loads them before it waits for its peers)."""
+        if HAS_RES:
             # round the sum to the model dtype before normalizing, as HF does
             x = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
             tl.store(RES_OUT + cols, x, mask=mask)
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (xf * rstd).to(OUT.dtype.element_ty).to(tl.float32) * w
+        y = (xf * rstd).to(OUT.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
         tl.store(OUT + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit

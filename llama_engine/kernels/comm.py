@@ -51,7 +51,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .attn import _add_rms_norm_row
+    from .attn import _add_rms_norm_vals
 
     @triton.jit
     def _store_release(flag, value, ASM: tl.constexpr):
@@ -88,13 +88,14 @@ if HAS_TRITON:
     def _one_shot_all_reduce_kernel(X, OUT, BUFS, PADS, EPOCHS, n, cap, rank,
                                     ITERS: tl.constexpr, WORLD: tl.constexpr,
                                     SYNC: tl.constexpr, ASM: tl.constexpr,
-                                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+                                    F64: tl.constexpr, BLOCK: tl.constexpr):
         # BUFS / PADS: int64 [WORLD], the address of each rank's symmetric buffer (2 halves x
         # WORLD slots x cap elements) and signal pad (int32 flags [programs, WORLD]).
         # EPOCHS: int32 [MAX_PROGRAMS], this rank's per-program call counters.
         pid = tl.program_id(0)
         grid = tl.num_programs(0)
         dt = X.dtype.element_ty
+        ACC: tl.constexpr = tl.float64 if F64 else tl.float32
         epoch = tl.load(EPOCHS + pid) + 1
         half = epoch % 2
         for i in tl.static_range(ITERS):
@@ -124,7 +125,7 @@ if HAS_TRITON:
         # The all-reduce of X [M, D] fused with the add_rms_norm that follows it: program pid
         # takes rows pid, pid + grid, ... (ITERS of them; whole rows, for the norm). After the
         # sum (rounded to the model dtype, as the plain kernel stores it) the row goes through
-        # attn._add_rms_norm_row, the same arithmetic as add_rms_norm's kernel.
+        # attn._add_rms_norm_vals, the same arithmetic as add_rms_norm's kernel.
         pid = tl.program_id(0)
         grid = tl.num_programs(0)
         dt = X.dtype.element_ty
@@ -139,6 +140,10 @@ if HAS_TRITON:
             for r in tl.static_range(WORLD):
                 dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
                 tl.store(dst + (half * WORLD + rank) * cap + row * D + cols, x, mask=m)
+        # the weights, and with one row per program its residual, load while the peers push
+        w = tl.load(W + cols, mask=cm, other=0.0)
+        if ITERS == 1:
+            res0 = tl.load(R + pid * D + cols, mask=cm & (pid < M), other=0.0)
         if SYNC:
             _signal_and_wait(PADS, pid, rank, epoch, WORLD, ASM)
         own = tl.load(BUFS + rank).to(tl.pointer_type(dt))
@@ -149,8 +154,12 @@ if HAS_TRITON:
                 for r in tl.static_range(WORLD):
                     acc += tl.load(own + (half * WORLD + r) * cap + row * D + cols, mask=cm,
                                    other=0).to(tl.float32)
-                _add_rms_norm_row(acc.to(dt), R + row * D, W, OUT + row * D,
-                                  RES_OUT + row * D, cols, cm, D, eps, True)
+                if ITERS == 1:
+                    res = res0
+                else:
+                    res = tl.load(R + row * D + cols, mask=cm, other=0.0)
+                _add_rms_norm_vals(acc.to(dt), res, w, OUT + row * D, RES_OUT + row * D,
+                                   cols, cm, D, eps, True)
         tl.store(EPOCHS + pid, epoch)
 
 
@@ -178,11 +187,11 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
     if n == 0:
         return
     assert x.nbytes <= slot_bytes and x.is_contiguous() and out.is_contiguous()
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     grid = num_programs(n)
     _one_shot_all_reduce_kernel[(grid,)](
         x, out, bufs, pads, epochs, n, slot_bytes // x.element_size(), rank,
-        ITERS=-(-n // (grid * BLOCK)), WORLD=world, SYNC=sync, ASM=x.is_cuda, ACC=acc,
+        ITERS=-(-n // (grid * BLOCK)), WORLD=world, SYNC=sync, ASM=x.is_cuda,
+        F64=x.dtype == torch.float64,
         BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
