@@ -104,8 +104,9 @@ class MLP(nn.Module):
     pair (gate_proj, up_proj). ``width`` is gate's output width. With the stacked GEMM,
     down_proj takes its output directly (``act="swiglu"``): with LLAMA_ENGINE_FUSED_SWIGLU=1
     the skinny GEMV computes silu(gate) * up as it loads its input tiles (no activation
-    launch; off by default until measured on a GPU); otherwise ``silu_mul`` runs first. The output (down_proj's) is a tensor or SplitKPartials, for the next
-    ``add_rms_norm``."""
+    launch; off by default: slower on H200s, kernels/linear.py); otherwise ``silu_mul`` runs
+    first. The output (down_proj's) is a tensor, SplitKPartials, or under tensor parallelism
+    a PendingAllReduce, for the next ``add_rms_norm``."""
 
     def __init__(self, gate_up_proj, width: int, down_proj: nn.Module):
         super().__init__()

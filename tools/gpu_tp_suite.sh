@@ -4,7 +4,8 @@
 # parts: check tp13b serving_tp serving   (default: all); extra: profile_tp (where a TP token
 #        goes: the all-reduces against the rest, LLaMA-13B batch 1, rank 0 traced),
 #        tp13b_swiglu (tp13b's one GPU and one-shot rows with LLAMA_ENGINE_FUSED_SWIGLU=1),
-#        swiglu_check (tools/gpu_check.py with it)
+#        swiglu_check (tools/gpu_check.py with it), serving_cmp (LLaMA-7B 1000 x 128/128 inflight
+#        batching on one GPU, TP=2 NCCL, TP=2 one-shot)
 # tp13b times one GPU, then TP=2 with NCCL's all-reduce, the one-shot kernel, and the one-shot
 # kernel fused with the next RMSNorm (LLAMA_ENGINE_TP_ALLREDUCE, LLAMA_ENGINE_TP_FUSE_NORM); profile_tp and serving_tp use TP_AR (default oneshot).
 set -u
@@ -32,6 +33,9 @@ for p in $PARTS; do
                 unset LLAMA_ENGINE_FUSED_SWIGLU ;;
     swiglu_check) LLAMA_ENGINE_FUSED_SWIGLU=1 timeout 240 python3 tools/gpu_check.py ;;
     serving_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
+    serving_cmp) timeout 100 $B --serving --serving_parts uniform --num_requests 1000;
+                LLAMA_ENGINE_TP_ALLREDUCE=nccl timeout 100 $TR --serving --serving_parts uniform --num_requests 1000;
+                LLAMA_ENGINE_TP_ALLREDUCE=oneshot timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
     serving)    timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
   echo "=== $p exit ${PIPESTATUS[0]}"   # the part's own status (124: its time limit)

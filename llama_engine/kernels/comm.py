@@ -72,17 +72,27 @@ if HAS_TRITON:
         return v
 
     @triton.jit
-    def _signal_and_wait(PADS, pid, rank, epoch, WORLD: tl.constexpr, ASM: tl.constexpr):
-        # Raise this program's flag on every rank, then wait for every rank's on this one.
+    def _signal(PADS, pid, rank, epoch, WORLD: tl.constexpr, ASM: tl.constexpr):
+        # Raise this program's flag on every rank. The release waits for every earlier
+        # memory access of the thread: issue no load to hide behind the wait before it.
         tl.debug_barrier()  # every thread's pushes precede the flags' release
         for r in tl.static_range(WORLD):
             pad = tl.load(PADS + r).to(tl.pointer_type(tl.int32))
             _store_release(pad + pid * WORLD + rank, epoch, ASM)
+
+    @triton.jit
+    def _wait(PADS, pid, rank, epoch, WORLD: tl.constexpr, ASM: tl.constexpr):
+        # Wait until every rank's flag for this program on this rank has reached the epoch.
         mine = tl.load(PADS + rank).to(tl.pointer_type(tl.int32))
         for r in tl.static_range(WORLD):
             while _load_acquire(mine + pid * WORLD + r, ASM) - epoch < 0:
                 pass
         tl.debug_barrier()
+
+    @triton.jit
+    def _signal_and_wait(PADS, pid, rank, epoch, WORLD: tl.constexpr, ASM: tl.constexpr):
+        _signal(PADS, pid, rank, epoch, WORLD, ASM)
+        _wait(PADS, pid, rank, epoch, WORLD, ASM)
 
     @triton.jit
     def _one_shot_all_reduce_kernel(X, OUT, BUFS, PADS, EPOCHS, n, cap, rank,
@@ -140,12 +150,15 @@ if HAS_TRITON:
             for r in tl.static_range(WORLD):
                 dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
                 tl.store(dst + (half * WORLD + rank) * cap + row * D + cols, x, mask=m)
-        # the weights, and with one row per program its residual, load while the peers push
+        if SYNC:
+            _signal(PADS, pid, rank, epoch, WORLD, ASM)
+        # the weights, and with one row per program its residual, load while the peers' flags
+        # travel (after the release: it would wait for them)
         w = tl.load(W + cols, mask=cm, other=0.0)
         if ITERS == 1:
             res0 = tl.load(R + pid * D + cols, mask=cm & (pid < M), other=0.0)
         if SYNC:
-            _signal_and_wait(PADS, pid, rank, epoch, WORLD, ASM)
+            _wait(PADS, pid, rank, epoch, WORLD, ASM)
         own = tl.load(BUFS + rank).to(tl.pointer_type(dt))
         for i in tl.static_range(ITERS):
             row = i * grid + pid

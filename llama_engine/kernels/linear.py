@@ -29,8 +29,7 @@ Why the kernels look the way they do:
   down_proj then needs no ``silu_mul`` launch (one per layer at decode). The math is one
   ``@triton.jit`` helper shared with ``silu_mul``'s kernel (fp32, rounded once to the model
   dtype), so the result is the same bits; W8A8, the tiled GEMM, cuBLAS and torch paths run
-  ``silu_mul`` first (``apply_act``). Off by default (``LLAMA_ENGINE_FUSED_SWIGLU=1``): it was
-  tested only under the interpreter so far.
+  ``silu_mul`` first (``apply_act``). Off: measured slower on H200s (see ``_FUSED_SWIGLU``).
 * Dequantization is ALU-bound before it is memory-bound: int -> float conversion (I2F) runs
   at a quarter of the FMA rate, which held int4 to ~1.4 TB/s. On CUDA the int8 / int4 -> fp16
   (and int4 -> bf16) conversion instead builds the half-precision bit pattern with
@@ -1255,9 +1254,12 @@ def apply_act(x, act: str = "none", *, impl: str = "auto"):
     return silu_mul(x, impl=impl)
 
 
-# The SwiGLU prologue is off by default until it has run on a GPU (it was written and tested
-# under the interpreter after the session's last GPU call): LLAMA_ENGINE_FUSED_SWIGLU=1 turns
-# it on; a forced SkinnyCfg (tests, self-checks) always uses it.
+# The SwiGLU prologue is off: on 2 H200s (2026-11-26, tools/gpu_tp_suite.sh tp13b_swiglu) it
+# made LLaMA-13B fp16 batch-1 decode slower, 112.4 vs 139.8 tok/s on one GPU and 180.0 vs 213.3
+# at TP=2 (the x tile's silu is recomputed by every program that loads it), and a W4A16 g128
+# engine with it failed to launch (the dot kernel asked 294,912 bytes of shared memory, over
+# the 232,448 limit). LLAMA_ENGINE_FUSED_SWIGLU=1 still turns it on for float and int8 weights
+# (its logits matched there: tools/gpu_check.py); a forced SkinnyCfg (tests) always uses it.
 _FUSED_SWIGLU = os.environ.get("LLAMA_ENGINE_FUSED_SWIGLU", "0") == "1"
 
 
@@ -1269,7 +1271,8 @@ def _act_input(x, act: str, K: int, N: int, kind: int, use_triton: bool, cfg, im
     input. Every other path (W8A8, the tiled GEMM, cuBLAS, torch) gets x = apply_act(x, act)
     and xact = 0."""
     xact = _act_code(act, x, K, what)
-    if xact and use_triton and kind != _A8 and (_FUSED_SWIGLU or cfg is not None):
+    if xact and use_triton and kind != _A8 and (cfg is not None or (
+            _FUSED_SWIGLU and kind in (_FP, _I8))):
         cfg = _resolve_cfg(kind, math.prod(x.shape[:-1]), N, K, cfg)
         if isinstance(cfg, SkinnyCfg):
             return x, xact, cfg
