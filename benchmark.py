@@ -567,7 +567,10 @@ def sections_markdown(res: dict) -> str:
     for section, title in (("grid", "Batch sweep (input 128, output 128)"),
                            ("kv_long", "INT8 KV cache at long context"),
                            ("prefill", "Prefill, batch 1, 2048 tokens"),
-                           ("tp", "Tensor parallelism (rows ending tpN ran on N GPUs)")):
+                           ("tp", "Tensor parallelism (rows ending tpN ran on N GPUs)"),
+                           ("tp_h200", "Tensor parallelism on 2x NVIDIA H200 (one-GPU rows on "
+                            "one of the same GPUs; oneshot: the one-shot all-reduce, +norm: "
+                            "fused with the next RMSNorm; no suffix: NCCL)")):
         rows = res.get(section) or {}
         if rows:
             out += ["", f"### {title}", "",
