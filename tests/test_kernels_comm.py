@@ -22,6 +22,17 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def _one_rank_state(slot: int):
+    """A lone rank's buffer (its storage must stay referenced), flags, epochs, and the
+    address tables the kernels take."""
+    from llama_engine.kernels import comm
+    buf = torch.zeros(comm.buffer_bytes(slot, 1), dtype=torch.uint8)
+    pad = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+    epochs = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+    return (buf, pad, epochs, torch.tensor([buf.data_ptr()], dtype=torch.int64),
+            torch.tensor([pad.data_ptr()], dtype=torch.int64))
+
+
 def _check() -> list:
     from llama_engine.kernels import comm
     fails = []
@@ -32,11 +43,7 @@ def _check() -> list:
     for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         elems = slot // torch.tensor([], dtype=dt).element_size()
         # one rank: three calls of each size in a row on the same state
-        buf = torch.zeros(comm.buffer_bytes(slot, 1), dtype=torch.uint8)
-        pad = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
-        epochs = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
-        bufs = torch.tensor([buf.data_ptr()], dtype=torch.int64)
-        pads = torch.tensor([pad.data_ptr()], dtype=torch.int64)
+        buf, pad, epochs, bufs, pads = _one_rank_state(slot)
         calls = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
         for n in sizes:
             for _ in range(3):
@@ -86,11 +93,7 @@ def _check_fused(g) -> list:
     fails = []
     slot = 8 * 40 * 300
     for dt in (torch.float16, torch.float32):
-        buf = torch.zeros(comm.buffer_bytes(slot, 1), dtype=torch.uint8)
-        pad = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
-        epochs = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
-        bufs = torch.tensor([buf.data_ptr()], dtype=torch.int64)
-        pads = torch.tensor([pad.data_ptr()], dtype=torch.int64)
+        buf, pad, epochs, bufs, pads = _one_rank_state(slot)
         calls = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
         for M, D in ((1, 300), (5, 64), (comm.MAX_PROGRAMS + 7, 40)):  # ITERS 1, 1, 2
             x = torch.randn(M, D, generator=g).to(dt)
