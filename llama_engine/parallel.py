@@ -217,9 +217,12 @@ class OneShotAllReduce:
         _dist().barrier()  # nobody pushes before every rank has cleared its flags
         self._kernel, self._fused_kernel = comm.one_shot_all_reduce, comm.one_shot_add_rms_norm
 
-    def takes(self, x: torch.Tensor) -> bool:
-        return (x.device == self.device and x.dtype in self.DTYPES and x.is_contiguous()
-                and x.numel() * x.element_size() <= ONESHOT_MAX_BYTES)
+    def takes(self, x) -> bool:
+        """x (a tensor, or split-K partials for the fused op) fits the one-shot path."""
+        from .kernels.linear import SplitKPartials
+        contiguous = isinstance(x, SplitKPartials) or x.is_contiguous()
+        return (x.device == self.device and x.dtype in self.DTYPES and contiguous
+                and x.shape.numel() * x.dtype.itemsize <= ONESHOT_MAX_BYTES)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self._kernel(x, x, *self.plain.args)
@@ -230,25 +233,31 @@ class OneShotAllReduce:
 
 
 class PendingAllReduce:
-    """A row-parallel linear's local output whose all-reduce is left to its consumer:
-    ``ops.add_rms_norm`` runs it fused with the norm (``fused_add_rms_norm``), row selection
+    """A row-parallel linear's local output (a tensor, or its split-K partials) whose
+    all-reduce is left to its consumer: ``ops.add_rms_norm`` runs it fused with the norm
+    (``fused_add_rms_norm``; the partials are summed as they load), row selection
     (``x[idx]``: the final norm's rows) happens before it; ``result()`` is the plain sum."""
 
-    def __init__(self, local: torch.Tensor, fast: OneShotAllReduce):
+    def __init__(self, local, fast: OneShotAllReduce):
         self.local, self.fast = local, fast
         self.shape, self.dtype, self.device = local.shape, local.dtype, local.device
 
     def __getitem__(self, idx) -> "PendingAllReduce":
+        from .kernels.linear import SplitKPartials
+        if isinstance(self.local, SplitKPartials):
+            return PendingAllReduce(self.local.index_rows(idx), self.fast)
         return PendingAllReduce(self.local[idx].contiguous(), self.fast)
 
     def result(self) -> torch.Tensor:
-        return all_reduce(self.local)
+        from .kernels.linear import summed
+        return all_reduce(summed(self.local).contiguous())
 
     def fused_add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        from .kernels.linear import partial_slices
         x = self.local
-        if x.dim() == 2 and residual.shape == x.shape and residual.dtype == x.dtype \
+        if len(x.shape) == 2 and residual.shape == x.shape and residual.dtype == x.dtype \
                 and residual.is_contiguous() and weight.is_contiguous():
-            return self.fast.add_rms_norm(x, residual, weight, eps)
+            return self.fast.add_rms_norm(partial_slices(x), residual, weight, eps)
         from .kernels import ops
         return ops.add_rms_norm(self.result(), residual, weight, eps)
 
@@ -362,13 +371,17 @@ class RowParallelLinear(nn.Module):
         # act goes to the local linear: gate_up is column-parallel, so the rank's [gate; up]
         # shard feeds exactly its rows of down_proj's input. partials=True (the caller hands
         # the result to add_rms_norm) may return a PendingAllReduce, summed by the norm's
-        # fused kernel; the local linear's own split-K partials are never returned.
-        y = self.inner(x, act=act)
-        if partials and y.is_cuda:
-            fast = _ONESHOT.get(y.device)
-            if fast is not None and fast.fuse and y.dim() == 2 and fast.takes(y):
+        # fused kernel; split-K partials themselves are never returned.
+        fast = _ONESHOT.get(x.device) if partials and x.is_cuda else None
+        if fast is not None and fast.fuse:
+            # the fused kernel also sums the local linear's split-K partials (no reduction
+            # launch): ask for them
+            y = self.inner(x, partials=True, act=act)
+            if len(y.shape) == 2 and fast.takes(y):
                 return PendingAllReduce(y, fast)
-        return all_reduce(y)
+            from .kernels.linear import summed
+            return all_reduce(summed(y).contiguous())
+        return all_reduce(self.inner(x, act=act))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -122,6 +122,19 @@ def _check_fused(g) -> list:
                 fails.append(f"fused 2 ranks M={M} D={D} {dt}: differs from add_rms_norm")
             if not torch.equal(peer[1, 0, : M * D], x.reshape(-1)):
                 fails.append(f"fused 2 ranks M={M} D={D} {dt}: rows not pushed to the peer")
+        # split-K partials (fp32, 3 slices): summed and rounded as the linear's reduction
+        # would, then as above
+        from llama_engine.kernels.linear import SplitKPartials
+        for M, D in ((1, 300), (comm.MAX_PROGRAMS + 7, 40)):
+            parts = SplitKPartials(torch.randn(3, M, D, generator=g), (M,), dt)
+            res = torch.randn(M, D, generator=g).to(dt)
+            w = (torch.rand(D, generator=g) + 0.5).to(dt)
+            want = attn.add_rms_norm(parts, res, w, 1e-5, impl="triton")
+            got = comm.one_shot_add_rms_norm(parts.parts, res, w, 1e-5, bufs, pads, epochs,
+                                             slot, 0, 1)
+            calls[: min(M, comm.MAX_PROGRAMS)] += 1
+            if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                fails.append(f"fused 1 rank partials M={M} D={D} {dt}: differs")
         if not (torch.equal(epochs, calls) and torch.equal(pad, calls)):
             fails.append(f"fused {dt}: epochs {epochs.tolist()} / flags {pad.tolist()} are "
                          f"not the per-program call counts {calls.tolist()}")
@@ -172,18 +185,30 @@ def test_pending_all_reduce_goes_to_the_norm_and_selects_rows_first():
     class Fake:
         calls = []
 
-        def add_rms_norm(self, x, residual, weight, eps):
-            self.calls.append(tuple(x.shape))
-            return attn.add_rms_norm_ref(x, residual, weight, eps)
+        def add_rms_norm(self, xs, residual, weight, eps):  # xs: [S, M, D] slices
+            self.calls.append(tuple(xs.shape))
+            return attn.add_rms_norm_ref(xs.float().sum(0).to(residual.dtype), residual,
+                                         weight, eps)
 
     fake = Fake()
     x, res, w = torch.randn(5, 8), torch.randn(5, 8), torch.rand(8) + 0.5
     got = ops.add_rms_norm(parallel.PendingAllReduce(x, fake), res, w, 1e-5)
     want = attn.add_rms_norm_ref(x, res, w, 1e-5)
-    assert fake.calls == [(5, 8)] and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert fake.calls == [(1, 5, 8)] and torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])
     idx = torch.tensor([4, 1])
     sel = parallel.PendingAllReduce(x, fake)[idx]
     assert sel.shape == (2, 8) and torch.equal(sel.local, x[idx])
     # a residual of another layout: the plain all-reduce (identity on one process), then the norm
     got = ops.add_rms_norm(parallel.PendingAllReduce(x, fake), res.t().contiguous().t(), w, 1e-5)
-    assert fake.calls == [(5, 8)] and torch.allclose(got[0], want[0])
+    assert fake.calls == [(1, 5, 8)] and torch.allclose(got[0], want[0])
+    # split-K partials: handed over unsummed, rows selected on the partials
+    from llama_engine.kernels.linear import SplitKPartials
+    parts = SplitKPartials(torch.randn(3, 5, 8), (5,), torch.float32)
+    got = ops.add_rms_norm(parallel.PendingAllReduce(parts, fake), res, w, 1e-5)
+    assert fake.calls[-1] == (3, 5, 8)
+    want = attn.add_rms_norm_ref(parts.sum(), res, w, 1e-5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    sel = parallel.PendingAllReduce(parts, fake)[idx]
+    assert isinstance(sel.local, SplitKPartials) and torch.equal(sel.local.sum(), parts.sum()[idx])
+    assert torch.equal(sel.result(), parts.sum()[idx])

@@ -100,6 +100,16 @@ def probe_all_reduce() -> dict:
                                parallel.all_reduce(x.clone()), res, w, 1e-5)
         out["equal"][f"add_rms_norm(all_reduce) M{M} D{D}"] = bool(
             torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+        # a row-parallel linear's split-K partials (fp32, 2 slices), summed by the fused op
+        from llama_engine.kernels.linear import SplitKPartials
+        parts = SplitKPartials(torch.randn(2, M, D, generator=g).to(dev), (M,), torch.float16)
+        ref = parts.sum()
+        dist.all_reduce(ref)
+        want = ops.add_rms_norm(ref, res, w, 1e-5)
+        got = ops.add_rms_norm(parallel.PendingAllReduce(parts, fast) if fused else
+                               parallel.all_reduce(parts.sum()), res, w, 1e-5)
+        out["equal"][f"add_rms_norm(all_reduce(split-K partials)) M{M} D{D}"] = bool(
+            torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
 
     def timed(fn, *args) -> float:
         fn(*args)

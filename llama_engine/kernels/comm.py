@@ -56,9 +56,12 @@ if HAS_TRITON:
     @triton.jit
     def _store_release(flag, value, ASM: tl.constexpr):
         if ASM:
-            tl.inline_asm_elementwise("st.release.sys.global.b32 [$1], $2; mov.u32 $0, 0;",
-                                      "=r,l,r", [flag, value], dtype=tl.int32, is_pure=False,
-                                      pack=1)
+            # thread 0 alone (after the block barrier): one system-scope fence, not one per
+            # thread
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+                "@p st.release.sys.global.b32 [$1], $2; mov.u32 $0, 0; }",
+                "=r,l,r", [flag, value], dtype=tl.int32, is_pure=False, pack=1)
         else:
             tl.atomic_xchg(flag, value, sem="release", scope="sys")
 
@@ -129,16 +132,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _one_shot_add_rms_norm_kernel(X, R, W, OUT, RES_OUT, BUFS, PADS, EPOCHS, M, D, cap,
-                                      eps, rank, ITERS: tl.constexpr, WORLD: tl.constexpr,
+                                      stride_s, eps, rank, S: tl.constexpr,
+                                      ITERS: tl.constexpr, WORLD: tl.constexpr,
                                       SYNC: tl.constexpr, ASM: tl.constexpr,
                                       BLOCK_D: tl.constexpr):
-        # The all-reduce of X [M, D] fused with the add_rms_norm that follows it: program pid
-        # takes rows pid, pid + grid, ... (ITERS of them; whole rows, for the norm). After the
-        # sum (rounded to the model dtype, as the plain kernel stores it) the row goes through
-        # attn._add_rms_norm_vals, the same arithmetic as add_rms_norm's kernel.
+        # The all-reduce of X fused with the add_rms_norm that follows it. X: [S, M, D], the
+        # row-parallel linear's S split-K partials (fp32; S = 1: its output), summed in order
+        # and rounded to the model dtype as the linear's own reduction would, then pushed.
+        # Program pid takes rows pid, pid + grid, ... (ITERS of them; whole rows, for the
+        # norm). After the all-reduce sum (rounded to the model dtype, as the plain kernel
+        # stores it) the row goes through attn._add_rms_norm_vals, add_rms_norm's arithmetic.
         pid = tl.program_id(0)
         grid = tl.num_programs(0)
-        dt = X.dtype.element_ty
+        dt = R.dtype.element_ty
         cols = tl.arange(0, BLOCK_D)
         cm = cols < D
         epoch = tl.load(EPOCHS + pid) + 1
@@ -146,7 +152,10 @@ if HAS_TRITON:
         for i in tl.static_range(ITERS):
             row = i * grid + pid
             m = cm & (row < M)
-            x = tl.load(X + row * D + cols, mask=m)
+            x = tl.load(X + row * D + cols, mask=m, other=0.0)
+            for s in tl.static_range(1, S):
+                x += tl.load(X + s * stride_s + row * D + cols, mask=m, other=0.0)
+            x = x.to(dt)
             for r in tl.static_range(WORLD):
                 dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
                 tl.store(dst + (half * WORLD + rank) * cap + row * D + cols, x, mask=m)
@@ -208,24 +217,29 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
         BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-def one_shot_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def one_shot_add_rms_norm(x, residual: torch.Tensor, weight: torch.Tensor,
                           eps: float, bufs: torch.Tensor, pads: torch.Tensor,
                           epochs: torch.Tensor, slot_bytes: int, rank: int, world: int,
                           sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``add_rms_norm(all_reduce(x), residual, weight, eps)`` in one launch: -> (normed,
-    new residual), both [M, D] in x's dtype. x, residual: contiguous [M, D]; the buffers as
-    for ``one_shot_all_reduce``, but their own (rows map to programs differently: the two
-    kernels must not share a buffer, signal pad or epochs)."""
-    M, D = x.shape
-    assert x.nbytes <= slot_bytes and x.is_contiguous() and residual.is_contiguous()
-    out = torch.empty_like(x)
-    res = torch.empty_like(x)
+    new residual), both [M, D] in residual's dtype. x: [M, D] in that dtype, or split-K
+    partials [S, M, D] (fp32, summed and rounded first, as the linear's reduction would);
+    residual contiguous [M, D]; the buffers as for ``one_shot_all_reduce``, but their own (rows
+    map to programs differently: the two kernels must not share a buffer, signal pad or
+    epochs)."""
+    xs = x if x.dim() == 3 else x.unsqueeze(0)
+    S, M, D = xs.shape
+    assert residual.shape == (M, D) and residual.is_contiguous() and xs.stride(2) == 1
+    assert xs.stride(1) == D and M * D * residual.element_size() <= slot_bytes
+    out = torch.empty_like(residual)
+    res = torch.empty_like(residual)
     if M == 0:
         return out, res
     grid = min(M, MAX_PROGRAMS)
     bd = 1 << (D - 1).bit_length()
     _one_shot_add_rms_norm_kernel[(grid,)](
-        x, residual, weight, out, res, bufs, pads, epochs, M, D, slot_bytes // x.element_size(),
-        float(eps), rank, ITERS=-(-M // grid), WORLD=world, SYNC=sync, ASM=x.is_cuda,
-        BLOCK_D=bd, num_warps=4 if bd <= 2048 else 8)
+        xs, residual, weight, out, res, bufs, pads, epochs, M, D,
+        slot_bytes // residual.element_size(), xs.stride(0), float(eps), rank, S=S,
+        ITERS=-(-M // grid), WORLD=world, SYNC=sync, ASM=xs.is_cuda, BLOCK_D=bd,
+        num_warps=4 if bd <= 2048 else 8)
     return out, res
