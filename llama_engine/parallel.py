@@ -176,12 +176,15 @@ class _SymmetricState:
                                   dtype=torch.uint8, device=device)
         self.buf.zero_()
         self.handle = h = symm_mem.rendezvous(self.buf, group)
+        # Local checks do not raise here: every rank must still make the collective calls
+        # that follow (OneShotAllReduce raises after them).
         off = int(getattr(h, "offset", 0))
-        if h.buffer_ptrs[h.rank] + off != self.buf.data_ptr():
-            raise RuntimeError("symmetric buffer address does not match its handle")
         flags = comm.MAX_PROGRAMS * h.world_size * 4
-        if h.signal_pad_size < flags:
-            raise RuntimeError(f"signal pad of {h.signal_pad_size} bytes < {flags} needed")
+        self.problem = (
+            "symmetric buffer address does not match its handle"
+            if h.buffer_ptrs[h.rank] + off != self.buf.data_ptr() else
+            f"signal pad of {h.signal_pad_size} bytes < {flags} needed"
+            if h.signal_pad_size < flags else "")
         self.bufs = torch.tensor([p + off for p in h.buffer_ptrs], dtype=torch.int64,
                                  device=device)
         self.pads = torch.tensor(list(h.signal_pad_ptrs), dtype=torch.int64, device=device)
@@ -215,6 +218,9 @@ class OneShotAllReduce:
         self.fused = _SymmetricState(self.device, group) if self.fuse else None
         torch.cuda.synchronize(self.device)
         _dist().barrier()  # nobody pushes before every rank has cleared its flags
+        problem = self.plain.problem or (self.fused.problem if self.fused else "")
+        if problem:
+            raise RuntimeError(problem)
         self._kernel, self._fused_kernel = comm.one_shot_all_reduce, comm.one_shot_add_rms_norm
 
     def takes(self, x) -> bool:
@@ -295,20 +301,24 @@ def setup_all_reduce(device) -> None:
     _ONESHOT[device] = None
     if mode == "nccl":
         return
+    # Every rank must take the same path (one rank on NCCL and another in the one-shot kernel
+    # would wait for each other forever) and make the same collective calls: vote before the
+    # set-up (its rendezvous is collective) and after it.
+    def all_ranks(ok: bool) -> bool:
+        t = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+        _dist().all_reduce(t, op=_dist().ReduceOp.MIN)
+        return bool(t.item())
+
     fast, err = None, _oneshot_unsupported(device)
-    if not err:
+    if all_ranks(not err):
         try:
             fast = OneShotAllReduce(device)
         except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
             err = f"{type(e).__name__}: {e}"
-    # Every rank must take the same path: one rank on NCCL and another in the one-shot kernel
-    # would wait for each other forever.
-    ok = torch.tensor([0 if fast is None else 1], dtype=torch.int32, device=device)
-    _dist().all_reduce(ok, op=_dist().ReduceOp.MIN)
-    if int(ok.item()) == 1:
-        _ONESHOT[device] = fast
-        return
-    why = err or "another rank could not set it up"
+        if all_ranks(fast is not None):
+            _ONESHOT[device] = fast
+            return
+    why = err or "another rank cannot run it"
     if mode == "oneshot":
         raise ConfigError(f"LLAMA_ENGINE_TP_ALLREDUCE=oneshot cannot run here ({why}); use "
                           "LLAMA_ENGINE_TP_ALLREDUCE=nccl or auto")
