@@ -326,8 +326,9 @@ def run_serving(weights: "Weights", num_requests: int, mixed_requests: int,
     parts: ``uniform`` (``num_requests`` x 128 in / 128 out, all at once), ``mixed`` (inputs
     32-1024, outputs 16-512: inflight vs our static batching, same batch limit), ``cnn``
     (cnn_dailymail-shaped: inputs 800-1000, outputs 100), ``hf`` (HF padded batch 32 on the
-    uniform shape and on the first 32 mixed requests). Under torchrun the keys end in tpN (and
-    _oneshot for the one-shot all-reduce), for a ``mode`` other than fp16 in _mode. ``save(out)`` is called after each part."""
+    uniform shape and on the first 32 mixed requests). Under torchrun the keys end in tpN (then
+    _oneshot or _oneshot_norm for the one-shot all-reduce paths), for a ``mode`` other than
+    fp16 in _mode. ``save(out)`` is called after each part."""
     import random
 
     from llama_engine import parallel

@@ -148,18 +148,36 @@ def quiet_non_main_ranks() -> None:
 #                row-parallel linear it is fused with the add_rms_norm that follows
 #                (LLAMA_ENGINE_TP_FUSE_NORM=0: not fused);
 #   "nccl"    -- NCCL's all_reduce (also every larger tensor, and all of gloo).
-# On 2 H200s (2026-11-26) the one-shot kernel took 4.1 us per 10 KB all-reduce in a CUDA graph
-# against NCCL's 19 us, and LLaMA-13B TP=2 batch-1 decode went from 198 to 213-215 tok/s.
+# On 2 H200s (2026-11-26) the one-shot kernel took 3.9-4.2 us per 10 KB all-reduce in a CUDA
+# graph against NCCL's 18-21 us, and LLaMA-13B TP=2 batch-1 decode went from 202.1 (NCCL) to
+# 222.6 tok/s (one GPU: 143.4; docs/perf-notes.md, run 6).
 TP_ALLREDUCE_MODES = ("auto", "oneshot", "nccl")
 DEFAULT_TP_ALLREDUCE = "auto"
 ONESHOT_MAX_BYTES = 1 << 20  # decode batches up to ~100 tokens of a 5120-wide model in fp16
 
 
+def tp_fuse_norm() -> bool:
+    """LLAMA_ENGINE_TP_FUSE_NORM: 1 (default) fuses the one-shot all-reduce after a row-parallel
+    linear with the add_rms_norm that follows; 0 runs them apart."""
+    v = os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1")
+    if v not in ("0", "1"):
+        raise ConfigError(f"LLAMA_ENGINE_TP_FUSE_NORM must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def _cuda_device(device) -> torch.device:
+    """'cuda' -> 'cuda:<current>' (the key _ONESHOT is kept under); other devices as given."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def tp_allreduce_mode() -> str:
     mode = os.environ.get("LLAMA_ENGINE_TP_ALLREDUCE", DEFAULT_TP_ALLREDUCE)
     if mode not in TP_ALLREDUCE_MODES:
-        raise ConfigError(f"LLAMA_ENGINE_TP_ALLREDUCE must be one of {', '.join(TP_ALLREDUCE_MODES)}"
-                          f", got {mode!r}")
+        raise ConfigError("LLAMA_ENGINE_TP_ALLREDUCE must be one of "
+                          f"{', '.join(TP_ALLREDUCE_MODES)}, got {mode!r}")
     return mode
 
 
@@ -196,12 +214,12 @@ class _SymmetricState:
 
 class OneShotAllReduce:
     """kernels/comm.py's one-shot all-reduce, and its fusion with the add_rms_norm that follows
-    a row-parallel linear (``fuse``: LLAMA_ENGINE_TP_FUSE_NORM, default 1), for this process's
+    a row-parallel linear (``fuse``: from LLAMA_ENGINE_TP_FUSE_NORM), for this process's
     GPU and the default group. Set up collectively (every rank, at the same point)."""
 
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, fuse: bool = True):
         import warnings
 
         import torch.distributed._symmetric_memory as symm_mem
@@ -213,7 +231,7 @@ class OneShotAllReduce:
                 warnings.simplefilter("ignore")
                 symm_mem.enable_symm_mem_for_group(group.group_name)
         self.device = torch.device(device)
-        self.fuse = os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1") != "0"
+        self.fuse = fuse
         self.plain = _SymmetricState(self.device, group)
         self.fused = _SymmetricState(self.device, group) if self.fuse else None
         torch.cuda.synchronize(self.device)
@@ -290,14 +308,12 @@ def setup_all_reduce(device) -> None:
     """Prepare this rank's all-reduce for CUDA tensors on ``device`` per LLAMA_ENGINE_TP_ALLREDUCE.
     Collective: every rank calls it at the same point (Engine.from_tensors does, before any
     forward, so that no setup happens inside CUDA-graph capture). Once per process and device."""
-    device = torch.device(device)
-    if get_world_size() == 1 or device.type != "cuda":
+    if get_world_size() == 1:
         return
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device in _ONESHOT:
+    mode, fuse = tp_allreduce_mode(), tp_fuse_norm()  # a misspelt value is an error anywhere
+    device = _cuda_device(device)
+    if device.type != "cuda" or device in _ONESHOT:
         return
-    mode = tp_allreduce_mode()
     _ONESHOT[device] = None
     if mode == "nccl":
         return
@@ -312,7 +328,7 @@ def setup_all_reduce(device) -> None:
     fast, err = None, _oneshot_unsupported(device)
     if all_ranks(not err):
         try:
-            fast = OneShotAllReduce(device)
+            fast = OneShotAllReduce(device, fuse)
         except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
             err = f"{type(e).__name__}: {e}"
         if all_ranks(fast is not None):
@@ -332,10 +348,7 @@ def all_reduce_path(device) -> str:
     "oneshot+norm" (one-shot, fused with the add_rms_norm after row-parallel linears)."""
     if get_world_size() == 1:
         return "none"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    fast = _ONESHOT.get(device)
+    fast = _ONESHOT.get(_cuda_device(device))
     return "nccl" if fast is None else "oneshot+norm" if fast.fuse else "oneshot"
 
 

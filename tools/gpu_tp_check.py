@@ -288,6 +288,12 @@ def main() -> int:
     p.add_argument("--allreduce", default="nccl,oneshot",
                    help="LLAMA_ENGINE_TP_ALLREDUCE values to check, one torchrun each")
     a = p.parse_args()
+    from llama_engine.parallel import TP_ALLREDUCE_MODES
+    bad = [m for m in a.allreduce.split(",") if m not in TP_ALLREDUCE_MODES]
+    if bad:
+        print(f"error: --allreduce {','.join(bad)}: each must be one of "
+              f"{', '.join(TP_ALLREDUCE_MODES)}", file=sys.stderr)
+        return 2
     os.environ["TP_CHECK_DEVICE"] = a.device
     if a.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() < a.tp):
         print(f"error: needs {a.tp} CUDA GPUs, found "

@@ -7,7 +7,8 @@
 #        swiglu_check (tools/gpu_check.py with it), serving_cmp (LLaMA-7B 1000 x 128/128 inflight
 #        batching on one GPU, TP=2 NCCL, TP=2 one-shot)
 # tp13b times one GPU, then TP=2 with NCCL's all-reduce, the one-shot kernel, and the one-shot
-# kernel fused with the next RMSNorm (LLAMA_ENGINE_TP_ALLREDUCE, LLAMA_ENGINE_TP_FUSE_NORM); profile_tp and serving_tp use TP_AR (default oneshot).
+# kernel fused with the next RMSNorm (LLAMA_ENGINE_TP_ALLREDUCE, LLAMA_ENGINE_TP_FUSE_NORM);
+# profile_tp and serving_tp use TP_AR (default oneshot).
 set -u
 OUTD=${1:?out dir}; shift
 PARTS=${*:-"check tp13b serving_tp serving"}

@@ -287,8 +287,8 @@ if HAS_TRITON:
     @triton.jit
     def _add_rms_norm_row(x, R, W, OUT, RES_OUT, cols, mask, D, eps, HAS_RES: tl.constexpr):
         """One row: [res_out = x + r;] out = rms_norm(res_out or x) * w. x: the row in the
-        model dtype; R / OUT / RES_OUT point at the row's start. The one copy of this math:
-        also the tail of the TP one-shot all-reduce (kernels/comm.py)."""
+        model dtype; R / OUT / RES_OUT point at the row's start. Loads r and w, then
+        _add_rms_norm_vals (the one copy of the math, also the TP one-shot kernel's tail)."""
         if HAS_RES:
             r = tl.load(R + cols, mask=mask, other=0.0)
         else:
