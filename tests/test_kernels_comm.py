@@ -83,6 +83,83 @@ def _check() -> list:
             if peer[1, 0].abs().sum() != 0 or mine[0].abs().sum() != 0 or peer[0].abs().sum():
                 fails.append(f"2 ranks n={n} {dt}: wrote outside its slot of half 1")
     fails += _check_fused(g)
+    fails += _check_push(g)
+    return fails
+
+
+def _check_push(g) -> list:
+    """The push all-reduce: a skinny GEMV given a PushTarget sends its output (split-K
+    partials or not) to the buffers and its last program counts the call on every rank;
+    pull_add_rms_norm then equals
+    add_rms_norm of the linear's own output, bit for bit (one rank, call after call, with the
+    counters; two ranks without the wait, the peer's slot filled by the test), and without a
+    residual returns the summed output."""
+    from llama_engine.kernels import attn, comm
+    from llama_engine.kernels import linear as L
+    fails = []
+    slot = 4 * 3 * 5 * 96                     # 3 fp32 slices of a 5 x 96 output fit
+    M, K, N = 5, 64, 96
+    for dt in (torch.float16, torch.float32):
+        for cfg in (L.SkinnyCfg("dot", 32, 32, 1), L.SkinnyCfg("fma", 16, 16, 2)):
+            tag = f"push {dt} {cfg.kernel} split {cfg.split_k}"
+            buf, pad, _, bufs, pads = _one_rank_state(slot)
+            state = torch.zeros(comm.PUSH_STATE_INTS, dtype=torch.int32)
+            target = L.PushTarget(bufs, pads, state, slot, 0, 1)
+            for call in range(1, 4):
+                x = torch.randn(M, K, generator=g).to(dt)
+                w = (torch.randn(N, K, generator=g) * 0.1).to(dt)
+                res = torch.randn(M, N, generator=g).to(dt)
+                nw = (torch.rand(N, generator=g) + 0.5).to(dt)
+                local = L.linear_fp(x, w, impl="triton", partials=True, _cfg=cfg)
+                want = attn.add_rms_norm(local, res, nw, 1e-5, impl="triton")
+                y = L.linear_fp(x, w, impl="triton", partials=target, _cfg=cfg)
+                if not isinstance(y, L.Pushed) or y.S != cfg.split_k:
+                    fails.append(f"{tag}: linear_fp did not push ({type(y).__name__})")
+                    break
+                if call == 2:                   # the plain sum instead of the norm
+                    got = comm.pull_add_rms_norm(y, None, None, 0.0)
+                    if not torch.equal(got, L.summed(local)):
+                        fails.append(f"{tag} call {call}: pulled sum != the linear's output")
+                else:
+                    got = comm.pull_add_rms_norm(y, res, nw, 1e-5)
+                    if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                        fails.append(f"{tag} call {call}: differs from add_rms_norm")
+                counts = [(call + h) // 2 for h in (0, 1)]  # one count per call, by half
+                if (state[0].item() != call or pad[:2].tolist() != counts
+                        or state[1:3].tolist() != counts or state[5].item() != 0):
+                    fails.append(f"{tag} call {call}: state {state.tolist()} counters "
+                                 f"{pad[:2].tolist()}, want epoch {call}, counts {counts}, "
+                                 "no program left counted")
+            # two ranks (this one rank 0), no wait: epoch 1 -> half 1; rank 1's slot filled
+            part = torch.float32 if cfg.split_k > 1 else dt
+            mine = torch.zeros(comm.buffer_bytes(slot, 2), dtype=torch.uint8)
+            peer = torch.zeros_like(mine)
+            view = lambda b: b.view(part).view(2, 2, -1)  # noqa: E731 - [half, slot, elems]
+            pads2 = torch.zeros(2, comm.MAX_PROGRAMS * 2, dtype=torch.int32)
+            t2 = L.PushTarget(torch.tensor([mine.data_ptr(), peer.data_ptr()]),
+                              torch.tensor([pads2[0].data_ptr(), pads2[1].data_ptr()]),
+                              torch.zeros(comm.PUSH_STATE_INTS, dtype=torch.int32), slot, 0, 2)
+            x = torch.randn(M, K, generator=g).to(dt)
+            w = (torch.randn(N, K, generator=g) * 0.1).to(dt)
+            res = torch.randn(M, N, generator=g).to(dt)
+            nw = (torch.rand(N, generator=g) + 0.5).to(dt)
+            local = L.linear_fp(x, w, impl="triton", partials=True, _cfg=cfg)
+            y = L.linear_fp(x, w, impl="triton", partials=t2, _cfg=cfg)
+            other = torch.randn(cfg.split_k, M, N, generator=g).to(part)   # the peer's push
+            view(mine)[1, 1, : other.numel()] = other.reshape(-1)
+            got = comm.pull_add_rms_norm(y, res, nw, 1e-5, sync=False)
+            mine_rows = L.summed(local).float()
+            other_rows = L.summed(L.SplitKPartials(other, (M,), dt)) if cfg.split_k > 1 \
+                else other[0]
+            total = (mine_rows + other_rows.float()).to(dt)
+            want = attn.add_rms_norm(total, res, nw, 1e-5, impl="triton")
+            if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                fails.append(f"{tag} 2 ranks: differs from add_rms_norm of the sum")
+            parts = local.parts if cfg.split_k > 1 else local.unsqueeze(0)
+            if not torch.equal(view(peer)[1, 0, : parts.numel()], parts.reshape(-1)):
+                fails.append(f"{tag} 2 ranks: the peer's buffer does not hold the push")
+            if pads2[:, 1].tolist() != [1, 1] or pads2[:, 0].abs().sum():
+                fails.append(f"{tag} 2 ranks: counters {pads2[:, :2].tolist()}")
     return fails
 
 

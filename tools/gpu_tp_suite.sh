@@ -5,7 +5,9 @@
 #        goes: the all-reduces against the rest, LLaMA-13B batch 1, rank 0 traced),
 #        tp13b_swiglu (tp13b's one GPU and one-shot rows with LLAMA_ENGINE_FUSED_SWIGLU=1),
 #        swiglu_check (tools/gpu_check.py with it), serving_cmp (LLaMA-7B 1000 x 128/128 inflight
-#        batching on one GPU, TP=2 NCCL, TP=2 one-shot)
+#        batching on one GPU, TP=2 NCCL, TP=2 one-shot), gpu_check (tools/gpu_check.py, one GPU),
+#        pdl (tools/gpu_pdl_sweep.py on LLaMA-13B fp16: one GPU, then TP=2; PDL_SETTINGS,
+#        PDL_BATCH)
 # tp13b times one GPU, then TP=2 with NCCL's all-reduce, the one-shot kernel, and the one-shot
 # kernel fused with the next RMSNorm (LLAMA_ENGINE_TP_ALLREDUCE, LLAMA_ENGINE_TP_FUSE_NORM);
 # profile_tp and serving_tp use TP_AR (default oneshot).
@@ -33,6 +35,10 @@ for p in $PARTS; do
                 LLAMA_ENGINE_TP_ALLREDUCE=oneshot timeout 120 $TR $G --row_suffix " swiglu";
                 unset LLAMA_ENGINE_FUSED_SWIGLU ;;
     swiglu_check) LLAMA_ENGINE_FUSED_SWIGLU=1 timeout 240 python3 tools/gpu_check.py ;;
+    gpu_check)  timeout 240 python3 tools/gpu_check.py ;;
+    pdl)        S=${PDL_SETTINGS:-off,on,off,on}
+                timeout 150 python3 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_1gpu.json;
+                LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 170 python3 -m torch.distributed.run --standalone --nproc_per_node 2 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_tp2.json ;;
     serving_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
     serving_cmp) timeout 100 $B --serving --serving_parts uniform --num_requests 1000;
                 LLAMA_ENGINE_TP_ALLREDUCE=nccl timeout 100 $TR --serving --serving_parts uniform --num_requests 1000;

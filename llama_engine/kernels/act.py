@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from llama_engine.config import ConfigError
 
+from . import pdl
 from .attn import HAS_TRITON, _use_triton
 from .linear import partial_slices, summed
 
@@ -28,12 +29,14 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .linear import _swiglu_load
+    from .pdl import wait_then_release
 
     @triton.jit
     def _silu_mul_kernel(X, OUT, W, stride_s, stride_x, stride_o, S: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
         # grid = (rows, cdiv(W, BLOCK)); X [S, rows, 2W] (S split-K partials, summed here);
         # row r: gate = X[:, r, :W], up = X[:, r, W:2W].
+        wait_then_release(PDL)
         r = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = c < W
@@ -61,5 +64,6 @@ def silu_mul(gate_up, *, impl: str = "auto") -> torch.Tensor:
         _silu_mul_kernel[(x.shape[1], triton.cdiv(w, block))](x, out, w, x.stride(0),
                                                                x.stride(1), out.stride(0),
                                                                S=x.shape[0], BLOCK=block,
-                                                               num_warps=4)
+                                                               num_warps=4,
+                                                               **pdl.launch_kw(x))
     return out.view(*gate_up.shape[:-1], w)

@@ -34,6 +34,7 @@ import torch
 
 from llama_engine.config import ConfigError
 
+from . import pdl
 from .linear import HAS_TRITON as _linear_has_triton
 from .linear import partial_slices, summed
 
@@ -270,13 +271,15 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # =============================================================================================
 if HAS_TRITON:
     from .linear import _load_summed
+    from .pdl import wait_then_release
 
     @triton.jit
     def _rms_norm_kernel(X, R, W, OUT, RES_OUT, stride_s, stride_x, stride_r, stride_o,
                          stride_ro, D, eps, S: tl.constexpr, HAS_RES: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         # One program per row; the whole row (D <= 16k) sits in registers. X: [S, M, D], the
         # S split-K partials of the previous linear (S = 1: its output), summed here.
+        wait_then_release(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -327,13 +330,15 @@ if HAS_TRITON:
                         ROPE: tl.constexpr, DO_Q: tl.constexpr, STORE_K: tl.constexpr,
                         WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
-                        BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                        BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        PDL: tl.constexpr):
         # One program per token: rotate all its q/k heads (rotate-half layout) and/or write its
         # k/v heads into the paged cache. Head vectors are handled as two halves [x1 | x2].
         # Rows of q/k/v are [heads, D] with D contiguous (strided token rows allowed); q/k
         # outputs are contiguous; caches are [blocks, HKV, BLOCK_SIZE, D] with a free block
         # stride; int8 scales KS/VS are fp32 [HKV, D]. Few runtime arguments keep the host-side
         # launch cost down.
+        wait_then_release(PDL)
         D: tl.constexpr = 2 * HALF
         n = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, BLOCK_HALF)
@@ -454,7 +459,8 @@ if HAS_TRITON:
                             D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
                             MAGIC: tl.constexpr, QUANT: tl.constexpr,
-                            NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+                            NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
+                            PDL: tl.constexpr):
         # grid = (B, Hkv, splits). Program (b, g, sp) attends the G query heads of KV head g of
         # sequence b over tokens [sp*partition, (sp+1)*partition) of its context, with an
         # online softmax in base 2 (qk_scale already holds log2(e)).
@@ -462,6 +468,7 @@ if HAS_TRITON:
         # [blocks, HKV, BLOCK_SIZE, D] (block stride skc_b/svc_b), workspace WS (fp32) =
         # partial outputs [B, H, splits, D], then row maxima m and sums l [B, H, splits].
         # int8 caches (QUANT): KS/VS are the fp32 [HKV, D] dequantization scales.
+        wait_then_release(PDL)
         H: tl.constexpr = HKV * G
         b = tl.program_id(0)
         g = tl.program_id(1)
@@ -533,8 +540,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_merge_kernel(OUT, WS, CL, partition, splits,
-                             H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
+                             H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
+                             PDL: tl.constexpr):
         # grid = (B, H): log-sum-exp merge of the per-partition results of one query head.
+        wait_then_release(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         ctx = tl.load(CL + b)
@@ -573,7 +582,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
         bd = _next_pow2(D)
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, 0, x2.stride(0), 0,
                                          out.stride(0), 0, D, float(eps), S=1, HAS_RES=False,
-                                         BLOCK_D=bd, num_warps=_norm_warps(bd))
+                                         BLOCK_D=bd, num_warps=_norm_warps(bd),
+                                         **pdl.launch_kw(x2))
     return out.view(x.shape)
 
 
@@ -602,7 +612,7 @@ def add_rms_norm(x, residual: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(r2.shape[0],)](xs, r2, weight, out, res, xs.stride(0), xs.stride(1),
                                          r2.stride(0), out.stride(0), res.stride(0), D,
                                          float(eps), S=xs.shape[0], HAS_RES=True, BLOCK_D=bd,
-                                         num_warps=_norm_warps(bd))
+                                         num_warps=_norm_warps(bd), **pdl.launch_kw(r2))
     return out.view(x.shape), res.view(x.shape)
 
 
@@ -689,7 +699,7 @@ def _launch_rope_kv(q, k, v, positions, cos, sin, q_out, k_out, k_cache, v_cache
         BLOCK_H=bh, BLOCK_HK=bhk, BLOCK_HALF=_next_pow2(half), BLOCK_SIZE=block_size,
         # warps by the larger of the q and k/v head counts: write_kv alone (H = 1) moves
         # Hkv x D values too, and int8 quantizes each (one warp took 23 us at LLaMA-7B, H100)
-        num_warps=4 if max(bh, bhk) * _next_pow2(half) >= 2048 else 1)
+        num_warps=4 if max(bh, bhk) * _next_pow2(half) >= 2048 else 1, **pdl.launch_kw(k))
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
@@ -891,11 +901,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         USE_DOT=use_dot, IEEE=q.dtype == torch.float32,
         MAGIC=use_dot and quant and q.dtype == torch.float16 and cfg["int8_magic"],
         QUANT=quant, NUM_STAGES=cfg["num_stages_int8" if quant else "num_stages"],
-        INTERPRET=_INTERPRET, num_warps=cfg["num_warps_int8" if quant else "num_warps"])
+        INTERPRET=_INTERPRET, num_warps=cfg["num_warps_int8" if quant else "num_warps"],
+        **pdl.launch_kw(q))
     if split:
         _decode_merge_kernel[(B, H)](
             out, ws, context_lens, part, splits,
-            H=H, D=D, S_PAD=_next_pow2(splits), num_warps=4 if splits * D >= 4096 else 2)
+            H=H, D=D, S_PAD=_next_pow2(splits), num_warps=4 if splits * D >= 4096 else 2,
+            **pdl.launch_kw(q))
     return out
 
 
