@@ -165,17 +165,6 @@ def tp_fuse_norm() -> bool:
     return v == "1"
 
 
-def tp_push() -> bool:
-    """LLAMA_ENGINE_TP_PUSH: 1 (default) lets a row-parallel linear's skinny GEMV push its
-    output to the peers from its epilogue (the fused norm then only waits and sums:
-    kernels/comm.py ``pull_add_rms_norm``); 0 runs the one-shot kernel after the GEMV.
-    Only where the fused norm is on."""
-    v = os.environ.get("LLAMA_ENGINE_TP_PUSH", "1")
-    if v not in ("0", "1"):
-        raise ConfigError(f"LLAMA_ENGINE_TP_PUSH must be 0 or 1, got {v!r}")
-    return v == "1"
-
-
 def _cuda_device(device) -> torch.device:
     """'cuda' -> 'cuda:<current>' (the key _ONESHOT is kept under); other devices as given."""
     device = torch.device(device)
@@ -230,7 +219,7 @@ class OneShotAllReduce:
 
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-    def __init__(self, device: torch.device, fuse: bool = True, push: bool = True):
+    def __init__(self, device: torch.device, fuse: bool = True):
         import warnings
 
         import torch.distributed._symmetric_memory as symm_mem
@@ -245,23 +234,12 @@ class OneShotAllReduce:
         self.fuse = fuse
         self.plain = _SymmetricState(self.device, group)
         self.fused = _SymmetricState(self.device, group) if self.fuse else None
-        self.push = _SymmetricState(self.device, group) if self.fuse and push else None
-        self.push_target = None
-        if self.push is not None:
-            from .kernels.linear import PushTarget
-            p = self.push
-            self.push_target = PushTarget(
-                p.bufs, p.pads, torch.zeros(comm.PUSH_STATE_INTS, dtype=torch.int32,
-                                            device=self.device),
-                ONESHOT_MAX_BYTES, p.handle.rank, p.handle.world_size)
         torch.cuda.synchronize(self.device)
         _dist().barrier()  # nobody pushes before every rank has cleared its flags
-        problem = (self.plain.problem or (self.fused.problem if self.fused else "")
-                   or (self.push.problem if self.push else ""))
+        problem = self.plain.problem or (self.fused.problem if self.fused else "")
         if problem:
             raise RuntimeError(problem)
         self._kernel, self._fused_kernel = comm.one_shot_all_reduce, comm.one_shot_add_rms_norm
-        self._pull = comm.pull_add_rms_norm
 
     def takes(self, x) -> bool:
         """x (a tensor, or split-K partials for the fused op) fits the one-shot path."""
@@ -275,9 +253,6 @@ class OneShotAllReduce:
         return x
 
     def add_rms_norm(self, x, residual, weight, eps):
-        from .kernels.linear import Pushed
-        if isinstance(x, Pushed):
-            return self._pull(x, residual, weight, eps)
         return self._fused_kernel(x, residual, weight, eps, *self.fused.args)
 
 
@@ -292,26 +267,21 @@ class PendingAllReduce:
         self.shape, self.dtype, self.device = local.shape, local.dtype, local.device
 
     def __getitem__(self, idx) -> "PendingAllReduce":
-        from .kernels.linear import Pushed, SplitKPartials
-        if isinstance(self.local, Pushed):   # already on its way: sum it, then select
-            return self.result()[idx]
+        from .kernels.linear import SplitKPartials
         if isinstance(self.local, SplitKPartials):
             return PendingAllReduce(self.local.index_rows(idx), self.fast)
         return PendingAllReduce(self.local[idx].contiguous(), self.fast)
 
     def result(self) -> torch.Tensor:
-        from .kernels.linear import Pushed, summed
-        if isinstance(self.local, Pushed):
-            return self.fast._pull(self.local, None, None, 0.0)
+        from .kernels.linear import summed
         return all_reduce(summed(self.local).contiguous())
 
     def fused_add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-        from .kernels.linear import Pushed, partial_slices
+        from .kernels.linear import partial_slices
         x = self.local
         if len(x.shape) == 2 and residual.shape == x.shape and residual.dtype == x.dtype \
                 and residual.is_contiguous() and weight.is_contiguous():
-            return self.fast.add_rms_norm(x if isinstance(x, Pushed) else partial_slices(x),
-                                          residual, weight, eps)
+            return self.fast.add_rms_norm(partial_slices(x), residual, weight, eps)
         from .kernels import ops
         return ops.add_rms_norm(self.result(), residual, weight, eps)
 
@@ -340,8 +310,7 @@ def setup_all_reduce(device) -> None:
     forward, so that no setup happens inside CUDA-graph capture). Once per process and device."""
     if get_world_size() == 1:
         return
-    # a misspelt value is an error anywhere
-    mode, fuse, push = tp_allreduce_mode(), tp_fuse_norm(), tp_push()
+    mode, fuse = tp_allreduce_mode(), tp_fuse_norm()  # a misspelt value is an error anywhere
     device = _cuda_device(device)
     if device.type != "cuda" or device in _ONESHOT:
         return
@@ -359,7 +328,7 @@ def setup_all_reduce(device) -> None:
     fast, err = None, _oneshot_unsupported(device)
     if all_ranks(not err):
         try:
-            fast = OneShotAllReduce(device, fuse, push)
+            fast = OneShotAllReduce(device, fuse)
         except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
             err = f"{type(e).__name__}: {e}"
         if all_ranks(fast is not None):
@@ -375,16 +344,12 @@ def setup_all_reduce(device) -> None:
 
 
 def all_reduce_path(device) -> str:
-    """What sums this rank's small CUDA tensors: "none" (one rank), "nccl", "oneshot",
-    "oneshot+norm" (one-shot, fused with the add_rms_norm after row-parallel linears) or
-    "oneshot+push" (that, with the row-parallel GEMVs pushing their outputs themselves)."""
+    """What sums this rank's small CUDA tensors: "none" (one rank), "nccl", "oneshot", or
+    "oneshot+norm" (one-shot, fused with the add_rms_norm after row-parallel linears)."""
     if get_world_size() == 1:
         return "none"
     fast = _ONESHOT.get(_cuda_device(device))
-    if fast is None:
-        return "nccl"
-    return "oneshot+push" if fast.push_target is not None else "oneshot+norm" if fast.fuse \
-        else "oneshot"
+    return "nccl" if fast is None else "oneshot+norm" if fast.fuse else "oneshot"
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -433,10 +398,9 @@ class RowParallelLinear(nn.Module):
         fast = _ONESHOT.get(x.device) if partials and x.is_cuda else None
         if fast is not None and fast.fuse:
             # the fused kernel also sums the local linear's split-K partials (no reduction
-            # launch): ask for them, or (push) ask the skinny GEMV to send them to the peers
-            from .kernels.linear import Pushed
-            y = self.inner(x, partials=fast.push_target or True, act=act)
-            if isinstance(y, Pushed) or (len(y.shape) == 2 and fast.takes(y)):
+            # launch): ask for them
+            y = self.inner(x, partials=True, act=act)
+            if len(y.shape) == 2 and fast.takes(y):
                 return PendingAllReduce(y, fast)
             from .kernels.linear import summed
             return all_reduce(summed(y).contiguous())

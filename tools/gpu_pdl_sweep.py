@@ -4,8 +4,7 @@
 Builds one random-weight engine (benchmark.py's ``Weights``), then for each setting switches
 ``pdl.set_mode`` in-process, drops the captured CUDA graphs and times ``generate`` as
 benchmark.py's latency grid does (median of 3 after a warm-up). Settings: ``off``, ``on``,
-``auto``, each optionally ``+nopush`` (TP: the one-shot kernel after the row-parallel GEMVs
-instead of their pushing; a no-op on one GPU). Every setting must give the greedy tokens of
+``auto``. Every setting must give the greedy tokens of
 the first, bit for bit (PDL changes when kernels start, not their arithmetic): a mismatch is
 reported and makes the exit status 1. One GPU, or tensor parallelism under ``torchrun``
 (rank 0 prints).
@@ -28,14 +27,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_setting(s: str) -> tuple[str, bool]:
-    """'off' | 'on' | 'auto', optionally '+nopush' -> (PDL mode (kernels/pdl.py), whether
-    the TP row-parallel GEMVs may push their outputs (parallel.tp_push))."""
+def parse_setting(s: str) -> str:
+    """'off' | 'on' | 'auto' -> the PDL mode (kernels/pdl.py)."""
     modes = {"off": "0", "on": "1", "auto": "auto"}
-    base, _, extra = s.partition("+")
-    if base not in modes or extra not in ("", "nopush"):
-        raise SystemExit(f"error: setting {s!r} is not off, on or auto (+nopush)")
-    return modes[base], extra != "nopush"
+    if s not in modes:
+        raise SystemExit(f"error: setting {s!r} is not off, on or auto")
+    return modes[s]
 
 
 def main() -> int:
@@ -48,7 +45,7 @@ def main() -> int:
     p.add_argument("--settings", default="off,on,off,on")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    settings = [(s, *parse_setting(s)) for s in a.settings.split(",")]
+    settings = [(s, parse_setting(s)) for s in a.settings.split(",")]
     t0 = time.time()
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
@@ -64,15 +61,12 @@ def main() -> int:
     w = bm.Weights(a.model_config)
     eng = w.engine(a.mode, max(batches), max(a.input_len, 8), max(a.output_len, 8))
     eng.enable_cuda_graphs()
-    targets = [(f, f.push_target) for f in parallel._ONESHOT.values() if f is not None]
     rows, ok = [], True
     for B in batches:
         prompts = bm.random_prompts(B, a.input_len, eng.config.model.vocab_size)
         ref = None
-        for name, mode, push in settings:
+        for name, mode in settings:
             pdl.set_mode(mode)
-            for fast, target in targets:
-                fast.push_target = target if push else None
             eng._graphs.invalidate()              # graphs keep the launches they captured
             r = bm.time_engine(eng, B, a.input_len, a.output_len)
             toks = eng.generate(prompts, a.output_len).output_ids

@@ -32,9 +32,8 @@ NAMES = ["mha-fp32", "gqa-fp32", "gqa-int8", "mqa-tied-fp32", "gqa-int8kv-fp32",
 SERVE_PROMPTS = [[1, 5, 9, 33, 100, 7, 250], [1, 200, 3], [4] * 15, [9, 8, 7, 6, 5]]
 SERVE_TOKENS = [6, 8, 3, 8]  # within the engines' limits (tests/tp_models.py)
 # what parallel.all_reduce_path reports for LLAMA_ENGINE_TP_ALLREDUCE=oneshot on GPUs
-ONESHOT_PATH = ("oneshot" if os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1") == "0" else
-                "oneshot+push" if os.environ.get("LLAMA_ENGINE_TP_PUSH", "1") == "1" else
-                "oneshot+norm")
+ONESHOT_PATH = "oneshot" if os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1") == "0" \
+    else "oneshot+norm"
 
 
 def run_all(engine_dir: str) -> dict:
@@ -114,30 +113,6 @@ def probe_all_reduce() -> dict:
                                parallel.all_reduce(parts.sum()), res, w, 1e-5)
         out["equal"][f"add_rms_norm(all_reduce(split-K partials)) M{M} D{D}"] = bool(
             torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
-
-    # the push all-reduce: row-parallel GEMVs (LLaMA-13B TP=2 o_proj and down_proj shapes,
-    # the second with split-K partials) push from their epilogue; the norm pulls
-    from llama_engine.kernels import linear as L
-    if fast is not None and fast.push_target is not None:
-        for M, N, K in ((1, 5120, 2560), (16, 5120, 2560), (1, 5120, 6912), (7, 5120, 6912)):
-            x = (torch.randn(M, K, generator=g) * 0.5).half().to(dev)
-            w = (torch.randn(N, K, generator=g) * 0.02).half().to(dev)
-            res = torch.randn(M, N, generator=g).half().to(dev)
-            nw = (torch.rand(N, generator=g) + 0.5).half().to(dev)
-            dist.broadcast(res, 0)
-            dist.broadcast(nw, 0)
-            ref = L.linear_fp(x, w)
-            dist.all_reduce(ref)
-            want = ops.add_rms_norm(ref, res, nw, 1e-5)
-            y = L.linear_fp(x, w, partials=fast.push_target)
-            got = ops.add_rms_norm(parallel.PendingAllReduce(y, fast), res, nw, 1e-5)
-            out["equal"][f"push: add_rms_norm(all_reduce(linear)) M{M} {N}x{K} "
-                         f"(split {getattr(y, 'S', '-')})"] = bool(
-                isinstance(y, L.Pushed) and torch.equal(got[0], want[0])
-                and torch.equal(got[1], want[1]))
-            y = L.linear_fp(x, w, partials=fast.push_target)
-            got = parallel.PendingAllReduce(y, fast).result()
-            out["equal"][f"push: all_reduce(linear) M{M} {N}x{K}"] = bool(torch.equal(got, ref))
 
     def timed(fn, *args) -> float:
         fn(*args)

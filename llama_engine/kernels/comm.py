@@ -53,7 +53,6 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .attn import _add_rms_norm_vals
-    from .linear import _load_summed
     from .pdl import wait_then_release
 
     @triton.jit
@@ -191,163 +190,6 @@ if HAS_TRITON:
         tl.store(EPOCHS + pid, epoch)
 
 
-    @triton.jit
-    def _pull_add_rms_norm_kernel(R, W, OUT, RES_OUT, BUFS, PADS, STATE, M, D, cap, eps, rank,
-                                  S: tl.constexpr, ITERS: tl.constexpr, WORLD: tl.constexpr,
-                                  SYNC: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr,
-                                  PART: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  PDL: tl.constexpr):
-        # The push all-reduce's second half (the first is the skinny GEMV's epilogue,
-        # linear._store_out): wait until every rank's GEMV programs have counted themselves
-        # on this rank's counter for the call's half (the target the GEMV left in STATE[4]),
-        # then per row: each rank's slot (S slices of PART, summed in order and rounded to
-        # the model dtype: the linear's own output), summed over ranks in rank order in fp32,
-        # rounded once; NORM: then attn._add_rms_norm_vals with the residual, as
-        # one_shot_add_rms_norm; else the sum itself goes to OUT. Program 0 commits the
-        # call's epoch and target (STATE[0], STATE[1 + half]).
-        wait_then_release(PDL)
-        pid = tl.program_id(0)
-        grid = tl.num_programs(0)
-        dt = OUT.dtype.element_ty
-        cols = tl.arange(0, BLOCK_D)
-        cm = cols < D
-        epoch = tl.load(STATE + 3)
-        target = tl.load(STATE + 4)
-        half = epoch % 2
-        if NORM:
-            w = tl.load(W + cols, mask=cm, other=0.0)
-            if ITERS == 1:
-                res0 = tl.load(R + pid * D + cols, mask=cm & (pid < M), other=0.0)
-        if SYNC:
-            ctr = tl.load(PADS + rank).to(tl.pointer_type(tl.int32)) + half
-            while _load_acquire(ctr, ASM) - target < 0:
-                pass
-            tl.debug_barrier()
-        own = tl.load(BUFS + rank).to(tl.pointer_type(PART))
-        for i in tl.static_range(ITERS):
-            row = i * grid + pid
-            if row < M:
-                acc = tl.zeros([BLOCK_D], tl.float32)
-                for r in tl.static_range(WORLD):
-                    acc += _load_summed(own + (half * WORLD + r) * cap + row * D + cols, cm,
-                                        M * D, S, dt).to(tl.float32)
-                if NORM:
-                    if ITERS == 1:
-                        res = res0
-                    else:
-                        res = tl.load(R + row * D + cols, mask=cm, other=0.0)
-                    _add_rms_norm_vals(acc.to(dt), res, w, OUT + row * D, RES_OUT + row * D,
-                                       cols, cm, D, eps, True)
-                else:
-                    tl.store(OUT + row * D + cols, acc.to(dt), mask=cm)
-        if pid == 0:
-            tl.store(STATE, epoch)
-            tl.store(STATE + 1 + half, target)
-
-
-    @triton.jit
-    def _pull_add_rms_norm_kernel(R, W, OUT, RES_OUT, BUFS, PADS, STATE, M, D, cap, eps, rank,
-                                  S: tl.constexpr, ITERS: tl.constexpr, WORLD: tl.constexpr,
-                                  SYNC: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr,
-                                  PART: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  PDL: tl.constexpr):
-        # The push all-reduce's second half (the first is the skinny GEMV's epilogue,
-        # linear._store_out): wait until every rank's GEMV programs have counted themselves
-        # on this rank's counter for the call's half (the target the GEMV left in STATE[4]),
-        # then per row: each rank's slot (S slices of PART, summed in order and rounded to
-        # the model dtype: the linear's own output), summed over ranks in rank order in fp32,
-        # rounded once; NORM: then attn._add_rms_norm_vals with the residual, as
-        # one_shot_add_rms_norm; else the sum itself goes to OUT. Program 0 commits the
-        # call's epoch and target (STATE[0], STATE[1 + half]).
-        wait_then_release(PDL)
-        pid = tl.program_id(0)
-        grid = tl.num_programs(0)
-        dt = OUT.dtype.element_ty
-        cols = tl.arange(0, BLOCK_D)
-        cm = cols < D
-        epoch = tl.load(STATE + 3)
-        target = tl.load(STATE + 4)
-        half = epoch % 2
-        if NORM:
-            w = tl.load(W + cols, mask=cm, other=0.0)
-            if ITERS == 1:
-                res0 = tl.load(R + pid * D + cols, mask=cm & (pid < M), other=0.0)
-        if SYNC:
-            ctr = tl.load(PADS + rank).to(tl.pointer_type(tl.int32)) + half
-            while _load_acquire(ctr, ASM) - target < 0:
-                pass
-            tl.debug_barrier()
-        own = tl.load(BUFS + rank).to(tl.pointer_type(PART))
-        for i in tl.static_range(ITERS):
-            row = i * grid + pid
-            if row < M:
-                acc = tl.zeros([BLOCK_D], tl.float32)
-                for r in tl.static_range(WORLD):
-                    acc += _load_summed(own + (half * WORLD + r) * cap + row * D + cols, cm,
-                                        M * D, S, dt).to(tl.float32)
-                if NORM:
-                    if ITERS == 1:
-                        res = res0
-                    else:
-                        res = tl.load(R + row * D + cols, mask=cm, other=0.0)
-                    _add_rms_norm_vals(acc.to(dt), res, w, OUT + row * D, RES_OUT + row * D,
-                                       cols, cm, D, eps, True)
-                else:
-                    tl.store(OUT + row * D + cols, acc.to(dt), mask=cm)
-        if pid == 0:
-            tl.store(STATE, epoch)
-            tl.store(STATE + 1 + half, target)
-
-
-    @triton.jit
-    def _one_shot_add_rms_norm_split_kernel(X, R, W, OUT, RES_OUT, BUFS, PADS, EPOCHS, M, D,
-                                            cap, stride_s, eps, rank, chunk, S: tl.constexpr,
-                                            WORLD: tl.constexpr, SPLIT: tl.constexpr,
-                                            SYNC: tl.constexpr, ASM: tl.constexpr,
-                                            BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-                                            PDL: tl.constexpr):
-        # _one_shot_add_rms_norm_kernel with SPLIT programs per row (grid M x SPLIT): program
-        # (row, c) sums, rounds and pushes columns [c * chunk, (c + 1) * chunk) of its row and
-        # raises its own flag, so a row's pushes and system-scope releases run on SPLIT SMs
-        # at once; it then waits for the flags of the row's SPLIT programs from every rank,
-        # sums the whole row from its buffer (the same values and order as the row kernel),
-        # normalizes it and stores its own columns. A row's programs always run together,
-        # so their epochs stay equal.
-        wait_then_release(PDL)
-        pid = tl.program_id(0)
-        row = pid // SPLIT
-        c = pid % SPLIT
-        dt = R.dtype.element_ty
-        cols = tl.arange(0, BLOCK_D)
-        cm = cols < D
-        own_cols = (cols >= c * chunk) & (cols < (c + 1) * chunk) & cm
-        ccols = c * chunk + tl.arange(0, BLOCK_C)
-        ccm = (ccols < D) & (tl.arange(0, BLOCK_C) < chunk)
-        epoch = tl.load(EPOCHS + pid) + 1
-        half = epoch % 2
-        x = tl.load(X + row * D + ccols, mask=ccm, other=0.0)
-        for s in tl.static_range(1, S):
-            x += tl.load(X + s * stride_s + row * D + ccols, mask=ccm, other=0.0)
-        x = x.to(dt)
-        for r in tl.static_range(WORLD):
-            dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
-            tl.store(dst + (half * WORLD + rank) * cap + row * D + ccols, x, mask=ccm)
-        if SYNC:
-            _signal(PADS, pid, rank, epoch, WORLD, ASM)
-        w = tl.load(W + cols, mask=cm, other=0.0)
-        res = tl.load(R + row * D + cols, mask=cm, other=0.0)
-        if SYNC:
-            _wait_group(PADS, row * SPLIT, rank, epoch, WORLD, SPLIT, ASM)
-        own = tl.load(BUFS + rank).to(tl.pointer_type(dt))
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for r in tl.static_range(WORLD):
-            acc += tl.load(own + (half * WORLD + r) * cap + row * D + cols, mask=cm,
-                           other=0).to(tl.float32)
-        _add_rms_norm_vals(acc.to(dt), res, w, OUT + row * D, RES_OUT + row * D, cols,
-                           own_cols, D, eps, True)
-        tl.store(EPOCHS + pid, epoch)
-
-
 def num_programs(n: int) -> int:
     return max(1, min(MAX_PROGRAMS, -(-n // BLOCK)))
 
@@ -398,57 +240,11 @@ def one_shot_add_rms_norm(x, residual: torch.Tensor, weight: torch.Tensor,
     res = torch.empty_like(residual)
     if M == 0:
         return out, res
-    bd = 1 << (D - 1).bit_length()
     grid = min(M, MAX_PROGRAMS)
+    bd = 1 << (D - 1).bit_length()
     _one_shot_add_rms_norm_kernel[(grid,)](
         xs, residual, weight, out, res, bufs, pads, epochs, M, D,
         slot_bytes // residual.element_size(), xs.stride(0), float(eps), rank, S=S,
         ITERS=-(-M // grid), WORLD=world, SYNC=sync, ASM=xs.is_cuda, BLOCK_D=bd,
         num_warps=4 if bd <= 2048 else 8, **pdl.launch_kw(xs))
     return out, res
-
-
-PUSH_STATE_INTS = 8   # int32: committed epoch, committed targets of halves 0 / 1, the pending
-                      # call's epoch and target (left by the GEMV), the GEMV's programs
-                      # arrived so far, 2 spare
-
-
-def pull_add_rms_norm(pushed, residual, weight, eps: float, sync: bool = True
-                      ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-    """The push all-reduce's second half, one launch: -> ``add_rms_norm(sum over ranks of
-    the pushed output, residual, weight, eps)`` (normed, new residual), or with ``residual``
-    None the sum itself [M, N]. ``pushed``: the ``linear.Pushed`` of the GEMV launched just
-    before on this stream (every rank pushed the same call). ``sync=False`` (tests) skips
-    waiting for the counter: the peers' slots must already hold their data.
-
-    The protocol: the GEMV reads the committed epoch e (STATE[0]) and uses buffer half
-    e + 1 mod 2, as the one-shot kernels do (a rank can be one call ahead of a peer, not two:
-    its next GEMV runs after this pull, which waited for the peer's pushes of this call); each
-    of its programs pushes its tile to every rank and counts itself on this GPU; the last one
-    adds 1 to every rank's counter of that half (one system-scope release per call, not one
-    per program: that version measured slower, docs/perf-notes.md); the pull waits for the
-    committed target of the half + world, then commits epoch and target. Counters only grow;
-    "reached" is a wrap-safe difference."""
-    t = pushed.target
-    M, D, dt = pushed.M, pushed.N, pushed.dtype
-    out = torch.empty((M, D), dtype=dt, device=t.state.device)
-    res = torch.empty_like(out) if residual is not None else out
-    if M == 0:
-        return (out, res) if residual is not None else out
-    if residual is not None:
-        assert residual.shape == (M, D) and residual.is_contiguous() and residual.dtype == dt
-    part = torch.float32 if pushed.S > 1 else dt
-    grid = min(M, MAX_PROGRAMS)
-    bd = 1 << (D - 1).bit_length()
-    _pull_add_rms_norm_kernel[(grid,)](
-        residual if residual is not None else out, weight if weight is not None else out,
-        out, res, t.bufs, t.pads, t.state, M, D,
-        t.slot_bytes // torch.empty((), dtype=part).element_size(), float(eps), t.rank,
-        S=pushed.S, ITERS=-(-M // grid), WORLD=t.world, SYNC=sync, ASM=t.state.is_cuda,
-        NORM=residual is not None, PART=_TL[part], BLOCK_D=bd,
-        num_warps=4 if bd <= 2048 else 8, **pdl.launch_kw(out))
-    return (out, res) if residual is not None else out
-
-
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-       torch.float64: tl.float64} if HAS_TRITON else {}

@@ -85,7 +85,7 @@ __all__ = [
     "linear_fp_ref", "linear_w8a16_ref", "linear_w4a16_ref", "linear_w8a8_ref",
     "quantize_per_token_ref", "quantize_per_tensor_ref", "pack_int4_ref", "unpack_int4_ref",
     "gpu_selfcheck", "SkinnyCfg", "GemmCfg", "SplitKPartials", "partial_slices", "summed",
-    "apply_act", "PushTarget", "Pushed",
+    "apply_act",
 ]
 
 # Smallest amax used for a per-token scale: an all-zero row gets a tiny positive scale (and
@@ -157,54 +157,10 @@ def partial_slices(x) -> torch.Tensor:
     return (x2 if x2.stride(-1) == 1 else x2.contiguous()).unsqueeze(0)
 
 
-@dataclass(frozen=True, eq=False)
-class PushTarget:
-    """Tensor parallelism's push all-reduce (kernels/comm.py, ``pull_add_rms_norm``): passed
-    as a linear op's ``partials``, it asks the skinny GEMV to send its output -- the split-K
-    partials, or the output itself -- from its epilogue into this rank's slot of every rank's
-    symmetric buffer and to count its programs on every rank's counter, instead of storing it.
-    ``bufs`` / ``pads``: int64 [world] addresses of the buffers (2 halves x world slots x
-    ``slot_bytes``) and signal pads (the counters, int32 per half); ``state``: int32 [8] on
-    this device, the call protocol's (comm.py). Paths that cannot push return their usual
-    result."""
-    bufs: torch.Tensor
-    pads: torch.Tensor
-    state: torch.Tensor
-    slot_bytes: int
-    rank: int
-    world: int
-
-    def __bool__(self) -> bool:     # a truthy ``partials``: split-K partials are welcome
-        return True
-
-
-@dataclass(frozen=True, eq=False)
-class Pushed:
-    """A linear output ``[M, N]`` that went to the push buffers of ``target``: ``S`` slices
-    (fp32 split-K partials when S > 1, else the output in ``dtype``) per rank."""
-    target: PushTarget
-    M: int
-    N: int
-    S: int
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.M, self.N))
-
-    @property
-    def device(self) -> torch.device:
-        return self.target.state.device
-
-
 def _with_lead(out, lead: tuple):
     """A launcher's result for rows [M] -> leading shape ``lead`` (tensor or partials)."""
     if isinstance(out, SplitKPartials):
         return SplitKPartials(out.parts, tuple(lead), out.dtype)
-    if isinstance(out, Pushed):
-        if len(lead) != 1:
-            raise ConfigError(f"a pushed linear output must be 2-D, got rows {lead}")
-        return out
     return out.reshape(*lead, out.shape[-1])
 
 
@@ -567,49 +523,6 @@ if HAS_TRITON:
             x = _quant_tile(x, x_scale, USE_RINT)
         return x
 
-    @triton.jit
-    def _add_release(ctr, ASM: tl.constexpr):
-        """Thread 0 (after a block barrier): counter += 1 at system scope, releasing every
-        write of the block before it (cumulativity through the barrier)."""
-        if ASM:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-                "@p red.release.sys.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
-                "=r,l", [ctr], dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            tl.atomic_add(ctr, 1, sem="release", scope="sys")
-
-    @triton.jit
-    def _store_out(out_ptr, out, offs, mask, pid_n, pid_s, M, N, PUSH_BUFS, PUSH_PADS,
-                   PUSH_STATE, push_cap, push_rank, n_programs, PUSH: tl.constexpr,
-                   WORLD: tl.constexpr, ASM: tl.constexpr):
-        """The skinny kernels' store of their output tile (offs: element offsets within the
-        [S, M, N] output, of out_ptr's dtype). PUSH (kernels/comm.py's push all-reduce): into
-        this rank's slot of every rank's buffer half (epoch % 2; epoch = the committed one
-        + 1), then the program counts itself on this GPU (STATE[5], acq_rel at GPU scope);
-        the last of the n_programs resets that count, leaves the call's epoch and counter
-        target (the committed target + WORLD) for the pull kernel, and adds 1 to every
-        rank's counter for the half with a system-scope release, which covers every
-        program's pushes (they happen before its count, which it read). Else: a plain
-        store."""
-        if PUSH:
-            epoch = tl.load(PUSH_STATE) + 1
-            half = epoch % 2
-            for r in tl.static_range(WORLD):
-                dst = tl.load(PUSH_BUFS + r).to(tl.pointer_type(out_ptr.dtype.element_ty))
-                tl.store(dst + (half * WORLD + push_rank) * push_cap + offs, out, mask=mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(PUSH_STATE + 5, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_programs - 1:
-                tl.store(PUSH_STATE + 5, 0)
-                tl.store(PUSH_STATE + 3, epoch)
-                tl.store(PUSH_STATE + 4, tl.load(PUSH_STATE + 1 + half) + WORLD)
-                for r in tl.static_range(WORLD):
-                    _add_release(tl.load(PUSH_PADS + r).to(tl.pointer_type(tl.int32)) + half,
-                                 ASM)
-        else:
-            tl.store(out_ptr + offs, out, mask=mask)
-
     @triton.jit(do_not_specialize=["M"])
     def _skinny_dot_kernel(
             x_ptr, w_ptr, s_ptr, xs_ptr, sm_ptr, out_ptr,
@@ -619,9 +532,7 @@ if HAS_TRITON:
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
             ITERS_C: tl.constexpr, CVT: tl.constexpr, XQUANT: tl.constexpr,
             SMOOTH: tl.constexpr, USE_RINT: tl.constexpr, ITERS_A: tl.constexpr,
-            XACT: tl.constexpr, XSPLIT: tl.constexpr, XDT: tl.constexpr, PUSH_BUFS, PUSH_PADS,
-            PUSH_STATE, push_cap, push_rank, n_programs, PUSH: tl.constexpr,
-            WORLD: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+            XACT: tl.constexpr, XSPLIT: tl.constexpr, XDT: tl.constexpr, PDL: tl.constexpr):
         """out[m, n] (or split partial) = sum_k x[m, k] w[n, k]; tile acc[BN, BM] = W @ X^T.
         x tiles come from _act_tile (XACT: computed from the [gate; up] input)."""
         pid_n = tl.program_id(0)
@@ -706,10 +617,8 @@ if HAS_TRITON:
             out = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
         else:
             out = acc
-        _store_out(out_ptr, out.to(out_ptr.dtype.element_ty),
-                   pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None],
-                   n_ok[:, None] & m_ok[None, :], pid_n, pid_s, M, N, PUSH_BUFS, PUSH_PADS,
-                   PUSH_STATE, push_cap, push_rank, n_programs, PUSH, WORLD, ASM)
+        o_ptrs = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
     @triton.jit(do_not_specialize=["M"])
     def _skinny_fma_kernel(
@@ -720,9 +629,7 @@ if HAS_TRITON:
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ITERS_C: tl.constexpr,
             CVT: tl.constexpr, XQUANT: tl.constexpr, SMOOTH: tl.constexpr,
             USE_RINT: tl.constexpr, ITERS_A: tl.constexpr, XACT: tl.constexpr,
-            XSPLIT: tl.constexpr, XDT: tl.constexpr, PUSH_BUFS, PUSH_PADS, PUSH_STATE, push_cap,
-            push_rank, n_programs, PUSH: tl.constexpr, WORLD: tl.constexpr, ASM: tl.constexpr,
-            PDL: tl.constexpr):
+            XSPLIT: tl.constexpr, XDT: tl.constexpr, PDL: tl.constexpr):
         """GEMV without tensor cores: acc[BM, BN, BK] += x * w elementwise, reduce K at the end.
         Grouped int4 needs BLOCK_K <= GROUP (one group per tile)."""
         pid_n = tl.program_id(0)
@@ -789,10 +696,8 @@ if HAS_TRITON:
                 out = out * tl.load(xs_ptr)
         elif WKIND == 1 or WKIND == 2:
             out = out * tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
-        _store_out(out_ptr, out.to(out_ptr.dtype.element_ty),
-                   pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
-                   m_ok[:, None] & n_ok[None, :], pid_n, pid_s, M, N, PUSH_BUFS, PUSH_PADS,
-                   PUSH_STATE, push_cap, push_rank, n_programs, PUSH, WORLD, ASM)
+        o_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _gemm_kernel(
@@ -1154,10 +1059,6 @@ def _pick_gemm(kind: int, M: int, N: int, K: int) -> GemmCfg:
 # =============================================================================================
 # Launchers
 # =============================================================================================
-def _esize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= cap that divides n."""
     b = 1
@@ -1242,22 +1143,8 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
         block_m = max(16 if kind == _A8 else 8, triton.next_power_of_2(M))
     else:
         block_m = triton.next_power_of_2(M)
-    dst_dtype = out_dtype if split == 1 else torch.float32
-    grid = (triton.cdiv(N, cfg.block_n), split)
-    push = isinstance(partials, PushTarget) and (
-        split * M * N * _esize(dst_dtype) <= partials.slot_bytes)
-    if push:
-        t = partials
-        pkw_push = dict(PUSH_BUFS=t.bufs, PUSH_PADS=t.pads, PUSH_STATE=t.state,
-                        push_cap=t.slot_bytes // _esize(dst_dtype), push_rank=t.rank,
-                        n_programs=grid[0] * grid[1], PUSH=True, WORLD=t.world,
-                        ASM=x2.is_cuda)
-        dst = torch.empty(0, device=x2.device, dtype=dst_dtype)   # nothing stored locally
-    else:
-        pkw_push = dict(PUSH_BUFS=s, PUSH_PADS=s, PUSH_STATE=s, push_cap=0, push_rank=0,
-                        n_programs=0, PUSH=False, WORLD=1, ASM=False)
-        dst = torch.empty((M, N) if split == 1 else (split, M, N), device=x2.device,
-                          dtype=dst_dtype)
+    dst = torch.empty((M, N) if split == 1 else (split, M, N), device=x2.device,
+                      dtype=out_dtype if split == 1 else torch.float32)
     xs_row = xs is not None and xs.numel() > 1
     ws_col = kind == _A8 and s.numel() > 1
     sg_stride = s.stride(0) if (kind == _I4G and s.dim() == 2) else 0
@@ -1270,13 +1157,12 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, w, s, xs if xs is not None else s, smoother if smoother is not None else s, dst,
             M, N, K, stride_xm, stride_xs, w.stride(0), sg_stride, N, M * N, k_per_split)
+    grid = (triton.cdiv(N, cfg.block_n), split)
     pkw = pdl.launch_kw(x2)
     if cfg.kernel == "dot":
-        _skinny_dot_kernel[grid](*args, DOT_PREC=_dot_prec(xdt), **common, **pkw_push, **pkw)
+        _skinny_dot_kernel[grid](*args, DOT_PREC=_dot_prec(xdt), **common, **pkw)
     else:
-        _skinny_fma_kernel[grid](*args, **common, **pkw_push, **pkw)
-    if push:
-        return Pushed(partials, M, N, split, out_dtype)
+        _skinny_fma_kernel[grid](*args, **common, **pkw)
     if split == 1:
         return dst
     if partials:
