@@ -571,7 +571,10 @@ def sections_markdown(res: dict) -> str:
                            ("tp", "Tensor parallelism (rows ending tpN ran on N GPUs)"),
                            ("tp_h200", "Tensor parallelism on 2x NVIDIA H200 (one-GPU rows on "
                             "one of the same GPUs; oneshot: the one-shot all-reduce, +norm: "
-                            "fused with the next RMSNorm; no suffix: NCCL)")):
+                            "fused with the next RMSNorm; no suffix: NCCL)"),
+                           ("tp_h200_pdl", "Tensor parallelism on 2x NVIDIA H200 with "
+                            "programmatic dependent launch (run 7 call g; oneshot: the "
+                            "one-shot all-reduce, not fused; no suffix: NCCL)")):
         rows = res.get(section) or {}
         if rows:
             out += ["", f"### {title}", "",
