@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-MEM = re.compile(r"^\s*(@%p\d+\s+)?(ld|st|atom|red|cp\.async)\.\S*global")
+MEM = re.compile(r"^\s*(@!?%p\d+\s+)?(ld|st|atom|red|cp\.async)\.\S*global")
 
 
 def test_pdl_mode_is_validated_and_off_without_a_gpu(monkeypatch):
@@ -110,6 +110,17 @@ def _kernels():
              "BUFS": "*i64", "PADS": "*i64", "EPOCHS": "*i32"},
             dict(S=1, ITERS=1, WORLD=2, SYNC=True, ASM=True, BLOCK_D=8192), ("eps",)),
     }
+
+
+def test_every_pdl_kernel_is_checked():
+    """Every kernel that takes the PDL constexpr is in the list compiled below."""
+    from triton.runtime.jit import JITFunction
+
+    from llama_engine.kernels import act, attn, comm, linear
+    with_pdl = {v for m in (act, attn, comm, linear) for v in vars(m).values()
+                if isinstance(v, JITFunction) and "PDL" in v.arg_names
+                and v.fn.__name__ != "wait_then_release"}
+    assert with_pdl == {fn for fn, *_ in _kernels().values()}
 
 
 @pytest.mark.parametrize("name", list(_kernels()))

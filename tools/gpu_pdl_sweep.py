@@ -50,9 +50,14 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import benchmark as bm
-    from llama_engine import parallel
-    from llama_engine.kernels import pdl
+    from llama_engine.config import ConfigError
+    try:
+        import benchmark as bm
+        from llama_engine import parallel
+        from llama_engine.kernels import pdl
+    except ConfigError as e:          # e.g. a misspelt LLAMA_ENGINE_* switch
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         parallel.init_from_env("cuda")
@@ -76,7 +81,8 @@ def main() -> int:
             row = {"t_s": round(time.time() - t0, 1), "model": a.model_config, "mode": a.mode,
                    "batch": B, "tp": world,
                    "all_reduce": parallel.all_reduce_path(torch.device("cuda")),
-                   "setting": name, "decode_tok_s": round(r["decode_tok_s"], 1),
+                   "setting": name, "pdl": pdl.enabled(torch.zeros(1, device="cuda")),
+                   "decode_tok_s": round(r["decode_tok_s"], 1),
                    "prefill_ms": round(r["prefill_s"] * 1e3, 2), "tokens_match": same}
             rows.append(row)
             print(json.dumps(row), flush=True)

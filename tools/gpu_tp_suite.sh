@@ -36,9 +36,10 @@ for p in $PARTS; do
                 unset LLAMA_ENGINE_FUSED_SWIGLU ;;
     swiglu_check) LLAMA_ENGINE_FUSED_SWIGLU=1 timeout 240 python3 tools/gpu_check.py ;;
     gpu_check)  timeout 240 python3 tools/gpu_check.py ;;
-    pdl)        S=${PDL_SETTINGS:-off,on,off,on}
-                timeout 150 python3 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_1gpu.json;
-                LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 170 python3 -m torch.distributed.run --standalone --nproc_per_node 2 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_tp2.json ;;
+    pdl)        S=${PDL_SETTINGS:-off,on,off,on}; rc=0  # either run failing fails the part
+                timeout 150 python3 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_1gpu.json || rc=$?
+                LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 170 python3 -m torch.distributed.run --standalone --nproc_per_node 2 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_tp2.json || rc=$?
+                (exit $rc) ;;
     serving_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
     serving_cmp) timeout 100 $B --serving --serving_parts uniform --num_requests 1000;
                 LLAMA_ENGINE_TP_ALLREDUCE=nccl timeout 100 $TR --serving --serving_parts uniform --num_requests 1000;

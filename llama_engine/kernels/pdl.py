@@ -20,15 +20,18 @@ PDL kernel starts when that kernel has completed, which implies its own predeces
 (each waited on its predecessor). Under CUDA-graph capture the launch attribute becomes a
 programmatic edge of the graph.
 
-Measured (tools/gpu_pdl_sweep.py, LLaMA-13B fp16 batch 1, 2x H200, 2026-11-26): one GPU
-143.2 -> 147.1 tok/s, TP=2 222.6 -> 233.6 and 222.0 -> 234.1 in two calls. Having the early
+Measured (tools/gpu_pdl_sweep.py, LLaMA-13B fp16 batch 1, 2x H200, 2026-11-26, off -> on):
+one GPU 143.2 -> 146.9 tok/s and TP=2 222.6 -> 233.6 in one call, 143.0 -> 149.3 and 223.7 ->
+234.6 in another (docs/perf-notes.md, run 7). Having the early
 GEMVs also prefetch their first weight bytes into L2 (``cp.async.bulk.prefetch.L2``) before
 waiting did not help: 2 MB per GEMV changed nothing, 8-32 MB were slower (TP=2: 226.6, 214.8,
 193.7), so it is not here.
 
 ``LLAMA_ENGINE_PDL``: ``auto`` (default: on for CUDA devices of compute capability >= 9),
-``0`` off, ``1`` on (still only where the device supports it). Read at import; ``set_mode``
-changes it in-process (A/B timing: graphs captured before keep the launches they captured).
+``0`` off, ``1`` on (still only where the device supports it: NVIDIA sm90+, a Triton with
+``griddepcontrol``, not the interpreter). Read at import; ``set_mode`` changes it in-process
+(A/B timing: graphs captured before keep the launches they captured). Kernels launched by
+PyTorch, and ours outside decode (the tiled GEMM, the activation quantizers), launch plainly.
 """
 from __future__ import annotations
 
@@ -41,11 +44,17 @@ from ..config import ConfigError
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the install
     triton = tl = None
     HAS_TRITON = False
+try:  # griddepcontrol in Triton: 3.3 and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_GDC = HAS_TRITON
+except Exception:  # pragma: no cover - depends on the install
+    HAS_GDC = False
+# Triton interprets for any TRITON_INTERPRET but "" and "0" (as attn._INTERPRET reads it)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _MODES = ("auto", "0", "1")
 
@@ -71,9 +80,7 @@ def set_mode(mode: str) -> None:
 
 def enabled(t: torch.Tensor) -> bool:
     """Whether kernels on ``t``'s device launch with PDL."""
-    if _mode == "0" or not HAS_TRITON or not t.is_cuda:
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if _mode == "0" or not HAS_GDC or not t.is_cuda or _INTERPRET or torch.version.hip:
         return False
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
     ok = _capable.get(idx)
@@ -89,10 +96,14 @@ def launch_kw(t: torch.Tensor) -> dict:
     return {"PDL": True, "launch_pdl": True} if enabled(t) else {"PDL": False}
 
 
-if HAS_TRITON:
+if HAS_GDC:
     @triton.jit
     def wait_then_release(PDL: tl.constexpr):
         """Wait for the predecessor grid (its writes visible), then let the successor launch."""
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
+elif HAS_TRITON:  # pragma: no cover - an older Triton: PDL is never on (``enabled``)
+    @triton.jit
+    def wait_then_release(PDL: tl.constexpr):
+        pass
