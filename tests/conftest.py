@@ -1,7 +1,9 @@
 """Shared fixtures: repo paths, the shared data folder, SmolLM2, tiny random HF models."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +12,21 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+def run_interpreted_json(script: str, *args: str, timeout: int = 600):
+    """Run ``python script *args`` in a fresh process under Triton's interpreter (the
+    variable must be set before triton is imported), one OpenMP thread, the repo importable;
+    fail with the tails of its output if it exits non-zero, else return the JSON of its last
+    stdout line (the kernel checks print their list of failures there)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, os.path.abspath(script), *args], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{os.path.basename(script)} {' '.join(args)} crashed:\n"
+                             f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def shared_data_dir() -> Path:

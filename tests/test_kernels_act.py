@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from conftest import run_interpreted_json  # noqa: E402
 
 
 def _check() -> list:
@@ -59,11 +60,7 @@ def _check() -> list:
 
 
 def test_silu_mul_triton_matches_torch():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, __file__, "--check"], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert run_interpreted_json(__file__, "--check", timeout=300) == []
 
 
 def test_silu_mul_reference_is_hf_arithmetic_and_rejects_odd_width():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -18,6 +17,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from conftest import run_interpreted_json  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -406,13 +407,7 @@ CHECKS = {"norms": _check_norms, "norm_partials": _check_norm_partials, "rope": 
 
 
 def _run_in_interpreter(name: str) -> list:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), name], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    if p.returncode != 0:
-        raise AssertionError(f"check {name} crashed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_interpreted_json(__file__, name)
 
 
 def _need_triton():

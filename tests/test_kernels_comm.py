@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from conftest import run_interpreted_json  # noqa: E402
 
 
 def _one_rank_state(slot: int):
@@ -142,11 +143,7 @@ def _check_fused(g) -> list:
 
 
 def test_one_shot_all_reduce_kernel_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, __file__, "--check"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert run_interpreted_json(__file__, "--check") == []
 
 
 def test_tp_allreduce_mode_is_validated(monkeypatch):

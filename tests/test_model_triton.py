@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from conftest import run_interpreted_json  # noqa: E402
 
 PROMPTS = [[5, 9, 33, 100, 7, 250, 11], [1, 200, 3]]
 DECODE = [[7, 11], [300, 2], [41, 0]]
@@ -82,11 +83,7 @@ def _build(tmp: str, name: str, extra: list) -> str:
 @pytest.mark.parametrize("name,extra", [("fp32", []), ("int8kv", ["--int8_kv_cache"])])
 def test_network_on_triton_kernels_equals_reference_ops(tmp_path, name, extra):
     d = _build(str(tmp_path), name, extra)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, d], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_interpreted_json(__file__, d)
     assert r["triton_calls"] > 0 and r["partials"] > 0 and r["reduced"] > 0, r
     # down_proj's prologue computed every SwiGLU: one per layer and step, no silu_mul launch
     assert r["swiglu"] > 0 and r["silu_mul"] == 0, r
