@@ -84,12 +84,12 @@ class Attention(nn.Module):
         v = v.view(n, self.n_kv_heads, self.head_dim)
         k_cache, v_cache, kv_scale = cache_layer
         if meta.is_decode:
-            # Decode reads every K from the cache: RoPE of q and k and the cache write in one
-            # kernel (one launch a layer less than apply_rope + write_kv).
-            q = ops.rope_write_kv(q, k, v, meta.positions, *rope, k_cache, v_cache,
-                                  meta.slot_mapping, kv_scale)
-            out = ops.decode_attention(q, k_cache, v_cache, meta.block_tables,
-                                       meta.context_lens, self.softmax_scale, kv_scale)
+            # Decode reads every K from the cache: RoPE of q and k, the cache write and the
+            # attention in one kernel on CUDA (two launches a layer less than apply_rope,
+            # write_kv, decode_attention).
+            out = ops.rope_decode_attention(q, k, v, meta.positions, *rope, k_cache, v_cache,
+                                            meta.slot_mapping, meta.block_tables,
+                                            meta.context_lens, self.softmax_scale, kv_scale)
         else:
             q, k = ops.apply_rope(q, k, meta.positions, *rope)
             out = paged_attention(q, k, v, meta, k_cache, v_cache, kv_scale, self.softmax_scale)

@@ -400,10 +400,74 @@ def _check_norm_partials(A):
     return fails
 
 
+def _check_rope_decode(A):
+    """rope_decode_attention (RoPE + cache write fused into the decode attention kernel)
+    against the two kernels it replaces (rope_write_kv, then decode_attention: the same bits,
+    output and both caches) and against the references; splits, GQA / MQA, int8 caches with
+    per-channel scales, a padding row (slot -1: nothing written), context length 1, and the
+    switch (FUSE_ROPE off: the two launches)."""
+    fails = []
+    g = torch.Generator().manual_seed(6)
+    cases = [
+        # B, H, Hkv, D, ctxs, block size, q dtype, kv dtype, partition
+        (3, 4, 2, 16, [1, 7, 65], 16, torch.float32, torch.float32, None),
+        (2, 4, 4, 32, [300, 65], 64, torch.float32, torch.float32, 64),    # MHA, split
+        (3, 8, 2, 16, [300, 1, 7], 16, torch.float16, torch.float16, 32),  # GQA 4, split
+        (2, 4, 1, 16, [7, 300], 16, torch.float16, torch.float16, 128),    # MQA
+        (2, 4, 2, 16, [300, 64], 16, torch.float16, torch.int8, 64),       # split edge
+        (2, 2, 2, 32, [65, 7], 64, torch.float16, torch.int8, None),
+    ]
+    for B, H, Hkv, D, ctxs, bs, qd, kvd, part in cases:
+        scale = _channel_scales(Hkv, D, g) if kvd == torch.int8 else None
+        _, _, (q0, kc, vc, bt, cl, sm) = _decode_case(A, B, H, Hkv, D, ctxs, bs, qd, kvd, g,
+                                                      part, scale)
+        q, k, v = _qkv(B, H, Hkv, D, qd, g)
+        cos, sin, _ = _rope_tables(512, D)
+        pos = (cl - 1).clamp_min(0).long()
+        # each sequence's last context slot, from its block table; the last row pads (-1)
+        slots = torch.stack([bt[b, p // bs].long() * bs + p % bs for b, p in enumerate(pos)])
+        slots[-1] = -1
+        tag = f"B={B} H={H}/{Hkv} D={D} ctx={ctxs} bs={bs} {qd}/{kvd} part={part}"
+        caches = {}
+        for name in ("fused", "two", "ref"):
+            kc1, vc1 = kc.clone(), vc.clone()
+            if name == "ref":
+                qr = A.rope_write_kv_ref(q, k, v, pos, cos, sin, kc1, vc1, slots, scale)
+                o = A.decode_attention_ref(qr, kc1, vc1, bt, cl, sm, scale)
+            else:
+                A.FUSE_ROPE = name == "fused"
+                o = A.rope_decode_attention(q, k, v, pos, cos, sin, kc1, vc1, slots, bt, cl,
+                                            sm, scale, partition_size=part, impl="triton")
+            caches[name] = (o, kc1, vc1)
+        A.FUSE_ROPE = True
+        (of, kf, vf), (o2, k2, v2), (orf, kr, vr) = (caches[n] for n in ("fused", "two", "ref"))
+        if not (torch.equal(of, o2) and torch.equal(kf, k2) and torch.equal(vf, v2)):
+            fails.append(f"rope_decode_attention fused != two kernels {tag}: "
+                         f"{_rel(of, o2):.2e}")
+        tol = 1e-5 if qd == torch.float32 else 1e-2
+        # int8: the kernel's rotation may land a value one level off the reference's
+        ctol = 1.0 if kvd == torch.int8 else 1e-5 if kvd == torch.float32 else 2e-2
+        dk = (kf.float() - kr.float()).abs().max().item()
+        dv = (vf.float() - vr.float()).abs().max().item()
+        if not (_rel(of, orf) < tol and dk <= ctol and dv <= ctol):
+            fails.append(f"rope_decode_attention vs ref {tag}: out {_rel(of, orf):.2e}, "
+                         f"cache k {dk} v {dv}")
+        # the padding row wrote nothing; every other row wrote its slot
+        pb, pp = bt[-1, pos[-1] // bs].long(), pos[-1] % bs
+        if not (torch.equal(kf[pb, :, pp], kc[pb, :, pp])
+                and torch.equal(vf[pb, :, pp], vc[pb, :, pp])):
+            fails.append(f"rope_decode_attention wrote the padding row's slot {tag}")
+        if B > 1:
+            b0, p0 = bt[0, pos[0] // bs].long(), pos[0] % bs
+            if torch.equal(kf[b0, :, p0], kc[b0, :, p0]):
+                fails.append(f"rope_decode_attention did not write row 0's k {tag}")
+    return fails
+
+
 CHECKS = {"norms": _check_norms, "norm_partials": _check_norm_partials, "rope": _check_rope,
           "write": _check_write,
           "decode": _check_decode, "write_per_channel": _check_write_per_channel,
-          "decode_per_channel": _check_decode_per_channel}
+          "decode_per_channel": _check_decode_per_channel, "rope_decode": _check_rope_decode}
 
 
 def _run_in_interpreter(name: str) -> list:
@@ -600,3 +664,36 @@ def test_decode_config_override_is_checked():
                      ('{"max_partition_int8": 64, "block_n_int8": 128}', "at least")):
         with pytest.raises(ConfigError, match=msg):
             attn._decode_config_override(bad)
+
+
+def test_fuse_rope_switch_is_checked(monkeypatch):
+    """LLAMA_ENGINE_FUSE_ROPE_ATTN: 1 (default) or 0; anything else is a one-line error."""
+    from llama_engine.config import ConfigError
+    from llama_engine.kernels import attn
+    monkeypatch.delenv("LLAMA_ENGINE_FUSE_ROPE_ATTN", raising=False)
+    assert attn._fuse_rope_env() is True
+    monkeypatch.setenv("LLAMA_ENGINE_FUSE_ROPE_ATTN", "0")
+    assert attn._fuse_rope_env() is False
+    monkeypatch.setenv("LLAMA_ENGINE_FUSE_ROPE_ATTN", "yes")
+    with pytest.raises(ConfigError, match="must be 0 or 1"):
+        attn._fuse_rope_env()
+
+
+def test_rope_decode_attention_cpu_equals_two_ops():
+    """On the CPU (the reference path) the fused op is rope_write_kv then decode_attention."""
+    from llama_engine.kernels import attn as A
+    g = torch.Generator().manual_seed(9)
+    q, k, v = _qkv(2, 4, 2, 16, torch.float32, g)
+    cos, sin, _ = _rope_tables(64, 16)
+    kc = torch.randn(4, 2, 16, 16, generator=g)
+    vc = torch.randn(4, 2, 16, 16, generator=g)
+    bt = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    cl = torch.tensor([20, 5], dtype=torch.int32)
+    pos = (cl - 1).long()
+    slots = torch.tensor([0 * 16 + 3, 1 * 16 + 4])
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = A.rope_decode_attention(q, k, v, pos, cos, sin, kc, vc, slots, bt, cl, 0.25)
+    qr = A.rope_write_kv_ref(q, k, v, pos, cos, sin, kc2, vc2, slots)
+    ref = A.decode_attention_ref(qr, kc2, vc2, bt, cl, 0.25)
+    assert torch.equal(out, ref) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert torch.equal(vc[1, :, 4], v[1])  # the new token's v went to its slot

@@ -1,4 +1,5 @@
-"""The whole network with its Triton kernels (RMSNorm, fused RoPE + KV write, decode attention,
+"""The whole network with its Triton kernels (RMSNorm, decode attention with RoPE and the KV
+write fused in, prefill's RoPE + KV write,
 SwiGLU activation, skinny linears) against the same network on the PyTorch reference ops, on
 the CPU under ``TRITON_INTERPRET=1``: the model-level wiring of the kernels that only a GPU runs
 by default (``impl="auto"`` picks them on CUDA). Prefill, teacher-forced decode steps and the
@@ -62,13 +63,17 @@ def _run(engine_dir: str) -> dict:
         swiglu.append(kw.get("xact", 0) == 1)
         return out
     linear._launch_skinny = launch
+    real_decode, rope_fused = attn.decode_attention, []
+    attn.decode_attention = lambda *a, **k: rope_fused.append(
+        k.get("_rope") is not None) or real_decode(*a, **k)
     real_silu, silu_calls = act.silu_mul, []
     act.silu_mul = lambda *a, **k: silu_calls.append(1) or real_silu(*a, **k)
     got = _probe(eng)
     err = float((got - ref).norm() / ref.norm())
     return {"rel_err": err, "triton_calls": sum(calls), "partials": sum(launches),
             "reduced": len(launches) - sum(launches), "swiglu": sum(swiglu),
-            "silu_mul": len(silu_calls)}
+            "silu_mul": len(silu_calls), "rope_fused": sum(rope_fused),
+            "decode_attention": len(rope_fused)}
 
 
 def _build(tmp: str, name: str, extra: list) -> str:
@@ -87,6 +92,8 @@ def test_network_on_triton_kernels_equals_reference_ops(tmp_path, name, extra):
     assert r["triton_calls"] > 0 and r["partials"] > 0 and r["reduced"] > 0, r
     # down_proj's prologue computed every SwiGLU: one per layer and step, no silu_mul launch
     assert r["swiglu"] > 0 and r["silu_mul"] == 0, r
+    # every decode step's attention rotated q and wrote the new k / v itself
+    assert r["decode_attention"] > 0 and r["rope_fused"] == r["decode_attention"], r
     # int8 KV: the kernels quantize with the same correctly rounded division as the reference
     assert r["rel_err"] < 1e-4, r
 

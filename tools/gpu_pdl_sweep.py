@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Decode speed with programmatic dependent launch off and on (kernels/pdl.py), on one engine.
+"""Decode speed with programmatic dependent launch off and on (kernels/pdl.py), and with RoPE +
+KV write fused into decode attention or not (``+unfused``: attn.FUSE_ROPE), on one engine.
 
 Builds one random-weight engine (benchmark.py's ``Weights``), then for each setting switches
 ``pdl.set_mode`` in-process, drops the captured CUDA graphs and times ``generate`` as
 benchmark.py's latency grid does (median of 3 after a warm-up). Settings: ``off``, ``on``,
-``auto``. Every setting must give the greedy tokens of
-the first, bit for bit (PDL changes when kernels start, not their arithmetic): a mismatch is
+``auto``, each optionally ``+unfused``. Every setting must give the greedy tokens of
+the first, bit for bit (PDL changes when kernels start, not their arithmetic; the fused RoPE
+is rope_write_kv's arithmetic): a mismatch is
 reported and makes the exit status 1. One GPU, or tensor parallelism under ``torchrun``
 (rank 0 prints).
 
@@ -27,12 +29,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_setting(s: str) -> str:
-    """'off' | 'on' | 'auto' -> the PDL mode (kernels/pdl.py)."""
+def parse_setting(s: str) -> tuple[str, bool]:
+    """'off' | 'on' | 'auto', optionally '+unfused' -> (the PDL mode of kernels/pdl.py,
+    whether decode attention takes RoPE and the KV write in: attn.FUSE_ROPE)."""
     modes = {"off": "0", "on": "1", "auto": "auto"}
-    if s not in modes:
-        raise SystemExit(f"error: setting {s!r} is not off, on or auto")
-    return modes[s]
+    pdl_mode, *extra = s.split("+")
+    if pdl_mode not in modes or extra not in ([], ["unfused"]):
+        raise SystemExit(f"error: setting {s!r} is not off, on or auto, optionally followed "
+                         "by +unfused")
+    return modes[pdl_mode], not extra
 
 
 def main() -> int:
@@ -54,7 +59,7 @@ def main() -> int:
     try:
         import benchmark as bm
         from llama_engine import parallel
-        from llama_engine.kernels import pdl
+        from llama_engine.kernels import attn, pdl
     except ConfigError as e:          # e.g. a misspelt LLAMA_ENGINE_* switch
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -70,8 +75,9 @@ def main() -> int:
     for B in batches:
         prompts = bm.random_prompts(B, a.input_len, eng.config.model.vocab_size)
         ref = None
-        for name, mode in settings:
+        for name, (mode, fuse_rope) in settings:
             pdl.set_mode(mode)
+            attn.FUSE_ROPE = fuse_rope
             eng._graphs.invalidate()              # graphs keep the launches they captured
             r = bm.time_engine(eng, B, a.input_len, a.output_len)
             toks = eng.generate(prompts, a.output_len).output_ids
@@ -82,6 +88,7 @@ def main() -> int:
                    "batch": B, "tp": world,
                    "all_reduce": parallel.all_reduce_path(torch.device("cuda")),
                    "setting": name, "pdl": pdl.enabled(torch.zeros(1, device="cuda")),
+                   "rope_in_attention": fuse_rope,
                    "decode_tok_s": round(r["decode_tok_s"], 1),
                    "prefill_ms": round(r["prefill_s"] * 1e3, 2), "tokens_match": same}
             rows.append(row)

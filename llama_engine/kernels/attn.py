@@ -324,6 +324,14 @@ if HAS_TRITON:
         return y.to(tl.int8)
 
     @triton.jit
+    def _rot(x, xp, c, ss):
+        # One rotate-half RoPE output in fp32: x * cos + partner * (+-sin), with the FMA
+        # written out (left to the compiler, the two kernels contracted it differently and
+        # their greedy tokens parted): the decode attention kernel's fused RoPE gives the
+        # bits rope_write_kv gives.
+        return tl.fma(x, c, xp * ss)
+
+    @triton.jit
     def _rope_kv_kernel(Q, K, V, POS, COS, SIN, QO, KO, KC, VC, SLOT, KS, VS,
                         sq_n, sk_n, sv_n, s_cos, skc_b, svc_b,
                         H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
@@ -354,16 +362,16 @@ if HAS_TRITON:
             q1 = tl.load(qp, mask=m, other=0.0).to(tl.float32)
             q2 = tl.load(qp + HALF, mask=m, other=0.0).to(tl.float32)
             op = QO + n * (H * D) + h * D + d[None, :]
-            tl.store(op, (q1 * c - q2 * s).to(QO.dtype.element_ty), mask=m)
-            tl.store(op + HALF, (q2 * c + q1 * s).to(QO.dtype.element_ty), mask=m)
+            tl.store(op, _rot(q1, q2, c, -s).to(QO.dtype.element_ty), mask=m)
+            tl.store(op + HALF, _rot(q2, q1, c, s).to(QO.dtype.element_ty), mask=m)
         hk = tl.arange(0, BLOCK_HK)[:, None]
         mk = (hk < HKV) & dmask[None, :]
         kp = K + n * sk_n + hk * D + d[None, :]
         k1 = tl.load(kp, mask=mk, other=0.0).to(tl.float32)
         k2 = tl.load(kp + HALF, mask=mk, other=0.0).to(tl.float32)
         if ROPE:
-            k1r = k1 * c - k2 * s
-            k2 = k2 * c + k1 * s
+            k1r = _rot(k1, k2, c, -s)
+            k2 = _rot(k2, k1, c, s)
             k1 = k1r
         if STORE_K:
             op = KO + n * (HKV * D) + hk * D + d[None, :]
@@ -455,10 +463,11 @@ if HAS_TRITON:
     @triton.jit
     def _decode_attn_kernel(Q, KC, VC, KS, VS, BT, CL, OUT, WS, qk_scale, partition, splits,
                             sq_b, skc_b, svc_b, sbt_b,
+                            KN, VN, POS, SLOT, COS, SIN, skn_b, svn_b, s_cos,
                             G: tl.constexpr, G_PAD: tl.constexpr, HKV: tl.constexpr,
                             D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-                            MAGIC: tl.constexpr, QUANT: tl.constexpr,
+                            MAGIC: tl.constexpr, QUANT: tl.constexpr, ROPE: tl.constexpr,
                             NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
                             PDL: tl.constexpr):
         # grid = (B, Hkv, splits). Program (b, g, sp) attends the G query heads of KV head g of
@@ -468,6 +477,10 @@ if HAS_TRITON:
         # [blocks, HKV, BLOCK_SIZE, D] (block stride skc_b/svc_b), workspace WS (fp32) =
         # partial outputs [B, H, splits, D], then row maxima m and sums l [B, H, splits].
         # int8 caches (QUANT): KS/VS are the fp32 [HKV, D] dequantization scales.
+        # ROPE: rope_write_kv fused in front (decode: the new token is the last of its
+        # context). Q is then the unrotated q; KN / VN [B, HKV, D] (row strides skn_b / svn_b)
+        # the new token's k and v; POS / SLOT its position and cache slot (-1: none);
+        # COS / SIN the fp32 tables [positions, D/2] (row stride s_cos).
         wait_then_release(PDL)
         H: tl.constexpr = HKV * G
         b = tl.program_id(0)
@@ -483,8 +496,44 @@ if HAS_TRITON:
         gmask = gi < G
         heads = g * G + gi
         d = tl.arange(0, D)
-        q = tl.load(Q + b.to(tl.int64) * sq_b + heads[:, None] * D + d[None, :],
-                    mask=gmask[:, None], other=0.0)  # [G_PAD, D]
+        qp = Q + b.to(tl.int64) * sq_b + heads[:, None] * D
+        if ROPE:
+            # Every program rotates its q heads in registers, the arithmetic of rope_write_kv
+            # (_rot per element: x * cos + partner * (+-sin)). The program whose split holds
+            # the context's last token (end == ctx) rotates the new k of KV head g and writes
+            # it and v to the cache slot; the barrier makes those stores visible to this
+            # program's own tile loads below (no other program reads that slot).
+            HALF: tl.constexpr = D // 2
+            first = d < HALF
+            j = tl.where(first, d, d - HALF)
+            partner = tl.where(first, d + HALF, d - HALF)
+            pos = tl.load(POS + b).to(tl.int64)
+            c = tl.load(COS + pos * s_cos + j).to(tl.float32)
+            sn = tl.load(SIN + pos * s_cos + j).to(tl.float32)
+            ss = tl.where(first, -sn, sn)
+            x = tl.load(qp + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+            xp = tl.load(qp + partner[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+            q = _rot(x, xp, c[None, :], ss[None, :]).to(Q.dtype.element_ty)  # [G_PAD, D]
+            slot = tl.load(SLOT + b).to(tl.int64)
+            if (end == ctx) & (slot >= 0):
+                kp = KN + b.to(tl.int64) * skn_b + g.to(tl.int64) * D
+                kr = _rot(tl.load(kp + d).to(tl.float32), tl.load(kp + partner).to(tl.float32),
+                          c, ss)
+                vr = tl.load(VN + b.to(tl.int64) * svn_b + g.to(tl.int64) * D + d).to(
+                    tl.float32)
+                inner = g.to(tl.int64) * (BLOCK_SIZE * D) + (slot % BLOCK_SIZE) * D + d
+                blk = slot // BLOCK_SIZE
+                if QUANT:
+                    tl.store(KC + blk * skc_b + inner,
+                             _quant_int8(kr, tl.load(KS + g.to(tl.int64) * D + d)))
+                    tl.store(VC + blk * svc_b + inner,
+                             _quant_int8(vr, tl.load(VS + g.to(tl.int64) * D + d)))
+                else:
+                    tl.store(KC + blk * skc_b + inner, kr.to(KC.dtype.element_ty))
+                    tl.store(VC + blk * svc_b + inner, vr.to(VC.dtype.element_ty))
+            tl.debug_barrier()
+        else:
+            q = tl.load(qp + d[None, :], mask=gmask[:, None], other=0.0)  # [G_PAD, D]
         if QUANT:
             # q . (k_int8 * ks) = (q * ks) . k_int8: the K scales of this KV head go into q,
             # rounded back to q's dtype (the dot operand; qf and the MAGIC shift use the same
@@ -756,6 +805,50 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     return q_out
 
 
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                          context_lens: torch.Tensor, softmax_scale: float, kv_scale=None, *,
+                          max_context_len: Optional[int] = None,
+                          partition_size: Optional[int] = None,
+                          impl: str = "auto") -> torch.Tensor:
+    """A decode step's attention from the unrotated q [B,H,D], k, v [B,Hkv,D] of each
+    sequence's new token: ``rope_write_kv`` then ``decode_attention`` (same arguments, same
+    result bit for bit on CUDA), in one launch when ``FUSE_ROPE`` is on (the default;
+    ``LLAMA_ENGINE_FUSE_ROPE_ATTN=0`` turns it off): each attention program rotates its q
+    heads in registers, and the one whose split holds the context's last token writes the new
+    k / v first. The new token must be the last of its context (``context_lens`` counts it),
+    as in every decode step; a slot of -1 writes nothing."""
+    _check_rope(q, k, positions, cos, sin)
+    _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
+    kw = dict(max_context_len=max_context_len, partition_size=partition_size, impl=impl)
+    if not (FUSE_ROPE and _use_triton(impl, q, k, v, positions, cos, sin, k_cache, v_cache,
+                                      slot_mapping, block_tables, context_lens)):
+        q = rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                          kv_scale, impl=impl)
+        return decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                softmax_scale, kv_scale, **kw)
+    if slot_mapping.shape[0] != q.shape[0] or positions.shape[0] != q.shape[0]:
+        raise ConfigError("rope_decode_attention: one position and one slot per sequence")
+    cos, sin = _rope_tables_contig(cos, sin)
+    k, v = _heads_contig(k), _heads_contig(v)
+    return decode_attention(_heads_contig(q), k_cache, v_cache, block_tables, context_lens,
+                            softmax_scale, kv_scale, **kw,
+                            _rope=(k, v, positions, slot_mapping, cos, sin))
+
+
+def _fuse_rope_env() -> bool:
+    v = os.environ.get("LLAMA_ENGINE_FUSE_ROPE_ATTN", "1")
+    if v not in ("0", "1"):
+        raise ConfigError(f"LLAMA_ENGINE_FUSE_ROPE_ATTN must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+# rope_decode_attention's switch (read at each call: tools/gpu_pdl_sweep.py flips it).
+FUSE_ROPE = _fuse_rope_env()
+
+
 # Decode-attention launch parameters. Tuned on an H100 (see gpu_selfcheck); tests override them.
 DECODE_CONFIG = {
     "block_n": 64,          # tokens per inner tile (fp16/bf16/fp32 caches)
@@ -828,7 +921,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      softmax_scale: float, kv_scale=None, *,
                      max_context_len: Optional[int] = None,
                      partition_size: Optional[int] = None,
-                     impl: str = "auto") -> torch.Tensor:
+                     impl: str = "auto", _rope=None) -> torch.Tensor:
     """One new query token per sequence over its paged KV cache.
 
     q [B,H,D]; caches [num_blocks, Hkv, block_size, D] (model dtype, or int8 with
@@ -894,13 +987,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # one fp32 workspace: partial outputs [B, H, splits, D], then m and l [B, H, splits]
     ws = torch.empty(B * H * splits * (D + 2) if split else 1, dtype=torch.float32,
                      device=q.device)
+    if _rope is None:  # unread pointers (constexpr ROPE off): q stands in for them
+        kn = vn = pos = slots = cos = sin = q
+        s_cos = 0
+    else:
+        kn, vn, pos, slots, cos, sin = _rope
+        s_cos = cos.stride(0)
     _decode_attn_kernel[(B, hkv, splits)](
         q, k_cache, v_cache, ks, vs, block_tables, context_lens, out, ws, qk_scale, part,
         splits, q.stride(0), k_cache.stride(0), v_cache.stride(0), block_tables.stride(0),
+        kn, vn, pos, slots, cos, sin, kn.stride(0), vn.stride(0), s_cos,
         G=G, G_PAD=g_pad, HKV=hkv, D=D, BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLIT=split,
         USE_DOT=use_dot, IEEE=q.dtype == torch.float32,
         MAGIC=use_dot and quant and q.dtype == torch.float16 and cfg["int8_magic"],
-        QUANT=quant, NUM_STAGES=cfg["num_stages_int8" if quant else "num_stages"],
+        QUANT=quant, ROPE=_rope is not None,
+        NUM_STAGES=cfg["num_stages_int8" if quant else "num_stages"],
         INTERPRET=_INTERPRET, num_warps=cfg["num_warps_int8" if quant else "num_warps"],
         **pdl.launch_kw(q))
     if split:
@@ -1171,6 +1272,46 @@ def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
                     rows[-1]["host_us"] = _host_us(fn)  # launch overhead of the 2 kernels
                 del kc, vc
 
+    # --- decode attention with RoPE + KV write fused in, against the two kernels ----------
+    global FUSE_ROPE
+    saved = FUSE_ROPE
+    try:
+        for B, ctx, h, hkv in ((1, 7, 40, 40), (1, 300, 40, 40), (8, 2048, H, H),
+                               (32, 129, 64, 8)):
+            for kvd in (dt, torch.int8):
+                scale = random_kv_scales(hkv, D, 0.02, device) if kvd == torch.int8 else None
+                kc, vc, bt, cl = make_paged_cache(B, ctx, hkv, D, 64, kvd, device,
+                                                  extra_blocks=2)
+                qkv = torch.randn(B, (h + 2 * hkv) * D, dtype=dt, device=device)
+                q = qkv[:, :h * D].view(B, h, D)
+                k = qkv[:, h * D:(h + hkv) * D].view(B, hkv, D)
+                v = qkv[:, (h + hkv) * D:].view(B, hkv, D)
+                pos = (cl - 1).long()
+                slots = bt.gather(1, (pos // 64)[:, None]).squeeze(1).long() * 64 + pos % 64
+                if B > 1:
+                    slots[-1] = -1
+                res = {}
+                for fused in (True, False):
+                    FUSE_ROPE = fused
+                    k1, v1 = kc.clone(), vc.clone()
+                    fn = lambda: rope_decode_attention(  # noqa: E731
+                        q, k, v, pos, cos, sin, k1, v1, slots, bt, cl, 1 / math.sqrt(D),
+                        scale)
+                    res[fused] = (fn(), k1, v1, _time_ms(fn, flush=flush))
+                (o, k1, v1, ms), (o2, k2, v2, ms2) = res[True], res[False]
+                # bit for bit the two kernels' result: rel_err is the largest difference
+                err = max(_rel_err(o, o2), _rel_err(k1.float(), k2.float()),
+                          _rel_err(v1.float(), v2.float()))
+                kvname = "int8" if kvd == torch.int8 else "fp16"
+                esz = 1 if kvd == torch.int8 else 2
+                row("rope_decode_attention", B, ctx, kvname, "fused", err, ms,
+                    2 * B * ctx * hkv * D * esz, 1e-30, 64, h, hkv)
+                rows[-1].update(two_kernels_ms=ms2, out_equal=torch.equal(o, o2),
+                                k_equal=torch.equal(k1, k2), v_equal=torch.equal(v1, v2))
+                del kc, vc, k1, v1, k2, v2
+    finally:
+        FUSE_ROPE = saved
+
     # --- prefill attention (SDPA) --------------------------------------------------------
     for T, S, h, hkv in ((2048, 2048, H, H), (512, 1536, H, H), (1024, 1024, 64, 8)):
         q = torch.randn(T, h, D, dtype=dt, device=device)
@@ -1186,15 +1327,18 @@ def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     """A fixed-width table of gpu_selfcheck rows, then the int8-vs-fp16 decode speedups."""
-    lines = [f"{'op':18s} {'B':>5s} {'ctx':>5s} {'H/Hkv':>6s} {'bs':>5s} {'kv':>5s} "
+    lines = [f"{'op':21s} {'B':>5s} {'ctx':>5s} {'H/Hkv':>6s} {'bs':>5s} {'kv':>5s} "
              f"{'rel_err':>9s} {'ms':>8s} {'GB/s':>7s} ok"]
     for r in rows:
         lines.append(
-            f"{r['op']:18s} {r['B']:5d} {str(r['ctx'] or '-'):>5s} "
+            f"{r['op']:21s} {r['B']:5d} {str(r['ctx'] or '-'):>5s} "
             f"{str(r['H']) + '/' + str(r['Hkv']):>6s} {str(r['block_size'] or '-'):>5s} "
             f"{r['kv_dtype']:>5s} {r['rel_err']:9.2e} {r['ms']:8.4f} "
             f"{(r['GBps'] or 0):7.0f} {'ok' if r['ok'] else 'FAIL'}"
-            + (f"  host {r['host_us']:.0f} us/call" if 'host_us' in r else ""))
+            + (f"  host {r['host_us']:.0f} us/call" if 'host_us' in r else "")
+            + (f"  two kernels {r['two_kernels_ms']:.4f} ms; bit-equal out/k/v "
+               f"{r['out_equal']}/{r['k_equal']}/{r['v_equal']}"
+               if 'two_kernels_ms' in r else ""))
     dec = {(r["B"], r["ctx"], r["H"], r["Hkv"], r["block_size"], r["kv_dtype"]): r["ms"]
            for r in rows if r["op"] == "decode_attention"}
     for key, ms in dec.items():
