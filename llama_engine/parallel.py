@@ -234,12 +234,15 @@ class OneShotAllReduce:
         self.fuse = fuse
         self.plain = _SymmetricState(self.device, group)
         self.fused = _SymmetricState(self.device, group) if self.fuse else None
+        self.gather = _SymmetricState(self.device, group)
         torch.cuda.synchronize(self.device)
         _dist().barrier()  # nobody pushes before every rank has cleared its flags
-        problem = self.plain.problem or (self.fused.problem if self.fused else "")
+        problem = self.plain.problem or self.gather.problem or (
+            self.fused.problem if self.fused else "")
         if problem:
             raise RuntimeError(problem)
         self._kernel, self._fused_kernel = comm.one_shot_all_reduce, comm.one_shot_add_rms_norm
+        self._gather_kernel = comm.one_shot_all_gather
 
     def takes(self, x) -> bool:
         """x (a tensor, or split-K partials for the fused op) fits the one-shot path."""
@@ -254,6 +257,9 @@ class OneShotAllReduce:
 
     def add_rms_norm(self, x, residual, weight, eps):
         return self._fused_kernel(x, residual, weight, eps, *self.fused.args)
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gather_kernel(x, *self.gather.args)
 
 
 class PendingAllReduce:
@@ -311,6 +317,7 @@ def setup_all_reduce(device) -> None:
     if get_world_size() == 1:
         return
     mode, fuse = tp_allreduce_mode(), tp_fuse_norm()  # a misspelt value is an error anywhere
+    tp_parallel_embedding()
     device = _cuda_device(device)
     if device.type != "cuda" or device in _ONESHOT:
         return
@@ -369,6 +376,9 @@ def all_gather_last(x: torch.Tensor) -> torch.Tensor:
         return x
     x = x.contiguous()
     if x.is_cuda:
+        fast = _ONESHOT.get(x.device)
+        if fast is not None and fast.takes(x):
+            return fast.all_gather_last(x)   # the one-shot kernel (logits at decode)
         # NCCL: one output buffer (also what CUDA-graph capture needs); gloo lacks this call.
         out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)  # [world, ..., n]
         _dist().all_gather_into_tensor(out, x)
@@ -433,11 +443,43 @@ class VocabParallelLMHead(nn.Module):
         return all_gather_last(self.inner(x))[..., : self.vocab_size]
 
 
+def tp_parallel_embedding() -> bool:
+    """LLAMA_ENGINE_TP_PARALLEL_EMBEDDING: 0 (default) gathers the embedding's vocabulary shards
+    when the engine loads, so every rank looks its tokens up in the whole table: no all-reduce
+    and no masking per step, for 1 - 1/tp of the table more memory a rank (TensorRT-LLM, too,
+    replicates the embedding unless built with --use_parallel_embedding); 1 keeps it
+    vocabulary-parallel (VocabParallelEmbedding)."""
+    v = os.environ.get("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", "0")
+    if v not in ("0", "1"):
+        raise ConfigError(f"LLAMA_ENGINE_TP_PARALLEL_EMBEDDING must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[n, ...] on each rank -> [world * n, ...], rank r's rows at [r*n, (r+1)*n)."""
+    world = get_world_size()
+    if world == 1:
+        return x
+    x = x.contiguous()
+    if x.is_cuda:
+        out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        _dist().all_gather_into_tensor(out, x)
+        return out
+    parts = [torch.empty_like(x) for _ in range(world)]
+    _dist().all_gather(parts, x)
+    return torch.cat(parts)
+
+
 def make_vocab_parallel(model: nn.Module, vocab_size: int, rank: int) -> None:
-    """Swap a rank's Transformer embedding / lm_head (built from vocabulary shards) for the
-    vocabulary-parallel wrappers."""
+    """Give a rank's Transformer (built from vocabulary shards) its whole embedding table,
+    gathered from every rank (collective: every rank at the same point), or with
+    LLAMA_ENGINE_TP_PARALLEL_EMBEDDING=1 the vocabulary-parallel embedding; and the
+    vocabulary-parallel lm_head (its logits all-gathered)."""
     weight = model.embed.weight.data
-    model.embed = VocabParallelEmbedding(weight, rank * weight.shape[0])
+    if tp_parallel_embedding():
+        model.embed = VocabParallelEmbedding(weight, rank * weight.shape[0])
+    else:
+        model.embed = nn.Embedding.from_pretrained(all_gather_rows(weight), freeze=True)
     model.lm_head = VocabParallelLMHead(model.lm_head, vocab_size)
 
 

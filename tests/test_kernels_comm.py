@@ -6,7 +6,7 @@ The interpreter runs one process, so the kernel meets no real peer here: with on
 raises and waits for its own flags, call after call (the epochs and buffer halves advance),
 and must return its input; with two ranks and the waits off it must push its input into its
 slot of both buffers and sum its own buffer's slots (the peer's filled by the test) in rank
-order, rounded once. Peers over NVLink are checked on GPUs by tools/gpu_tp_check.py."""
+order, rounded once; the all-gather likewise places the blocks. Peers over NVLink are checked on GPUs by tools/gpu_tp_check.py."""
 from __future__ import annotations
 
 import json
@@ -84,6 +84,7 @@ def _check() -> list:
             if peer[1, 0].abs().sum() != 0 or mine[0].abs().sum() != 0 or peer[0].abs().sum():
                 fails.append(f"2 ranks n={n} {dt}: wrote outside its slot of half 1")
     fails += _check_fused(g)
+    fails += _check_gather(g)
     return fails
 
 
@@ -142,6 +143,39 @@ def _check_fused(g) -> list:
     return fails
 
 
+def _check_gather(g) -> list:
+    """one_shot_all_gather: one rank with its flags (the output is the input, call after call);
+    two ranks without the waits, the peer's block pre-filled: [rows, 2 * cols] with rank r's
+    columns at [r * cols, (r + 1) * cols), and this rank's block pushed to both buffers."""
+    from llama_engine.kernels import comm
+    fails = []
+    slot = 4 * (comm.MAX_PROGRAMS + 1) * comm.BLOCK
+    for dt in (torch.float16, torch.float32):
+        elems = slot // torch.tensor([], dtype=dt).element_size()
+        buf, pad, epochs, bufs, pads = _one_rank_state(slot)
+        for shape in ((1, 300), (3, 1000), (2, comm.MAX_PROGRAMS * comm.BLOCK // 2 + 5)):
+            for _ in range(2):
+                x = torch.randn(shape, generator=g).to(dt)
+                out = comm.one_shot_all_gather(x, bufs, pads, epochs, slot, 0, 1)
+                if not torch.equal(out, x):
+                    fails.append(f"all-gather 1 rank {shape} {dt}: output is not the input")
+            x = torch.randn(shape, generator=g).to(dt)
+            other = torch.randn(shape, generator=g).to(dt)
+            mine = torch.zeros(2, 2, elems, dtype=dt)   # [half, slot, elems]
+            peer = torch.zeros(2, 2, elems, dtype=dt)
+            mine[1, 0, : x.numel()] = other.reshape(-1)  # rank 0's block; this one is rank 1
+            bufs2 = torch.tensor([peer.data_ptr(), mine.data_ptr()], dtype=torch.int64)
+            ep = torch.zeros(comm.MAX_PROGRAMS, dtype=torch.int32)
+            out = comm.one_shot_all_gather(x, bufs2, pads, ep, slot, 1, 2, sync=False)
+            if not torch.equal(out, torch.cat([other, x], dim=-1)):
+                fails.append(f"all-gather 2 ranks {shape} {dt}: not [rank 0 | rank 1] blocks")
+            for name, b in (("own", mine), ("peer's", peer)):
+                if not torch.equal(b[1, 1, : x.numel()], x.reshape(-1)):
+                    fails.append(f"all-gather 2 ranks {shape} {dt}: {name} slot 1 is not the "
+                                 "push")
+    return fails
+
+
 def test_one_shot_all_reduce_kernel_interpreted():
     assert run_interpreted_json(__file__, "--check") == []
 
@@ -164,6 +198,13 @@ def test_tp_allreduce_mode_is_validated(monkeypatch):
     monkeypatch.setenv("LLAMA_ENGINE_TP_FUSE_NORM", "false")
     with pytest.raises(ConfigError, match="LLAMA_ENGINE_TP_FUSE_NORM must be 0 or 1"):
         parallel.tp_fuse_norm()
+    monkeypatch.delenv("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", raising=False)
+    assert parallel.tp_parallel_embedding() is False
+    monkeypatch.setenv("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", "1")
+    assert parallel.tp_parallel_embedding() is True
+    monkeypatch.setenv("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", "yes")
+    with pytest.raises(ConfigError, match="LLAMA_ENGINE_TP_PARALLEL_EMBEDDING must be 0 or 1"):
+        parallel.tp_parallel_embedding()
 
 
 def test_single_process_all_reduce_is_identity_and_path_none():

@@ -74,6 +74,12 @@ def _kernels():
                   USE_RINT=True, ITERS_A=0, XACT=0, XSPLIT=1, XDT=None)
     gemv_ptrs = {"x_ptr": "*fp16", "w_ptr": "*fp16", "s_ptr": "*fp16", "xs_ptr": "*fp16",
                  "sm_ptr": "*fp16", "out_ptr": "*fp16"}
+    decode_ptrs = dict({k: "*fp16" for k in "Q KC VC KS VS OUT KN VN".split()}, BT="*i32",
+                       CL="*i32", WS="*fp32", POS="*i64", SLOT="*i64", COS="*fp32",
+                       SIN="*fp32")
+    decode = dict(G=1, G_PAD=16, HKV=40, D=128, BLOCK_N=64, BLOCK_SIZE=16, SPLIT=True,
+                  USE_DOT=True, IEEE=False, MAGIC=False, QUANT=False, NUM_STAGES=2,
+                  INTERPRET=False)
     return {
         "skinny dot (fp16)": (L._skinny_dot_kernel, gemv_ptrs, dict(skinny, DOT_PREC="tf32"),
                               ()),
@@ -94,16 +100,19 @@ def _kernels():
             dict(H=40, HKV=40, HALF=64, ROPE=True, DO_Q=True, STORE_K=False, WRITE_CACHE=True,
                  QUANT=False, BLOCK_H=64, BLOCK_HK=64, BLOCK_HALF=64, BLOCK_SIZE=16), ()),
         "decode attention": (
-            attn._decode_attn_kernel,
-            dict({k: "*fp16" for k in "Q KC VC KS VS OUT".split()}, BT="*i32", CL="*i32",
-                 WS="*fp32"),
-            dict(G=1, G_PAD=16, HKV=40, D=128, BLOCK_N=64, BLOCK_SIZE=16, SPLIT=True,
-                 USE_DOT=True, IEEE=False, MAGIC=False, QUANT=False, NUM_STAGES=2,
-                 INTERPRET=False), ("qk_scale",)),
+            attn._decode_attn_kernel, decode_ptrs,
+            dict(decode, ROPE=False), ("qk_scale",)),
+        "decode attention with RoPE + KV write": (
+            attn._decode_attn_kernel, decode_ptrs,
+            dict(decode, ROPE=True), ("qk_scale",)),
         "one-shot all-reduce": (
             comm._one_shot_all_reduce_kernel,
             {"X": "*fp16", "OUT": "*fp16", "BUFS": "*i64", "PADS": "*i64", "EPOCHS": "*i32"},
             dict(ITERS=1, WORLD=2, SYNC=True, ASM=True, F64=False, BLOCK=1024), ()),
+        "one-shot all-gather": (
+            comm._one_shot_all_gather_kernel,
+            {"X": "*fp16", "OUT": "*fp16", "BUFS": "*i64", "PADS": "*i64", "EPOCHS": "*i32"},
+            dict(ITERS=1, WORLD=2, SYNC=True, ASM=True, BLOCK=1024), ()),
         "one-shot all-reduce + norm": (
             comm._one_shot_add_rms_norm_kernel,
             {"X": "*fp16", "R": "*fp16", "W": "*fp16", "OUT": "*fp16", "RES_OUT": "*fp16",

@@ -3,7 +3,8 @@
 Tiny random LLaMAs, MHA, GQA with fewer KV heads (2) than ranks (4) and MQA with tied
 embeddings, a vocabulary (510)
 that 4 ranks must pad: logits at prefill and decode equal one process's (fp32, 1e-5), greedy
-tokens equal (float64) and agree on every rank, int8 weight-only too; the sharding of the
+tokens equal (float64) and agree on every rank, int8 weight-only too; the embedding gathered
+whole (2 ranks, the default) or vocabulary-parallel (4); the sharding of the
 quantized tensors, the TensorRT-LLM export per rank, and the build errors.
 
 This file is also the ranks' program: ``torchrun ... tests/test_tp.py --worker OUT ENGINE...``.
@@ -37,7 +38,8 @@ def worker(out_dir: str, engine_dirs: list) -> None:
         rank, name = parallel.get_rank(), os.path.basename(d)
         with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:
             json.dump({"greedy": res["greedy"], "sampled": sampled,
-                       "kv_heads": eng.config.model.num_key_value_heads}, f)
+                       "kv_heads": eng.config.model.num_key_value_heads,
+                       "embedding": type(eng.model.embed).__name__}, f)
         if rank == 0:
             torch.save(res, os.path.join(out_dir, f"{name}.pt"))
 
@@ -64,6 +66,8 @@ def results(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     for tp in (2, 4):
         dirs = [d for d in (build_engine(tmp, n, tp) for n in ENGINES) if d]
+        # 2 ranks gather the whole embedding table (the default), 4 keep it vocabulary-parallel
+        env["LLAMA_ENGINE_TP_PARALLEL_EMBEDDING"] = "1" if tp == 4 else "0"
         res_dir = tmp / f"res{tp}"
         res_dir.mkdir()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -80,6 +84,7 @@ def results(tmp_path_factory):
             out[tp][n]["rank_greedy"] = [r["greedy"] for r in ranks]
             out[tp][n]["kv_heads"] = [r["kv_heads"] for r in ranks]
             out[tp][n]["rank_sampled"] = [r["sampled"] for r in ranks]
+            out[tp][n]["embedding"] = {r["embedding"] for r in ranks}
     return out
 
 
@@ -103,6 +108,13 @@ def test_greedy_tokens_equal_and_agree_on_all_ranks(results, tp, name):
     assert many["greedy"] == one["greedy"]
     assert all(g == one["greedy"] for g in many["rank_greedy"])
     assert all(g == many["rank_sampled"][0] for g in many["rank_sampled"])
+
+
+def test_embedding_gathered_or_vocab_parallel(results):
+    # LLAMA_ENGINE_TP_PARALLEL_EMBEDDING: 0 (tp=2 here) whole table per rank, 1 (tp=4) shards
+    for name in ("mha-fp32", "mqa-tied-fp32"):
+        assert results[2][name]["embedding"] == {"Embedding"}
+        assert results[4][name]["embedding"] == {"VocabParallelEmbedding"}
 
 
 def test_kv_heads_per_rank(results):

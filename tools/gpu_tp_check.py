@@ -143,6 +143,18 @@ def probe_all_reduce() -> dict:
     out["us_per_call"]["configured + add_rms_norm 1x5120"] = timed(
         lambda: ops.add_rms_norm(parallel.PendingAllReduce(x, fast) if fused
                                  else parallel.all_reduce(x), res, w, 1e-5))
+    # the logits' all-gather (a vocabulary-parallel lm_head's [M, V/tp] shards)
+    for M, n in ((1, 16000), (4, 16000), (3, 1001)):
+        x = torch.randn(M, n, generator=g).half().to(dev)
+        want = torch.empty(parallel.get_world_size(), M, n, dtype=x.dtype, device=dev)
+        dist.all_gather_into_tensor(want, x)
+        want = torch.movedim(want, 0, -2).reshape(M, -1)
+        out["equal"][f"all_gather_last M{M} n{n}"] = bool(
+            torch.equal(parallel.all_gather_last(x), want))
+    x = torch.randn(1, 16000, generator=g).half().to(dev)
+    want = torch.empty(parallel.get_world_size(), 1, 16000, dtype=x.dtype, device=dev)
+    out["us_per_call"]["nccl all_gather 1x16000"] = timed(dist.all_gather_into_tensor, want, x)
+    out["us_per_call"]["configured all_gather_last 1x16000"] = timed(parallel.all_gather_last, x)
     return out
 
 

@@ -135,6 +135,40 @@ if HAS_TRITON:
         tl.store(EPOCHS + pid, epoch)
 
     @triton.jit
+    def _one_shot_all_gather_kernel(X, OUT, BUFS, PADS, EPOCHS, n, cols, cap, rank,
+                                    ITERS: tl.constexpr, WORLD: tl.constexpr,
+                                    SYNC: tl.constexpr, ASM: tl.constexpr,
+                                    BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # The plain kernel's push / flags / wait, then a copy instead of a sum: element i of
+        # rank r's flat local [rows, cols] goes to OUT[i // cols, r * cols + i % cols]
+        # ([rows, WORLD * cols]: the ranks' blocks side by side along the last dim).
+        wait_then_release(PDL)
+        pid = tl.program_id(0)
+        grid = tl.num_programs(0)
+        dt = X.dtype.element_ty
+        epoch = tl.load(EPOCHS + pid) + 1
+        half = epoch % 2
+        for i in tl.static_range(ITERS):
+            offs = (i * grid + pid) * BLOCK + tl.arange(0, BLOCK)
+            m = offs < n
+            x = tl.load(X + offs, mask=m)
+            for r in tl.static_range(WORLD):
+                dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
+                tl.store(dst + (half * WORLD + rank) * cap + offs, x, mask=m)
+        if SYNC:
+            _signal_and_wait(PADS, pid, rank, epoch, WORLD, ASM)
+        own = tl.load(BUFS + rank).to(tl.pointer_type(dt))
+        for i in tl.static_range(ITERS):
+            offs = (i * grid + pid) * BLOCK + tl.arange(0, BLOCK)
+            m = offs < n
+            row = offs // cols
+            col = offs % cols
+            for r in tl.static_range(WORLD):
+                v = tl.load(own + (half * WORLD + r) * cap + offs, mask=m)
+                tl.store(OUT + row * (WORLD * cols) + r * cols + col, v, mask=m)
+        tl.store(EPOCHS + pid, epoch)
+
+    @triton.jit
     def _one_shot_add_rms_norm_kernel(X, R, W, OUT, RES_OUT, BUFS, PADS, EPOCHS, M, D, cap,
                                       stride_s, eps, rank, S: tl.constexpr,
                                       ITERS: tl.constexpr, WORLD: tl.constexpr,
@@ -220,6 +254,26 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
         ITERS=-(-n // (grid * BLOCK)), WORLD=world, SYNC=sync, ASM=x.is_cuda,
         F64=x.dtype == torch.float64,
         BLOCK=BLOCK, num_warps=NUM_WARPS, **pdl.launch_kw(x))
+
+
+def one_shot_all_gather(x: torch.Tensor, bufs: torch.Tensor, pads: torch.Tensor,
+                        epochs: torch.Tensor, slot_bytes: int, rank: int, world: int,
+                        sync: bool = True) -> torch.Tensor:
+    """[..., n] on each rank -> [..., world * n], rank r's block at [r*n, (r+1)*n): x
+    contiguous, ``x.nbytes <= slot_bytes``; the buffers as for ``one_shot_all_reduce`` but
+    this op's own."""
+    cols = x.shape[-1]
+    out = torch.empty((*x.shape[:-1], world * cols), dtype=x.dtype, device=x.device)
+    n = x.numel()
+    if n == 0:
+        return out
+    assert x.nbytes <= slot_bytes and x.is_contiguous()
+    grid = num_programs(n)
+    _one_shot_all_gather_kernel[(grid,)](
+        x, out, bufs, pads, epochs, n, cols, slot_bytes // x.element_size(), rank,
+        ITERS=-(-n // (grid * BLOCK)), WORLD=world, SYNC=sync, ASM=x.is_cuda,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, **pdl.launch_kw(x))
+    return out
 
 
 def one_shot_add_rms_norm(x, residual: torch.Tensor, weight: torch.Tensor,
