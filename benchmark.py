@@ -256,16 +256,26 @@ def categorize(name: str) -> str:
 
 
 def categorize_trace(path: str) -> dict:
-    """GPU time per category (ms) from a Chrome/Perfetto trace written by --profile."""
+    """GPU time per category (ms) from a Chrome/Perfetto trace written by --profile: each
+    kernel or copy counts the time by which it moves the GPU's busy frontier (its end less
+    the latest end before it, or its duration when it starts after that). With programmatic
+    dependent launch a kernel starts while its predecessor runs and waits for it; its
+    duration then counts the wait too, and durations sum to more than the wall time."""
     import gzip
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         d = json.load(f)
+    events = sorted((e for e in (d["traceEvents"] if isinstance(d, dict) else d)
+                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                    key=lambda e: e["ts"])
     per_cat: dict = {}
-    for e in d["traceEvents"] if isinstance(d, dict) else d:
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
-            cat = categorize(e["name"])
-            per_cat[cat] = per_cat.get(cat, 0.0) + e["dur"] / 1e3
+    frontier = None
+    for e in events:
+        start, end = e["ts"], e["ts"] + e["dur"]
+        gain = end - max(start, frontier) if frontier is not None else e["dur"]
+        frontier = end if frontier is None else max(frontier, end)
+        cat = categorize(e["name"])
+        per_cat[cat] = per_cat.get(cat, 0.0) + max(gain, 0.0) / 1e3
     return per_cat
 
 

@@ -123,3 +123,19 @@ def test_serving_takes_one_mode(tmp_path, capsys):
                          "--out_json", str(tmp_path / "b.json")])
     assert rc == 2 and "--serving runs one mode" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_categorize_trace_counts_overlapping_kernels_once(tmp_path):
+    """Kernels launched with PDL start before their predecessor ends: each counts only the
+    time it adds to the busy frontier, so the categories sum to the busy span."""
+    import json
+
+    import benchmark
+    ev = [{"cat": "kernel", "name": "_skinny_dot_kernel", "ts": 0.0, "dur": 20.0},
+          {"cat": "kernel", "name": "_rms_norm_kernel", "ts": 5.0, "dur": 19.0},   # waits
+          {"cat": "kernel", "name": "_decode_attn_kernel", "ts": 30.0, "dur": 4.0},  # gap 6
+          {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 99.0}]
+    p = tmp_path / "trace.json"
+    p.write_text(json.dumps({"traceEvents": ev}))
+    got = benchmark.categorize_trace(str(p))
+    assert got == {"weight GEMM/GEMV": 0.020, "RMSNorm": 0.004, "attention": 0.004}
