@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Decode speed with programmatic dependent launch off and on (kernels/pdl.py), and with RoPE +
-KV write fused into decode attention or not (``+unfused``: attn.FUSE_ROPE), on one engine.
+"""Decode speed with programmatic dependent launch off and on (kernels/pdl.py), with RoPE + KV
+write fused into decode attention or not (``+unfused``: attn.FUSE_ROPE), and under TP with the
+one-shot all-reduce fused with the next norm or not (``+plainar``), on one engine.
 
 Builds one random-weight engine (benchmark.py's ``Weights``), then for each setting switches
 ``pdl.set_mode`` in-process, drops the captured CUDA graphs and times ``generate`` as
 benchmark.py's latency grid does (median of 3 after a warm-up). Settings: ``off``, ``on``,
-``auto``, each optionally ``+unfused``. Every setting must give the greedy tokens of
+``auto``, each optionally ``+unfused`` and/or ``+plainar``. Every setting must give the greedy tokens of
 the first, bit for bit (PDL changes when kernels start, not their arithmetic; the fused RoPE
 is rope_write_kv's arithmetic): a mismatch is
 reported and makes the exit status 1. One GPU, or tensor parallelism under ``torchrun``
@@ -29,15 +30,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_setting(s: str) -> tuple[str, bool]:
-    """'off' | 'on' | 'auto', optionally '+unfused' -> (the PDL mode of kernels/pdl.py,
-    whether decode attention takes RoPE and the KV write in: attn.FUSE_ROPE)."""
+def parse_setting(s: str) -> tuple[str, bool, bool]:
+    """'off' | 'on' | 'auto', then optionally '+unfused' and/or '+plainar' -> (the PDL mode of
+    kernels/pdl.py, whether decode attention takes RoPE and the KV write in (attn.FUSE_ROPE),
+    whether TP's one-shot all-reduce after a row-parallel linear is fused with the next
+    add_rms_norm (OneShotAllReduce.fuse; '+plainar': the plain kernel, then the norm))."""
     modes = {"off": "0", "on": "1", "auto": "auto"}
     pdl_mode, *extra = s.split("+")
-    if pdl_mode not in modes or extra not in ([], ["unfused"]):
+    if pdl_mode not in modes or not set(extra) <= {"unfused", "plainar"}:
         raise SystemExit(f"error: setting {s!r} is not off, on or auto, optionally followed "
-                         "by +unfused")
-    return modes[pdl_mode], not extra
+                         "by +unfused and/or +plainar")
+    return modes[pdl_mode], "unfused" not in extra, "plainar" not in extra
 
 
 def main() -> int:
@@ -75,9 +78,12 @@ def main() -> int:
     for B in batches:
         prompts = bm.random_prompts(B, a.input_len, eng.config.model.vocab_size)
         ref = None
-        for name, (mode, fuse_rope) in settings:
+        for name, (mode, fuse_rope, fuse_ar) in settings:
             pdl.set_mode(mode)
             attn.FUSE_ROPE = fuse_rope
+            fast = parallel._ONESHOT.get(torch.device("cuda", torch.cuda.current_device()))
+            if fast is not None and fast.fused is not None:
+                fast.fuse = fuse_ar               # read by RowParallelLinear at each call
             eng._graphs.invalidate()              # graphs keep the launches they captured
             r = bm.time_engine(eng, B, a.input_len, a.output_len)
             toks = eng.generate(prompts, a.output_len).output_ids
