@@ -584,7 +584,12 @@ def sections_markdown(res: dict) -> str:
                             "fused with the next RMSNorm; no suffix: NCCL)"),
                            ("tp_h200_pdl", "Tensor parallelism on 2x NVIDIA H200 with "
                             "programmatic dependent launch (run 7 call g; oneshot: the "
-                            "one-shot all-reduce, not fused; no suffix: NCCL)")):
+                            "one-shot all-reduce, not fused; no suffix: NCCL)"),
+                           ("tp_h200_run8", "Tensor parallelism on 2x NVIDIA H200, run 8 "
+                            "(RoPE in decode attention, one-shot logits all-gather, embedding "
+                            "gathered; call d, pemb rows call c with "
+                            "LLAMA_ENGINE_TP_PARALLEL_EMBEDDING=1; oneshot: not fused with the "
+                            "norm; +norm: the default; no suffix: NCCL)")):
         rows = res.get(section) or {}
         if rows:
             out += ["", f"### {title}", "",
