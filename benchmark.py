@@ -237,7 +237,7 @@ def time_hf(model, batch: int, input_len: int, output_len: int, compile_: bool,
 # Profile
 # ---------------------------------------------------------------------------------------------
 CATEGORIES = [
-    ("all-reduce (NCCL or one-shot)", ("nccl", "allreduce", "all_reduce")),
+    ("all-reduce (NCCL or one-shot)", ("nccl", "allreduce", "all_reduce", "all_gather")),
     ("attention", ("decode_attn", "decode_merge", "sdpa", "flash", "fmha", "attention")),
     ("kv-cache write (+RoPE)", ("rope_kv", "write_kv", "kv_write")),
     ("weight GEMM/GEMV", ("skinny", "splitk", "gemv", "gemm", "cutlass", "xmma", "int_mm",

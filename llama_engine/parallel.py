@@ -369,23 +369,32 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[n, ...] on each rank -> [world * n, ...], rank r's rows at [r*n, (r+1)*n)."""
+    world = get_world_size()
+    if world == 1:
+        return x
+    x = x.contiguous()
+    if x.is_cuda:
+        out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        _dist().all_gather_into_tensor(out, x)
+        return out
+    parts = [torch.empty_like(x) for _ in range(world)]
+    _dist().all_gather(parts, x)
+    return torch.cat(parts)
+
+
 def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     """[..., n] on each rank -> [..., world * n], rank r's block at [r*n, (r+1)*n)."""
     world = get_world_size()
     if world == 1:
         return x
     x = x.contiguous()
-    if x.is_cuda:
-        fast = _ONESHOT.get(x.device)
-        if fast is not None and fast.takes(x):
-            return fast.all_gather_last(x)   # the one-shot kernel (logits at decode)
-        # NCCL: one output buffer (also what CUDA-graph capture needs); gloo lacks this call.
-        out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)  # [world, ..., n]
-        _dist().all_gather_into_tensor(out, x)
-        return torch.movedim(out, 0, -2).reshape(*x.shape[:-1], world * x.shape[-1])
-    parts = [torch.empty_like(x) for _ in range(world)]
-    _dist().all_gather(parts, x)
-    return torch.cat(parts, dim=-1)
+    fast = _ONESHOT.get(x.device) if x.is_cuda else None
+    if fast is not None and fast.takes(x):
+        return fast.all_gather_last(x)   # the one-shot kernel (logits at decode)
+    blocks = all_gather_rows(x.unsqueeze(0))                          # [world, ..., n]
+    return torch.movedim(blocks, 0, -2).reshape(*x.shape[:-1], world * x.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,28 +455,14 @@ class VocabParallelLMHead(nn.Module):
 def tp_parallel_embedding() -> bool:
     """LLAMA_ENGINE_TP_PARALLEL_EMBEDDING: 0 (default) gathers the embedding's vocabulary shards
     when the engine loads, so every rank looks its tokens up in the whole table: no all-reduce
-    and no masking per step, for 1 - 1/tp of the table more memory a rank (TensorRT-LLM, too,
-    replicates the embedding unless built with --use_parallel_embedding); 1 keeps it
-    vocabulary-parallel (VocabParallelEmbedding)."""
+    and no masking per step, for up to one more table a rank (1 - 1/tp of it; a whole one when
+    a tied lm_head keeps its own shard) (TensorRT-LLM, too, replicates the embedding unless
+    built with --use_parallel_embedding); 1 keeps it vocabulary-parallel
+    (VocabParallelEmbedding). Every rank must see the same value (make_vocab_parallel checks)."""
     v = os.environ.get("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", "0")
     if v not in ("0", "1"):
         raise ConfigError(f"LLAMA_ENGINE_TP_PARALLEL_EMBEDDING must be 0 or 1, got {v!r}")
     return v == "1"
-
-
-def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """[n, ...] on each rank -> [world * n, ...], rank r's rows at [r*n, (r+1)*n)."""
-    world = get_world_size()
-    if world == 1:
-        return x
-    x = x.contiguous()
-    if x.is_cuda:
-        out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        _dist().all_gather_into_tensor(out, x)
-        return out
-    parts = [torch.empty_like(x) for _ in range(world)]
-    _dist().all_gather(parts, x)
-    return torch.cat(parts)
 
 
 def make_vocab_parallel(model: nn.Module, vocab_size: int, rank: int) -> None:
@@ -476,7 +471,13 @@ def make_vocab_parallel(model: nn.Module, vocab_size: int, rank: int) -> None:
     LLAMA_ENGINE_TP_PARALLEL_EMBEDDING=1 the vocabulary-parallel embedding; and the
     vocabulary-parallel lm_head (its logits all-gathered)."""
     weight = model.embed.weight.data
-    if tp_parallel_embedding():
+    parallel_embedding = tp_parallel_embedding()
+    # the two choices make different collectives: a rank that differs would hang the others
+    votes = all_gather_rows(torch.tensor([int(parallel_embedding)], device=weight.device))
+    if len(set(votes.tolist())) > 1:
+        raise ConfigError("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING differs between ranks "
+                          f"({votes.tolist()}); set it alike on every rank")
+    if parallel_embedding:
         model.embed = VocabParallelEmbedding(weight, rank * weight.shape[0])
     else:
         model.embed = nn.Embedding.from_pretrained(all_gather_rows(weight), freeze=True)

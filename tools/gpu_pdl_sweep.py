@@ -6,7 +6,9 @@ one-shot all-reduce fused with the next norm or not (``+plainar``), on one engin
 Builds one random-weight engine (benchmark.py's ``Weights``), then for each setting switches
 ``pdl.set_mode`` in-process, drops the captured CUDA graphs and times ``generate`` as
 benchmark.py's latency grid does (median of 3 after a warm-up). Settings: ``off``, ``on``,
-``auto``, each optionally ``+unfused`` and/or ``+plainar``. Every setting must give the greedy tokens of
+``auto``, each optionally ``+unfused`` and/or ``+plainar`` (each setting sets both switches
+itself, whatever LLAMA_ENGINE_FUSE_ROPE_ATTN says; ``+plainar`` needs the fused state, i.e.
+LLAMA_ENGINE_TP_FUSE_NORM=1, and changes nothing without it). Every setting must give the greedy tokens of
 the first, bit for bit (PDL changes when kernels start, not their arithmetic; the fused RoPE
 is rope_write_kv's arithmetic): a mismatch is
 reported and makes the exit status 1. One GPU, or tensor parallelism under ``torchrun``

@@ -819,7 +819,9 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``LLAMA_ENGINE_FUSE_ROPE_ATTN=0`` turns it off): each attention program rotates its q
     heads in registers, and the one whose split holds the context's last token writes the new
     k / v first. The new token must be the last of its context (``context_lens`` counts it),
-    as in every decode step; a slot of -1 writes nothing."""
+    as in every decode step; a slot of -1 writes nothing. ``max_context_len``, if given, must
+    bound every context (as for ``decode_attention``): a split past it is never run, and then
+    neither is the fused path's cache write."""
     _check_rope(q, k, positions, cos, sin)
     _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     kw = dict(max_context_len=max_context_len, partition_size=partition_size, impl=impl)

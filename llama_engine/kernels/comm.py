@@ -100,6 +100,19 @@ if HAS_TRITON:
         _wait(PADS, pid, rank, epoch, WORLD, ASM)
 
     @triton.jit
+    def _push_blocks(X, BUFS, n, cap, rank, half, pid, grid, ITERS: tl.constexpr,
+                     WORLD: tl.constexpr, BLOCK: tl.constexpr):
+        # Blocks pid, pid + grid, ... of the flat X into this rank's slot of every rank's
+        # buffer half ``half`` (posted stores; the flags that follow publish them).
+        for i in tl.static_range(ITERS):
+            offs = (i * grid + pid) * BLOCK + tl.arange(0, BLOCK)
+            m = offs < n
+            x = tl.load(X + offs, mask=m)
+            for r in tl.static_range(WORLD):
+                dst = tl.load(BUFS + r).to(tl.pointer_type(X.dtype.element_ty))
+                tl.store(dst + (half * WORLD + rank) * cap + offs, x, mask=m)
+
+    @triton.jit
     def _one_shot_all_reduce_kernel(X, OUT, BUFS, PADS, EPOCHS, n, cap, rank,
                                     ITERS: tl.constexpr, WORLD: tl.constexpr,
                                     SYNC: tl.constexpr, ASM: tl.constexpr,
@@ -115,13 +128,7 @@ if HAS_TRITON:
         ACC: tl.constexpr = tl.float64 if F64 else tl.float32
         epoch = tl.load(EPOCHS + pid) + 1
         half = epoch % 2
-        for i in tl.static_range(ITERS):
-            offs = (i * grid + pid) * BLOCK + tl.arange(0, BLOCK)
-            m = offs < n
-            x = tl.load(X + offs, mask=m)
-            for r in tl.static_range(WORLD):
-                dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
-                tl.store(dst + (half * WORLD + rank) * cap + offs, x, mask=m)
+        _push_blocks(X, BUFS, n, cap, rank, half, pid, grid, ITERS, WORLD, BLOCK)
         if SYNC:
             _signal_and_wait(PADS, pid, rank, epoch, WORLD, ASM)
         own = tl.load(BUFS + rank).to(tl.pointer_type(dt))
@@ -148,13 +155,7 @@ if HAS_TRITON:
         dt = X.dtype.element_ty
         epoch = tl.load(EPOCHS + pid) + 1
         half = epoch % 2
-        for i in tl.static_range(ITERS):
-            offs = (i * grid + pid) * BLOCK + tl.arange(0, BLOCK)
-            m = offs < n
-            x = tl.load(X + offs, mask=m)
-            for r in tl.static_range(WORLD):
-                dst = tl.load(BUFS + r).to(tl.pointer_type(dt))
-                tl.store(dst + (half * WORLD + rank) * cap + offs, x, mask=m)
+        _push_blocks(X, BUFS, n, cap, rank, half, pid, grid, ITERS, WORLD, BLOCK)
         if SYNC:
             _signal_and_wait(PADS, pid, rank, epoch, WORLD, ASM)
         own = tl.load(BUFS + rank).to(tl.pointer_type(dt))
