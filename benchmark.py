@@ -585,6 +585,9 @@ def sections_markdown(res: dict) -> str:
                            ("tp_h200_pdl", "Tensor parallelism on 2x NVIDIA H200 with "
                             "programmatic dependent launch (run 7 call g; oneshot: the "
                             "one-shot all-reduce, not fused; no suffix: NCCL)"),
+                           ("tp_h100_run8", "Tensor parallelism on 2x NVIDIA H100 80GB HBM3, "
+                            "run 8 (final code; call f: one GPU and the default one-shot + fused "
+                            "norm; call g: NCCL)"),
                            ("tp_h200_run8", "Tensor parallelism on 2x NVIDIA H200, run 8 "
                             "(RoPE in decode attention, one-shot logits all-gather, embedding "
                             "gathered; call d, pemb rows call c with "
