@@ -895,4 +895,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llama_engine.cli import run_main   # a ConfigError (e.g. a misspelt LLAMA_ENGINE_*
+    sys.exit(run_main(main))                # switch) is one line, not a traceback

@@ -105,6 +105,7 @@ def test_profile_under_torchrun(tmp_path):
     ar = "all-reduce (NCCL or one-shot)"
     assert benchmark.categorize("ncclDevKernel_AllReduce_Sum_f16_RING_LL") == ar
     assert benchmark.categorize("_one_shot_all_reduce_kernel") == ar
+    assert benchmark.categorize("_one_shot_all_gather_kernel") == ar
 
 
 @pytest.mark.parametrize("flags", [["--ablation"], ["--serving", "--poisson_rates", "4"]])

@@ -831,9 +831,7 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           kv_scale, impl=impl)
         return decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                 softmax_scale, kv_scale, **kw)
-    if slot_mapping.shape[0] != q.shape[0] or positions.shape[0] != q.shape[0]:
-        raise ConfigError("rope_decode_attention: one position and one slot per sequence")
-    cos, sin = _rope_tables_contig(cos, sin)
+    cos, sin = _rope_tables_contig(cos, sin)  # (the checks above tie positions, slots to q)
     k, v = _heads_contig(k), _heads_contig(v)
     return decode_attention(_heads_contig(q), k_cache, v_cache, block_tables, context_lens,
                             softmax_scale, kv_scale, **kw,
