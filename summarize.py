@@ -92,15 +92,25 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _timed_loop(prompts: list, batch_size: int, device: str, generate) -> tuple[list, float]:
-    """Run ``generate(batch) -> list of id lists`` over all batches; returns ids and seconds."""
-    ids, total = [], 0.0
-    for batch in _batches(prompts, batch_size):
-        _sync(device)
-        t0 = time.perf_counter()
-        ids.extend(generate(batch))
-        _sync(device)
-        total += time.perf_counter() - t0
+def _timed_loop(prompts: list, batch_size: int, device: str, generate,
+                desc: str = "") -> tuple[list, float]:
+    """Run ``generate(batch) -> list of id lists`` over all batches; returns ids and seconds.
+    A progress bar on stderr counts articles, with the side's output tokens/s and the ETA."""
+    from tqdm import tqdm
+
+    ids, total, tokens = [], 0.0, 0
+    with tqdm(total=len(prompts), desc=desc, unit="article", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for batch in _batches(prompts, batch_size):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = generate(batch)
+            _sync(device)
+            total += time.perf_counter() - t0
+            ids.extend(out)
+            tokens += sum(len(x) for x in out)
+            bar.set_postfix_str(f"{tokens / total:.1f} tok/s" if total > 0 else "")
+            bar.update(len(batch))
     return ids, total
 
 
@@ -118,7 +128,7 @@ def run_engine_side(args, prompts: list, tokenizer, device: str) -> SideResult:
         return [strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
 
     generate(prompts[:1])                                   # warm-up, untimed
-    ids, latency = _timed_loop(prompts, args.batch_size, device, generate)
+    ids, latency = _timed_loop(prompts, args.batch_size, device, generate, desc="engine")
     return SideResult("engine", backend, [tokenizer.decode(x) for x in ids], ids, latency)
 
 
@@ -147,7 +157,7 @@ def run_hf_side(args, prompts: list, tokenizer, device: str) -> SideResult:
         return hf_generate(model, batch, args.output_len, tokenizer)
 
     generate(prompts[:1])                                   # warm-up, untimed
-    ids, latency = _timed_loop(prompts, args.batch_size, device, generate)
+    ids, latency = _timed_loop(prompts, args.batch_size, device, generate, desc="HF")
     return SideResult("hf", HF_BACKEND_NAME, [tokenizer.decode(x) for x in ids], ids, latency)
 
 
@@ -248,6 +258,8 @@ def _main(args) -> int:
         print(f'{side.backend} output for article 0: "{side.outputs[0]}"')
     for side in sides:
         side.print_result()
+    if len(sides) == 2:
+        print(identical_line(sides[0], sides[1]))
     sys.stdout.flush()
 
     if args.output_json:
@@ -263,6 +275,12 @@ def _main(args) -> int:
         print(f"[PASSED] {side.backend} rouge1 ({rouge1}) > threshold "
               f"({args.tensorrt_llm_rouge1_threshold}).")
     return 0
+
+
+def identical_line(a: SideResult, b: SideResult) -> str:
+    """"N/M summaries identical": how many articles got the same generated ids on both sides."""
+    same = sum(x == y for x, y in zip(a.output_ids, b.output_ids))
+    return f"{same}/{len(a.output_ids)} summaries identical ({a.backend} vs {b.backend})"
 
 
 def _write_json(args, records, prompts, sides) -> None:

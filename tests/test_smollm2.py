@@ -35,7 +35,12 @@ def test_engine_summaries_equal_hf_float64(smol_engine, smollm2_gguf, shared_dat
                          "--max_ite", "3", "--output_len", "40", "--max_input_length", "400",
                          "--use_chat_template", "--output_json", str(out_json)])
     assert rc == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "3/3 summaries identical (PyTorch engine (ours) vs Hugging Face)" in text
+    # One progress bar per side, each ending with all articles done and a tokens/s figure.
+    for side in ("engine", "HF"):
+        assert re.search(rf"{side}: 100%.*3/3 .*tok/s", captured.err), side
     # Both result blocks, engine first, with the four ROUGE lines each.
     eng_at = text.index("PyTorch engine (ours) beam 0 result")
     hf_at = text.index("Hugging Face beam 0 result")
