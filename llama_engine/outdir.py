@@ -321,14 +321,16 @@ def _publish(tmp: str, path: str, wid: str) -> None:
         os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
     ready = os.path.join(os.path.dirname(path), f".ready-{os.path.basename(path)}-{wid}")
     old = None
-    with _SIGNALS.held():
-        os.rename(tmp, ready)
-        _unmark(ready)
-        if os.path.lexists(path):
-            old = _park(path, wid)
-        os.rename(ready, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        with _SIGNALS.held():  # a signal held here is raised on leaving, after the renames
+            os.rename(tmp, ready)
+            _unmark(ready)
+            if os.path.lexists(path):
+                old = _park(path, wid)
+            os.rename(ready, path)
+    finally:
+        if old and os.path.lexists(path):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
