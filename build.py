@@ -21,12 +21,12 @@ from typing import Optional
 
 from llama_engine.config import DTYPES, BuildConfig, ConfigError, QuantConfig
 from llama_engine import outdir
+from llama_engine import cli
 from llama_engine.cli import run_main
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.make_parser(__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group("source (at most one; none = random weights)")
     src.add_argument("--model_dir", help="Hugging Face LLaMA directory")
     src.add_argument("--meta_ckpt_dir", help="Meta checkpoint dir (params.json + consolidated.*.pth)")

@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from llama_engine import cli
 from llama_engine.config import DTYPES, ConfigError
 from llama_engine.outdir import check_output_dir, signals_raise
 
@@ -39,8 +40,7 @@ DEFAULT_DATASET = "/work/shared/data/cnn_dailymail/train_calib.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--in-file", "--in_file", dest="in_file", required=True,
                    help="HF model directory, Meta checkpoint directory, .gguf file, or a preset "
                         "name (llama-7b, tiny, ...) for random weights")
