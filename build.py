@@ -20,12 +20,13 @@ import sys
 from typing import Optional
 
 from llama_engine.config import DTYPES, BuildConfig, ConfigError, QuantConfig
+from llama_engine import outdir
+from llama_engine import cli
 from llama_engine.cli import run_main
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.make_parser(__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group("source (at most one; none = random weights)")
     src.add_argument("--model_dir", help="Hugging Face LLaMA directory")
     src.add_argument("--meta_ckpt_dir", help="Meta checkpoint dir (params.json + consolidated.*.pth)")
@@ -37,7 +38,12 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     src.add_argument("--seed", type=int, default=0, help="seed of random weights")
     p.add_argument("--dtype", default="float16", choices=DTYPES,
                    help="float64 is for exactness tests on the CPU")
-    p.add_argument("--output_dir", default="engine_outputs")
+    p.add_argument("--output_dir", default="engine_outputs",
+                   help="a new directory, or one holding an engine/checkpoint this project "
+                        "wrote (replaced atomically once the build is complete)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --output_dir even when it holds something else (never a "
+                        "source of the build or the current directory)")
     p.add_argument("--max_batch_size", type=int, default=8)
     p.add_argument("--max_input_len", type=int, default=2048)
     p.add_argument("--max_output_len", type=int, default=512)
@@ -135,9 +141,28 @@ def resolve_quant(a: argparse.Namespace, model_args, ckpt_quant: QuantConfig,
     return wanted
 
 
+def sources_of(a: argparse.Namespace) -> list:
+    """What the build reads: no output may replace these or a folder holding them."""
+    return [a.model_dir, a.meta_ckpt_dir, a.gguf_file, a.ckpt_dir]
+
+
+def output_dirs(a: argparse.Namespace) -> list:
+    """(path, flag) of every directory the build writes, checked before any work."""
+    if a.backend != "tensorrt_llm" or a.checkpoint_only:
+        return [(a.output_dir, "--output_dir")]
+    return [(trtllm_ckpt_dir(a), "--output_dir (its _ckpt sibling)"),
+            (a.output_dir, "--output_dir")]
+
+
+def trtllm_ckpt_dir(a: argparse.Namespace) -> str:
+    return a.output_dir if a.checkpoint_only else a.output_dir.rstrip("/\\") + "_ckpt"
+
+
 def build(a: argparse.Namespace) -> int:
     from llama_engine import builder, checkpoint as ckpt, quant as q
     elapsed = builder.timed()
+    for path, flag in output_dirs(a):  # fail before the slow part
+        outdir.check_output_dir(path, sources_of(a), a.force, flag)
     random_source = not (a.ckpt_dir or a.model_dir or a.meta_ckpt_dir or a.gguf_file)
     if a.ckpt_dir:
         model_args, ckpt_quant, ckpt_dtype, tensors = ckpt.read_checkpoint(a.ckpt_dir)
@@ -184,7 +209,7 @@ def build(a: argparse.Namespace) -> int:
     config = builder.engine_from_tensors(model_args, quant, a.dtype, tensors, build_cfg,
                                          source={k: v for k, v in info.items() if v is not None},
                                          world_size=a.tp_size)
-    builder.write_engine(a.output_dir, config, tensors, tok_dir)
+    builder.write_engine(a.output_dir, config, tensors, tok_dir, sources_of(a), a.force)
     print(builder.describe(config, tensors, elapsed()))
     print(f"engine written to {os.path.abspath(a.output_dir)}"
           + ("" if tok_dir else " (no tokenizer found beside the checkpoint)"))
@@ -193,10 +218,12 @@ def build(a: argparse.Namespace) -> int:
 
 def build_trtllm(a, model_args, quant, tensors, build_cfg, tok_dir) -> int:
     from llama_engine import checkpoint as ckpt, trtllm
-    ckpt_dir = a.output_dir if a.checkpoint_only else os.path.join(a.output_dir + "_ckpt")
+    ckpt_dir = trtllm_ckpt_dir(a)
+    flag, ckpt_flag = output_dirs(a)[-1][1], output_dirs(a)[0][1]
     # A TensorRT-LLM export: only TensorRT-LLM's tensors (no per-channel KV scale extension).
     ckpt.write_checkpoint(ckpt_dir, model_args, a.dtype, quant, tensors, tokenizer_src=tok_dir,
-                          world_size=a.tp_size, extensions=False)
+                          world_size=a.tp_size, extensions=False, sources=sources_of(a),
+                          force=a.force, flag=ckpt_flag)
     print(f"TensorRT-LLM unified checkpoint written to {os.path.abspath(ckpt_dir)}")
     if a.checkpoint_only:
         return 0
@@ -207,6 +234,7 @@ def build_trtllm(a, model_args, quant, tensors, build_cfg, tok_dir) -> int:
              "use_inflight_batching": build_cfg.use_inflight_batching,
              "tokens_per_block": build_cfg.tokens_per_block,
              "max_num_tokens": build_cfg.max_num_tokens}
+    outdir.check_output_dir(a.output_dir, sources_of(a) + [ckpt_dir], a.force, flag)
     try:
         trtllm.build_trtllm_engine(ckpt_dir, a.output_dir, flags)
     except trtllm.TrtllmUnavailable as e:
@@ -218,7 +246,8 @@ def build_trtllm(a, model_args, quant, tensors, build_cfg, tok_dir) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     a = parse_args(argv)
-    return run_main(lambda: build(a))
+    with outdir.signals_raise():  # SIGTERM/SIGINT: the staging directory is removed
+        return run_main(lambda: build(a))
 
 
 if __name__ == "__main__":

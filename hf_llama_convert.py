@@ -32,19 +32,24 @@ from typing import Optional
 
 import torch
 
+from llama_engine import cli
 from llama_engine.config import DTYPES, ConfigError
+from llama_engine.outdir import check_output_dir, signals_raise
 
 DEFAULT_DATASET = "/work/shared/data/cnn_dailymail/train_calib.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--in-file", "--in_file", dest="in_file", required=True,
                    help="HF model directory, Meta checkpoint directory, .gguf file, or a preset "
                         "name (llama-7b, tiny, ...) for random weights")
     p.add_argument("-o", "--out-dir", "--out_dir", dest="out_dir", required=True,
-                   help="checkpoint directory to write (replaced atomically)")
+                   help="checkpoint directory to write: new, or one this project wrote "
+                        "(replaced atomically)")
+    p.add_argument("--force", action="store_true",
+                   help="replace -o even when it holds something else (never the source "
+                        "or the current directory)")
     p.add_argument("-sq", "--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant with migration strength ALPHA in [0, 1] (0.5 is a good "
                         "first try); writes W8A8 int8 weights")
@@ -107,6 +112,8 @@ def convert(ns: argparse.Namespace) -> str:
     import smoothquant as sq
 
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sources = [ns.in_file] if os.path.exists(ns.in_file) else []
+    check_output_dir(ns.out_dir, sources, ns.force, "-o")  # before loading and calibrating
     args, hf_sd, info = _load(ns.in_file, ns.seed, device)
     quant = validate_quant_flags(
         args, use_weight_only=ns.use_weight_only,
@@ -138,7 +145,8 @@ def convert(ns: argparse.Namespace) -> str:
         qdict["calibration"] = calib_info
     tok_src = info.get("tokenizer_dir")
     write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors,
-                     extra_config={"quantization": qdict}, tokenizer_src=tok_src)
+                     extra_config={"quantization": qdict}, tokenizer_src=tok_src,
+                     sources=sources, force=ns.force, flag="-o")
     print(format_report(report), file=sys.stderr)
     return ns.out_dir
 
@@ -166,7 +174,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
     t0 = time.time()
     try:
-        out = convert(ns)
+        with signals_raise():  # SIGTERM/SIGINT: the staging directory is removed
+            out = convert(ns)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

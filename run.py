@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from llama_engine import cli
 from llama_engine.cli import (DTYPE_CHOICES, add_prompt_args, parse_dtype, print_io,
                               print_timing, read_prompts, resolve_device, run_main)
 from llama_engine.config import ConfigError
@@ -21,15 +22,12 @@ RUN_NAME = "llama-run"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine_dir", required=True)
     p.add_argument("--tokenizer_dir", default=None, help="default: the engine dir's copy")
     p.add_argument("--max_output_len", type=int, required=True)
     add_prompt_args(p)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=1, help="1 = greedy")
-    p.add_argument("--top_p", type=float, default=0.0)
+    cli.add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--num_runs", type=int, default=1)
     p.add_argument("--streaming", action="store_true", help="print tokens as they come")
@@ -93,6 +91,7 @@ def _main(args) -> int:
         raise ConfigError(f"--num_runs must be positive, got {args.num_runs}")
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else None
+    cli.check_engine_dir(args.engine_dir)
     prompts = read_prompts(args.input_text, args.input_file)
     tokenizer = load_tokenizer(args.tokenizer_dir or args.engine_dir)
     batch_ids = [tokenizer.encode(p, add_bos=True) for p in prompts]

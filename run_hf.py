@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from llama_engine import cli
 from llama_engine.cli import (DTYPE_CHOICES, add_prompt_args, default_dtype_for, parse_dtype,
                               print_io, print_timing, read_prompts, resolve_device, run_main,
                               strip_at_end, torch_dtype)
@@ -82,8 +83,7 @@ def hf_generate(model, batch_ids: Sequence[Sequence[int]], max_new_tokens: int, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf_model_location", required=True,
                    help="HF model folder or a .gguf file")
     p.add_argument("--tokenizer_dir", default=None,

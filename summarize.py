@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from llama_engine import cli
 from llama_engine.cli import (DTYPE_CHOICES, default_dtype_for, parse_dtype, resolve_device,
                               run_main, strip_at_end)
 from llama_engine.config import ConfigError
@@ -170,8 +171,7 @@ def _free_memory(device: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--test_trt_llm", action="store_true",
                    help="run our engine (--engine_dir); TensorRT-LLM's flag name")
     p.add_argument("--test_hf", action="store_true", help="run the HF baseline")
@@ -232,6 +232,8 @@ def _tokenizer_source(args) -> str:
 
 def _main(args) -> int:
     _validate(args)
+    if args.test_trt_llm:
+        cli.check_engine_dir(args.engine_dir)
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(_tokenizer_source(args))
     records = load_cnn_dailymail(args.dataset_path, split="test",

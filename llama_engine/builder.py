@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
-from . import checkpoint as ckpt
+from . import checkpoint as ckpt, outdir
 from .config import BuildConfig, ConfigError, EngineConfig, ModelArgs, QuantConfig
 from .runner import TORCH_DTYPES, WEIGHTS_FILE
 
@@ -36,8 +36,10 @@ def tensor_bytes(tensors: dict[str, torch.Tensor], linear_only: bool = False) ->
 
 
 def write_engine(out_dir: str, config: EngineConfig, tensors: dict[str, torch.Tensor],
-                 tokenizer_src: Optional[str] = None) -> None:
-    """Write an engine directory atomically: nothing is left half-written on failure.
+                 tokenizer_src: Optional[str] = None, sources: Iterable[Optional[str]] = (),
+                 force: bool = False) -> None:
+    """Write an engine directory atomically: nothing is left half-written on failure, and
+    only where ``outdir.check_output_dir`` allows (``sources``: what the build read).
 
     With ``config.world_size`` > 1 the (full, canonical) tensors are sharded for tensor
     parallelism, each rank's shard written as ``rank{r}.safetensors`` (llama_engine/parallel.py)."""
@@ -46,7 +48,7 @@ def write_engine(out_dir: str, config: EngineConfig, tensors: dict[str, torch.Te
     if world > 1:
         from . import parallel
         parallel.check_tp(config.model, config.quant, world)  # before anything is written
-    with ckpt.atomic_output_dir(out_dir) as tmp:
+    with outdir.writing(out_dir, sources, force) as tmp:
         if world > 1:
             for rank in range(world):  # one shard in memory at a time
                 shard = parallel.shard_checkpoint(tensors, config.model, config.quant, world, rank)

@@ -6,21 +6,18 @@ TensorRT-LLM (``transformer.layers.{i}.attention.qkv.weight`` ...); docs/design.
 tensors of every quantization mode. Every source (HF, Meta, GGUF, random) becomes these
 tensors through ``hf_to_unified``; both backends read them.
 
-Writes are atomic: everything goes into a temporary directory beside the target, which is
-renamed into place only when complete, so a failed run never leaves a half-written directory
-or clobbers an existing one.
+Writes go through ``llama_engine.outdir``: a staging directory beside the target, swapped in
+only when complete; a target that is not ours, a source or the current directory is refused.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from typing import Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 
+from . import outdir
 from .config import ConfigError, ModelArgs, QuantConfig, _load_json
 
 # One table: unified-checkpoint prefix -> (our module path, HF LlamaForCausalLM prefix).
@@ -164,39 +161,6 @@ def group_by_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tor
 # ---------------------------------------------------------------------------------------------
 # Directory I/O
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str, overwrite: bool = True) -> Iterator[str]:
-    """Yield a temp dir beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
-
-    On failure the temp dir is removed and ``out_dir`` is left exactly as it was."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"{out_dir} exists and is not a directory")
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary dir
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for name in os.listdir(tmp):
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    if os.path.isdir(out_dir):
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ConfigError(f"{out_dir} already exists")
-        old = out_dir + ".old-" + os.path.basename(tmp)
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
-
-
 def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None):
     from safetensors.torch import save_file
     # safetensors refuses shared or non-contiguous storage: store compact copies.
@@ -219,7 +183,8 @@ def load_tensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
 def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConfig,
                      tensors: dict[str, torch.Tensor], rank: int = 0, world_size: int = 1,
                      extra_config: Optional[dict] = None, tokenizer_src: Optional[str] = None,
-                     extensions: bool = True) -> str:
+                     extensions: bool = True, sources: Iterable[Optional[str]] = (),
+                     force: bool = False, flag: str = "-o") -> str:
     """Write a TensorRT-LLM unified checkpoint (config.json + rank{rank}.safetensors).
 
     The tensors are canonical (docs/design.md); ``llama_engine.trtllm.to_trtllm`` turns them
@@ -232,7 +197,9 @@ def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConf
 
     ``extensions``: keep our tensors that TensorRT-LLM does not define (the per-channel INT8
     KV scales ``attention.k_cache_scale`` / ``v_cache_scale``; its loader only warns about
-    them). ``False`` writes a pure TensorRT-LLM export (``build.py --backend tensorrt_llm``)."""
+    them). ``False`` writes a pure TensorRT-LLM export (``build.py --backend tensorrt_llm``).
+
+    ``sources``, ``force``, ``flag``: the output-directory rules (``outdir.check_output_dir``)."""
     if world_size > 1:
         from . import parallel
         parallel.check_tp(args, quant, world_size)
@@ -242,7 +209,7 @@ def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConf
     else:
         shards, ranks = iter([tensors]), [rank]
     config = None
-    with atomic_output_dir(out_dir) as tmp:
+    with outdir.writing(out_dir, sources, force, flag) as tmp:
         for r, shard in zip(ranks, shards):  # one rank's tensors in memory at a time
             config, out_tensors = _to_trtllm(args, dtype, quant, shard, world_size, extensions)
             save_tensors(os.path.join(tmp, f"rank{r}.safetensors"), out_tensors)

@@ -1,13 +1,18 @@
-"""Helpers shared by the command-line scripts (run.py, run_hf.py, summarize.py).
+"""Helpers shared by the command-line scripts (build.py, run.py, run_hf.py, summarize.py, ...).
 
-Prompt input (``--input_text`` / ``--input_file``), the ``Input: "…"`` / ``Output: "…"`` lines
+The parser every script uses (no abbreviated flags; a bad flag is one ``error: …`` line),
+argument types with ranges (sampling parameters), prompt input (``--input_text`` / ``--input_file``), the ``Input: "…"`` / ``Output: "…"`` lines
 and the latency lines in TensorRT-LLM's examples' style, dtype-name parsing and the one-line
 error convention (``error: …`` on stderr, exit code 2).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import numbers
 import os
+import re
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -40,6 +45,66 @@ def run_main(body: Callable[[], int]) -> int:
         return 2
 
 
+# -- parsers -------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--max_out`` is not ``--max_output_len``) whose errors
+    are one ``error: …`` line with exit status 2, like every other error of the scripts."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        die(f"{message} (see {self.prog} --help)")
+
+
+def make_parser(doc: Optional[str], **kwargs) -> ArgumentParser:
+    """The parser of a script whose module docstring is ``doc`` (its first paragraph is the
+    description)."""
+    return ArgumentParser(description=(doc or "").split("\n\n")[0], **kwargs)
+
+
+def _number(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    v = _number(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def unit_interval(text: str) -> float:
+    v = _number(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
+
+
+def add_sampling_args(parser) -> None:
+    """--temperature, --top_k, --top_p, each checked against its range at parse time."""
+    parser.add_argument("--temperature", type=non_negative_float, default=1.0)
+    parser.add_argument("--top_k", type=positive_int, default=1, help="1 = greedy")
+    parser.add_argument("--top_p", type=unit_interval, default=0.0, help="0 = off")
+
+
 # -- dtypes ---------------------------------------------------------------------------------
 def parse_dtype(name: str) -> str:
     """'fp16' / 'float16' / ... -> 'float16' (ConfigError for unknown names)."""
@@ -61,6 +126,8 @@ def resolve_device(name: Optional[str]) -> str:
 
     if name in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(name)):
+        raise ConfigError(f"--device {name}: unknown device; use cpu, cuda or cuda:N")
     if str(name).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return str(name)
@@ -106,10 +173,11 @@ def _prompt_of(obj, where: str) -> str:
 
 
 def _read_prompt_file(path: str) -> list[str]:
+    if os.path.isdir(path):
+        raise ConfigError(f"--input_file {path} is a directory; give a .txt, .jsonl or .json file")
     if not os.path.isfile(path):
         raise ConfigError(f"--input_file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        content = f.read()
+    content = read_utf8(path)
     if path.endswith(".jsonl"):
         out = []
         for n, line in enumerate(content.splitlines(), 1):
@@ -128,6 +196,34 @@ def _read_prompt_file(path: str) -> list[str]:
         return [_prompt_of(x, path) for x in items]
     # Plain text: one prompt per non-empty line (trailing newline/CR removed, spaces kept).
     return [line.rstrip("\r") for line in content.split("\n") if line.strip()]
+
+
+def read_utf8(path: str) -> str:
+    """The file's text; a one-line ConfigError (where the first bad byte is) if not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start})") from None
+
+
+def check_engine_dir(path: str) -> None:
+    """A missing or wrong ``--engine_dir`` named as such (not as a missing tokenizer)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--engine_dir {path} does not exist; build an engine with build.py")
+    if not os.path.isdir(path):
+        raise ConfigError(f"--engine_dir {path} is not a directory")
+
+
+def token_id(t) -> int:
+    """``t`` as a token id: integers only (a float such as 3.7 is an error, not 3)."""
+    if isinstance(t, numbers.Integral) and not isinstance(t, bool):
+        return int(t)
+    if getattr(t, "ndim", None) == 0 and re.fullmatch(r"torch\.u?int\d+", str(t.dtype)):
+        return int(t)  # a 0-d integer tensor, as tolist() of a tensor never gives
+    raise ConfigError(f"token id {t!r} is not an integer")
 
 
 # -- printing -------------------------------------------------------------------------------
@@ -153,7 +249,7 @@ def strip_at_end(ids: Sequence[int], end_ids: Sequence[int]) -> list[int]:
     ends = set(end_ids)
     out = []
     for t in ids:
-        t = int(t)
+        t = token_id(t)
         if t in ends:
             break
         out.append(t)

@@ -102,6 +102,11 @@ class ModelArgs:
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
         if cfg.get("model_type", "llama") not in ("llama", "mistral") and "Llama" not in arch:
             raise ConfigError(f"not a LLaMA-family config (model_type={cfg.get('model_type')!r})")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in cfg]
+        if missing:
+            raise ConfigError(f"HF config.json has no {', '.join(missing)}; not a complete "
+                              "LLaMA config")
         eos = cfg.get("eos_token_id", 2)
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -475,22 +480,60 @@ class EngineConfig:
         if backend != ENGINE_BACKEND:
             raise ConfigError(f"{path}: backend {backend!r} is not this engine's "
                               f"({ENGINE_BACKEND!r})")
-        version = d.get("format_version")
-        if not isinstance(version, int) or version > ENGINE_FORMAT_VERSION:
-            raise ConfigError(f"{path}: engine format version {version} is newer than this "
-                              f"code reads ({ENGINE_FORMAT_VERSION}); rebuild the engine or "
-                              "update the code")
+        version = _format_version(d.get("format_version"), path)
+        _require(d, ENGINE_REQUIRED, path, "")
+        _require(d["model"], MODEL_REQUIRED, path, "model.")
+        _require(d["build_config"], BUILD_REQUIRED, path, "build_config.")
         try:
             model = ModelArgs(**d["model"])
-            quant = QuantConfig.from_checkpoint_dict(d.get("quantization"))
+            quant = QuantConfig.from_checkpoint_dict(d["quantization"])
             build = BuildConfig(**d["build_config"])
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{path}: malformed engine config ({e})") from None
         if d.get("dtype") not in DTYPES:
             raise ConfigError(f"{path}: unknown dtype {d.get('dtype')!r}")
         return cls(model=model, quant=quant, build=build, dtype=d["dtype"], backend=backend,
-                   format_version=version, world_size=int(d.get("world_size", 1)),
+                   format_version=version, world_size=d["world_size"],
                    source=d.get("source", {}))
+
+
+# Fields an engine's config.json must carry (build.py writes them all): a missing one is an
+# error, never a default (a default max_input_len or vocab_size would misdescribe the engine).
+# Each maps to the type it must have.
+ENGINE_REQUIRED = {"dtype": str, "world_size": int, "model": dict, "quantization": dict,
+                   "build_config": dict}
+MODEL_REQUIRED = {"vocab_size": int, "hidden_size": int, "num_hidden_layers": int,
+                  "num_attention_heads": int, "num_key_value_heads": int,
+                  "intermediate_size": int, "head_dim": int, "max_position_embeddings": int,
+                  "norm_epsilon": (int, float), "rope_theta": (int, float),
+                  "tie_word_embeddings": bool}
+BUILD_REQUIRED = {"max_batch_size": int, "max_input_len": int, "max_output_len": int,
+                  "tokens_per_block": int}
+
+
+def _format_version(version, path: str) -> int:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(f"{path}: format_version must be an integer (this code reads "
+                          f"{ENGINE_FORMAT_VERSION}), got {version!r}; rebuild the engine")
+    if version > ENGINE_FORMAT_VERSION:
+        raise ConfigError(f"{path}: engine format version {version} is newer than this "
+                          f"code reads ({ENGINE_FORMAT_VERSION}); rebuild the engine or "
+                          "update the code")
+    if version < 1:
+        raise ConfigError(f"{path}: unknown engine format version {version}; rebuild the engine")
+    return version
+
+
+def _require(d: dict, fields: dict, path: str, prefix: str) -> None:
+    """One-line error for the first missing or mistyped field (bools are not ints)."""
+    for name, kind in fields.items():
+        if name not in d:
+            raise ConfigError(f"{path}: required field {prefix}{name} is missing; rebuild the "
+                              "engine")
+        v = d[name]
+        if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
+            raise ConfigError(f"{path}: {prefix}{name} must be "
+                              f"{getattr(kind, '__name__', 'a number')}, got {v!r}")
 
 
 def _load_json(f, path: str) -> dict:

@@ -102,12 +102,15 @@ def load_cnn_dailymail(dataset_path: Optional[str] = None, split: str = "test",
         records = _load_from_hub(split)
     else:
         where = os.fspath(dataset_path)
-        if os.path.isfile(where):
-            records = _read_file(where)
-        elif os.path.isdir(where):
-            records = _read_dir(where, split)
-        else:
-            raise ConfigError(f"--dataset_path {where} does not exist")
+        try:
+            if os.path.isfile(where):
+                records = _read_file(where)
+            elif os.path.isdir(where):
+                records = _read_dir(where, split)
+            else:
+                raise ConfigError(f"--dataset_path {where} does not exist")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if limit is not None:
         records = records[:limit]
     for i, r in enumerate(records):
@@ -129,7 +132,7 @@ def _read_file(path: str) -> list[dict]:
         return _read_jsonl(path)
     if path.endswith(".json"):
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except json.JSONDecodeError:
             return _read_jsonl(path)      # a .json that is really JSON lines
@@ -146,7 +149,7 @@ def _read_file(path: str) -> list[dict]:
 
 def _read_jsonl(path: str) -> list[dict]:
     out = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:

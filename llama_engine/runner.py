@@ -17,6 +17,7 @@ import torch
 from . import checkpoint as ckpt
 from .attention import AttentionMeta, last_token_indices
 from .config import ConfigError, EngineConfig
+from .engine_check import validate_engine
 from .kv_cache import KVCache, blocks_for, slots_for, static_block_tables
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -84,6 +85,7 @@ def load_engine_tensors(engine_dir: str, device: str = "cpu") -> tuple[EngineCon
         from . import parallel
         name = f"rank{parallel.require_world(config.world_size)}.safetensors"
     tensors = ckpt.load_tensors(os.path.join(engine_dir, name), device=device)
+    validate_engine(config, tensors, engine_dir)
     return config, tensors
 
 

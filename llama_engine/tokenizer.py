@@ -358,13 +358,25 @@ def save_tokenizer(tok_or_path: Union[Tokenizer, str, os.PathLike], engine_dir: 
     for name in TOKENIZER_FILES:
         s = os.path.join(src, name)
         if os.path.isfile(s):
+            _check_link_stays_inside(s, src)
             d = os.path.join(engine_dir, name)
             if os.path.abspath(s) != os.path.abspath(d):
-                shutil.copyfile(s, d)
+                shutil.copyfile(s, d)  # a link's target, as a plain file
             written.append(name)
     if not written:
         raise ConfigError(f"no tokenizer files in {src}")
     return written
+
+
+def _check_link_stays_inside(path: str, src: str) -> None:
+    """A tokenizer file that is a symbolic link is copied as the file it names only when that
+    file lies inside the source folder; a link out of it (to /etc/passwd, a key) is refused."""
+    if not os.path.islink(path):
+        return
+    target, root = os.path.realpath(path), os.path.realpath(src)
+    if not target.startswith(root.rstrip(os.sep) + os.sep):
+        raise ConfigError(f"tokenizer file {path} is a symbolic link to {target}, outside "
+                          f"{src}; refusing to copy it (copy the file itself into {src})")
 
 
 def _warn(msg: str) -> None:
