@@ -6,7 +6,6 @@ Decode tokens/s exclude the prefill; end-to-end latency includes it. Each figure
 of ``reps`` calls after a warm-up call (CUDA graphs captured, kernels compiled)."""
 from __future__ import annotations
 
-import gc
 import json
 import os
 import statistics

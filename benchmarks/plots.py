@@ -3,7 +3,6 @@ and decode tokens/s against the bandwidth floor) and assets/serving.png (through
 latency under Poisson arrivals). matplotlib is optional: without it there is no figure."""
 from __future__ import annotations
 
-import os
 
 from .modes import ABLATION, ABLATION_SHAPE
 
@@ -12,8 +11,9 @@ SHORT = {"hf_eager": "HF eager", "hf_compile": "HF compile", "fp16": "ours fp16"
          "sq": "SmoothQuant\nW8A8"}
 
 
-def _pyplot():
-    """matplotlib.pyplot on the file-only backend, or None when not installed."""
+def pyplot():
+    """matplotlib.pyplot on the file-only backend (no display needed), or None when matplotlib
+    is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -25,7 +25,7 @@ def _pyplot():
 
 def ablation_plot(res: dict, path: str) -> bool:
     """Bars per ablation row; False when matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         print("matplotlib not installed: no plot")
         return False
@@ -60,7 +60,7 @@ def ablation_plot(res: dict, path: str) -> bool:
 def serving_plot(res: dict, path: str) -> None:
     """Throughput vs latency under Poisson arrivals, when the results hold any."""
     pts = (res.get("serving") or {}).get("poisson") or {}
-    plt = _pyplot() if pts else None
+    plt = pyplot() if pts else None
     if plt is None:
         return
     rows = sorted(pts.values(), key=lambda r: r["rate_per_s"])

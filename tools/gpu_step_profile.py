@@ -15,7 +15,6 @@ import argparse
 import gzip
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -38,18 +37,14 @@ def main() -> int:
         return 2
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks import device, profiling
+    from benchmarks import device, profiling, serving
     from benchmarks.weights import Weights
     from llama_engine.serving.llm_engine import LLMEngine
     os.makedirs(a.out, exist_ok=True)
     w = Weights(a.model_config)
     eng = w.engine("fp16", 64, 1024, 512)
     vocab = w.args.vocab_size
-    rng = random.Random(0)
-    ins = [rng.randint(32, 1024) for _ in range(a.requests)]
-    outs = [rng.randint(16, 512) for _ in range(a.requests)]
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in ins]
+    prompts, outs = serving.mixed_requests(a.requests, vocab)  # benchmark.py's mixed load
     llm = LLMEngine(eng, max_batch_size=64, max_num_tokens=8192)
     runner = llm.runner
     orig_forward, orig_model = runner._forward, runner.model
