@@ -3,7 +3,6 @@ and decode tokens/s against the bandwidth floor) and assets/serving.png (through
 latency under Poisson arrivals). matplotlib is optional: without it there is no figure."""
 from __future__ import annotations
 
-
 from .modes import ABLATION, ABLATION_SHAPE
 
 SHORT = {"hf_eager": "HF eager", "hf_compile": "HF compile", "fp16": "ours fp16",

@@ -3,7 +3,7 @@
 write fused into decode attention or not (``+unfused``: attn.FUSE_ROPE), and under TP with the
 one-shot all-reduce fused with the next norm or not (``+plainar``), on one engine.
 
-Builds one random-weight engine (benchmarks/weights.py's ``Weights``), then for each setting switches
+Builds one random-weight engine (``benchmarks.weights.Weights``), then for each setting switches
 ``pdl.set_mode`` in-process, drops the captured CUDA graphs and times ``generate`` as
 benchmark.py's latency grid does (median of 3 after a warm-up). Settings: ``off``, ``on``,
 ``auto``, each optionally ``+unfused`` and/or ``+plainar`` (each setting sets both switches
