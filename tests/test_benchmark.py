@@ -86,6 +86,7 @@ def test_tensor_parallel_grid_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "benchmark.py"), *TINY, "--modes", "fp16", "--batch", "2",
            "--input_len", "6", "--output_len", "4", "--section", "tp",
+           "--tp_allreduce", "nccl", "--pdl", "off",  # the run-time options reach the engine
            "--out_json", str(tmp_path / "b.json"), "--assets", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
