@@ -47,6 +47,8 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from benchmarks.plots import pyplot  # noqa: E402
+from benchmarks.report import write_json_atomic  # noqa: E402
 from llama_engine.config import ConfigError  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cnn_dailymail")
@@ -148,13 +150,6 @@ def settings_of(a) -> dict:
 def _tqdm(it=None, **kw):
     from tqdm import tqdm
     return tqdm(it, dynamic_ncols=True, file=sys.stderr, **kw)
-
-
-def _write_json_atomic(path: str, doc: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 def _log(msg: str) -> None:
@@ -597,9 +592,10 @@ def _positions(rows: dict) -> str:
 
 
 def render_plot(doc: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
     rows = doc["rows"]
     keys = [k for k in ROWS if k in rows]
     if not keys:
@@ -647,7 +643,8 @@ def write_outputs(a, doc: dict) -> None:
                         "cpu_threads": torch.get_num_threads(),
                         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"})
     os.makedirs(a.assets_dir, exist_ok=True)
-    _write_json_atomic(os.path.join(a.assets_dir, "accuracy.json"), doc)
+    write_json_atomic(os.path.join(a.assets_dir, "accuracy.json"), doc, indent=1,
+                      ensure_ascii=False)
     with open(os.path.join(a.assets_dir, "accuracy.md"), "w") as f:
         f.write(render_markdown(doc))
     render_plot(doc, os.path.join(a.assets_dir, "accuracy.png"))

@@ -3,7 +3,7 @@
 write fused into decode attention or not (``+unfused``: attn.FUSE_ROPE), and under TP with the
 one-shot all-reduce fused with the next norm or not (``+plainar``), on one engine.
 
-Builds one random-weight engine (benchmark.py's ``Weights``), then for each setting switches
+Builds one random-weight engine (``benchmarks.weights.Weights``), then for each setting switches
 ``pdl.set_mode`` in-process, drops the captured CUDA graphs and times ``generate`` as
 benchmark.py's latency grid does (median of 3 after a warm-up). Settings: ``off``, ``on``,
 ``auto``, each optionally ``+unfused`` and/or ``+plainar`` (each setting sets both switches
@@ -62,7 +62,9 @@ def main() -> int:
         return 2
     from llama_engine.config import ConfigError
     try:
-        import benchmark as bm
+        from benchmarks import latency
+        from benchmarks.device import random_prompts
+        from benchmarks.weights import Weights
         from llama_engine import parallel
         from llama_engine.kernels import attn, pdl
     except ConfigError as e:          # e.g. a misspelt LLAMA_ENGINE_* switch
@@ -73,12 +75,12 @@ def main() -> int:
         parallel.init_from_env("cuda")
         parallel.quiet_non_main_ranks()
     batches = [int(b) for b in a.batch.split(",")]
-    w = bm.Weights(a.model_config)
+    w = Weights(a.model_config)
     eng = w.engine(a.mode, max(batches), max(a.input_len, 8), max(a.output_len, 8))
     eng.enable_cuda_graphs()
     rows, ok = [], True
     for B in batches:
-        prompts = bm.random_prompts(B, a.input_len, eng.config.model.vocab_size)
+        prompts = random_prompts(B, a.input_len, eng.config.model.vocab_size)
         ref = None
         for name, (mode, fuse_rope, fuse_ar) in settings:
             pdl.set_mode(mode)
@@ -87,7 +89,7 @@ def main() -> int:
             if fast is not None and fast.fused is not None:
                 fast.fuse = fuse_ar               # read by RowParallelLinear at each call
             eng._graphs.invalidate()              # graphs keep the launches they captured
-            r = bm.time_engine(eng, B, a.input_len, a.output_len)
+            r = latency.time_engine(eng, B, a.input_len, a.output_len)
             toks = eng.generate(prompts, a.output_len).output_ids
             same = ref is None or toks == ref
             ref = toks if ref is None else ref

@@ -15,7 +15,6 @@ import argparse
 import gzip
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -38,17 +37,14 @@ def main() -> int:
         return 2
     from torch.profiler import ProfilerActivity, profile
 
-    import benchmark as bm
+    from benchmarks import device, profiling, serving
+    from benchmarks.weights import Weights
     from llama_engine.serving.llm_engine import LLMEngine
     os.makedirs(a.out, exist_ok=True)
-    w = bm.Weights(a.model_config)
+    w = Weights(a.model_config)
     eng = w.engine("fp16", 64, 1024, 512)
     vocab = w.args.vocab_size
-    rng = random.Random(0)
-    ins = [rng.randint(32, 1024) for _ in range(a.requests)]
-    outs = [rng.randint(16, 512) for _ in range(a.requests)]
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in ins]
+    prompts, outs = serving.mixed_requests(a.requests, vocab)  # benchmark.py's mixed load
     llm = LLMEngine(eng, max_batch_size=64, max_num_tokens=8192)
     runner = llm.runner
     orig_forward, orig_model = runner._forward, runner.model
@@ -94,7 +90,7 @@ def main() -> int:
         if prof_it:
             path = os.path.join(a.out, f"trace_mixed_step{n}.json")
             prof.export_chrome_trace(path)
-            cats = bm.categorize_trace(path)
+            cats = profiling.categorize_trace(path)
             info["gpu_busy_ms"] = sum(cats.values())
             info["gpu_by_category_ms"] = cats
             ka = prof.key_averages()
@@ -122,7 +118,7 @@ def main() -> int:
         done += sum(o.finished for o in llm.step())
     summary = llm.step_summary()
     del llm, runner, orig_forward, orig_model
-    bm.free_memory()  # the serving KV cache held most of the GPU
+    device.free_memory("cuda")  # the serving KV cache held most of the GPU
     # a pure prefill of as many tokens as the profiled steps, in one prompt, for comparison
     pref = []
     for info in rows[a.skip_steps:a.skip_steps + a.profile_steps]:

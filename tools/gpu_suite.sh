@@ -2,9 +2,7 @@
 # The GPU measurements behind the README, in one call (each part under its own time limit).
 # Usage on the GPU machine: bash tools/gpu_suite.sh OUT_DIR [parts...]
 # parts: ablation kv_long prefill memory profile serving poisson grid   (default: all)
-#        extra parts: kv_ablation (int4 + INT8 KV row), cnn_no_evict, serving_int8kv, mixed300,
-#        swiglu (the SwiGLU prologue, off by default: its GPU check, then fp16/int8/int4 rows with
-#        it on, saved as ablation rows *_swiglu beside the default ones of the same call)
+#        extra parts: kv_ablation (int4 + INT8 KV row), cnn_no_evict, serving_int8kv, mixed300
 set -u
 OUTD=${1:?out dir}; shift
 PARTS=${*:-"ablation kv_long prefill memory profile serving poisson grid"}
@@ -25,9 +23,6 @@ for p in $PARTS; do
     cnn_no_evict)   timeout 90 $B --serving --serving_parts cnn --scheduler_policy guaranteed_no_evict ;;
     serving_int8kv) timeout 60 $B --serving --serving_parts uniform --modes int8kv ;;
     mixed300)       timeout 200 $B --serving --serving_parts mixed,hf --mixed_requests 300 ;;
-    swiglu)   LLAMA_ENGINE_FUSED_SWIGLU=1 timeout 120 python3 tools/gpu_check.py &&
-              timeout 120 $B --ablation --only fp16,int8,int4 &&
-              LLAMA_ENGINE_FUSED_SWIGLU=1 timeout 120 $B --ablation --only fp16,int8,int4 --row_suffix _swiglu ;;
     serving)  timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
   echo "=== $p exit ${PIPESTATUS[0]}"   # the part's own status (124: its time limit)

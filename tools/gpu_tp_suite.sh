@@ -3,14 +3,13 @@
 # Usage on the GPU machine: bash tools/gpu_tp_suite.sh OUT_DIR [parts...]
 # parts: check tp13b serving_tp serving   (default: all); extra: profile_tp (where a TP token
 #        goes: the all-reduces against the rest, LLaMA-13B batch 1, rank 0 traced),
-#        tp13b_swiglu (tp13b's one GPU and one-shot rows with LLAMA_ENGINE_FUSED_SWIGLU=1),
-#        swiglu_check (tools/gpu_check.py with it), serving_cmp (LLaMA-7B 1000 x 128/128 inflight
+#        serving_cmp (LLaMA-7B 1000 x 128/128 inflight
 #        batching on one GPU, TP=2 NCCL, TP=2 one-shot), gpu_check (tools/gpu_check.py, one GPU),
 #        pdl (tools/gpu_pdl_sweep.py on LLaMA-13B fp16: one GPU, then TP=2; PDL_SETTINGS,
 #        PDL_BATCH)
-# tp13b times one GPU, then TP=2 with NCCL's all-reduce, the one-shot kernel, and the one-shot
-# kernel fused with the next RMSNorm (LLAMA_ENGINE_TP_ALLREDUCE, LLAMA_ENGINE_TP_FUSE_NORM);
-# profile_tp and serving_tp use TP_AR (default oneshot).
+# tp13b times one GPU, then TP=2 with NCCL's all-reduce and with the one-shot kernel (fused with
+# the next RMSNorm): benchmark.py --tp_allreduce; profile_tp and serving_tp use TP_AR (default
+# oneshot).
 set -u
 OUTD=${1:?out dir}; shift
 PARTS=${*:-"check tp13b serving_tp serving"}
@@ -26,24 +25,18 @@ for p in $PARTS; do
   echo "=== $p $(date +%T)"
   case $p in
     check)      timeout 330 python3 tools/gpu_tp_check.py --tp 2 --timeout 120 ;;
-    profile_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 150 $TR --model_config llama-13b --profile --modes fp16 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
-    tp13b)      timeout 100 $B $G; LLAMA_ENGINE_TP_ALLREDUCE=nccl timeout 120 $TR $G;
-                LLAMA_ENGINE_TP_ALLREDUCE=oneshot LLAMA_ENGINE_TP_FUSE_NORM=0 timeout 120 $TR $G;
-                LLAMA_ENGINE_TP_ALLREDUCE=oneshot timeout 120 $TR $G ;;
-    tp13b_swiglu) export LLAMA_ENGINE_FUSED_SWIGLU=1  # down_proj computes silu(gate)*up itself
-                timeout 100 $B $G --row_suffix " swiglu";
-                LLAMA_ENGINE_TP_ALLREDUCE=oneshot timeout 120 $TR $G --row_suffix " swiglu";
-                unset LLAMA_ENGINE_FUSED_SWIGLU ;;
-    swiglu_check) LLAMA_ENGINE_FUSED_SWIGLU=1 timeout 240 python3 tools/gpu_check.py ;;
+    profile_tp) timeout 150 $TR --tp_allreduce $TP_AR --model_config llama-13b --profile --modes fp16 --batch 1 --input_len 8 --output_len 50 --max_input_len 64 && gzip -f $OUTD/trace_*.json ;;
+    tp13b)      timeout 100 $B $G; timeout 120 $TR $G --tp_allreduce nccl;
+                timeout 120 $TR $G --tp_allreduce oneshot ;;
     gpu_check)  timeout 240 python3 tools/gpu_check.py ;;
     pdl)        S=${PDL_SETTINGS:-off,on,off,on}; rc=0  # either run failing fails the part
                 timeout 150 python3 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_1gpu.json || rc=$?
                 LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 170 python3 -m torch.distributed.run --standalone --nproc_per_node 2 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_tp2.json || rc=$?
                 (exit $rc) ;;
-    serving_tp) LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
+    serving_tp) timeout 100 $TR --tp_allreduce $TP_AR --serving --serving_parts uniform --num_requests 1000 ;;
     serving_cmp) timeout 100 $B --serving --serving_parts uniform --num_requests 1000;
-                LLAMA_ENGINE_TP_ALLREDUCE=nccl timeout 100 $TR --serving --serving_parts uniform --num_requests 1000;
-                LLAMA_ENGINE_TP_ALLREDUCE=oneshot timeout 100 $TR --serving --serving_parts uniform --num_requests 1000 ;;
+                timeout 100 $TR --tp_allreduce nccl --serving --serving_parts uniform --num_requests 1000;
+                timeout 100 $TR --tp_allreduce oneshot --serving --serving_parts uniform --num_requests 1000 ;;
     serving)    timeout 200 $B --serving --serving_parts uniform,cnn,mixed,hf --num_requests 1000 --mixed_requests 100 ;;
   esac 2>&1 | grep -v "it/s\]\|FutureWarning\|rotary_emb = "
   echo "=== $p exit ${PIPESTATUS[0]}"   # the part's own status (124: its time limit)
