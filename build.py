@@ -26,7 +26,7 @@ from llama_engine.cli import run_main
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
-    p = cli.make_parser(__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.make_parser(__doc__, formatter_class=cli.DefaultsHelpFormatter)
     src = p.add_argument_group("source (at most one; none = random weights)")
     src.add_argument("--model_dir", help="Hugging Face LLaMA directory")
     src.add_argument("--meta_ckpt_dir", help="Meta checkpoint dir (params.json + consolidated.*.pth)")
@@ -36,8 +36,10 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     src.add_argument("--model_config", default="llama-7b",
                      help="preset (llama-7b, llama-13b, tiny) or config.json for random weights")
     src.add_argument("--seed", type=int, default=0, help="seed of random weights")
-    p.add_argument("--dtype", default="float16", choices=DTYPES,
-                   help="float64 is for exactness tests on the CPU")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="default: the checkpoint's dtype with --ckpt_dir, else float16 where "
+                        "a CUDA GPU is present (and for --backend tensorrt_llm), float32 on a "
+                        "CPU-only machine; float64 is for exactness tests on the CPU")
     p.add_argument("--output_dir", default="engine_outputs",
                    help="a new directory, or one holding an engine/checkpoint this project "
                         "wrote (replaced atomically once the build is complete)")
@@ -108,6 +110,20 @@ def check_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             setattr(a, name, "auto")
         elif v not in ("auto", "triton", "torch", "disable"):
             p.error(f"--{name} takes auto|triton|torch or a dtype, got {v!r}")
+    if a.dtype is None and not a.ckpt_dir:
+        a.dtype = default_build_dtype(a.backend)
+
+
+def default_build_dtype(backend: str) -> str:
+    """float16 for GPUs; float32 on a machine without one, where float16 runs ~5x slower
+    than float32 in PyTorch's CPU kernels (and rounds differently from HF's fp32 baseline)."""
+    import torch
+
+    if backend == "tensorrt_llm" or torch.cuda.is_available():
+        return "float16"
+    print("build: no CUDA GPU here, so the engine is float32 (a float16 engine runs ~5x "
+          "slower on a CPU); pass --dtype float16 to build one for a GPU anyway")
+    return "float32"
 
 
 def load_float_tensors(a: argparse.Namespace):
@@ -166,6 +182,7 @@ def build(a: argparse.Namespace) -> int:
     random_source = not (a.ckpt_dir or a.model_dir or a.meta_ckpt_dir or a.gguf_file)
     if a.ckpt_dir:
         model_args, ckpt_quant, ckpt_dtype, tensors = ckpt.read_checkpoint(a.ckpt_dir)
+        a.dtype = a.dtype or ckpt_dtype
         if ckpt_dtype != a.dtype:
             raise ConfigError(f"checkpoint {a.ckpt_dir} is {ckpt_dtype}; build it with "
                               f"--dtype {ckpt_dtype}")

@@ -53,8 +53,14 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
             return trtllm.TrtllmRunner.from_dir(engine_dir), "TensorRT-LLM"
     except ImportError:
         pass
+    import torch
+
     from llama_engine.runner import Engine
     engine = Engine.from_dir(engine_dir, device=device, dtype=dtype)
+    if engine.device.type == "cpu" and engine.dtype in (torch.float16, torch.bfloat16):
+        print(f"note: {engine_dir} is a {str(engine.dtype).replace('torch.', '')} engine on "
+              "the CPU, where half precision runs ~5x slower than float32: pass --dtype fp32 "
+              "(or build with --dtype float32)", file=sys.stderr)
     if cuda_graphs:
         engine.enable_cuda_graphs()
     return engine, "PyTorch engine (ours)"

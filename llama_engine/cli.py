@@ -58,6 +58,17 @@ class ArgumentParser(argparse.ArgumentParser):
         die(f"{message} (see {self.prog} --help)")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default to show: not for None, False or an
+    option whose help already says what its default is."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def make_parser(doc: Optional[str], **kwargs) -> ArgumentParser:
     """The parser of a script whose module docstring is ``doc`` (its first paragraph is the
     description)."""

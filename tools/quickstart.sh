@@ -13,25 +13,15 @@ cd "$(dirname "$0")/.."
 . tools/setup.sh
 export TOKENIZERS_PARALLELISM=false
 
-# 1. Data first, so that a missing dataset is reported before minutes of work.
-DATA=${1:-}
-SHARED=../shared/data/cnn_dailymail/test_dev.jsonl
-if [ -n "$DATA" ]; then
-  if ! python -c "import sys; from llama_engine.prompts import load_cnn_dailymail as l; l(sys.argv[1], limit=5)" "$DATA"; then
-    echo "quickstart: error: cannot read the dataset $DATA (see the line above)" >&2
-    exit 2
-  fi
-  SUMMARIZE_DATA=(--dataset_path "$DATA")
-elif [ -f "$SHARED" ]; then
-  SUMMARIZE_DATA=(--dataset_path "$SHARED")
-elif timeout 120 python -c "from llama_engine.prompts import load_cnn_dailymail as l; l(None, limit=5)" \
-     >/dev/null 2>&1; then
-  SUMMARIZE_DATA=()                    # summarize.py loads it through `datasets`
-else
-  SUMMARIZE_DATA=(skip)
-  echo "quickstart: no cnn_dailymail data here (no $SHARED, no \`datasets\` copy reachable):" \
-       "the summarize step will be skipped; give it data with: bash tools/quickstart.sh FILE.jsonl"
-fi
+# 1. Data first, so that a missing dataset is reported before minutes of work. The hub
+#    lookup (no file given, no ../shared) is bounded: offline it fails within seconds.
+CHOICE=$(HF_HUB_ETAG_TIMEOUT=10 HF_HUB_DOWNLOAD_TIMEOUT=30 timeout 180 \
+         python tools/quickstart_data.py "${1:-}") || { rc=$?; [ $rc = 2 ] && exit 2; CHOICE=skip; }
+case $CHOICE in
+  path\ *) SUMMARIZE_DATA=(--dataset_path "${CHOICE#path }") ;;
+  hub)     SUMMARIZE_DATA=() ;;            # summarize.py loads it through `datasets`
+  *)       SUMMARIZE_DATA=(skip) ;;
+esac
 
 GGUF=$(python tools/fetch_smollm2.py)
 DEVICE=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
