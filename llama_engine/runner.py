@@ -115,7 +115,7 @@ class Engine:
     @classmethod
     def from_tensors(cls, config: EngineConfig, tensors: dict, device: str,
                      dtype: Optional[str] = None, engine_dir: Optional[str] = None) -> "Engine":
-        from model import Transformer, kv_scales_from_checkpoint
+        from .model import Transformer, kv_scales_from_checkpoint
         if dtype and dtype != config.dtype:
             src = TORCH_DTYPES[config.dtype]
             tensors = {k: (v.to(TORCH_DTYPES[dtype]) if v.dtype == src else v)
