@@ -23,11 +23,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from llama_engine import checkpoint as ckpt
-from llama_engine.attention import AttentionMeta, paged_attention
-from llama_engine.config import ConfigError, ModelArgs, QuantConfig
-from llama_engine.kernels import ops
-from llama_engine.kv_cache import KVCache
+from . import names
+from . import parallel
+from .attention import AttentionMeta, paged_attention
+from .config import ConfigError, ModelArgs, QuantConfig
+from .kernels import ops
+from .kv_cache import KVCache
+from .quant import make_linear as default_make_linear
 
 
 class RMSNorm(nn.Module):
@@ -217,13 +219,11 @@ class Transformer(nn.Module):
         keyword (and may ignore it), and ``act="swiglu"`` for mlp.proj (x is then the stacked
         [gate; up] output, tensor or SplitKPartials: ``kernels.linear.apply_act`` gives the
         plain input)."""
-        if make_linear is None:
-            from llama_engine.quant import make_linear
+        make_linear = make_linear or default_make_linear
         full_args = args
         if tp_size > 1:
-            from llama_engine import parallel
             args = parallel.local_args(args, tp_size)
-        groups = ckpt.group_by_prefix(tensors)
+        groups = names.group_by_prefix(tensors)
 
         def group(prefix: str) -> dict[str, torch.Tensor]:
             if prefix not in groups:
@@ -239,7 +239,7 @@ class Transformer(nn.Module):
 
         layers = []
         for i in range(args.num_hidden_layers):
-            p = ckpt.layer_prefix(i)
+            p = names.layer_prefix(i)
             attn = Attention(args, linear(p + "attention.qkv"),
                              linear(p + "attention.dense", row_parallel=True))
             fused = fuse_gate_up(group(p + "mlp.fc"), group(p + "mlp.gate"))
@@ -274,8 +274,8 @@ def kv_scales_from_checkpoint(args: ModelArgs, quant: QuantConfig,
     hkv, d = args.num_key_value_heads, args.head_dim
     scales = []
     for i in range(args.num_hidden_layers):
-        p = ckpt.layer_prefix(i) + "attention."
-        kn, vn = (p + s for s in ckpt.KV_CHANNEL_SCALES)
+        p = names.layer_prefix(i) + "attention."
+        kn, vn = (p + s for s in names.KV_CHANNEL_SCALES)
         if kn in tensors or vn in tensors:
             if kn not in tensors or vn not in tensors:
                 raise ConfigError(f"checkpoint has only one of {kn} and {vn}; per-channel INT8 "
@@ -289,7 +289,7 @@ def kv_scales_from_checkpoint(args: ModelArgs, quant: QuantConfig,
                                       f"{hkv}*{d} = {hkv * d}")
                 pair.append(t.reshape(hkv, d).contiguous())
         else:
-            name = p + ckpt.KV_SCALE
+            name = p + names.KV_SCALE
             if name not in tensors:
                 raise ConfigError(f"INT8 KV cache needs calibrated scales but {name} is "
                                   "missing; run hf_llama_convert.py --calibrate-kv-cache")

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .config import W4A16, W4A16_GROUPWISE, ConfigError, ModelArgs, QuantConfig
+from .names import KV_CHANNEL_SCALES, group_by_prefix
 
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: off unless the user
 # explicitly set these.
@@ -622,7 +623,6 @@ def kv_channel_rows(args: ModelArgs, tp_size: int, rank: int) -> torch.Tensor:
 def _shard_kv_scales(prefix: str, group: dict, args: ModelArgs, tp_size: int,
                      rank: int) -> dict:
     """``...attention`` tensors: per-layer KV scale replicated, per-channel ones by KV head."""
-    from .checkpoint import KV_CHANNEL_SCALES
     out = {}
     for suffix, t in group.items():
         if suffix in KV_CHANNEL_SCALES:
@@ -640,7 +640,6 @@ def shard_checkpoint(tensors: dict, args: ModelArgs, quant: Optional[QuantConfig
                      tp_size: int, rank: int) -> dict:
     """Canonical unified-checkpoint tensors (docs/design.md) -> rank ``rank``'s tensors, same
     names, local shapes."""
-    from .checkpoint import group_by_prefix
     check_tp(args, quant, tp_size)
     if tp_size == 1:
         return dict(tensors)

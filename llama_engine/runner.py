@@ -7,17 +7,21 @@ sequence, so the same attention kernels serve static and inflight batching.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from . import checkpoint as ckpt
+from . import parallel
 from .attention import AttentionMeta, last_token_indices
 from .config import ConfigError, EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache, blocks_for, slots_for, static_block_tables
+from .model import Transformer, kv_scales_from_checkpoint
+from .sampling import GenerationOutput, SamplingConfig, sample  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float32": torch.float32, "float64": torch.float64}
@@ -26,48 +30,6 @@ WEIGHTS_FILE = "rank0.safetensors"
 
 class EngineLimitError(ConfigError):
     """A request outside the limits the engine was built for."""
-
-
-@dataclass
-class SamplingConfig:
-    """TensorRT-LLM's defaults: top_k=1 is greedy."""
-
-    temperature: float = 1.0
-    top_k: int = 1
-    top_p: float = 0.0
-    seed: Optional[int] = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.top_k == 1 or self.temperature == 0.0
-
-
-@dataclass
-class GenerationOutput:
-    output_ids: list            # per prompt, generated tokens only (end_id excluded)
-    num_generated_tokens: int = 0
-    latency_s: float = 0.0
-    prefill_s: float = 0.0
-    step_times: list = field(default_factory=list)
-
-
-def sample(logits: torch.Tensor, cfg: SamplingConfig,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits fp32 [B, V] -> token ids int64 [B]."""
-    if cfg.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / max(cfg.temperature, 1e-5)
-    if cfg.top_k > 1:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if 0.0 < cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Drop tokens once the mass before them already reaches top_p (keep at least one).
-        drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def default_device() -> str:
@@ -81,7 +43,6 @@ def load_engine_tensors(engine_dir: str, device: str = "cpu") -> tuple[EngineCon
     config = EngineConfig.load(engine_dir)
     name = WEIGHTS_FILE
     if config.world_size > 1:
-        from . import parallel
         name = f"rank{parallel.require_world(config.world_size)}.safetensors"
     tensors = ckpt.load_tensors(os.path.join(engine_dir, name), device=device)
     return config, tensors
@@ -106,7 +67,6 @@ class Engine:
         to run an fp16 engine on a CPU)."""
         device = device or default_device()
         if EngineConfig.load(engine_dir).world_size > 1:
-            from . import parallel
             parallel.init_from_env(device)  # NCCL for CUDA, gloo for CPU; before any loading
             device = parallel.rank_device(device)
         config, tensors = load_engine_tensors(engine_dir, "cpu")
@@ -115,7 +75,6 @@ class Engine:
     @classmethod
     def from_tensors(cls, config: EngineConfig, tensors: dict, device: str,
                      dtype: Optional[str] = None, engine_dir: Optional[str] = None) -> "Engine":
-        from .model import Transformer, kv_scales_from_checkpoint
         if dtype and dtype != config.dtype:
             src = TORCH_DTYPES[config.dtype]
             tensors = {k: (v.to(TORCH_DTYPES[dtype]) if v.dtype == src else v)
@@ -134,9 +93,6 @@ class Engine:
             # Tensor parallelism: the tensors are this rank's shards. The engine's config then
             # describes the rank's network (its heads / MLP width; hidden size and vocabulary
             # stay global), so the KV caches are sized for the rank's KV heads.
-            import dataclasses
-
-            from . import parallel
             tp_rank = parallel.require_world(tp_size, device)
             parallel.sync_rng()  # unseeded sampling draws the same tokens on every rank
             parallel.setup_all_reduce(device)  # collective; before any forward or graph capture
@@ -228,7 +184,6 @@ class Engine:
         """Replay decode steps from CUDA graphs (one per batch size); CUDA only."""
         if self.device.type != "cuda":
             return
-        from .cuda_graphs import DecodeGraphs
         self._graphs = DecodeGraphs(self)
 
     @torch.inference_mode()

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from llama_engine import parallel
 from llama_engine.attention import AttentionMeta
 from llama_engine.config import ConfigError
 from llama_engine.kv_cache import KVCache, slots_for
@@ -95,7 +96,6 @@ class ModelRunner:
         blocks = budget // (per_token * self.block_size)
         if max_tokens is not None:
             blocks = min(blocks, cdiv(max_tokens, self.block_size))
-        from llama_engine import parallel
         if parallel.get_world_size() > 1:
             # Every rank must size the same cache, or their schedules (and collectives) diverge.
             t = torch.tensor([blocks], device=self.device)
