@@ -1,9 +1,12 @@
-"""The runner: load an engine directory and generate with a static batch.
+"""The engine: load an engine directory and generate with a static batch.
 
-Generation is split as gpt-fast splits it: ``prefill`` (all prompt tokens of the batch as one
-flat batch), ``decode_step`` (one token per sequence; on CUDA replayed from a CUDA graph per
-batch size), ``sample``. The static batch uses the paged cache with a fixed block range per
-sequence, so the same attention kernels serve static and inflight batching.
+``Engine`` loads the tensors, builds the network and hands it to its ``ModelRunner``
+(model_runner.py: KV cache, attention metadata, CUDA graphs, sampling). ``generate`` is the
+static batch scheduled onto the runner as gpt-fast splits it: ``prefill`` (all prompt tokens
+of the batch as one flat batch), ``decode_step`` (one token per sequence; on CUDA replayed
+from a CUDA graph per batch size), ``sample``. Each sequence owns a fixed block range of the
+paged cache, so the same attention kernels serve static and inflight batching
+(``serving.LLMEngine`` schedules onto the same runner).
 """
 from __future__ import annotations
 
@@ -16,11 +19,10 @@ import torch
 
 from . import checkpoint as ckpt
 from . import parallel
-from .attention import AttentionMeta, last_token_indices
 from .config import ConfigError, EngineConfig
-from .cuda_graphs import DecodeGraphs
-from .kv_cache import KVCache, blocks_for, slots_for, static_block_tables
+from .kv_cache import KVCache, blocks_for, static_block_tables
 from .model import Transformer, kv_scales_from_checkpoint
+from .model_runner import ModelRunner
 from .sampling import GenerationOutput, SamplingConfig, sample  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -49,15 +51,21 @@ def load_engine_tensors(engine_dir: str, device: str = "cpu") -> tuple[EngineCon
 
 
 class Engine:
+    """A loaded engine: its config and its ``ModelRunner`` (model, KV cache, CUDA graphs),
+    with the static batch (``generate``) scheduled onto the runner."""
+
     def __init__(self, config: EngineConfig, model, device: str, engine_dir: Optional[str] = None,
                  kv_scales: Optional[list] = None):
-        self.config, self.model, self.device = config, model, torch.device(device)
+        self.config, self.device = config, torch.device(device)
         self.engine_dir = engine_dir
         self.kv_scales = kv_scales
-        self.dtype = model.embed.weight.dtype
+        self.runner = ModelRunner(config, model, self.device, kv_scales)
+        self.dtype = self.runner.dtype
         self.block_size = config.build.tokens_per_block
-        self._cache: Optional[KVCache] = None
-        self._graphs = None  # set by enable_cuda_graphs()
+
+    @property
+    def model(self):
+        return self.runner.model
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -127,64 +135,24 @@ class Engine:
         if max_new_tokens < 1:
             raise EngineLimitError("max_output_len must be at least 1")
 
-    # -- cache -----------------------------------------------------------------------------------
+    # -- the static batch on the runner ----------------------------------------------------------
     def kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         """A cache with room for ``batch_size`` sequences of ``max_seq_len``; reused when it fits."""
-        need = batch_size * blocks_for(max_seq_len, self.block_size)
-        if self._cache is None or self._cache.num_blocks < need:
-            a = self.config.model
-            self._cache = None  # free the old one first
-            if self._graphs is not None:
-                self._graphs.invalidate()  # captured graphs point at the old cache
-            self._cache = KVCache(a.num_hidden_layers, need, self.block_size, a.num_key_value_heads,
-                                  a.head_dim, self.dtype, self.device, self.kv_scales)
-        return self._cache
+        return self.runner.ensure_cache(batch_size * blocks_for(max_seq_len, self.block_size))
 
-    # -- generation ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def prefill(self, batch_input_ids: list, cache: KVCache, block_tables: torch.Tensor):
         """Run all prompt tokens; -> fp32 logits of each prompt's last token [B, V]."""
-        dev = self.device
-        lens = [len(p) for p in batch_input_ids]
-        tokens = torch.tensor([t for p in batch_input_ids for t in p], dtype=torch.int64, device=dev)
-        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        seq_index = torch.repeat_interleave(torch.arange(len(lens), device=dev),
-                                            torch.tensor(lens, device=dev))
-        meta = AttentionMeta(
-            positions=positions,
-            slot_mapping=slots_for(block_tables, seq_index, positions, self.block_size),
-            block_tables=block_tables,
-            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            query_lens=lens, is_decode=False,
-            logits_indices=last_token_indices(lens, dev), context_lens_host=lens)
-        return self.model(tokens, meta, cache)
+        return self.runner.prefill(batch_input_ids, cache, block_tables)
 
-    @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, context_lens: torch.Tensor,
                     block_tables: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per sequence. ``context_lens`` (int32[B], tokens cached so far) is
         advanced in place. -> fp32 logits [B, V]."""
-        if self._graphs is not None and self.device.type == "cuda":
-            return self._graphs.step(tokens, context_lens, block_tables, cache)
-        return self.decode_eager(tokens, context_lens, block_tables, cache)
-
-    def decode_eager(self, tokens, context_lens, block_tables, cache) -> torch.Tensor:
-        """``decode_step`` without CUDA graphs (also what the graphs capture)."""
-        positions = context_lens.to(torch.int64)
-        seq_index = torch.arange(tokens.shape[0], device=tokens.device)
-        context_lens += 1
-        meta = AttentionMeta(
-            positions=positions,
-            slot_mapping=slots_for(block_tables, seq_index, positions, self.block_size),
-            block_tables=block_tables, context_lens=context_lens,
-            query_lens=[1] * tokens.shape[0], is_decode=True)
-        return self.model(tokens, meta, cache)
+        return self.runner.decode(tokens, context_lens, block_tables, cache)
 
     def enable_cuda_graphs(self) -> None:
         """Replay decode steps from CUDA graphs (one per batch size); CUDA only."""
-        if self.device.type != "cuda":
-            return
-        self._graphs = DecodeGraphs(self)
+        self.runner.enable_cuda_graphs()
 
     @torch.inference_mode()
     def generate(self, batch_input_ids: list, max_new_tokens: int,
@@ -244,12 +212,4 @@ class Engine:
                                    f"max_seq_len {self.config.build.max_seq_len}")
         cache = self.kv_cache(1, len(input_ids))
         bt = static_block_tables(1, len(input_ids), self.block_size, self.device)
-        dev = self.device
-        n = len(input_ids)
-        positions = torch.arange(n, device=dev)
-        meta = AttentionMeta(
-            positions=positions,
-            slot_mapping=slots_for(bt, torch.zeros_like(positions), positions, self.block_size),
-            block_tables=bt, context_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            query_lens=[n], is_decode=False, context_lens_host=[n])
-        return self.model(torch.tensor(input_ids, device=dev), meta, cache, all_logits=True)
+        return self.runner.forward_all(input_ids, cache, bt)

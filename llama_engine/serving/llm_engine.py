@@ -27,7 +27,6 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 from llama_engine.config import ConfigError
 from llama_engine.runner import Engine, SamplingConfig
 from llama_engine.serving.block_manager import BlockManager
-from llama_engine.serving.model_runner import ModelRunner
 from llama_engine.serving.scheduler import Scheduler
 from llama_engine.serving.sequence import FinishReason, Sequence
 
@@ -74,10 +73,13 @@ class LLMEngine:
         max_batch_size = max_batch_size or b.max_batch_size
         if max_num_tokens is None:
             max_num_tokens = max(b.max_num_tokens or DEFAULT_MAX_NUM_TOKENS, max_batch_size)
-        self.runner = ModelRunner(engine, max_batch_size, max_num_tokens, b.max_seq_len,
-                                  kv_cache_free_gpu_memory_fraction, max_kv_cache_tokens,
-                                  cuda_graphs)
-        self.block_manager = BlockManager(self.runner.num_blocks, b.tokens_per_block)
+        # The engine's one ModelRunner, set up for inflight batching: the shared cache sized,
+        # decode graphs captured per bucket.
+        self.runner = engine.runner
+        num_blocks = self.runner.setup_serving(max_batch_size, max_num_tokens, b.max_seq_len,
+                                               kv_cache_free_gpu_memory_fraction,
+                                               max_kv_cache_tokens, cuda_graphs)
+        self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
         self.scheduler = Scheduler(self.block_manager, max_batch_size, max_num_tokens,
                                    max_input_len=b.max_input_len, max_output_len=b.max_output_len,
                                    max_seq_len=b.max_seq_len, policy=scheduler_policy)
