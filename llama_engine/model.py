@@ -205,13 +205,14 @@ class Transformer(nn.Module):
     def from_checkpoint(cls, args: ModelArgs, quant: QuantConfig,
                         tensors: dict[str, torch.Tensor], max_positions: int,
                         make_linear: Optional[Callable] = None, tp_rank: int = 0,
-                        tp_size: int = 1) -> "Transformer":
+                        tp_size: int = 1, parallel_embedding: bool = False) -> "Transformer":
         """Build the network from canonical unified-checkpoint tensors (docs/design.md).
 
         With ``tp_size`` > 1 the tensors are rank ``tp_rank``'s shards
         (``llama_engine.parallel.shard_checkpoint``) and ``args`` the full architecture: the
-        network gets the rank's heads, an all-reduce after each row-parallel linear and
-        vocabulary-parallel embedding / lm_head (llama_engine/parallel.py).
+        network gets the rank's heads, an all-reduce after each row-parallel linear and a
+        vocabulary-parallel lm_head; the embedding is gathered whole, or kept
+        vocabulary-parallel with ``parallel_embedding`` (llama_engine/parallel.py).
 
         ``make_linear(prefix, tensors, quant)`` (default ``llama_engine.quant.make_linear``)
         returns modules whose ``forward(x, partials=False)`` may hand back split-K partials
@@ -255,7 +256,8 @@ class Transformer(nn.Module):
             lm_head = linear("lm_head")
         model = cls(args, embed, layers, norm("transformer.ln_f"), lm_head, max_positions)
         if tp_size > 1:
-            parallel.make_vocab_parallel(model, full_args.vocab_size, tp_rank)
+            parallel.make_vocab_parallel(model, full_args.vocab_size, tp_rank,
+                                         parallel_embedding)
         return model
 
 

@@ -20,9 +20,11 @@ import torch
 from . import checkpoint as ckpt
 from . import parallel
 from .config import ConfigError, EngineConfig
+from .kernels import pdl
 from .kv_cache import KVCache, blocks_for, static_block_tables
 from .model import Transformer, kv_scales_from_checkpoint
 from .model_runner import ModelRunner
+from .options import RuntimeOptions
 from .sampling import GenerationOutput, SamplingConfig, sample  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -70,19 +72,27 @@ class Engine:
     # -- loading -----------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, engine_dir: str, device: Optional[str] = None,
-                 dtype: Optional[str] = None) -> "Engine":
+                 dtype: Optional[str] = None,
+                 options: Optional[RuntimeOptions] = None) -> "Engine":
         """Load an engine built by build.py. ``dtype`` overrides the float dtype (e.g. float32
-        to run an fp16 engine on a CPU)."""
+        to run an fp16 engine on a CPU). ``options``: run-time choices (options.py); when
+        given they are applied here (PDL mode, all-reduce, CUDA graphs)."""
         device = device or default_device()
         if EngineConfig.load(engine_dir).world_size > 1:
             parallel.init_from_env(device)  # NCCL for CUDA, gloo for CPU; before any loading
             device = parallel.rank_device(device)
         config, tensors = load_engine_tensors(engine_dir, "cpu")
-        return cls.from_tensors(config, tensors, device, dtype, engine_dir)
+        return cls.from_tensors(config, tensors, device, dtype, engine_dir, options)
 
     @classmethod
     def from_tensors(cls, config: EngineConfig, tensors: dict, device: str,
-                     dtype: Optional[str] = None, engine_dir: Optional[str] = None) -> "Engine":
+                     dtype: Optional[str] = None, engine_dir: Optional[str] = None,
+                     options: Optional[RuntimeOptions] = None) -> "Engine":
+        """The engine of loaded tensors (this rank's under tensor parallelism); ``options``
+        as in ``from_dir`` (None: defaults, CUDA graphs left to ``enable_cuda_graphs``)."""
+        if options is not None:
+            pdl.set_mode(options.pdl_mode)  # process-wide: every later launch
+        opts = options or RuntimeOptions()
         if dtype and dtype != config.dtype:
             src = TORCH_DTYPES[config.dtype]
             tensors = {k: (v.to(TORCH_DTYPES[dtype]) if v.dtype == src else v)
@@ -103,14 +113,18 @@ class Engine:
             # stay global), so the KV caches are sized for the rank's KV heads.
             tp_rank = parallel.require_world(tp_size, device)
             parallel.sync_rng()  # unseeded sampling draws the same tokens on every rank
-            parallel.setup_all_reduce(device)  # collective; before any forward or graph capture
+            # collective; before any forward or graph capture
+            parallel.setup_all_reduce(device, opts.tp_allreduce)
             config = dataclasses.replace(config, model=parallel.local_args(full_args, tp_size))
-        model = Transformer.from_checkpoint(full_args, config.quant, tensors, max_pos,
-                                            tp_rank=tp_rank, tp_size=tp_size)
+        model = Transformer.from_checkpoint(
+            full_args, config.quant, tensors, max_pos, tp_rank=tp_rank, tp_size=tp_size,
+            parallel_embedding=config.build.use_parallel_embedding)
         model = model.to(device).eval()
         kv_scales = kv_scales_from_checkpoint(config.model, config.quant, tensors)
         engine = cls(config, model, device, engine_dir, kv_scales)
         engine.tp_rank, engine.tp_size, engine.full_model_args = tp_rank, tp_size, full_args
+        if options is not None and options.cuda_graphs:
+            engine.enable_cuda_graphs()
         return engine
 
     # -- limits --------------------------------------------------------------------------------

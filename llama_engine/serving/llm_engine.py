@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 from llama_engine.config import ConfigError
+from llama_engine.options import RuntimeOptions
 from llama_engine.runner import Engine, SamplingConfig
 from llama_engine.serving.block_manager import BlockManager
 from llama_engine.serving.scheduler import Scheduler
@@ -58,16 +59,20 @@ class LLMEngine:
     budget to 8192); the KV cache is sized by ``kv_cache_free_gpu_memory_fraction`` on CUDA
     and by ``max_kv_cache_tokens`` (a cap on CUDA, the size on the CPU). ``scheduler_policy``:
     ``max_utilization`` (preempt when the cache runs out) or ``guaranteed_no_evict``
-    (scheduler.py)."""
+    (scheduler.py). ``options`` (options.RuntimeOptions): run-time choices, applied when the
+    engine is loaded here; ``options.cuda_graphs=False`` decodes eagerly."""
 
     def __init__(self, engine: Union[Engine, str], max_batch_size: Optional[int] = None,
                  max_num_tokens: Optional[int] = None,
                  kv_cache_free_gpu_memory_fraction: float = 0.9,
                  max_kv_cache_tokens: Optional[int] = None, cuda_graphs: bool = True,
                  device: Optional[str] = None, dtype: Optional[str] = None,
-                 scheduler_policy: str = "max_utilization"):
+                 scheduler_policy: str = "max_utilization",
+                 options: Optional[RuntimeOptions] = None):
         if isinstance(engine, str):
-            engine = Engine.from_dir(engine, device=device, dtype=dtype)
+            engine = Engine.from_dir(engine, device=device, dtype=dtype, options=options)
+        if options is not None:
+            cuda_graphs = cuda_graphs and options.cuda_graphs
         self.engine = engine
         b = engine.config.build
         max_batch_size = max_batch_size or b.max_batch_size
