@@ -44,7 +44,6 @@ from .options import TP_ALLREDUCE_MODES
 SAFE_CUDA_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                  "NVSHMEM_DISABLE_NVLS": "1"}
 
-COLUMN_LINEARS = ("attention.qkv", "mlp.fc", "mlp.gate")
 ROW_LINEARS = ("attention.dense", "mlp.proj")
 
 

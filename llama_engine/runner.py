@@ -122,7 +122,7 @@ class Engine:
         model = model.to(device).eval()
         kv_scales = kv_scales_from_checkpoint(config.model, config.quant, tensors)
         engine = cls(config, model, device, engine_dir, kv_scales)
-        engine.tp_rank, engine.tp_size, engine.full_model_args = tp_rank, tp_size, full_args
+        engine.tp_rank, engine.tp_size = tp_rank, tp_size
         if options is not None and options.cuda_graphs:
             engine.enable_cuda_graphs()
         return engine

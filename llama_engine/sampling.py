@@ -3,7 +3,7 @@
 runner and the TensorRT-LLM backend's runner; imports only torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +29,6 @@ class GenerationOutput:
     num_generated_tokens: int = 0
     latency_s: float = 0.0
     prefill_s: float = 0.0
-    step_times: list = field(default_factory=list)
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig,

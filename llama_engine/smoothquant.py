@@ -153,14 +153,12 @@ def capture_stats(model, prompts: Iterable[list[int]], kv: bool = True, progress
         from tqdm import tqdm
         it = tqdm(prompts, desc="calibrating", unit="prompt")
     try:
-        n_tokens = 0
         for ids in it:
             if not ids:
                 continue
             x = torch.tensor([ids], dtype=torch.long, device=device)
             cache = DynamicCache(config=model.config) if kv else None
             model(input_ids=x, past_key_values=cache, use_cache=kv, logits_to_keep=1)
-            n_tokens += len(ids)
             if kv:
                 for i, (k, v) in enumerate(_cache_layers(cache)):
                     # k, v: [1, Hkv, T, D]; k is post-RoPE, as our cache holds it. Max over the
