@@ -66,9 +66,11 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                         "hf_llama_convert.py --calibrate-kv-cache; random weights: synthetic)")
     k = p.add_argument_group("kernels and batching (TensorRT-LLM flag names)")
     k.add_argument("--use_gpt_attention_plugin", nargs="?", const="auto", default="auto",
-                   help="attention kernels: auto|triton|torch (a dtype means auto)")
+                   help="--backend tensorrt_llm only: TensorRT-LLM's attention plugin "
+                        "(auto|triton|torch|disable; a dtype means auto)")
     k.add_argument("--use_gemm_plugin", nargs="?", const="auto", default="auto",
-                   help="GEMM kernels: auto|triton|torch (a dtype means auto)")
+                   help="--backend tensorrt_llm only: TensorRT-LLM's GEMM plugin "
+                        "(auto|triton|torch|disable; a dtype means auto)")
     k.add_argument("--use_inflight_batching", action="store_true")
     k.add_argument("--paged_kv_cache", action="store_true")
     k.add_argument("--tokens_per_block", type=int, default=64)
@@ -79,6 +81,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                    help="tensorrt_llm backend: write the unified checkpoint only")
     b.add_argument("--world_size", type=int, default=None,
                    help="ranks (= --tp_size; default 1); run with torchrun --nproc_per_node N")
+    b.add_argument("--use_parallel_embedding", action="store_true",
+                   help="with --tp_size > 1: keep the embedding split by vocabulary (an "
+                        "all-reduce per step) instead of a whole table on every rank")
     b.add_argument("--tp_size", type=int, default=None, help="tensor-parallel ranks (default "
                    "--world_size): one rank{r}.safetensors each")
     p.add_argument("--device", default=None, help="device for quantization/calibration work")
@@ -214,8 +219,7 @@ def build(a: argparse.Namespace) -> int:
 
     build_cfg = BuildConfig(
         max_batch_size=a.max_batch_size, max_input_len=a.max_input_len,
-        max_output_len=a.max_output_len, gemm_plugin=a.use_gemm_plugin,
-        gpt_attention_plugin=a.use_gpt_attention_plugin,
+        max_output_len=a.max_output_len, use_parallel_embedding=a.use_parallel_embedding,
         use_inflight_batching=a.use_inflight_batching, paged_kv_cache=a.paged_kv_cache,
         tokens_per_block=a.tokens_per_block, max_num_tokens=a.max_num_tokens)
     tok_dir = info.get("tokenizer_dir")

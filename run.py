@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from llama_engine import cli
 from llama_engine.cli import (DTYPE_CHOICES, add_prompt_args, parse_dtype, print_io,
                               print_timing, read_prompts, resolve_device, run_main)
+from llama_engine import options as runtime_options
 from llama_engine.config import ConfigError
 
 RUN_NAME = "llama-run"
@@ -42,11 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="override the engine's float dtype (e.g. fp32 for an fp16 engine on CPU)")
+    runtime_options.add_arguments(p)
     return p
 
 
-def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs: bool = True):
-    """Our Engine, or TensorRT-LLM's runner for a TensorRT-LLM engine directory."""
+def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs: bool = True,
+                options=None):
+    """Our Engine, or TensorRT-LLM's runner for a TensorRT-LLM engine directory.
+    ``options``: llama_engine.options.RuntimeOptions (default: its defaults with
+    ``cuda_graphs``)."""
     try:
         from llama_engine import trtllm
         if trtllm.is_trtllm_engine_dir(engine_dir):
@@ -55,14 +60,14 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
         pass
     import torch
 
+    from llama_engine.options import RuntimeOptions
     from llama_engine.runner import Engine
-    engine = Engine.from_dir(engine_dir, device=device, dtype=dtype)
+    options = options or RuntimeOptions(cuda_graphs=cuda_graphs)
+    engine = Engine.from_dir(engine_dir, device=device, dtype=dtype, options=options)
     if engine.device.type == "cpu" and engine.dtype in (torch.float16, torch.bfloat16):
         print(f"note: {engine_dir} is a {str(engine.dtype).replace('torch.', '')} engine on "
               "the CPU, where half precision runs ~5x slower than float32: pass --dtype fp32 "
               "(or build with --dtype float32)", file=sys.stderr)
-    if cuda_graphs:
-        engine.enable_cuda_graphs()
     return engine, "PyTorch engine (ours)"
 
 
@@ -101,7 +106,8 @@ def _main(args) -> int:
     prompts = read_prompts(args.input_text, args.input_file)
     tokenizer = load_tokenizer(args.tokenizer_dir or args.engine_dir)
     batch_ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
-    engine, _ = load_runner(args.engine_dir, device, dtype, not args.no_cuda_graphs)
+    options = runtime_options.from_args(args, cuda_graphs=not args.no_cuda_graphs)
+    engine, _ = load_runner(args.engine_dir, device, dtype, options=options)
     from llama_engine import parallel
     parallel.quiet_non_main_ranks()  # torchrun: every rank computes the same tokens; rank 0 prints
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 from llama_engine import cli
 from llama_engine.cli import (DTYPE_CHOICES, default_dtype_for, parse_dtype, resolve_device,
                               run_main, strip_at_end)
+from llama_engine import options as runtime_options
 from llama_engine.config import ConfigError
 from llama_engine.prompts import (DEFAULT_MAX_INPUT_LENGTH, build_summarize_prompt,
                                   load_cnn_dailymail)
@@ -117,7 +118,8 @@ def _timed_loop(prompts: list, batch_size: int, device: str, generate,
 
 def run_engine_side(args, prompts: list, tokenizer, device: str) -> SideResult:
     from run import generate_inflight, load_runner
-    engine, backend = load_runner(args.engine_dir, device, None)
+    engine, backend = load_runner(args.engine_dir, device, None,
+                                  options=runtime_options.from_args(args))
     _check_engine_limits(engine, args, max(len(p) for p in prompts))
 
     def generate(batch):
@@ -200,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler_policy", default="max_utilization",
                    choices=("max_utilization", "guaranteed_no_evict"),
                    help="with --use_inflight_batching: see run.py --help")
+    runtime_options.add_arguments(p)
     return p
 
 

@@ -28,10 +28,6 @@ class AttentionMeta:
     context_lens_host: Optional[list] = None       # python copy of context_lens (prefill)
     plan: Optional["PrefillPlan"] = None           # made once per step by prefill_plan()
 
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
-
 
 def last_token_indices(query_lens: list, device) -> torch.Tensor:
     ends, total = [], 0

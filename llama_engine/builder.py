@@ -14,8 +14,10 @@ from typing import Iterable, Optional
 import torch
 
 from . import checkpoint as ckpt, outdir
+from . import parallel
 from .config import BuildConfig, ConfigError, EngineConfig, ModelArgs, QuantConfig
 from .runner import TORCH_DTYPES, WEIGHTS_FILE
+from .tokenizer import save_tokenizer
 
 
 def cast_float(sd: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
@@ -46,7 +48,6 @@ def write_engine(out_dir: str, config: EngineConfig, tensors: dict[str, torch.Te
     meta = {"format": "llama_engine", "version": str(config.format_version)}
     world = config.world_size
     if world > 1:
-        from . import parallel
         parallel.check_tp(config.model, config.quant, world)  # before anything is written
     with outdir.writing(out_dir, sources, force) as tmp:
         if world > 1:
@@ -59,7 +60,6 @@ def write_engine(out_dir: str, config: EngineConfig, tensors: dict[str, torch.Te
             ckpt.save_tensors(os.path.join(tmp, WEIGHTS_FILE), tensors, metadata=meta)
         config.save(tmp)
         if tokenizer_src:
-            from .tokenizer import save_tokenizer
             save_tokenizer(tokenizer_src, tmp)
 
 
@@ -81,7 +81,6 @@ def engine_from_tensors(args: ModelArgs, quant: QuantConfig, dtype: str,
     tensor parallelism)."""
     build.validate()
     if world_size != 1:
-        from . import parallel
         parallel.check_tp(args, quant, world_size)
     if build.max_seq_len > 1 << 20:
         raise ConfigError(f"max_input_len + max_output_len = {build.max_seq_len} is unreasonably "

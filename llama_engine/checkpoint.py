@@ -17,8 +17,11 @@ from typing import Iterable, Optional
 
 import torch
 
-from . import outdir
+from . import outdir, parallel, trtllm
 from .config import ConfigError, ModelArgs, QuantConfig, _load_json
+from .names import (KV_CHANNEL_SCALES, KV_SCALE, LAYER_LINEARS, group_by_prefix,  # noqa: F401
+                    is_kv_channel_scale, layer_prefix, linear_prefixes, linear_shape)
+from .tokenizer import save_tokenizer
 
 # One table: unified-checkpoint prefix -> (our module path, HF LlamaForCausalLM prefix).
 # TensorRT-LLM's names are misleading for the MLP: its `mlp.fc` is HF's gate_proj (the
@@ -37,47 +40,6 @@ GLOBAL_TABLE = [
     ("transformer.ln_f", "norm", "model.norm"),
     ("lm_head", "lm_head", "lm_head"),
 ]
-LAYER_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
-# INT8 KV cache scales, under each layer's ``attention.`` (docs/design.md): TensorRT-LLM's one
-# scale for K and V (float32 [1]) and our extension, per (KV head, channel) for K and for V
-# (float32 [Hkv*D] each). TensorRT-LLM exports (trtllm.to_trtllm) carry only the first.
-KV_SCALE = "kv_cache_scaling_factor"
-KV_CHANNEL_SCALES = ("k_cache_scale", "v_cache_scale")
-
-
-def is_kv_channel_scale(name: str) -> bool:
-    """True for our per-channel INT8 KV scale tensors (not part of TensorRT-LLM's format)."""
-    prefix, _, suffix = name.rpartition(".")
-    return suffix in KV_CHANNEL_SCALES and prefix.endswith(".attention")
-
-
-def layer_prefix(i: int) -> str:
-    return f"transformer.layers.{i}."
-
-
-def linear_prefixes(args: ModelArgs) -> list[str]:
-    """Every linear layer's unified prefix (lm_head included when it has its own weight)."""
-    out = [layer_prefix(i) + name for i in range(args.num_hidden_layers) for name in LAYER_LINEARS]
-    if not args.tie_word_embeddings:
-        out.append("lm_head")
-    return out
-
-
-def linear_shape(args: ModelArgs, prefix: str) -> tuple[int, int]:
-    """(out_features, in_features) of a linear given its unified prefix."""
-    d, f = args.hidden_size, args.intermediate_size
-    shapes = {
-        "attention.qkv": (args.q_size + 2 * args.kv_size, d),
-        "attention.dense": (d, args.q_size),
-        "mlp.fc": (f, d),
-        "mlp.gate": (f, d),
-        "mlp.proj": (d, f),
-    }
-    if prefix == "lm_head":
-        return (args.vocab_size, d)
-    return shapes[prefix.split(".", 3)[-1]]
-
-
 def expected_float_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Names and shapes of an unquantized checkpoint."""
     d = args.hidden_size
@@ -146,18 +108,6 @@ def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int
                               f"{tuple(tensors[name].shape)}, config implies {tuple(shape)}")
 
 
-def group_by_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{'transformer.layers.0.attention.qkv': {'weight': ..., 'per_channel_scale': ...}, ...}.
-
-    ``attention.kv_cache_scaling_factor`` (and ``k_cache_scale`` / ``v_cache_scale``) are
-    grouped under '...attention'."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        prefix, _, suffix = name.rpartition(".")
-        groups.setdefault(prefix, {})[suffix] = t
-    return groups
-
-
 # ---------------------------------------------------------------------------------------------
 # Directory I/O
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +151,6 @@ def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConf
 
     ``sources``, ``force``, ``flag``: the output-directory rules (``outdir.check_output_dir``)."""
     if world_size > 1:
-        from . import parallel
         parallel.check_tp(args, quant, world_size)
         shards = (parallel.shard_checkpoint(tensors, args, quant, world_size, r)
                   for r in range(world_size))
@@ -221,7 +170,6 @@ def write_checkpoint(out_dir: str, args: ModelArgs, dtype: str, quant: QuantConf
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         if tokenizer_src:
-            from .tokenizer import save_tokenizer
             save_tokenizer(tokenizer_src, tmp)
     return out_dir
 
@@ -238,13 +186,11 @@ def read_checkpoint(ckpt_dir: str, rank: int = 0):
 
 
 def _to_trtllm(args, dtype, quant, tensors, world_size, extensions=False):
-    from . import trtllm
     return trtllm.to_trtllm(tensors, args, quant, dtype=dtype, world_size=world_size,
                             extensions=extensions)
 
 
 def _from_trtllm(config: dict, tensors: dict[str, torch.Tensor]):
-    from . import trtllm
     dtype = config.get("dtype", "float16")
     args, quant, tensors = trtllm.from_trtllm(config, tensors)
     mapping = config.get("mapping") or {}

@@ -410,15 +410,17 @@ class QuantConfig:
 # ---------------------------------------------------------------------------------------------
 # Build limits and kernel choices
 # ---------------------------------------------------------------------------------------------
+_RETIRED_BUILD_KEYS = ("max_beam_width", "gemm_plugin", "gpt_attention_plugin")
+
+
 @dataclass
 class BuildConfig:
     max_batch_size: int = 8
     max_input_len: int = 1024
     max_output_len: int = 1024
-    max_beam_width: int = 1
-    # Kernel choices, TensorRT-LLM's flag names: "auto" picks the fastest available.
-    gemm_plugin: str = "auto"
-    gpt_attention_plugin: str = "auto"
+    # Tensor parallelism: keep the embedding split by vocabulary (TensorRT-LLM's
+    # --use_parallel_embedding) instead of gathering the whole table on every rank.
+    use_parallel_embedding: bool = False
     # Inflight batching / paged KV cache.
     use_inflight_batching: bool = False
     paged_kv_cache: bool = False
@@ -487,7 +489,9 @@ class EngineConfig:
         try:
             model = ModelArgs(**d["model"])
             quant = QuantConfig.from_checkpoint_dict(d["quantization"])
-            build = BuildConfig(**d["build_config"])
+            # Engines built before these were dropped (never read by this engine) still load.
+            build = BuildConfig(**{k: v for k, v in d["build_config"].items()
+                                   if k not in _RETIRED_BUILD_KEYS})
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{path}: malformed engine config ({e})") from None
         if d.get("dtype") not in DTYPES:

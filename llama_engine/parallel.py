@@ -36,13 +36,14 @@ import torch
 from torch import nn
 
 from .config import W4A16, W4A16_GROUPWISE, ConfigError, ModelArgs, QuantConfig
+from .names import KV_CHANNEL_SCALES, group_by_prefix
+from .options import TP_ALLREDUCE_MODES
 
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: off unless the user
 # explicitly set these.
 SAFE_CUDA_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                  "NVSHMEM_DISABLE_NVLS": "1"}
 
-COLUMN_LINEARS = ("attention.qkv", "mlp.fc", "mlp.gate")
 ROW_LINEARS = ("attention.dense", "mlp.proj")
 
 
@@ -141,7 +142,8 @@ def quiet_non_main_ranks() -> None:
 # ---------------------------------------------------------------------------------------------
 # Collectives (identity with one rank)
 # ---------------------------------------------------------------------------------------------
-# LLAMA_ENGINE_TP_ALLREDUCE: how CUDA tensors of at most ONESHOT_MAX_BYTES are summed.
+# RuntimeOptions.tp_allreduce (run.py --tp_allreduce): how CUDA tensors of at most
+# ONESHOT_MAX_BYTES are summed.
 #   "auto"    -- (default) "oneshot" where every rank is a GPU of one host with peer access
 #                and symmetric memory sets up, else NCCL with a one-line notice;
 #   "oneshot" -- kernels/comm.py's one-shot kernel (an error where it cannot run); after a
@@ -151,7 +153,6 @@ def quiet_non_main_ranks() -> None:
 # On 2 H200s (2026-11-26) the one-shot kernel took 3.9-4.2 us per 10 KB all-reduce in a CUDA
 # graph against NCCL's 18-21 us, and LLaMA-13B TP=2 batch-1 decode went from 202.1 (NCCL) to
 # 222.6 tok/s (one GPU: 143.4; docs/perf-notes.md, run 6).
-TP_ALLREDUCE_MODES = ("auto", "oneshot", "nccl")
 DEFAULT_TP_ALLREDUCE = "auto"
 ONESHOT_MAX_BYTES = 1 << 20  # decode batches up to ~100 tokens of a 5120-wide model in fp16
 
@@ -171,14 +172,6 @@ def _cuda_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def tp_allreduce_mode() -> str:
-    mode = os.environ.get("LLAMA_ENGINE_TP_ALLREDUCE", DEFAULT_TP_ALLREDUCE)
-    if mode not in TP_ALLREDUCE_MODES:
-        raise ConfigError("LLAMA_ENGINE_TP_ALLREDUCE must be one of "
-                          f"{', '.join(TP_ALLREDUCE_MODES)}, got {mode!r}")
-    return mode
 
 
 class _SymmetricState:
@@ -310,14 +303,17 @@ def _oneshot_unsupported(device: torch.device) -> str:
     return ""
 
 
-def setup_all_reduce(device) -> None:
-    """Prepare this rank's all-reduce for CUDA tensors on ``device`` per LLAMA_ENGINE_TP_ALLREDUCE.
+def setup_all_reduce(device, mode: str = DEFAULT_TP_ALLREDUCE) -> None:
+    """Prepare this rank's all-reduce for CUDA tensors on ``device``; ``mode`` is one of
+    ``options.TP_ALLREDUCE_MODES`` (``RuntimeOptions.tp_allreduce``).
     Collective: every rank calls it at the same point (Engine.from_tensors does, before any
     forward, so that no setup happens inside CUDA-graph capture). Once per process and device."""
     if get_world_size() == 1:
         return
-    mode, fuse = tp_allreduce_mode(), tp_fuse_norm()  # a misspelt value is an error anywhere
-    tp_parallel_embedding()
+    if mode not in TP_ALLREDUCE_MODES:
+        raise ConfigError(f"tp_allreduce must be one of {', '.join(TP_ALLREDUCE_MODES)}, "
+                          f"got {mode!r}")
+    fuse = tp_fuse_norm()  # a misspelt value is an error anywhere
     device = _cuda_device(device)
     if device.type != "cuda" or device in _ONESHOT:
         return
@@ -343,8 +339,8 @@ def setup_all_reduce(device) -> None:
             return
     why = err or "another rank cannot run it"
     if mode == "oneshot":
-        raise ConfigError(f"LLAMA_ENGINE_TP_ALLREDUCE=oneshot cannot run here ({why}); use "
-                          "LLAMA_ENGINE_TP_ALLREDUCE=nccl or auto")
+        raise ConfigError(f"--tp_allreduce oneshot cannot run here ({why}); use "
+                          "--tp_allreduce nccl or auto")
     if is_main():
         print(f"[llama_engine] one-shot all-reduce unavailable ({why}); using NCCL",
               file=sys.stderr)
@@ -452,31 +448,17 @@ class VocabParallelLMHead(nn.Module):
         return all_gather_last(self.inner(x))[..., : self.vocab_size]
 
 
-def tp_parallel_embedding() -> bool:
-    """LLAMA_ENGINE_TP_PARALLEL_EMBEDDING: 0 (default) gathers the embedding's vocabulary shards
-    when the engine loads, so every rank looks its tokens up in the whole table: no all-reduce
-    and no masking per step, for up to one more table a rank (1 - 1/tp of it; a whole one when
-    a tied lm_head keeps its own shard) (TensorRT-LLM, too, replicates the embedding unless
-    built with --use_parallel_embedding); 1 keeps it vocabulary-parallel
-    (VocabParallelEmbedding). Every rank must see the same value (make_vocab_parallel checks)."""
-    v = os.environ.get("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", "0")
-    if v not in ("0", "1"):
-        raise ConfigError(f"LLAMA_ENGINE_TP_PARALLEL_EMBEDDING must be 0 or 1, got {v!r}")
-    return v == "1"
-
-
-def make_vocab_parallel(model: nn.Module, vocab_size: int, rank: int) -> None:
-    """Give a rank's Transformer (built from vocabulary shards) its whole embedding table,
-    gathered from every rank (collective: every rank at the same point), or with
-    LLAMA_ENGINE_TP_PARALLEL_EMBEDDING=1 the vocabulary-parallel embedding; and the
-    vocabulary-parallel lm_head (its logits all-gathered)."""
+def make_vocab_parallel(model: nn.Module, vocab_size: int, rank: int,
+                        parallel_embedding: bool = False) -> None:
+    """Give a rank's Transformer (built from vocabulary shards) its embedding and the
+    vocabulary-parallel lm_head (its logits all-gathered). The embedding (the engine's
+    ``use_parallel_embedding``, build.py --use_parallel_embedding): False (default) gathers
+    the whole table from every rank (collective: every rank at the same point), so every rank
+    looks its tokens up locally: no all-reduce and no masking per step, for up to one more
+    table a rank (TensorRT-LLM, too, replicates the embedding unless built with
+    --use_parallel_embedding); True keeps it vocabulary-parallel (VocabParallelEmbedding).
+    Every rank reads the same config.json, so every rank makes the same collectives."""
     weight = model.embed.weight.data
-    parallel_embedding = tp_parallel_embedding()
-    # the two choices make different collectives: a rank that differs would hang the others
-    votes = all_gather_rows(torch.tensor([int(parallel_embedding)], device=weight.device))
-    if len(set(votes.tolist())) > 1:
-        raise ConfigError("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING differs between ranks "
-                          f"({votes.tolist()}); set it alike on every rank")
     if parallel_embedding:
         model.embed = VocabParallelEmbedding(weight, rank * weight.shape[0])
     else:
@@ -622,7 +604,6 @@ def kv_channel_rows(args: ModelArgs, tp_size: int, rank: int) -> torch.Tensor:
 def _shard_kv_scales(prefix: str, group: dict, args: ModelArgs, tp_size: int,
                      rank: int) -> dict:
     """``...attention`` tensors: per-layer KV scale replicated, per-channel ones by KV head."""
-    from .checkpoint import KV_CHANNEL_SCALES
     out = {}
     for suffix, t in group.items():
         if suffix in KV_CHANNEL_SCALES:
@@ -640,7 +621,6 @@ def shard_checkpoint(tensors: dict, args: ModelArgs, quant: Optional[QuantConfig
                      tp_size: int, rank: int) -> dict:
     """Canonical unified-checkpoint tensors (docs/design.md) -> rank ``rank``'s tensors, same
     names, local shapes."""
-    from .checkpoint import group_by_prefix
     check_tp(args, quant, tp_size)
     if tp_size == 1:
         return dict(tensors)

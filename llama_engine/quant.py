@@ -10,7 +10,7 @@ tensors and layouts of each mode):
   ``--per_group`` weight-only path does.
 * ``W8A8_SQ_*``  - SmoothQuant (Xiao et al. 2022, arXiv:2211.10438): int8 weights (per channel
   or per tensor) times int8 activations (dynamic per token or static per tensor), after the
-  smoothing done by ``smoothquant.py``.
+  smoothing done by ``llama_engine/smoothquant.py``.
 * INT8 KV cache  - one scale per layer for K and V, from calibrated max |k|, |v|.
 
 Every quantizer returns its own error (max |w - dequant(q)|) so exports can report it; the
@@ -36,8 +36,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-import os
-import sys
 from typing import Optional
 
 import torch
@@ -46,6 +44,8 @@ from torch import nn
 from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GROUPWISE, W8A16, ConfigError, ModelArgs,
                      QuantConfig)
 from .kernels import linear as K
+from .names import KV_CHANNEL_SCALES, KV_SCALE, linear_prefixes, linear_shape
+from .smoothquant import smooth_unified
 
 INT8_MAX = 127
 INT4_MAX, INT4_MIN = 7, -8
@@ -475,7 +475,6 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
 
 def _check_int4_widths(args: ModelArgs, group_size: int) -> None:
     """Every int4 linear's input width must be even, and a multiple of the group size."""
-    from .checkpoint import linear_prefixes, linear_shape
     quant = QuantConfig()  # default exclusions (lm_head)
     for prefix in linear_prefixes(args):
         if is_excluded(prefix, quant):
@@ -495,16 +494,6 @@ def _check_int4_widths(args: ModelArgs, group_size: int) -> None:
 # ---------------------------------------------------------------------------------------------
 _FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float32": torch.float32, "float64": torch.float64}
-
-
-def _smoothquant_module():
-    """``smoothquant.py`` lives at the repo root (as in TensorRT-LLM's examples/llama)."""
-    try:
-        import smoothquant
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import smoothquant
-    return smoothquant
 
 
 def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
@@ -540,11 +529,10 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
                               "hf_llama_convert.py -sq ALPHA (it calibrates)")
         if quant.smoothquant_val is None:
             raise ConfigError("SmoothQuant needs its alpha (QuantConfig.smoothquant_val)")
-        sq = _smoothquant_module()
         # Smoothing in float32 (on the original precision weights), then back to model dtype.
         float_dtype = dtype or tensors["transformer.ln_f.weight"].dtype
         f32 = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-        f32, smoothed_stats, smoothers = sq.smooth_unified(f32, args, act_stats,
+        f32, smoothed_stats, smoothers = smooth_unified(f32, args, act_stats,
                                                            quant.smoothquant_val)
         out = {k: v.to(float_dtype) if v.is_floating_point() and k.endswith(".weight") else v
                for k, v in f32.items()}
@@ -626,7 +614,6 @@ def format_report(report: dict) -> str:
 
 
 def _linear_prefixes(args: ModelArgs) -> list[str]:
-    from .checkpoint import linear_prefixes
     return linear_prefixes(args)
 
 
@@ -668,7 +655,6 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
 
 def _kv_scales(tensors: dict, args: ModelArgs, kv_stats: Optional[dict]) -> dict:
     """-> {name: tensor} of the INT8 KV scales of every layer (docs/design.md)."""
-    from .checkpoint import KV_CHANNEL_SCALES, KV_SCALE
     names = [f"transformer.layers.{i}.attention" for i in range(args.num_hidden_layers)]
     if kv_stats is None:
         have = [f"{n}.{KV_SCALE}" in tensors for n in names]

@@ -1,24 +1,32 @@
-"""The runner: load an engine directory and generate with a static batch.
+"""The engine: load an engine directory and generate with a static batch.
 
-Generation is split as gpt-fast splits it: ``prefill`` (all prompt tokens of the batch as one
-flat batch), ``decode_step`` (one token per sequence; on CUDA replayed from a CUDA graph per
-batch size), ``sample``. The static batch uses the paged cache with a fixed block range per
-sequence, so the same attention kernels serve static and inflight batching.
+``Engine`` loads the tensors, builds the network and hands it to its ``ModelRunner``
+(model_runner.py: KV cache, attention metadata, CUDA graphs, sampling). ``generate`` is the
+static batch scheduled onto the runner as gpt-fast splits it: ``prefill`` (all prompt tokens
+of the batch as one flat batch), ``decode_step`` (one token per sequence; on CUDA replayed
+from a CUDA graph per batch size), ``sample``. Each sequence owns a fixed block range of the
+paged cache, so the same attention kernels serve static and inflight batching
+(``serving.LLMEngine`` schedules onto the same runner).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from . import checkpoint as ckpt
-from .attention import AttentionMeta, last_token_indices
+from . import parallel
 from .config import ConfigError, EngineConfig
 from .engine_check import validate_engine
-from .kv_cache import KVCache, blocks_for, slots_for, static_block_tables
+from .kernels import pdl
+from .kv_cache import KVCache, blocks_for, static_block_tables
+from .model import Transformer, kv_scales_from_checkpoint
+from .model_runner import ModelRunner
+from .options import RuntimeOptions
+from .sampling import GenerationOutput, SamplingConfig, sample  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float32": torch.float32, "float64": torch.float64}
@@ -27,48 +35,6 @@ WEIGHTS_FILE = "rank0.safetensors"
 
 class EngineLimitError(ConfigError):
     """A request outside the limits the engine was built for."""
-
-
-@dataclass
-class SamplingConfig:
-    """TensorRT-LLM's defaults: top_k=1 is greedy."""
-
-    temperature: float = 1.0
-    top_k: int = 1
-    top_p: float = 0.0
-    seed: Optional[int] = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.top_k == 1 or self.temperature == 0.0
-
-
-@dataclass
-class GenerationOutput:
-    output_ids: list            # per prompt, generated tokens only (end_id excluded)
-    num_generated_tokens: int = 0
-    latency_s: float = 0.0
-    prefill_s: float = 0.0
-    step_times: list = field(default_factory=list)
-
-
-def sample(logits: torch.Tensor, cfg: SamplingConfig,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits fp32 [B, V] -> token ids int64 [B]."""
-    if cfg.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / max(cfg.temperature, 1e-5)
-    if cfg.top_k > 1:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if 0.0 < cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Drop tokens once the mass before them already reaches top_p (keep at least one).
-        drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def default_device() -> str:
@@ -82,7 +48,6 @@ def load_engine_tensors(engine_dir: str, device: str = "cpu") -> tuple[EngineCon
     config = EngineConfig.load(engine_dir)
     name = WEIGHTS_FILE
     if config.world_size > 1:
-        from . import parallel
         name = f"rank{parallel.require_world(config.world_size)}.safetensors"
     tensors = ckpt.load_tensors(os.path.join(engine_dir, name), device=device)
     validate_engine(config, tensors, engine_dir)
@@ -90,34 +55,46 @@ def load_engine_tensors(engine_dir: str, device: str = "cpu") -> tuple[EngineCon
 
 
 class Engine:
+    """A loaded engine: its config and its ``ModelRunner`` (model, KV cache, CUDA graphs),
+    with the static batch (``generate``) scheduled onto the runner."""
+
     def __init__(self, config: EngineConfig, model, device: str, engine_dir: Optional[str] = None,
                  kv_scales: Optional[list] = None):
-        self.config, self.model, self.device = config, model, torch.device(device)
+        self.config, self.device = config, torch.device(device)
         self.engine_dir = engine_dir
         self.kv_scales = kv_scales
-        self.dtype = model.embed.weight.dtype
+        self.runner = ModelRunner(config, model, self.device, kv_scales)
+        self.dtype = self.runner.dtype
         self.block_size = config.build.tokens_per_block
-        self._cache: Optional[KVCache] = None
-        self._graphs = None  # set by enable_cuda_graphs()
+
+    @property
+    def model(self):
+        return self.runner.model
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, engine_dir: str, device: Optional[str] = None,
-                 dtype: Optional[str] = None) -> "Engine":
+                 dtype: Optional[str] = None,
+                 options: Optional[RuntimeOptions] = None) -> "Engine":
         """Load an engine built by build.py. ``dtype`` overrides the float dtype (e.g. float32
-        to run an fp16 engine on a CPU)."""
+        to run an fp16 engine on a CPU). ``options``: run-time choices (options.py); when
+        given they are applied here (PDL mode, all-reduce, CUDA graphs)."""
         device = device or default_device()
         if EngineConfig.load(engine_dir).world_size > 1:
-            from . import parallel
             parallel.init_from_env(device)  # NCCL for CUDA, gloo for CPU; before any loading
             device = parallel.rank_device(device)
         config, tensors = load_engine_tensors(engine_dir, "cpu")
-        return cls.from_tensors(config, tensors, device, dtype, engine_dir)
+        return cls.from_tensors(config, tensors, device, dtype, engine_dir, options)
 
     @classmethod
     def from_tensors(cls, config: EngineConfig, tensors: dict, device: str,
-                     dtype: Optional[str] = None, engine_dir: Optional[str] = None) -> "Engine":
-        from model import Transformer, kv_scales_from_checkpoint
+                     dtype: Optional[str] = None, engine_dir: Optional[str] = None,
+                     options: Optional[RuntimeOptions] = None) -> "Engine":
+        """The engine of loaded tensors (this rank's under tensor parallelism); ``options``
+        as in ``from_dir`` (None: defaults, CUDA graphs left to ``enable_cuda_graphs``)."""
+        if options is not None:
+            pdl.set_mode(options.pdl_mode)  # process-wide: every later launch
+        opts = options or RuntimeOptions()
         if dtype and dtype != config.dtype:
             src = TORCH_DTYPES[config.dtype]
             tensors = {k: (v.to(TORCH_DTYPES[dtype]) if v.dtype == src else v)
@@ -136,19 +113,20 @@ class Engine:
             # Tensor parallelism: the tensors are this rank's shards. The engine's config then
             # describes the rank's network (its heads / MLP width; hidden size and vocabulary
             # stay global), so the KV caches are sized for the rank's KV heads.
-            import dataclasses
-
-            from . import parallel
             tp_rank = parallel.require_world(tp_size, device)
             parallel.sync_rng()  # unseeded sampling draws the same tokens on every rank
-            parallel.setup_all_reduce(device)  # collective; before any forward or graph capture
+            # collective; before any forward or graph capture
+            parallel.setup_all_reduce(device, opts.tp_allreduce)
             config = dataclasses.replace(config, model=parallel.local_args(full_args, tp_size))
-        model = Transformer.from_checkpoint(full_args, config.quant, tensors, max_pos,
-                                            tp_rank=tp_rank, tp_size=tp_size)
+        model = Transformer.from_checkpoint(
+            full_args, config.quant, tensors, max_pos, tp_rank=tp_rank, tp_size=tp_size,
+            parallel_embedding=config.build.use_parallel_embedding)
         model = model.to(device).eval()
         kv_scales = kv_scales_from_checkpoint(config.model, config.quant, tensors)
         engine = cls(config, model, device, engine_dir, kv_scales)
-        engine.tp_rank, engine.tp_size, engine.full_model_args = tp_rank, tp_size, full_args
+        engine.tp_rank, engine.tp_size = tp_rank, tp_size
+        if options is not None and options.cuda_graphs:
+            engine.enable_cuda_graphs()
         return engine
 
     # -- limits --------------------------------------------------------------------------------
@@ -173,65 +151,24 @@ class Engine:
         if max_new_tokens < 1:
             raise EngineLimitError("max_output_len must be at least 1")
 
-    # -- cache -----------------------------------------------------------------------------------
+    # -- the static batch on the runner ----------------------------------------------------------
     def kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         """A cache with room for ``batch_size`` sequences of ``max_seq_len``; reused when it fits."""
-        need = batch_size * blocks_for(max_seq_len, self.block_size)
-        if self._cache is None or self._cache.num_blocks < need:
-            a = self.config.model
-            self._cache = None  # free the old one first
-            if self._graphs is not None:
-                self._graphs.invalidate()  # captured graphs point at the old cache
-            self._cache = KVCache(a.num_hidden_layers, need, self.block_size, a.num_key_value_heads,
-                                  a.head_dim, self.dtype, self.device, self.kv_scales)
-        return self._cache
+        return self.runner.ensure_cache(batch_size * blocks_for(max_seq_len, self.block_size))
 
-    # -- generation ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def prefill(self, batch_input_ids: list, cache: KVCache, block_tables: torch.Tensor):
         """Run all prompt tokens; -> fp32 logits of each prompt's last token [B, V]."""
-        dev = self.device
-        lens = [len(p) for p in batch_input_ids]
-        tokens = torch.tensor([t for p in batch_input_ids for t in p], dtype=torch.int64, device=dev)
-        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        seq_index = torch.repeat_interleave(torch.arange(len(lens), device=dev),
-                                            torch.tensor(lens, device=dev))
-        meta = AttentionMeta(
-            positions=positions,
-            slot_mapping=slots_for(block_tables, seq_index, positions, self.block_size),
-            block_tables=block_tables,
-            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            query_lens=lens, is_decode=False,
-            logits_indices=last_token_indices(lens, dev), context_lens_host=lens)
-        return self.model(tokens, meta, cache)
+        return self.runner.prefill(batch_input_ids, cache, block_tables)
 
-    @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, context_lens: torch.Tensor,
                     block_tables: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per sequence. ``context_lens`` (int32[B], tokens cached so far) is
         advanced in place. -> fp32 logits [B, V]."""
-        if self._graphs is not None and self.device.type == "cuda":
-            return self._graphs.step(tokens, context_lens, block_tables, cache)
-        return self.decode_eager(tokens, context_lens, block_tables, cache)
-
-    def decode_eager(self, tokens, context_lens, block_tables, cache) -> torch.Tensor:
-        """``decode_step`` without CUDA graphs (also what the graphs capture)."""
-        positions = context_lens.to(torch.int64)
-        seq_index = torch.arange(tokens.shape[0], device=tokens.device)
-        context_lens += 1
-        meta = AttentionMeta(
-            positions=positions,
-            slot_mapping=slots_for(block_tables, seq_index, positions, self.block_size),
-            block_tables=block_tables, context_lens=context_lens,
-            query_lens=[1] * tokens.shape[0], is_decode=True)
-        return self.model(tokens, meta, cache)
+        return self.runner.decode(tokens, context_lens, block_tables, cache)
 
     def enable_cuda_graphs(self) -> None:
         """Replay decode steps from CUDA graphs (one per batch size); CUDA only."""
-        if self.device.type != "cuda":
-            return
-        from .cuda_graphs import DecodeGraphs
-        self._graphs = DecodeGraphs(self)
+        self.runner.enable_cuda_graphs()
 
     @torch.inference_mode()
     def generate(self, batch_input_ids: list, max_new_tokens: int,
@@ -291,12 +228,4 @@ class Engine:
                                    f"max_seq_len {self.config.build.max_seq_len}")
         cache = self.kv_cache(1, len(input_ids))
         bt = static_block_tables(1, len(input_ids), self.block_size, self.device)
-        dev = self.device
-        n = len(input_ids)
-        positions = torch.arange(n, device=dev)
-        meta = AttentionMeta(
-            positions=positions,
-            slot_mapping=slots_for(bt, torch.zeros_like(positions), positions, self.block_size),
-            block_tables=bt, context_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            query_lens=[n], is_decode=False, context_lens_host=[n])
-        return self.model(torch.tensor(input_ids, device=dev), meta, cache, all_logits=True)
+        return self.runner.forward_all(input_ids, cache, bt)

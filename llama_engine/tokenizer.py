@@ -98,9 +98,6 @@ class Tokenizer:
             return self.sp.decode(ids)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def batch_decode(self, batch: Sequence[Sequence[int]]) -> list[str]:
-        return [self.decode(ids) for ids in batch]
-
     # -- chat ----------------------------------------------------------------------------
     @property
     def chat_template(self) -> Optional[str]:

@@ -43,6 +43,8 @@ import torch
 
 from .config import (KV_INT8, W4A16, W4A16_GROUPWISE, W8A16, ConfigError, ModelArgs,
                      QuantConfig)
+from .names import is_kv_channel_scale
+from .sampling import GenerationOutput, SamplingConfig
 
 TRTLLM_RELEASE = "1.2"  # the release line whose format this module follows
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
@@ -202,7 +204,6 @@ def to_trtllm(tensors: dict, args: ModelArgs, quant: QuantConfig, dtype: Optiona
 
     for name in [k for k in out if k.endswith(".kv_cache_rcp_scaling_factor")]:
         del out[name]  # TensorRT-LLM derives it (preprocess_weights)
-    from .checkpoint import is_kv_channel_scale
     for name in [k for k in out if is_kv_channel_scale(k)]:
         if extensions and quant.int8_kv_cache:
             out[name] = out[name].float().reshape(-1)
@@ -301,7 +302,6 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
     elif quant.is_smooth_quant:
         _sq_from_trtllm(out, args, quant)
     if quant.int8_kv_cache:
-        from .checkpoint import is_kv_channel_scale
         for i in range(args.num_hidden_layers):
             n = f"transformer.layers.{i}.attention.kv_cache_scaling_factor"
             out[n] = _need(out, n).float().reshape(1)
@@ -679,7 +679,6 @@ class TrtllmRunner:
     def generate(self, batch_input_ids: list, max_new_tokens: int, sampling=None,
                  end_id: Optional[int] = None, streamer=None):
         """Same contract as ``Engine.generate``: generated tokens only, end_id excluded."""
-        from .runner import GenerationOutput, SamplingConfig
         sampling = sampling or SamplingConfig()
         if len(batch_input_ids) > self.max_batch_size:
             raise ConfigError(f"batch of {len(batch_input_ids)} exceeds the engine's "

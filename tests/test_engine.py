@@ -146,3 +146,45 @@ def test_float64_engine_on_cuda_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="float64 engines run on the CPU only"):
         Engine.from_dir(str(d), device="cuda")
     assert Engine.from_dir(str(d), device="cpu").dtype == torch.float64
+
+
+# -- options: run time (RuntimeOptions) and build time (config.json) ----------------------------
+def test_runtime_options_are_validated_and_reach_the_engine(tiny_hf_factory, tmp_path,
+                                                            monkeypatch):
+    import run
+    from llama_engine import runner
+    from llama_engine.config import ConfigError
+    from llama_engine.options import RuntimeOptions
+    with pytest.raises(ConfigError, match="pdl must be one of"):
+        RuntimeOptions(pdl="fast")
+    with pytest.raises(ConfigError, match="tp_allreduce must be one of"):
+        RuntimeOptions(tp_allreduce="ring")
+    with pytest.raises(SystemExit):  # argparse choices: a misspelt value is an error
+        run.build_parser().parse_args(["--engine_dir", "e", "--max_output_len", "4",
+                                     "--pdl", "maybe"])
+    a = run.build_parser().parse_args(["--engine_dir", "e", "--max_output_len", "4", "--pdl", "off",
+                                       "--tp_allreduce", "nccl"])
+    assert (a.pdl, a.tp_allreduce) == ("off", "nccl")
+    modes = []
+    monkeypatch.setattr(runner.pdl, "set_mode", modes.append)
+    d = str(build_engine(tiny_hf_factory(2, False), tmp_path / "eng"))
+    eng = Engine.from_dir(d, device="cpu", options=RuntimeOptions(pdl="off"))
+    assert modes == ["0"]
+    Engine.from_dir(d, device="cpu")  # no options: the process's PDL mode is left alone
+    assert modes == ["0"]
+    assert eng.runner.cuda_graphs is False  # CUDA graphs are CUDA only
+
+
+def test_build_options_live_in_config_json(tiny_hf_factory, tmp_path):
+    from llama_engine.config import EngineConfig
+    d = build_engine(tiny_hf_factory(2, False), tmp_path / "eng")
+    cfg = json.loads((d / "config.json").read_text())
+    build_cfg = cfg["build_config"]
+    assert build_cfg["use_parallel_embedding"] is False
+    # plugin flags choose TensorRT-LLM's kernels only; our engine does not store them
+    for retired in ("gemm_plugin", "gpt_attention_plugin", "max_beam_width"):
+        assert retired not in build_cfg
+    # an engine written before they were dropped still loads
+    build_cfg.update(gemm_plugin="auto", gpt_attention_plugin="auto", max_beam_width=1)
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert EngineConfig.load(str(d)).build.use_parallel_embedding is False

@@ -103,7 +103,7 @@ def test_int8_kv_checkpoint_per_channel_scales_and_old_checkpoints(tiny_hf_facto
     assert build.main(["--ckpt_dir", str(ckpt), "--dtype", "float32", "--output_dir", str(eng),
                        "--int8_kv_cache", *LIMITS]) == 0
     per_channel, e = decode_logits(eng)
-    ks, vs = e._cache.kv_scales[0]
+    ks, vs = e.runner.cache.kv_scales[0]
     assert torch.equal(ks.reshape(-1), t["transformer.layers.0.attention.k_cache_scale"])
     assert torch.equal(vs.reshape(-1), t["transformer.layers.0.attention.v_cache_scale"])
 
@@ -119,7 +119,7 @@ def test_int8_kv_checkpoint_per_channel_scales_and_old_checkpoints(tiny_hf_facto
                        str(old_eng), "--int8_kv_cache", *LIMITS]) == 0
     assert not any(k.endswith("cache_scale") for k in load_file(str(old_eng / "rank0.safetensors")))
     per_layer, e = decode_logits(old_eng)
-    ks, vs = e._cache.kv_scales[0]
+    ks, vs = e.runner.cache.kv_scales[0]
     f0 = t["transformer.layers.0.attention.kv_cache_scaling_factor"]
     assert bool((ks == f0).all()) and bool((vs == f0).all())
     # ... which is exactly an engine whose per-channel scales all equal the per-layer one

@@ -1,6 +1,6 @@
 """llama_engine/kernels/comm.py, the one-shot all-reduce, under TRITON_INTERPRET=1 (in a
 subprocess: the variable must be set before triton is imported), and the
-LLAMA_ENGINE_TP_ALLREDUCE switch of llama_engine/parallel.py.
+tp_allreduce run-time option (llama_engine/options.py) of llama_engine/parallel.py.
 
 The interpreter runs one process, so the kernel meets no real peer here: with one rank it
 raises and waits for its own flags, call after call (the epochs and buffer halves advance),
@@ -183,14 +183,11 @@ def test_one_shot_all_reduce_kernel_interpreted():
 def test_tp_allreduce_mode_is_validated(monkeypatch):
     from llama_engine import parallel
     from llama_engine.config import ConfigError
-    monkeypatch.delenv("LLAMA_ENGINE_TP_ALLREDUCE", raising=False)
-    assert parallel.tp_allreduce_mode() == parallel.DEFAULT_TP_ALLREDUCE
-    for mode in parallel.TP_ALLREDUCE_MODES:
-        monkeypatch.setenv("LLAMA_ENGINE_TP_ALLREDUCE", mode)
-        assert parallel.tp_allreduce_mode() == mode
-    monkeypatch.setenv("LLAMA_ENGINE_TP_ALLREDUCE", "fast")
-    with pytest.raises(ConfigError, match="LLAMA_ENGINE_TP_ALLREDUCE must be one of"):
-        parallel.tp_allreduce_mode()
+    from llama_engine.options import TP_ALLREDUCE_MODES, RuntimeOptions
+    for mode in TP_ALLREDUCE_MODES:
+        assert RuntimeOptions(tp_allreduce=mode).tp_allreduce == mode
+    with pytest.raises(ConfigError, match="tp_allreduce must be one of"):
+        RuntimeOptions(tp_allreduce="fast")
     monkeypatch.delenv("LLAMA_ENGINE_TP_FUSE_NORM", raising=False)
     assert parallel.tp_fuse_norm() is True
     monkeypatch.setenv("LLAMA_ENGINE_TP_FUSE_NORM", "0")
@@ -198,13 +195,6 @@ def test_tp_allreduce_mode_is_validated(monkeypatch):
     monkeypatch.setenv("LLAMA_ENGINE_TP_FUSE_NORM", "false")
     with pytest.raises(ConfigError, match="LLAMA_ENGINE_TP_FUSE_NORM must be 0 or 1"):
         parallel.tp_fuse_norm()
-    monkeypatch.delenv("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", raising=False)
-    assert parallel.tp_parallel_embedding() is False
-    monkeypatch.setenv("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", "1")
-    assert parallel.tp_parallel_embedding() is True
-    monkeypatch.setenv("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", "yes")
-    with pytest.raises(ConfigError, match="LLAMA_ENGINE_TP_PARALLEL_EMBEDDING must be 0 or 1"):
-        parallel.tp_parallel_embedding()
 
 
 def test_single_process_all_reduce_is_identity_and_path_none():

@@ -520,7 +520,7 @@ def test_kv_channel_scales_from_maxima():
 
 def test_kv_scales_from_checkpoint_checks(tiny):
     """Per-channel scales when present (validated), the per-layer scale otherwise."""
-    from model import kv_scales_from_checkpoint
+    from llama_engine.model import kv_scales_from_checkpoint
     model, args, _, act, kv = tiny
     quant = QuantConfig(kv_cache_quant_algo="INT8")
     out, _ = Q.quantize_checkpoint(hf_to_unified(_hf_sd(model), args), args, quant, None, kv,

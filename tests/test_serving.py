@@ -612,7 +612,7 @@ def test_latency_stats(tiny_engine):
 
 
 def test_graph_buckets():
-    from llama_engine.serving.model_runner import graph_buckets
+    from llama_engine.cuda_graphs import graph_buckets
     assert graph_buckets(1) == [1]
     assert graph_buckets(8) == [1, 2, 4, 8]
     assert graph_buckets(40) == [1, 2, 4, 8, 16, 32, 40]

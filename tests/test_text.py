@@ -470,7 +470,7 @@ class _EchoEngine:
             max_input_len=4096, max_output_len=512, max_batch_size=8))
 
     @classmethod
-    def from_dir(cls, engine_dir, device=None, dtype=None):
+    def from_dir(cls, engine_dir, device=None, dtype=None, options=None):
         return cls(engine_dir)
 
     def enable_cuda_graphs(self):

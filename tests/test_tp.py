@@ -66,8 +66,6 @@ def results(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     for tp in (2, 4):
         dirs = [d for d in (build_engine(tmp, n, tp) for n in ENGINES) if d]
-        # 2 ranks gather the whole embedding table (the default), 4 keep it vocabulary-parallel
-        env["LLAMA_ENGINE_TP_PARALLEL_EMBEDDING"] = "1" if tp == 4 else "0"
         res_dir = tmp / f"res{tp}"
         res_dir.mkdir()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -111,7 +109,7 @@ def test_greedy_tokens_equal_and_agree_on_all_ranks(results, tp, name):
 
 
 def test_embedding_gathered_or_vocab_parallel(results):
-    # LLAMA_ENGINE_TP_PARALLEL_EMBEDDING: 0 (tp=2 here) whole table per rank, 1 (tp=4) shards
+    # use_parallel_embedding (build.py): off (tp=2 here) whole table per rank, on (tp=4) shards
     for name in ("mha-fp32", "mqa-tied-fp32"):
         assert results[2][name]["embedding"] == {"Embedding"}
         assert results[4][name]["embedding"] == {"VocabParallelEmbedding"}

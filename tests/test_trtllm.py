@@ -17,6 +17,7 @@ proves nothing about TensorRT-LLM itself.
 """
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -703,8 +704,20 @@ def test_runner_generate_contract_with_stand_in():
         r.generate([[1]] * 3, 2)
 
 
-def test_tensorrt_llm_available_is_guarded():
-    assert T.tensorrt_llm_available() in (True, False)
+def test_tensorrt_llm_available_is_guarded(monkeypatch):
+    """Missing, broken (an import that fails) and working installs: False, False, True."""
+    import importlib.util
+    import types
+
+    def available(find_spec, module):
+        monkeypatch.setattr(T, "_AVAILABLE", None)  # the answer is cached per process
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        monkeypatch.setitem(sys.modules, "tensorrt_llm", module)
+        return T.tensorrt_llm_available()
+
+    assert available(lambda name: None, None) is False
+    assert available(lambda name: object(), None) is False   # `import` raises ImportError
+    assert available(lambda name: object(), types.ModuleType("tensorrt_llm")) is True
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,7 +64,11 @@ def model_config(tmp: Path, name: str) -> str:
 
 
 def build_engine(tmp: Path, name: str, tp: int) -> str:
+    """Engine ``name`` for ``tp`` ranks; tp 4 keeps the embedding vocabulary-parallel
+    (build.py --use_parallel_embedding), tp 2 gathers it whole (the default)."""
     model, dtype, extra = ENGINES[name]
+    if tp == 4:
+        extra = (*extra, "--use_parallel_embedding")
     if tp > 2 and "int4" in extra:
         return None
     out = tmp / f"tp{tp}" / name

@@ -88,7 +88,7 @@ def main() -> int:
             fast = parallel._ONESHOT.get(torch.device("cuda", torch.cuda.current_device()))
             if fast is not None and fast.fused is not None:
                 fast.fuse = fuse_ar               # read by RowParallelLinear at each call
-            eng._graphs.invalidate()              # graphs keep the launches they captured
+            eng.runner.invalidate_graphs()        # graphs keep the launches they captured
             r = latency.time_engine(eng, B, a.input_len, a.output_len)
             toks = eng.generate(prompts, a.output_len).output_ids
             same = ref is None or toks == ref

@@ -31,7 +31,7 @@ NAMES = ["mha-fp32", "gqa-fp32", "gqa-int8", "mqa-tied-fp32", "gqa-int8kv-fp32",
          "gqa-int8kv"]  # float64 last (CPU only)
 SERVE_PROMPTS = [[1, 5, 9, 33, 100, 7, 250], [1, 200, 3], [4] * 15, [9, 8, 7, 6, 5]]
 SERVE_TOKENS = [6, 8, 3, 8]  # within the engines' limits (tests/tp_models.py)
-# what parallel.all_reduce_path reports for LLAMA_ENGINE_TP_ALLREDUCE=oneshot on GPUs
+# what parallel.all_reduce_path reports for tp_allreduce=oneshot on GPUs
 ONESHOT_PATH = "oneshot" if os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1") == "0" \
     else "oneshot+norm"
 
@@ -41,7 +41,11 @@ def run_all(engine_dir: str) -> dict:
     import tp_models
     from llama_engine.runner import Engine
     from llama_engine.serving.llm_engine import LLMEngine
-    eng = Engine.from_dir(engine_dir, device=os.environ.get("TP_CHECK_DEVICE", "cuda"))
+    from llama_engine.options import RuntimeOptions
+    opts = RuntimeOptions(tp_allreduce=os.environ.get("TP_CHECK_ALLREDUCE", "auto"),
+                          cuda_graphs=False)
+    eng = Engine.from_dir(engine_dir, device=os.environ.get("TP_CHECK_DEVICE", "cuda"),
+                          options=opts)
     out = {"eager": tp_models.probe(eng)}
     eng.enable_cuda_graphs()
     out["graphs"] = tp_models.probe(eng)
@@ -167,7 +171,7 @@ def worker(out_dir: str, dirs: list) -> None:
         try:
             # the group and the configured all-reduce, as an engine would set them up
             parallel.init_from_env("cuda")
-            parallel.setup_all_reduce("cuda")
+            parallel.setup_all_reduce("cuda", os.environ.get("TP_CHECK_ALLREDUCE", "auto"))
             ar = probe_all_reduce()
         except Exception:
             traceback.print_exc()
@@ -211,12 +215,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_ranks(a, ar: str, names: list, ref: dict, dirs: list, res_dir: Path) -> None:
-    """The TP engines under torchrun with LLAMA_ENGINE_TP_ALLREDUCE=ar, checked against ref."""
+    """The TP engines under torchrun with --tp_allreduce ar (RuntimeOptions), checked against
+    ref."""
     import tp_models
     res_dir.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
                NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-               NVSHMEM_DISABLE_NVLS="1", LLAMA_ENGINE_TP_ALLREDUCE=ar)
+               NVSHMEM_DISABLE_NVLS="1", TP_CHECK_ALLREDUCE=ar)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={a.tp}", __file__, "--worker", str(res_dir), *dirs]
     print(f"--- all-reduce: {ar}", flush=True)
@@ -301,7 +306,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cuda; cpu (gloo) only dry-runs the flow")
     p.add_argument("--timeout", type=int, default=240, help="seconds for each torchrun")
     p.add_argument("--allreduce", default="nccl,oneshot",
-                   help="LLAMA_ENGINE_TP_ALLREDUCE values to check, one torchrun each")
+                   help="--tp_allreduce values to check, one torchrun each")
     a = p.parse_args()
     from llama_engine.parallel import TP_ALLREDUCE_MODES
     bad = [m for m in a.allreduce.split(",") if m not in TP_ALLREDUCE_MODES]

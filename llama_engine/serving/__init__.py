@@ -2,9 +2,10 @@
 
 Parts, after nano-vllm's layout: ``Sequence`` (one request and its state), ``BlockManager``
 (the paged cache's block allocator), ``Scheduler`` (which requests run each step, chunked
-prefill, preemption by recompute), ``ModelRunner`` (flat token batch -> model -> sampled
-tokens, CUDA graphs for decode) and ``LLMEngine`` (the API: add_request / step / cancel /
-generate / stream). The first three are pure Python; the last two import torch and are loaded
+prefill, preemption by recompute) and ``LLMEngine`` (the API: add_request / step / cancel /
+generate / stream). Each step runs on the engine's one ``llama_engine.model_runner.ModelRunner``
+(flat token batch -> model -> sampled tokens, CUDA graphs for decode), the same runner the
+static batch uses. The first three are pure Python; ``LLMEngine`` imports torch and is loaded
 on first use.
 """
 from llama_engine.serving.block_manager import BlockManager
@@ -21,6 +22,6 @@ def __getattr__(name):
         from llama_engine.serving.llm_engine import LLMEngine
         return LLMEngine
     if name == "ModelRunner":
-        from llama_engine.serving.model_runner import ModelRunner
+        from llama_engine.model_runner import ModelRunner
         return ModelRunner
     raise AttributeError(name)

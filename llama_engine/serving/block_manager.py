@@ -55,10 +55,6 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_slots: int) -> bool:
         return self.blocks_needed(seq, num_slots) <= len(self._free)
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Room for one more token after the ones already computed (a decode step)."""
-        return self.can_allocate(seq, seq.num_computed_tokens + 1)
-
     # -- changes -----------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_slots: int) -> None:
         """Grow ``seq.block_table`` until it covers ``num_slots`` token slots."""

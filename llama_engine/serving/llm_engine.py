@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 from llama_engine.config import ConfigError
+from llama_engine.options import RuntimeOptions
 from llama_engine.runner import Engine, SamplingConfig
 from llama_engine.serving.block_manager import BlockManager
-from llama_engine.serving.model_runner import ModelRunner
 from llama_engine.serving.scheduler import Scheduler
 from llama_engine.serving.sequence import FinishReason, Sequence
 
@@ -59,25 +59,32 @@ class LLMEngine:
     budget to 8192); the KV cache is sized by ``kv_cache_free_gpu_memory_fraction`` on CUDA
     and by ``max_kv_cache_tokens`` (a cap on CUDA, the size on the CPU). ``scheduler_policy``:
     ``max_utilization`` (preempt when the cache runs out) or ``guaranteed_no_evict``
-    (scheduler.py)."""
+    (scheduler.py). ``options`` (options.RuntimeOptions): run-time choices, applied when the
+    engine is loaded here; ``options.cuda_graphs=False`` decodes eagerly."""
 
     def __init__(self, engine: Union[Engine, str], max_batch_size: Optional[int] = None,
                  max_num_tokens: Optional[int] = None,
                  kv_cache_free_gpu_memory_fraction: float = 0.9,
                  max_kv_cache_tokens: Optional[int] = None, cuda_graphs: bool = True,
                  device: Optional[str] = None, dtype: Optional[str] = None,
-                 scheduler_policy: str = "max_utilization"):
+                 scheduler_policy: str = "max_utilization",
+                 options: Optional[RuntimeOptions] = None):
         if isinstance(engine, str):
-            engine = Engine.from_dir(engine, device=device, dtype=dtype)
+            engine = Engine.from_dir(engine, device=device, dtype=dtype, options=options)
+        if options is not None:
+            cuda_graphs = cuda_graphs and options.cuda_graphs
         self.engine = engine
         b = engine.config.build
         max_batch_size = max_batch_size or b.max_batch_size
         if max_num_tokens is None:
             max_num_tokens = max(b.max_num_tokens or DEFAULT_MAX_NUM_TOKENS, max_batch_size)
-        self.runner = ModelRunner(engine, max_batch_size, max_num_tokens, b.max_seq_len,
-                                  kv_cache_free_gpu_memory_fraction, max_kv_cache_tokens,
-                                  cuda_graphs)
-        self.block_manager = BlockManager(self.runner.num_blocks, b.tokens_per_block)
+        # The engine's one ModelRunner, set up for inflight batching: the shared cache sized,
+        # decode graphs captured per bucket.
+        self.runner = engine.runner
+        num_blocks = self.runner.setup_serving(max_batch_size, max_num_tokens, b.max_seq_len,
+                                               kv_cache_free_gpu_memory_fraction,
+                                               max_kv_cache_tokens, cuda_graphs)
+        self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
         self.scheduler = Scheduler(self.block_manager, max_batch_size, max_num_tokens,
                                    max_input_len=b.max_input_len, max_output_len=b.max_output_len,
                                    max_seq_len=b.max_seq_len, policy=scheduler_policy)

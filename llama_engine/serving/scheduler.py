@@ -141,10 +141,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self._unfinished)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._unfinished)
-
     def pop_finished(self) -> list[Sequence]:
         """Requests finished (for any reason) since the last call, in finishing order."""
         done, self._finished = self._finished, []

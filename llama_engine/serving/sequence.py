@@ -99,10 +99,6 @@ class Sequence:
             return self.output_ids[start - p:end - p]
         return self.prompt_ids[start:] + self.output_ids[:end - p]
 
-    @property
-    def last_token(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
-
     # -- state -------------------------------------------------------------------------------
     @property
     def is_finished(self) -> bool:
