@@ -1,28 +1,19 @@
 """Run-time engine choices benchmark.py takes as flags (``--tp_allreduce``, ``--pdl``) and the
-one place that hands them to the engine.
-
-``engine_kwargs`` is that place: every engine benchmark.py makes is built with
-``**engine_kwargs(...)``'s result. Today the engine reads these choices from the process
-(LLAMA_ENGINE_TP_ALLREDUCE, ``kernels.pdl.set_mode``); once ``llama_engine.options.RuntimeOptions``
-exists, this function returns ``{"options": RuntimeOptions(...)}`` instead and nothing else
-changes."""
+one place that hands them to the engine: every engine benchmark.py makes is built with
+``**engine_kwargs(...)``'s result, a ``llama_engine.options.RuntimeOptions``."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
-from llama_engine.kernels import pdl as pdl_kernels
+from llama_engine.options import PDL_MODES, TP_ALLREDUCE_MODES, RuntimeOptions
 
-TP_ALLREDUCE_CHOICES = ("auto", "oneshot", "nccl")
-PDL_CHOICES = {"auto": "auto", "on": "1", "off": "0"}
+TP_ALLREDUCE_CHOICES = TP_ALLREDUCE_MODES
+PDL_CHOICES = PDL_MODES
 
 
 def engine_kwargs(tp_allreduce: Optional[str] = None, pdl: Optional[str] = None) -> dict:
     """Keyword arguments for Engine.from_tensors / Engine.from_dir carrying the run-time
-    choices; None leaves the engine's default. Call it before parallel.init_from_env: the
-    all-reduce path is chosen when the first engine sets up its collectives."""
-    if tp_allreduce is not None:
-        os.environ["LLAMA_ENGINE_TP_ALLREDUCE"] = tp_allreduce
-    if pdl is not None:
-        pdl_kernels.set_mode(PDL_CHOICES[pdl])
-    return {}
+    choices; None takes the engine's default. CUDA graphs are left to the timing code, which
+    switches them on where it measures with them."""
+    return {"options": RuntimeOptions(tp_allreduce=tp_allreduce or "auto", pdl=pdl or "auto",
+                                      cuda_graphs=False)}

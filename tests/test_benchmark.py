@@ -225,17 +225,13 @@ def test_row_names_on_one_process():
                               "oneshot") == "_int8kv_no_evict_oneshot"
 
 
-def test_engine_kwargs_carries_run_time_choices(monkeypatch):
-    """Today's carrier of --tp_allreduce/--pdl (the process state the engine reads); None
-    leaves the engine's defaults alone."""
-    from llama_engine.kernels import pdl
-    monkeypatch.delenv("LLAMA_ENGINE_TP_ALLREDUCE", raising=False)
-    monkeypatch.setattr(pdl, "_mode", pdl._mode)
-    before = pdl._mode
-    assert options.engine_kwargs() == {}
-    assert "LLAMA_ENGINE_TP_ALLREDUCE" not in os.environ and pdl._mode == before
-    assert isinstance(options.engine_kwargs("nccl", "off"), dict)
-    assert os.environ["LLAMA_ENGINE_TP_ALLREDUCE"] == "nccl" and pdl._mode == "0"
+def test_engine_kwargs_carries_run_time_choices():
+    """--tp_allreduce/--pdl reach the engine as one RuntimeOptions; None takes the defaults and
+    the timing code, not the options, decides where CUDA graphs run."""
+    from llama_engine.options import RuntimeOptions
+    assert options.engine_kwargs() == {"options": RuntimeOptions(cuda_graphs=False)}
+    kw = options.engine_kwargs("nccl", "off")
+    assert kw == {"options": RuntimeOptions(tp_allreduce="nccl", pdl="off", cuda_graphs=False)}
 
 
 # ---------------------------------------------------------------------------------------------
