@@ -102,11 +102,9 @@ class MLP(nn.Module):
     ``gate_up_proj`` computes [gate; up] in one GEMM (one launch, one pass over x) when the
     two linears' tensors can be stacked (``fuse_gate_up``); otherwise ``gate_up_proj`` is a
     pair (gate_proj, up_proj). ``width`` is gate's output width. With the stacked GEMM,
-    down_proj takes its output directly (``act="swiglu"``): with LLAMA_ENGINE_FUSED_SWIGLU=1
-    the skinny GEMV computes silu(gate) * up as it loads its input tiles (no activation
-    launch; off by default: slower on H200s, kernels/linear.py); otherwise ``silu_mul`` runs
-    first. The output (down_proj's) is a tensor, SplitKPartials, or under tensor parallelism
-    a PendingAllReduce, for the next ``add_rms_norm``."""
+    ``silu_mul`` sums gate_up's split-K partials as it loads them. The output (down_proj's)
+    is a tensor, SplitKPartials, or under tensor parallelism a PendingAllReduce, for the next
+    ``add_rms_norm``."""
 
     def __init__(self, gate_up_proj, width: int, down_proj: nn.Module):
         super().__init__()
@@ -119,8 +117,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor):
         if self.gate_up_proj is not None:
-            return self.down_proj(self.gate_up_proj(x, partials=True), partials=True,
-                                  act="swiglu")
+            h = ops.silu_mul(self.gate_up_proj(x, partials=True))
+            return self.down_proj(h, partials=True)
         h = nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(h, partials=True)
 
@@ -214,9 +212,7 @@ class Transformer(nn.Module):
         ``make_linear(prefix, tensors, quant)`` (default ``llama_engine.quant.make_linear``)
         returns modules whose ``forward(x, partials=False)`` may hand back split-K partials
         (``kernels.linear.SplitKPartials``) when asked; a custom factory must accept the
-        keyword (and may ignore it), and ``act="swiglu"`` for mlp.proj (x is then the stacked
-        [gate; up] output, tensor or SplitKPartials: ``kernels.linear.apply_act`` gives the
-        plain input)."""
+        keyword (and may ignore it)."""
         if make_linear is None:
             from llama_engine.quant import make_linear
         full_args = args

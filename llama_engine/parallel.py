@@ -145,8 +145,7 @@ def quiet_non_main_ranks() -> None:
 #   "auto"    -- (default) "oneshot" where every rank is a GPU of one host with peer access
 #                and symmetric memory sets up, else NCCL with a one-line notice;
 #   "oneshot" -- kernels/comm.py's one-shot kernel (an error where it cannot run); after a
-#                row-parallel linear it is fused with the add_rms_norm that follows
-#                (LLAMA_ENGINE_TP_FUSE_NORM=0: not fused);
+#                row-parallel linear it is fused with the add_rms_norm that follows;
 #   "nccl"    -- NCCL's all_reduce (also every larger tensor, and all of gloo).
 # On 2 H200s (2026-11-26) the one-shot kernel took 3.9-4.2 us per 10 KB all-reduce in a CUDA
 # graph against NCCL's 18-21 us, and LLaMA-13B TP=2 batch-1 decode went from 202.1 (NCCL) to
@@ -154,15 +153,6 @@ def quiet_non_main_ranks() -> None:
 TP_ALLREDUCE_MODES = ("auto", "oneshot", "nccl")
 DEFAULT_TP_ALLREDUCE = "auto"
 ONESHOT_MAX_BYTES = 1 << 20  # decode batches up to ~100 tokens of a 5120-wide model in fp16
-
-
-def tp_fuse_norm() -> bool:
-    """LLAMA_ENGINE_TP_FUSE_NORM: 1 (default) fuses the one-shot all-reduce after a row-parallel
-    linear with the add_rms_norm that follows; 0 runs them apart."""
-    v = os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1")
-    if v not in ("0", "1"):
-        raise ConfigError(f"LLAMA_ENGINE_TP_FUSE_NORM must be 0 or 1, got {v!r}")
-    return v == "1"
 
 
 def _cuda_device(device) -> torch.device:
@@ -214,7 +204,7 @@ class _SymmetricState:
 
 class OneShotAllReduce:
     """kernels/comm.py's one-shot all-reduce, and its fusion with the add_rms_norm that follows
-    a row-parallel linear (``fuse``: from LLAMA_ENGINE_TP_FUSE_NORM), for this process's
+    a row-parallel linear (``fuse``: on; tools/gpu_pdl_sweep.py turns it off for A/B timing), for this process's
     GPU and the default group. Set up collectively (every rank, at the same point)."""
 
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -316,7 +306,7 @@ def setup_all_reduce(device) -> None:
     forward, so that no setup happens inside CUDA-graph capture). Once per process and device."""
     if get_world_size() == 1:
         return
-    mode, fuse = tp_allreduce_mode(), tp_fuse_norm()  # a misspelt value is an error anywhere
+    mode = tp_allreduce_mode()  # a misspelt value is an error anywhere
     tp_parallel_embedding()
     device = _cuda_device(device)
     if device.type != "cuda" or device in _ONESHOT:
@@ -335,7 +325,7 @@ def setup_all_reduce(device) -> None:
     fast, err = None, _oneshot_unsupported(device)
     if all_ranks(not err):
         try:
-            fast = OneShotAllReduce(device, fuse)
+            fast = OneShotAllReduce(device)
         except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
             err = f"{type(e).__name__}: {e}"
         if all_ranks(fast is not None):
@@ -409,21 +399,20 @@ class RowParallelLinear(nn.Module):
         self.out_features = getattr(inner, "out_features", None)
         self.in_features = getattr(inner, "in_features", None)
 
-    def forward(self, x, partials: bool = False, act: str = "none"):
-        # act goes to the local linear: gate_up is column-parallel, so the rank's [gate; up]
-        # shard feeds exactly its rows of down_proj's input. partials=True (the caller hands
+    def forward(self, x, partials: bool = False):
+        # partials=True (the caller hands
         # the result to add_rms_norm) may return a PendingAllReduce, summed by the norm's
         # fused kernel; split-K partials themselves are never returned.
         fast = _ONESHOT.get(x.device) if partials and x.is_cuda else None
         if fast is not None and fast.fuse:
             # the fused kernel also sums the local linear's split-K partials (no reduction
             # launch): ask for them
-            y = self.inner(x, partials=True, act=act)
+            y = self.inner(x, partials=True)
             if len(y.shape) == 2 and fast.takes(y):
                 return PendingAllReduce(y, fast)
             from .kernels.linear import summed
             return all_reduce(summed(y).contiguous())
-        return all_reduce(self.inner(x, act=act))
+        return all_reduce(self.inner(x))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -404,8 +404,7 @@ def _check_rope_decode(A):
     """rope_decode_attention (RoPE + cache write fused into the decode attention kernel)
     against the two kernels it replaces (rope_write_kv, then decode_attention: the same bits,
     output and both caches) and against the references; splits, GQA / MQA, int8 caches with
-    per-channel scales, a padding row (slot -1: nothing written), context length 1, and the
-    switch (FUSE_ROPE off: the two launches)."""
+    per-channel scales, a padding row (slot -1: nothing written) and context length 1."""
     fails = []
     g = torch.Generator().manual_seed(6)
     cases = [
@@ -434,12 +433,15 @@ def _check_rope_decode(A):
             if name == "ref":
                 qr = A.rope_write_kv_ref(q, k, v, pos, cos, sin, kc1, vc1, slots, scale)
                 o = A.decode_attention_ref(qr, kc1, vc1, bt, cl, sm, scale)
+            elif name == "two":
+                qr = A.rope_write_kv(q, k, v, pos, cos, sin, kc1, vc1, slots, scale,
+                                     impl="triton")
+                o = A.decode_attention(qr, kc1, vc1, bt, cl, sm, scale, partition_size=part,
+                                       impl="triton")
             else:
-                A.FUSE_ROPE = name == "fused"
                 o = A.rope_decode_attention(q, k, v, pos, cos, sin, kc1, vc1, slots, bt, cl,
                                             sm, scale, partition_size=part, impl="triton")
             caches[name] = (o, kc1, vc1)
-        A.FUSE_ROPE = True
         (of, kf, vf), (o2, k2, v2), (orf, kr, vr) = (caches[n] for n in ("fused", "two", "ref"))
         if not (torch.equal(of, o2) and torch.equal(kf, k2) and torch.equal(vf, v2)):
             fails.append(f"rope_decode_attention fused != two kernels {tag}: "
@@ -664,19 +666,6 @@ def test_decode_config_override_is_checked():
                      ('{"max_partition_int8": 64, "block_n_int8": 128}', "at least")):
         with pytest.raises(ConfigError, match=msg):
             attn._decode_config_override(bad)
-
-
-def test_fuse_rope_switch_is_checked(monkeypatch):
-    """LLAMA_ENGINE_FUSE_ROPE_ATTN: 1 (default) or 0; anything else is a one-line error."""
-    from llama_engine.config import ConfigError
-    from llama_engine.kernels import attn
-    monkeypatch.delenv("LLAMA_ENGINE_FUSE_ROPE_ATTN", raising=False)
-    assert attn._fuse_rope_env() is True
-    monkeypatch.setenv("LLAMA_ENGINE_FUSE_ROPE_ATTN", "0")
-    assert attn._fuse_rope_env() is False
-    monkeypatch.setenv("LLAMA_ENGINE_FUSE_ROPE_ATTN", "yes")
-    with pytest.raises(ConfigError, match="must be 0 or 1"):
-        attn._fuse_rope_env()
 
 
 def test_rope_decode_attention_cpu_equals_two_ops():

@@ -191,13 +191,6 @@ def test_tp_allreduce_mode_is_validated(monkeypatch):
     monkeypatch.setenv("LLAMA_ENGINE_TP_ALLREDUCE", "fast")
     with pytest.raises(ConfigError, match="LLAMA_ENGINE_TP_ALLREDUCE must be one of"):
         parallel.tp_allreduce_mode()
-    monkeypatch.delenv("LLAMA_ENGINE_TP_FUSE_NORM", raising=False)
-    assert parallel.tp_fuse_norm() is True
-    monkeypatch.setenv("LLAMA_ENGINE_TP_FUSE_NORM", "0")
-    assert parallel.tp_fuse_norm() is False
-    monkeypatch.setenv("LLAMA_ENGINE_TP_FUSE_NORM", "false")
-    with pytest.raises(ConfigError, match="LLAMA_ENGINE_TP_FUSE_NORM must be 0 or 1"):
-        parallel.tp_fuse_norm()
     monkeypatch.delenv("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", raising=False)
     assert parallel.tp_parallel_embedding() is False
     monkeypatch.setenv("LLAMA_ENGINE_TP_PARALLEL_EMBEDDING", "1")

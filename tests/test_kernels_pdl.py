@@ -1,4 +1,4 @@
-"""llama_engine/kernels/pdl.py: the LLAMA_ENGINE_PDL switch, and the decode kernels compiled
+"""llama_engine/kernels/pdl.py: the PDL mode, and the decode kernels compiled
 for an H100 (sm_90, with Triton's bundled ptxas; no GPU needed) with PDL on: each must wait
 for its predecessor (griddepcontrol.wait) before its first global memory access, release its
 successor right after, and contain neither without PDL. On GPUs, tools/gpu_pdl_sweep.py checks
@@ -19,19 +19,14 @@ if ROOT not in sys.path:
 MEM = re.compile(r"^\s*(@!?%p\d+\s+)?(ld|st|atom|red|cp\.async)\.\S*global")
 
 
-def test_pdl_mode_is_validated_and_off_without_a_gpu(monkeypatch):
+def test_pdl_mode_is_validated_and_off_without_a_gpu():
     from llama_engine.config import ConfigError
     from llama_engine.kernels import pdl
-    monkeypatch.setenv("LLAMA_ENGINE_PDL", "yes")
-    with pytest.raises(ConfigError, match="LLAMA_ENGINE_PDL must be one of auto, 0, 1"):
-        pdl._env_mode()
-    monkeypatch.setenv("LLAMA_ENGINE_PDL", "0")
-    assert pdl._env_mode() == "0"
     with pytest.raises(ConfigError, match="PDL mode must be one of"):
-        pdl.set_mode("on")
+        pdl.set_mode("1")
     old = pdl._mode
     try:
-        pdl.set_mode("1")
+        pdl.set_mode("on")
         # CPU tensors (and the interpreter) never launch with PDL: no launch_pdl option
         assert pdl.launch_kw(torch.zeros(1)) == {"PDL": False}
     finally:
@@ -70,10 +65,9 @@ def _kernels():
     from llama_engine.kernels import act, attn, comm
     from llama_engine.kernels import linear as L
     skinny = dict(WKIND=0, GROUP=1, XS_ROW=False, WS_COL=False, BLOCK_M=8, BLOCK_N=32,
-                  BLOCK_K=128, EVEN_K=True, ITERS_C=0, CVT=0, XQUANT=0, SMOOTH=False,
-                  USE_RINT=True, ITERS_A=0, XACT=0, XSPLIT=1, XDT=None)
+                  BLOCK_K=128, EVEN_K=True, ITERS_C=0, CVT=0)
     gemv_ptrs = {"x_ptr": "*fp16", "w_ptr": "*fp16", "s_ptr": "*fp16", "xs_ptr": "*fp16",
-                 "sm_ptr": "*fp16", "out_ptr": "*fp16"}
+                 "out_ptr": "*fp16"}
     decode_ptrs = dict({k: "*fp16" for k in "Q KC VC KS VS OUT KN VN".split()}, BT="*i32",
                        CL="*i32", WS="*fp32", POS="*i64", SLOT="*i64", COS="*fp32",
                        SIN="*fp32")

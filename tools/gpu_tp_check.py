@@ -32,8 +32,7 @@ NAMES = ["mha-fp32", "gqa-fp32", "gqa-int8", "mqa-tied-fp32", "gqa-int8kv-fp32",
 SERVE_PROMPTS = [[1, 5, 9, 33, 100, 7, 250], [1, 200, 3], [4] * 15, [9, 8, 7, 6, 5]]
 SERVE_TOKENS = [6, 8, 3, 8]  # within the engines' limits (tests/tp_models.py)
 # what parallel.all_reduce_path reports for LLAMA_ENGINE_TP_ALLREDUCE=oneshot on GPUs
-ONESHOT_PATH = "oneshot" if os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1") == "0" \
-    else "oneshot+norm"
+ONESHOT_PATH = "oneshot+norm"
 
 
 def run_all(engine_dir: str) -> dict:

@@ -7,11 +7,6 @@ on CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the reference, which is also 
 arithmetic: silu rounded to the model dtype, then the product). The Triton path rounds once,
 after the product in fp32. The input may be the ``[gate; up]`` linear's ``SplitKPartials``:
 the kernel sums its fp32 slices as it loads them, saving the linear's reduction launch.
-
-The MLP does not launch this at decode: down_proj's skinny GEMV computes the same values
-(one shared ``@triton.jit`` helper, ``linear._swiglu_load``) as it loads its input
-(``linear_*(gate_up, act="swiglu")``); ``silu_mul`` is that op's fallback on every other path
-(``linear.apply_act``).
 """
 from __future__ import annotations
 
@@ -28,8 +23,17 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .linear import _swiglu_load
+    from .linear import _load_summed
     from .pdl import wait_then_release
+
+    @triton.jit
+    def _swiglu_load(ptrs, mask, W, stride_s, S: tl.constexpr, dtype: tl.constexpr):
+        """silu(gate) * up of [gate; up] rows: gate at ptrs, up at ptrs + W (each summed over S
+        split-K slices and rounded to dtype, as the linear's output), the product in fp32,
+        rounded once to dtype."""
+        g = _load_summed(ptrs, mask, stride_s, S, dtype).to(tl.float32)
+        u = _load_summed(ptrs + W, mask, stride_s, S, dtype).to(tl.float32)
+        return (g / (1.0 + tl.exp(-g)) * u).to(dtype)
 
     @triton.jit
     def _silu_mul_kernel(X, OUT, W, stride_s, stride_x, stride_o, S: tl.constexpr,

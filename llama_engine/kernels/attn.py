@@ -31,6 +31,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama_engine.config import ConfigError
 
@@ -55,20 +56,16 @@ _IMPLS = ("auto", "triton", "torch")
 # an execution plan for every new (batch, length) shape: 1.2-1.9 ms of host time per call (one a
 # layer). Inflight batching sees a new prompt length nearly every step, so its mixed steps
 # became host-bound (tools/gpu_step_profile.py: 58-192 ms for steps of 109-1,035 tokens whose
-# kernels took 25-29 ms).
-# Flash / memory-efficient attention have no per-shape setup. LLAMA_ENGINE_SDPA_CUDNN=1 allows
-# cuDNN again (fixed shapes, e.g. a static batch, amortize its plans).
-_SDPA_CUDNN = os.environ.get("LLAMA_ENGINE_SDPA_CUDNN", "0") == "1"
+# kernels took 25-29 ms). Flash / memory-efficient attention have no per-shape setup.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """torch SDPA over [B, H, T, D] tensors, without cuDNN's per-shape plans on CUDA."""
     F = torch.nn.functional
-    if not q.is_cuda or _SDPA_CUDNN:
+    if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, **kw)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                      SDPBackend.MATH]):
+    with sdpa_kernel(_SDPA_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, **kw)
 _LOG2E = 1.4426950408889634
 
@@ -815,8 +812,7 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           impl: str = "auto") -> torch.Tensor:
     """A decode step's attention from the unrotated q [B,H,D], k, v [B,Hkv,D] of each
     sequence's new token: ``rope_write_kv`` then ``decode_attention`` (same arguments, same
-    result bit for bit on CUDA), in one launch when ``FUSE_ROPE`` is on (the default;
-    ``LLAMA_ENGINE_FUSE_ROPE_ATTN=0`` turns it off): each attention program rotates its q
+    result bit for bit on CUDA), in one launch on the Triton path: each attention program rotates its q
     heads in registers, and the one whose split holds the context's last token writes the new
     k / v first. The new token must be the last of its context (``context_lens`` counts it),
     as in every decode step; a slot of -1 writes nothing. ``max_context_len``, if given, must
@@ -825,8 +821,8 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_rope(q, k, positions, cos, sin)
     _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     kw = dict(max_context_len=max_context_len, partition_size=partition_size, impl=impl)
-    if not (FUSE_ROPE and _use_triton(impl, q, k, v, positions, cos, sin, k_cache, v_cache,
-                                      slot_mapping, block_tables, context_lens)):
+    if not _use_triton(impl, q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                       block_tables, context_lens):
         q = rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
                           kv_scale, impl=impl)
         return decode_attention(q, k_cache, v_cache, block_tables, context_lens,
@@ -836,17 +832,6 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return decode_attention(_heads_contig(q), k_cache, v_cache, block_tables, context_lens,
                             softmax_scale, kv_scale, **kw,
                             _rope=(k, v, positions, slot_mapping, cos, sin))
-
-
-def _fuse_rope_env() -> bool:
-    v = os.environ.get("LLAMA_ENGINE_FUSE_ROPE_ATTN", "1")
-    if v not in ("0", "1"):
-        raise ConfigError(f"LLAMA_ENGINE_FUSE_ROPE_ATTN must be 0 or 1, got {v!r}")
-    return v == "1"
-
-
-# rope_decode_attention's switch (read at each call: tools/gpu_pdl_sweep.py flips it).
-FUSE_ROPE = _fuse_rope_env()
 
 
 # Decode-attention launch parameters. Tuned on an H100 (see gpu_selfcheck); tests override them.
@@ -894,12 +879,6 @@ def _decode_config_override(text: str) -> dict:
             raise ConfigError(f"LLAMA_ENGINE_DECODE_CONFIG: max_partition{sfx} must be at "
                               f"least block_n{sfx}")
     return over
-
-
-# LLAMA_ENGINE_DECODE_CONFIG='{"block_n_int8": 128, ...}' overrides entries (tuning runs:
-# tools/gpu_attn_sweep.py --write saves the best int8 setting in this form).
-if os.environ.get("LLAMA_ENGINE_DECODE_CONFIG"):
-    DECODE_CONFIG.update(_decode_config_override(os.environ["LLAMA_ENGINE_DECODE_CONFIG"]))
 
 
 # Triton reads TRITON_INTERPRET when it is imported, so reading it once here agrees with it.
@@ -1273,9 +1252,7 @@ def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
                 del kc, vc
 
     # --- decode attention with RoPE + KV write fused in, against the two kernels ----------
-    global FUSE_ROPE
-    saved = FUSE_ROPE
-    try:
+    if True:
         for B, ctx, h, hkv in ((1, 7, 40, 40), (1, 300, 40, 40), (8, 2048, H, H),
                                (32, 129, 64, 8)):
             for kvd in (dt, torch.int8):
@@ -1292,11 +1269,15 @@ def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
                     slots[-1] = -1
                 res = {}
                 for fused in (True, False):
-                    FUSE_ROPE = fused
                     k1, v1 = kc.clone(), vc.clone()
-                    fn = lambda: rope_decode_attention(  # noqa: E731
-                        q, k, v, pos, cos, sin, k1, v1, slots, bt, cl, 1 / math.sqrt(D),
-                        scale)
+                    if fused:
+                        fn = lambda: rope_decode_attention(  # noqa: E731
+                            q, k, v, pos, cos, sin, k1, v1, slots, bt, cl, 1 / math.sqrt(D),
+                            scale)
+                    else:
+                        fn = lambda: decode_attention(  # noqa: E731
+                            rope_write_kv(q, k, v, pos, cos, sin, k1, v1, slots, scale),
+                            k1, v1, bt, cl, 1 / math.sqrt(D), scale)
                     res[fused] = (fn(), k1, v1, _time_ms(fn, flush=flush))
                 (o, k1, v1, ms), (o2, k2, v2, ms2) = res[True], res[False]
                 # bit for bit the two kernels' result: rel_err is the largest difference
@@ -1309,8 +1290,6 @@ def gpu_selfcheck(device="cuda", quick: bool = False) -> list[dict]:
                 rows[-1].update(two_kernels_ms=ms2, out_equal=torch.equal(o, o2),
                                 k_equal=torch.equal(k1, k2), v_equal=torch.equal(v1, v2))
                 del kc, vc, k1, v1, k2, v2
-    finally:
-        FUSE_ROPE = saved
 
     # --- prefill attention (SDPA) --------------------------------------------------------
     for T, S, h, hkv in ((2048, 2048, H, H), (512, 1536, H, H), (1024, 1024, 64, 8)):
@@ -1350,8 +1329,3 @@ def format_rows(rows: list[dict]) -> str:
     bad = [r for r in rows if not r["ok"]]
     lines.append(f"{len(rows) - len(bad)}/{len(rows)} rows ok")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m llama_engine.kernels.attn  (on a GPU machine)
-    quick = os.environ.get("ATTN_QUICK") == "1"
-    print(format_rows(gpu_selfcheck("cuda", quick=quick)))

@@ -20,16 +20,9 @@ Why the kernels look the way they do:
   Both can split K over a second grid axis so that the narrow layers (o_proj, down_proj:
   N = 4096) still fill 132 SMs. The fp32 partials [S, M, N] are summed by one small reduction
   kernel, or, with ``partials=True``, returned unsummed as a ``SplitKPartials`` for the next
-  kernel (``add_rms_norm``, ``silu_mul``, down_proj's SwiGLU prologue) to sum while it loads
+  kernel (``add_rms_norm``, ``silu_mul``) to sum while it loads
   its input: at batch 1 a launch costs as much as the reduction itself, and this saves up to 4
   of them per layer.
-* SwiGLU prologue: with ``act="swiglu"`` the float / weight-only ops take the ``[gate; up]``
-  output ``[..., 2K]`` (tensor or SplitKPartials) and the skinny kernels (constexpr XACT = 1)
-  build each x tile as silu(gate) * up, summing gate_up's split-K slices as they load them:
-  down_proj then needs no ``silu_mul`` launch (one per layer at decode). The math is one
-  ``@triton.jit`` helper shared with ``silu_mul``'s kernel (fp32, rounded once to the model
-  dtype), so the result is the same bits; W8A8, the tiled GEMM, cuBLAS and torch paths run
-  ``silu_mul`` first (``apply_act``). Off: measured slower on H200s (see ``_FUSED_SWIGLU``).
 * Dequantization is ALU-bound before it is memory-bound: int -> float conversion (I2F) runs
   at a quarter of the FMA rate, which held int4 to ~1.4 TB/s. On CUDA the int8 / int4 -> fp16
   (and int4 -> bf16) conversion instead builds the half-precision bit pattern with
@@ -44,14 +37,6 @@ Why the kernels look the way they do:
   runs two half-width products instead of shuffling the weight tile.
 * Group-wise int4 scales multiply the per-tile product (BK <= G: one group per tile), or the
   weight tile in registers (BK > G).
-* SmoothQuant decode: ``linear_w8a8_dynamic`` takes the float activations and can quantize
-  them inside the skinny kernel (constexpr XQUANT / SMOOTH): each program first computes its
-  rows' amax over the whole K (of x / smoother; split-K programs too), then quantizes every
-  x tile it loads with the same correctly rounded division and round-half-even as
-  ``quantize_per_token_ref`` (or the static per-tensor ``act_scale``) and runs the int8 dot.
-  Off by default (``LLAMA_ENGINE_FUSED_W8A8_MAX_M``): on an H100 it decoded LLaMA-7B at 61.7
-  tok/s against 254.7 for the separate quantizer + GEMV (docs/perf-notes.md, run 5).
-
 Every public op takes ``impl="auto" | "triton" | "torch"``: auto = Triton on CUDA when the shapes
 fit, else the best plain-torch path (cuBLAS, ``_int_mm``); on the CPU, auto and torch give the
 reference. ``impl="triton"`` on CPU tensors runs the kernels in Triton's interpreter
@@ -85,7 +70,6 @@ __all__ = [
     "linear_fp_ref", "linear_w8a16_ref", "linear_w4a16_ref", "linear_w8a8_ref",
     "quantize_per_token_ref", "quantize_per_tensor_ref", "pack_int4_ref", "unpack_int4_ref",
     "gpu_selfcheck", "SkinnyCfg", "GemmCfg", "SplitKPartials", "partial_slices", "summed",
-    "apply_act",
 ]
 
 # Smallest amax used for a per-token scale: an all-zero row gets a tiny positive scale (and
@@ -109,7 +93,7 @@ class SplitKPartials:
     whose sum over S, rounded to ``dtype``, is the output ``[*lead, N]`` (M = prod(lead)).
 
     Returned only when the caller asks (``partials=True``) and the skinny kernel did split K.
-    Consumers that take it (``add_rms_norm``, ``silu_mul``, the linears with ``act="swiglu"``)
+    Consumers that take it (``add_rms_norm``, ``silu_mul``)
     sum the S slices as they load them, in the order and with the final rounding of the
     reduction kernel, so their results are the same as on the summed tensor; anything else
     calls ``.sum()``."""
@@ -167,11 +151,8 @@ def _with_lead(out, lead: tuple):
 # =============================================================================================
 # Input checks (one-line ConfigError, as the rest of the engine)
 # =============================================================================================
-def _flat(x, K: int, what: str, xact: int = 0) -> tuple[torch.Tensor, tuple]:
-    """x[..., K] -> (x2d[M, K], leading shape); with xact, the [gate; up] input [..., 2K]
-    (tensor or SplitKPartials, see _act_input) -> its slices [S, M, 2K]."""
-    if xact:
-        return partial_slices(x), tuple(x.shape[:-1])
+def _flat(x, K: int, what: str) -> tuple[torch.Tensor, tuple]:
+    """x[..., K] -> (x2d[M, K], leading shape)."""
     if x.dim() < 1 or x.shape[-1] != K:
         raise ConfigError(f"{what}: input last dim {tuple(x.shape)} does not match K={K}")
     return x.reshape(-1, K), tuple(x.shape[:-1])
@@ -337,10 +318,6 @@ def linear_w8a8_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tens
 if HAS_TRITON:
     from .pdl import wait_then_release
 
-    # model dtype -> constexpr XDT of the SwiGLU prologue (its x tiles' dtype)
-    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-                  torch.float32: tl.float32}
-
     @triton.jit
     def _int4_halves(wp):
         """Packed bytes [R, C] int8 -> (low, high) nibbles as int32 in -8..7."""
@@ -445,96 +422,25 @@ if HAS_TRITON:
             # in an fp32 mantissa, so the add itself rounds (half to even) for |y| < 2**22.
             return (y + 12582912.0) - 12582912.0
 
-    # Fused activation quantization of the W8A8 skinny kernels (constexpr XQUANT: 0 the input
-    # is already int8, 1 per-token dynamic, 2 static per-tensor scale; SMOOTH: divide by the
-    # smoother [K] first). Same arithmetic as quantize_per_token_ref: bit-identical int8.
-    _AMAX_MIN = tl.constexpr(AMAX_EPS)
-
     @triton.jit
-    def _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs,
-                  EVEN_K: tl.constexpr, SMOOTH: tl.constexpr, XACT: tl.constexpr,
-                  XSPLIT: tl.constexpr, XDT: tl.constexpr):
-        """Activation tile x[BM, BK] (zeros outside); with SMOOTH, x / smoother[k] rounded back
-        to x's dtype, as the unfused path stores it before quantizing. XACT = 1 (SwiGLU
-        prologue): x_ptr holds [gate; up] rows [XSPLIT, M, 2K] (split-K slices stride_xs apart,
-        summed) and the tile is silu(gate) * up rounded to XDT, exactly as silu_mul stores it."""
+    def _x_tile(x_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K: tl.constexpr):
+        """Activation tile x[BM, BK] (zeros outside)."""
         ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
         if EVEN_K:
             mask = m_ok[:, None]
         else:
             mask = m_ok[:, None] & (offs_k[None, :] < K)
-        if XACT == 1:
-            x = _swiglu_load(ptrs, mask, K, stride_xs, XSPLIT, XDT)
-        else:
-            x = tl.load(ptrs, mask=mask, other=0)
-        if SMOOTH:
-            sm = tl.load(sm_ptr + offs_k, mask=offs_k < K, other=1.0)
-            x = tl.math.div_rn(x.to(tl.float32), sm[None, :]).to(x.dtype)
-        return x
-
-    @triton.jit
-    def _row_scale(x_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SMOOTH: tl.constexpr,
-                   ITERS_A: tl.constexpr):
-        """Per-token scale [BM] = max(amax over the WHOLE row, eps) / 127. Every program
-        recomputes it (split-K programs see only part of K in their main loop); x is M x K
-        and stays in L2."""
-        m = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for i in range(0, ITERS_A if ITERS_A > 0 else tl.cdiv(K, BLOCK_K)):
-            offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, 0, EVEN_K, SMOOTH,
-                          0, 1, tl.float32)
-            m = tl.maximum(m, tl.abs(x.to(tl.float32)))
-        return tl.math.div_rn(tl.maximum(tl.max(m, axis=1), _AMAX_MIN), 127.0)
-
-    @triton.jit
-    def _quant_tile(x, scale, USE_RINT: tl.constexpr):
-        """float x[BM, BK] -> int8 round-half-even(clamp(x / scale, +-127))."""
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -127.0), 127.0)
-        return _round_half_even(y, USE_RINT).to(tl.int8)
-
-    @triton.jit
-    def _x_scale(x_ptr, xs_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SMOOTH: tl.constexpr,
-                 ITERS_A: tl.constexpr, XQUANT: tl.constexpr):
-        """Scale of the fused W8A8 quantizer: this program's rows' per-token scales [BM]
-        (XQUANT 1), the static per-tensor act_scale at xs_ptr (2); 1.0 (unused) otherwise."""
-        if XQUANT == 1:
-            s = _row_scale(x_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K, EVEN_K,
-                           SMOOTH, ITERS_A)
-        elif XQUANT == 2:
-            s = tl.load(xs_ptr)
-        else:
-            s = 1.0
-        return s
-
-    @triton.jit
-    def _x_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, x_scale,
-                EVEN_K: tl.constexpr, SMOOTH: tl.constexpr, XACT: tl.constexpr,
-                XSPLIT: tl.constexpr, XDT: tl.constexpr, XQUANT: tl.constexpr,
-                USE_RINT: tl.constexpr):
-        """The skinny kernels' x tile [BM, BK]: _act_tile, then quantized to int8 by the fused
-        W8A8 quantizer when XQUANT is 1 (per-token x_scale [BM]) or 2 (scalar)."""
-        x = _act_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, EVEN_K,
-                      SMOOTH, XACT, XSPLIT, XDT)
-        if XQUANT == 1:
-            x = _quant_tile(x, x_scale[:, None], USE_RINT)
-        elif XQUANT == 2:
-            x = _quant_tile(x, x_scale, USE_RINT)
-        return x
+        return tl.load(ptrs, mask=mask, other=0)
 
     @triton.jit(do_not_specialize=["M"])
     def _skinny_dot_kernel(
-            x_ptr, w_ptr, s_ptr, xs_ptr, sm_ptr, out_ptr,
-            M, N, K, stride_xm, stride_xs, stride_wn, stride_sg, stride_om, stride_os,
+            x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr,
+            M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os,
             k_per_split, WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
             WS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
-            ITERS_C: tl.constexpr, CVT: tl.constexpr, XQUANT: tl.constexpr,
-            SMOOTH: tl.constexpr, USE_RINT: tl.constexpr, ITERS_A: tl.constexpr,
-            XACT: tl.constexpr, XSPLIT: tl.constexpr, XDT: tl.constexpr, PDL: tl.constexpr):
-        """out[m, n] (or split partial) = sum_k x[m, k] w[n, k]; tile acc[BN, BM] = W @ X^T.
-        x tiles come from _act_tile (XACT: computed from the [gate; up] input)."""
+            ITERS_C: tl.constexpr, CVT: tl.constexpr, PDL: tl.constexpr):
+        """out[m, n] (or split partial) = sum_k x[m, k] w[n, k]; tile acc[BN, BM] = W @ X^T."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -543,8 +449,6 @@ if HAS_TRITON:
         m_ok = offs_m < M
         k_lo = pid_s * k_per_split
         wait_then_release(PDL)  # kernels/pdl.py: nothing above reads memory
-        x_scale = _x_scale(x_ptr, xs_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K,
-                           EVEN_K, SMOOTH, ITERS_A, XQUANT)
         if WKIND == 4:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
         else:
@@ -553,8 +457,7 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = _x_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, x_scale,
-                        EVEN_K, SMOOTH, XACT, XSPLIT, XDT, XQUANT, USE_RINT)
+            x = _x_tile(x_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K)
             if WKIND == 2 or WKIND == 3:
                 offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :]
@@ -607,9 +510,7 @@ if HAS_TRITON:
                 out = out * tl.load(s_ptr + offs_n, mask=n_ok, other=0)[:, None]
             else:
                 out = out * tl.load(s_ptr)
-            if XQUANT == 1:
-                out = out * x_scale[None, :]
-            elif XS_ROW:
+            if XS_ROW:
                 out = out * tl.load(xs_ptr + offs_m, mask=m_ok, other=0)[None, :]
             else:
                 out = out * tl.load(xs_ptr)
@@ -622,14 +523,12 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M"])
     def _skinny_fma_kernel(
-            x_ptr, w_ptr, s_ptr, xs_ptr, sm_ptr, out_ptr,
-            M, N, K, stride_xm, stride_xs, stride_wn, stride_sg, stride_om, stride_os,
+            x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr,
+            M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os,
             k_per_split, WKIND: tl.constexpr, GROUP: tl.constexpr, XS_ROW: tl.constexpr,
             WS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ITERS_C: tl.constexpr,
-            CVT: tl.constexpr, XQUANT: tl.constexpr, SMOOTH: tl.constexpr,
-            USE_RINT: tl.constexpr, ITERS_A: tl.constexpr, XACT: tl.constexpr,
-            XSPLIT: tl.constexpr, XDT: tl.constexpr, PDL: tl.constexpr):
+            CVT: tl.constexpr, PDL: tl.constexpr):
         """GEMV without tensor cores: acc[BM, BN, BK] += x * w elementwise, reduce K at the end.
         Grouped int4 needs BLOCK_K <= GROUP (one group per tile)."""
         pid_n = tl.program_id(0)
@@ -640,8 +539,6 @@ if HAS_TRITON:
         m_ok = offs_m < M
         k_lo = pid_s * k_per_split
         wait_then_release(PDL)  # kernels/pdl.py: nothing above reads memory
-        x_scale = _x_scale(x_ptr, xs_ptr, sm_ptr, offs_m, m_ok, K, stride_xm, BLOCK_M, BLOCK_K,
-                           EVEN_K, SMOOTH, ITERS_A, XQUANT)
         if WKIND == 2 or WKIND == 3:
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
         elif WKIND == 4:
@@ -652,8 +549,7 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             k0 = k_lo + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = _x_tile(x_ptr, sm_ptr, offs_m, offs_k, m_ok, K, stride_xm, stride_xs, x_scale,
-                        EVEN_K, SMOOTH, XACT, XSPLIT, XDT, XQUANT, USE_RINT)
+            x = _x_tile(x_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K)
             if WKIND == 2 or WKIND == 3:
                 offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :]
@@ -688,9 +584,7 @@ if HAS_TRITON:
                 out = out * tl.load(s_ptr + offs_n, mask=n_ok, other=0)[None, :]
             else:
                 out = out * tl.load(s_ptr)
-            if XQUANT == 1:
-                out = out * x_scale[:, None]
-            elif XS_ROW:
+            if XS_ROW:
                 out = out * tl.load(xs_ptr + offs_m, mask=m_ok, other=0)[:, None]
             else:
                 out = out * tl.load(xs_ptr)
@@ -729,8 +623,7 @@ if HAS_TRITON:
         for i in range(0, ITERS_C if ITERS_C > 0 else tl.cdiv(K, BLOCK_K)):
             k0 = i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = _act_tile(x_ptr, x_ptr, offs_m, offs_k, m_ok, K, stride_xm, 0, EVEN_K, False,
-                          0, 1, tl.float32)
+            x = _x_tile(x_ptr, offs_m, offs_k, m_ok, K, stride_xm, EVEN_K)
             if WKIND == 2 or WKIND == 3:
                 offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :]
@@ -784,16 +677,6 @@ if HAS_TRITON:
         for s in tl.static_range(1, S):
             x += tl.load(ptrs + s * stride_s, mask=mask, other=0.0)
         return x.to(dtype)
-
-    @triton.jit
-    def _swiglu_load(ptrs, mask, W, stride_s, S: tl.constexpr, dtype: tl.constexpr):
-        """silu(gate) * up of [gate; up] rows: gate at ptrs, up at ptrs + W (each summed over S
-        split-K slices and rounded to dtype, as the linear's output), the product in fp32,
-        rounded once to dtype. The one copy of this math: kernels/act.py's silu_mul and the
-        skinny kernels' SwiGLU prologue (XACT = 1) give the same bits."""
-        g = _load_summed(ptrs, mask, stride_s, S, dtype).to(tl.float32)
-        u = _load_summed(ptrs + W, mask, stride_s, S, dtype).to(tl.float32)
-        return (g / (1.0 + tl.exp(-g)) * u).to(dtype)
 
     @triton.jit
     def _splitk_reduce_kernel(p_ptr, out_ptr, MN, S: tl.constexpr, BLOCK: tl.constexpr,
@@ -1086,15 +969,11 @@ def _iters_c(n: int, t: torch.Tensor) -> int:
     return n if not t.is_cuda else 0
 
 
-# Set LLAMA_ENGINE_FAST_CVT=0 to use the plain int -> float conversions on the GPU as well.
-_FAST_CVT = os.environ.get("LLAMA_ENGINE_FAST_CVT", "1") != "0"
-
-
 def _cvt_mode(kind: int, dtype: torch.dtype, cuda: bool) -> int:
     """Which weight conversion the kernels use for activations of ``dtype``: 0 plain
     (interpreter, fp32), 1 fp16 bit tricks, 2 bf16 bit tricks (int4 only; int8 has no
     8-bit-mantissa trick for bf16)."""
-    if not (cuda and _FAST_CVT):
+    if not cuda:
         return 0
     if dtype == torch.float16 and kind in (_I8, _I4, _I4G):
         return 1
@@ -1116,21 +995,9 @@ def _triton_ok(kind: int, K: int, G: int) -> bool:
 
 def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
                    xs: Optional[torch.Tensor], out_dtype: torch.dtype, G: int = 0,
-                   cfg: Optional[SkinnyCfg] = None, xquant: int = 0,
-                   smoother: Optional[torch.Tensor] = None, partials: bool = False,
-                   xact: int = 0):
-    """out [M, N]; with partials=True and a split K, the unsummed SplitKPartials instead.
-    xquant (W8A8 only): 0 x2 is int8 with scales xs; 1 x2 is float, quantized per token in
-    the kernel; 2 x2 is float, quantized with the per-tensor scale xs [1]. smoother: fp32 [K]
-    that x2 is divided by before quantizing (xquant 1, 2). xact (float / weight-only kinds):
-    1 = x2 is the [gate; up] input as slices [S, M, 2K] (partial_slices) and the kernel loads
-    silu(gate) * up in out_dtype as its x tiles (SwiGLU prologue)."""
-    if xact:
-        (S, M, K), xdt = (x2.shape[0], x2.shape[1], x2.shape[2] // 2), out_dtype
-        stride_xm, stride_xs = x2.stride(1), x2.stride(0)
-    else:
-        (M, K), S, xdt = x2.shape, 1, x2.dtype
-        stride_xm, stride_xs = x2.stride(0), 0
+                   cfg: Optional[SkinnyCfg] = None, partials: bool = False):
+    """out [M, N]; with partials=True and a split K, the unsummed SplitKPartials instead."""
+    (M, K), xdt = x2.shape, x2.dtype
     N = w.shape[0]
     if cfg is None:
         cfg = _pick_skinny(kind, M, N, K)
@@ -1151,12 +1018,9 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
     common = dict(WKIND=kind, GROUP=max(G, 1), XS_ROW=xs_row, WS_COL=ws_col, BLOCK_M=block_m,
                   BLOCK_N=cfg.block_n, BLOCK_K=bk, EVEN_K=(K % k_per_split == 0),
                   ITERS_C=_iters_c(k_per_split // bk, x2), CVT=_cvt_mode(kind, xdt, x2.is_cuda),
-                  XQUANT=xquant, SMOOTH=smoother is not None, USE_RINT=x2.is_cuda,
-                  ITERS_A=_iters_c(k_blocks, x2) if xquant == 1 else 0, XACT=xact, XSPLIT=S,
-                  XDT=_TL_DTYPES[xdt] if xact else None,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (x2, w, s, xs if xs is not None else s, smoother if smoother is not None else s, dst,
-            M, N, K, stride_xm, stride_xs, w.stride(0), sg_stride, N, M * N, k_per_split)
+    args = (x2, w, s, xs if xs is not None else s, dst,
+            M, N, K, x2.stride(0), w.stride(0), sg_stride, N, M * N, k_per_split)
     grid = (triton.cdiv(N, cfg.block_n), split)
     pkw = pdl.launch_kw(x2)
     if cfg.kernel == "dot":
@@ -1203,20 +1067,19 @@ def _resolve_cfg(kind: int, M: int, N: int, K: int, cfg=None):
     return _pick_skinny(kind, M, N, K) if M <= SKINNY_MAX_M else _pick_gemm(kind, M, N, K)
 
 
-def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None, partials=False, xact=0):
+def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None, partials=False):
     """Skinny kernel for M <= SKINNY_MAX_M, tiled GEMM above (cfg may force either).
-    partials: see _launch_skinny (the tiled GEMM never splits K). xact: x2 is the [gate; up]
-    slices [S, M, 2K] and cfg the SkinnyCfg that _act_input resolved."""
+    partials: see _launch_skinny (the tiled GEMM never splits K)."""
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if w.stride(-1) != 1:
         w = w.contiguous()
     s = s.contiguous()
-    M, K = x2.shape[-2], x2.shape[-1] // 2 if xact else x2.shape[-1]
+    M, K = x2.shape
     cfg = _resolve_cfg(kind, M, w.shape[0], K, cfg)
     if isinstance(cfg, GemmCfg):
         return _launch_gemm(kind, x2, w, s, xs, out_dtype, G, cfg)
-    return _launch_skinny(kind, x2, w, s, xs, out_dtype, G, cfg, partials=partials, xact=xact)
+    return _launch_skinny(kind, x2, w, s, xs, out_dtype, G, cfg, partials=partials)
 
 
 # impl="auto" on CUDA (H100 measurements):
@@ -1228,81 +1091,14 @@ def _run_triton(kind, x2, w, s, xs, out_dtype, G=0, cfg=None, partials=False, xa
 #   M = 256, the tiled Triton GEMM above (20-30% faster than _int_mm at M = 2048).
 _AUTO_MAX_M_FP = 16
 _AUTO_INT_MM_M = (SKINNY_MAX_M, 256)
-# linear_w8a8_dynamic fuses the quantizer into the skinny kernel for M up to this. Off by
-# default: measured on an H100 (LLaMA-7B, batch 1) the fused kernels made SmoothQuant decode
-# 61.7 tok/s against 254.7 for quantize + linear_w8a8 (each program recomputes the row's amax
-# and divides every x tile it loads; not profiled further). LLAMA_ENGINE_FUSED_W8A8_MAX_M=64
-# turns it on for measurements.
-_env_max_m = os.environ.get("LLAMA_ENGINE_FUSED_W8A8_MAX_M", "0")
-if not _env_max_m.isdigit():
-    raise ConfigError(f"LLAMA_ENGINE_FUSED_W8A8_MAX_M must be a row count >= 0, got "
-                      f"{_env_max_m!r}")
-_FUSED_A8_MAX_M = min(int(_env_max_m), SKINNY_MAX_M)
-
-
-# =============================================================================================
-# Activation prologue (act="swiglu": the input is the [gate; up] linear's output)
-# =============================================================================================
-_ACTS = ("none", "swiglu")          # index = constexpr XACT of the skinny kernels
-
-
-def _act_code(act: str, x, K: int, what: str) -> int:
-    """Validate ``act`` and, for "swiglu", the [gate; up] input [..., 2K]; returns XACT."""
-    if act not in _ACTS:
-        raise ConfigError(f"{what}: act must be one of {_ACTS}, got {act!r}")
-    if act == "swiglu" and tuple(x.shape)[-1:] != (2 * K,):
-        raise ConfigError(f"{what}: act='swiglu' takes the [gate; up] input [..., 2K={2 * K}], "
-                          f"got {tuple(x.shape)}")
-    return _ACTS.index(act)
-
-
-def apply_act(x, act: str = "none", *, impl: str = "auto"):
-    """The input a linear called with ``act`` multiplies: x ("none"), or silu(gate) * up
-    [..., W] of the [gate; up] input [..., 2W] (tensor or SplitKPartials) by kernels/act.py's
-    silu_mul. The one fallback of every path that does not fuse the activation."""
-    if act not in _ACTS:
-        raise ConfigError(f"act must be one of {_ACTS}, got {act!r}")
-    if act == "none":
-        return x
-    from .act import silu_mul      # lazily: act.py imports this module
-    return silu_mul(x, impl=impl)
-
-
-# The SwiGLU prologue is off: on 2 H200s (2026-11-26, tools/gpu_tp_suite.sh tp13b_swiglu) it
-# made LLaMA-13B fp16 batch-1 decode slower, 112.4 vs 139.8 tok/s on one GPU and 180.0 vs 213.3
-# at TP=2 (the x tile's silu is recomputed by every program that loads it), and a W4A16 g128
-# engine with it failed to launch (the dot kernel asked 294,912 bytes of shared memory, over
-# the 232,448 limit). LLAMA_ENGINE_FUSED_SWIGLU=1 still turns it on for float and int8 weights
-# (its logits matched there: tools/gpu_check.py); a forced SkinnyCfg (tests) always uses it.
-_FUSED_SWIGLU = os.environ.get("LLAMA_ENGINE_FUSED_SWIGLU", "0") == "1"
-
-
-def _act_input(x, act: str, K: int, N: int, kind: int, use_triton: bool, cfg, impl: str,
-               what: str):
-    """(x, xact, cfg) of a linear op called with ``act``. When the skinny Triton kernel runs
-    (cfg resolved to its SkinnyCfg) and the fusion is on (``_FUSED_SWIGLU`` or a forced cfg),
-    it computes the activation as it loads its x tiles: xact = 1 and x stays the [gate; up]
-    input. Every other path (W8A8, the tiled GEMM, cuBLAS, torch) gets x = apply_act(x, act)
-    and xact = 0."""
-    xact = _act_code(act, x, K, what)
-    if xact and use_triton and kind != _A8 and (cfg is not None or (
-            _FUSED_SWIGLU and kind in (_FP, _I8))):
-        cfg = _resolve_cfg(kind, math.prod(x.shape[:-1]), N, K, cfg)
-        if isinstance(cfg, SkinnyCfg):
-            return x, xact, cfg
-    return apply_act(x, act, impl=impl), 0, cfg
-
-
 # =============================================================================================
 # Public ops
 # =============================================================================================
 # Every linear op takes partials=True from a caller whose next kernel accepts SplitKPartials
 # (add_rms_norm, silu_mul): then a skinny Triton launch that split K returns its unsummed
 # partials instead of launching the reduction. Every other path returns the tensor.
-# The float and weight-only ops take act="swiglu" (see _act_input): x is then the [gate; up]
-# output [..., 2K] (a tensor or SplitKPartials) and the op computes down(silu(gate) * up).
 def linear_fp(x, weight: torch.Tensor, *, impl: str = "auto", partials: bool = False,
-              act: str = "none", _cfg=None):
+              _cfg=None):
     """x[..., K] @ weight[N, K].T -> [..., N] in x.dtype (fp32 accumulation)."""
     _check_weight(weight, "linear_fp")
     N, K = weight.shape
@@ -1310,13 +1106,12 @@ def linear_fp(x, weight: torch.Tensor, *, impl: str = "auto", partials: bool = F
     # float64 (exactness runs) has no Triton kernel here: cuBLAS on CUDA under impl="auto".
     use_triton = _want_triton(impl, x) and M > 0 and (
         impl == "triton" or (M <= _AUTO_MAX_M_FP and x.dtype != torch.float64))
-    x, xact, cfg = _act_input(x, act, K, N, _FP, use_triton, _cfg, impl, "linear_fp")
-    x2, lead = _flat(x, K, "linear_fp", xact)
+    x2, lead = _flat(x, K, "linear_fp")
     if use_triton:
         if weight.dtype != x.dtype:
             raise ConfigError(f"linear_fp: weight dtype {weight.dtype} != input {x.dtype}")
         _check_float(x, "linear_fp")
-        out = _run_triton(_FP, x2, weight, weight, None, x.dtype, 0, cfg, partials, xact)
+        out = _run_triton(_FP, x2, weight, weight, None, x.dtype, 0, _cfg, partials)
     elif x.is_cuda:
         out = torch.nn.functional.linear(x2, weight.to(x.dtype))
     else:
@@ -1325,7 +1120,7 @@ def linear_fp(x, weight: torch.Tensor, *, impl: str = "auto", partials: bool = F
 
 
 def linear_w8a16(x, qweight: torch.Tensor, scale: torch.Tensor, *, impl: str = "auto",
-                 partials: bool = False, act: str = "none", _cfg=None):
+                 partials: bool = False, _cfg=None):
     """Weight-only int8: x @ (qweight * scale[:, None]).T, qweight int8 [N, K], scale [N]."""
     _check_weight(qweight, "linear_w8a16", torch.int8)
     _check_float(x, "linear_w8a16")
@@ -1333,11 +1128,9 @@ def linear_w8a16(x, qweight: torch.Tensor, scale: torch.Tensor, *, impl: str = "
     if scale.numel() != N:
         raise ConfigError(f"linear_w8a16: scale shape {tuple(scale.shape)} is not [N={N}]")
     use_triton = _want_triton(impl, x) and math.prod(x.shape[:-1]) > 0
-    x, xact, cfg = _act_input(x, act, K, N, _I8, use_triton, _cfg, impl, "linear_w8a16")
-    x2, lead = _flat(x, K, "linear_w8a16", xact)
+    x2, lead = _flat(x, K, "linear_w8a16")
     if use_triton:
-        out = _run_triton(_I8, x2, qweight, scale.reshape(N), None, x.dtype, 0, cfg, partials,
-                          xact)
+        out = _run_triton(_I8, x2, qweight, scale.reshape(N), None, x.dtype, 0, _cfg, partials)
     elif x.is_cuda:
         w = qweight.to(x.dtype) * scale.reshape(N, 1).to(x.dtype)
         out = torch.nn.functional.linear(x2, w)
@@ -1347,21 +1140,19 @@ def linear_w8a16(x, qweight: torch.Tensor, scale: torch.Tensor, *, impl: str = "
 
 
 def linear_w4a16(x, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, *,
-                 impl: str = "auto", partials: bool = False, act: str = "none", _cfg=None):
+                 impl: str = "auto", partials: bool = False, _cfg=None):
     """Weight-only int4: qweight int8 [N, K/2] (two nibbles, even k low), scales [K/G, N]
     (per channel: G = K, scales [1, N])."""
     _check_float(x, "linear_w4a16")
     _check_weight(qweight, "linear_w4a16", torch.int8)
-    k_in = x.shape[-1] // (2 if _act_code(act, x, 2 * qweight.shape[1], "linear_w4a16") else 1)
-    N, K, G, s = _w4_geometry(k_in, qweight, scales, group_size)
+    N, K, G, s = _w4_geometry(x.shape[-1], qweight, scales, group_size)
     kind = _I4 if G == K else _I4G
     use_triton = (_want_triton(impl, x) and _triton_ok(kind, K, G)
                   and math.prod(x.shape[:-1]) > 0)
-    x, xact, cfg = _act_input(x, act, K, N, kind, use_triton, _cfg, impl, "linear_w4a16")
-    x2, lead = _flat(x, K, "linear_w4a16", xact)
+    x2, lead = _flat(x, K, "linear_w4a16")
     if use_triton:
         out = _run_triton(kind, x2, qweight, s.reshape(N) if kind == _I4 else s, None,
-                          x.dtype, G, cfg, partials, xact)
+                          x.dtype, G, _cfg, partials)
     elif x.is_cuda:
         w = unpack_int4_ref(qweight).to(x.dtype)
         w = w * s.to(x.dtype).repeat_interleave(G, dim=0).t()
@@ -1447,21 +1238,14 @@ def linear_w8a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
                         out_dtype: Optional[torch.dtype] = None, *,
                         smoother: Optional[torch.Tensor] = None,
                         act_scale: Optional[torch.Tensor] = None, impl: str = "auto",
-                        partials: bool = False, act: str = "none", _cfg=None):
+                        partials: bool = False, _cfg=None):
     """SmoothQuant linear from FLOAT activations x[..., K] -> [..., N] in out_dtype (x.dtype):
     xs = (x / smoother) rounded to x.dtype when a smoother [1, K] is given, quantized per
-    token (dynamic) or, with act_scale [1, 1], per tensor; then linear_w8a8. For M up to
-    ``_FUSED_A8_MAX_M`` (default 0: env LLAMA_ENGINE_FUSED_W8A8_MAX_M) or with a forced
-    ``SkinnyCfg``, the skinny kernel does all of it in one launch: each program recomputes its
-    rows' amax, then quantizes every x tile it loads (bit-identical int8 to
-    quantize_per_token_ref). Otherwise it runs those ops one after the other.
-    act="swiglu" (x the [gate; up] input [..., 2K]) is never fused here: silu_mul runs first."""
+    token (dynamic) or, with act_scale [1, 1], per tensor; then linear_w8a8."""
     _check_float(x, "linear_w8a8_dynamic")
     _check_weight(qweight, "linear_w8a8", torch.int8)
     N, K = qweight.shape
-    x, _, _ = _act_input(x, act, K, N, _A8, False, None, impl, "linear_w8a8_dynamic")
     x2, lead = _flat(x, K, "linear_w8a8_dynamic")
-    M = x2.shape[0]
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in _FLOAT_DTYPES:
         raise ConfigError(f"linear_w8a8: out_dtype must be a float dtype, got {out_dtype}")
@@ -1474,19 +1258,6 @@ def linear_w8a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
     if act_scale is not None and act_scale.numel() != 1:
         raise ConfigError(f"linear_w8a8_dynamic: act_scale must hold one value, got "
                           f"{tuple(act_scale.shape)}")
-    use_triton, cfg = _want_triton(impl, x) and M > 0, _cfg
-    if use_triton and cfg is None and M <= _FUSED_A8_MAX_M:
-        cfg = _pick_skinny(_A8, M, N, K)          # the tuned W8A8 table (may pick the GEMM)
-    if use_triton and isinstance(cfg, SkinnyCfg):
-        xs = None if act_scale is None else act_scale.reshape(1).to(torch.float32)
-        sm = None if smoother is None else smoother.reshape(K).to(torch.float32).contiguous()
-        out = _launch_skinny(_A8, x2 if x2.stride(-1) == 1 else x2.contiguous(),
-                             qweight if qweight.stride(-1) == 1 else qweight.contiguous(),
-                             w_scale.reshape(-1).to(torch.float32).contiguous(), xs, out_dtype,
-                             0, cfg, xquant=1 if act_scale is None else 2, smoother=sm,
-                             partials=partials)
-        return _with_lead(out, lead)
-    # Large M / no Triton / CPU: the unfused sequence (same values).
     if smoother is not None:
         x2 = (x2.float() / smoother.reshape(1, K).float()).to(x2.dtype)
     if act_scale is None:
@@ -1621,11 +1392,8 @@ def gpu_selfcheck(device="cuda", Ms=(1, 4, 16, 64), shapes=LLAMA7B_SHAPES,
                                                        dtype, impl=impl)
                     ref = linear_w8a8_ref(xq, xs, q8, ws_a8, dtype)
                 elif op == "linear_w8a8_dynamic":
-                    # from float x with the quantizer fused in (forced: off by default)
-                    fcfg = _pick_skinny(_A8, M, N, K) if M <= SKINNY_MAX_M else None
-                    call = lambda i, impl, fcfg=fcfg: linear_w8a8_dynamic(
-                        x, copies[i][0], copies[i][1], dtype, impl=impl,
-                        _cfg=fcfg if isinstance(fcfg, SkinnyCfg) else None)
+                    call = lambda i, impl: linear_w8a8_dynamic(
+                        x, copies[i][0], copies[i][1], dtype, impl=impl)
                     ref = linear_w8a8_ref(xq, xs, q8, ws_a8, dtype)
                 else:
                     G = K if op.endswith("_pc") else group_size
