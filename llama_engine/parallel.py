@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .config import W4A16, W4A16_GROUPWISE, ConfigError, ModelArgs, QuantConfig
+from .kernels.partial import PartialSum, total
 
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: off unless the user
 # explicitly set these.
@@ -235,9 +236,8 @@ class OneShotAllReduce:
         self._gather_kernel = comm.one_shot_all_gather
 
     def takes(self, x) -> bool:
-        """x (a tensor, or split-K partials for the fused op) fits the one-shot path."""
-        from .kernels.linear import SplitKPartials
-        contiguous = isinstance(x, SplitKPartials) or x.is_contiguous()
+        """x (a tensor, or a PartialSum for the fused op) fits the one-shot path."""
+        contiguous = isinstance(x, PartialSum) or x.is_contiguous()
         return (x.device == self.device and x.dtype in self.DTYPES and contiguous
                 and x.shape.numel() * x.dtype.itemsize <= ONESHOT_MAX_BYTES)
 
@@ -246,40 +246,16 @@ class OneShotAllReduce:
         return x
 
     def add_rms_norm(self, x, residual, weight, eps):
+        """The fused all-reduce + add + RMSNorm of slices x [S, M, D] (a PartialSum's pending
+        sum: kernels/norm.py's add_rms_norm calls it)."""
         return self._fused_kernel(x, residual, weight, eps, *self.fused.args)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A PartialSum's pending sum taken apart from the norm: the module's all_reduce."""
+        return all_reduce(x)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         return self._gather_kernel(x, *self.gather.args)
-
-
-class PendingAllReduce:
-    """A row-parallel linear's local output (a tensor, or its split-K partials) whose
-    all-reduce is left to its consumer: ``ops.add_rms_norm`` runs it fused with the norm
-    (``fused_add_rms_norm``; the partials are summed as they load), row selection
-    (``x[idx]``: the final norm's rows) happens before it; ``result()`` is the plain sum."""
-
-    def __init__(self, local, fast: OneShotAllReduce):
-        self.local, self.fast = local, fast
-        self.shape, self.dtype, self.device = local.shape, local.dtype, local.device
-
-    def __getitem__(self, idx) -> "PendingAllReduce":
-        from .kernels.linear import SplitKPartials
-        if isinstance(self.local, SplitKPartials):
-            return PendingAllReduce(self.local.index_rows(idx), self.fast)
-        return PendingAllReduce(self.local[idx].contiguous(), self.fast)
-
-    def result(self) -> torch.Tensor:
-        from .kernels.linear import summed
-        return all_reduce(summed(self.local).contiguous())
-
-    def fused_add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-        from .kernels.linear import partial_slices
-        x = self.local
-        if len(x.shape) == 2 and residual.shape == x.shape and residual.dtype == x.dtype \
-                and residual.is_contiguous() and weight.is_contiguous():
-            return self.fast.add_rms_norm(partial_slices(x), residual, weight, eps)
-        from .kernels import ops
-        return ops.add_rms_norm(self.result(), residual, weight, eps)
 
 
 _ONESHOT: dict = {}  # device -> OneShotAllReduce (or None: NCCL for that device)
@@ -400,18 +376,16 @@ class RowParallelLinear(nn.Module):
         self.in_features = getattr(inner, "in_features", None)
 
     def forward(self, x, partials: bool = False):
-        # partials=True (the caller hands
-        # the result to add_rms_norm) may return a PendingAllReduce, summed by the norm's
-        # fused kernel; split-K partials themselves are never returned.
+        # partials=True (the caller hands the result to add_rms_norm) may return a PartialSum
+        # whose all-reduce is pending, summed by the norm's fused kernel.
         fast = _ONESHOT.get(x.device) if partials and x.is_cuda else None
         if fast is not None and fast.fuse:
             # the fused kernel also sums the local linear's split-K partials (no reduction
             # launch): ask for them
             y = self.inner(x, partials=True)
             if len(y.shape) == 2 and fast.takes(y):
-                return PendingAllReduce(y, fast)
-            from .kernels.linear import summed
-            return all_reduce(summed(y).contiguous())
+                return PartialSum.of(y).with_pending(fast)
+            return all_reduce(total(y).contiguous())
         return all_reduce(self.inner(x))
 
 

@@ -24,8 +24,8 @@ divides by 7.
 
 The modules (``FloatLinear``, ``WeightOnlyInt8Linear``, ``WeightOnlyInt4Linear``,
 ``SmoothQuantLinear``) all take x[..., K] and return [..., N] (``forward(x, partials=True)``:
-possibly the unsummed split-K ``SplitKPartials`` of kernels/linear.py, for a caller whose next
-op sums them); their tensors are buffers kept in
+possibly the unsummed split-K ``PartialSum`` of kernels/partial.py, for a caller whose next
+op sums it); their tensors are buffers kept in
 their checkpoint dtypes (do not ``.to(float16)`` a model holding SmoothQuant layers: their
 scales are float32 by format). ``make_linear`` is the one place that picks a module.
 """

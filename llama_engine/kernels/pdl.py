@@ -35,11 +35,10 @@ PyTorch, and ours outside decode (the tiled GEMM, the activation quantizers), la
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..config import ConfigError
+from ..envs import interpreting
 
 try:
     import triton
@@ -53,8 +52,7 @@ try:  # griddepcontrol in Triton: 3.3 and later
     HAS_GDC = HAS_TRITON
 except Exception:  # pragma: no cover - depends on the install
     HAS_GDC = False
-# Triton interprets for any TRITON_INTERPRET but "" and "0" (as attn._INTERPRET reads it)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = interpreting()
 
 _MODES = ("auto", "on", "off")
 
