@@ -33,7 +33,7 @@ from llama_engine.kernels.attn import (apply_rope, decode_attention,  # noqa: E4
                                        prefill_attention, rope_decode_attention,
                                        rope_write_kv, write_kv)
 from llama_engine.kernels.common import HAS_TRITON, next_pow2  # noqa: E402
-from llama_engine.kernels.linear import (SKINNY_MAX_M, linear_fp, linear_w4a16,  # noqa: E402
+from llama_engine.kernels.linear import (linear_fp, linear_w4a16,  # noqa: E402
                                          linear_w8a8, linear_w8a8_dynamic, linear_w8a16,
                                          quantize_per_tensor, quantize_per_token)
 from llama_engine.kernels.norm import add_rms_norm, rms_norm  # noqa: E402

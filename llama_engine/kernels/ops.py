@@ -8,11 +8,17 @@ A layer output may be a ``PartialSum`` (``partial.py``): hand it to the next op.
 """
 from __future__ import annotations
 
-from .attn import (apply_rope, decode_attention, kv_scale_tensors,  # noqa: F401
+from .attn import (apply_rope, decode_attention, kv_scale_tensors,
                    prefill_attention, prefill_attention_batch, rope_decode_attention,
                    rope_write_kv, write_kv)
-from .linear import (linear_fp, linear_w4a16, linear_w8a8, linear_w8a8_dynamic,  # noqa: F401
+from .linear import (linear_fp, linear_w4a16, linear_w8a8, linear_w8a8_dynamic,
                      linear_w8a16, pack_int4, quantize_per_tensor, quantize_per_token,
                      unpack_int4)
-from .norm import add_rms_norm, rms_norm, silu_mul  # noqa: F401
-from .partial import PartialSum  # noqa: F401
+from .norm import add_rms_norm, rms_norm, silu_mul
+from .partial import PartialSum
+
+__all__ = ["PartialSum", "add_rms_norm", "apply_rope", "decode_attention", "kv_scale_tensors",
+           "linear_fp", "linear_w4a16", "linear_w8a8", "linear_w8a8_dynamic", "linear_w8a16",
+           "pack_int4", "prefill_attention", "prefill_attention_batch", "quantize_per_tensor",
+           "quantize_per_token", "rms_norm", "rope_decode_attention", "rope_write_kv", "silu_mul",
+           "unpack_int4", "write_kv"]
