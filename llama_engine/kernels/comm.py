@@ -35,12 +35,14 @@ bf16 only; the engine runs fp16, hence this kernel. Used by ``llama_engine.paral
 ``ld.acquire.sys``; under ``TRITON_INTERPRET=1`` (no inline assembly) the same steps use
 Triton atomics, and the CPU tests run one rank with its flags, or two ranks without the waits
 and with the peer's slots filled by the test.
+
+Imports: ``common``, ``pdl``, ``norm_kernels`` (the add + RMSNorm row math).
 """
 from __future__ import annotations
 
 import torch
 
-from .common import HAS_TRITON
+from .common import HAS_TRITON, tl, triton
 from .pdl import launch_kw
 
 BLOCK = 1024        # elements per program per iteration
@@ -49,7 +51,6 @@ MAX_PROGRAMS = 32   # programs per call: they must all be resident (they wait fo
 NUM_WARPS = 4
 
 if HAS_TRITON:
-    from .common import tl, triton
     from .norm_kernels import _add_rms_norm_vals
     from .pdl import wait_then_release
 

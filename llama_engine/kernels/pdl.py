@@ -32,31 +32,22 @@ waiting did not help: 2 MB per GEMV changed nothing, 8-32 MB were slower (TP=2: 
 ``griddepcontrol``, not the interpreter). The engine passes its run-time option here; graphs
 captured before a change keep the launches they captured. Kernels launched by
 PyTorch, and ours outside decode (the tiled GEMM, the activation quantizers), launch plainly.
+
+Imports: ``llama_engine.config``, ``common``.
 """
 from __future__ import annotations
 
 import torch
 
 from ..config import ConfigError
-from ..envs import interpreting
+from .common import HAS_TRITON, INTERPRET as _INTERPRET, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    triton = tl = None
-    HAS_TRITON = False
 try:  # griddepcontrol in Triton: 3.3 and later
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     HAS_GDC = HAS_TRITON
 except Exception:  # pragma: no cover - depends on the install
     HAS_GDC = False
-_INTERPRET = interpreting()
-
 _MODES = ("auto", "on", "off")
-
-
 _mode = "auto"
 _capable: dict = {}
 
