@@ -81,7 +81,8 @@ def _build(tmp: str, name: str, extra: list) -> str:
     return d
 
 
-@pytest.mark.parametrize("name,extra", [("fp32", []), ("int8kv", ["--int8_kv_cache"])])
+@pytest.mark.parametrize("name,extra", [("fp32", []), ("int8kv", ["--int8_kv_cache"])],
+                         ids=["fp32", "int8kv"])
 @pytest.mark.skipif(not interpreter_on(), reason="runs the kernels under TRITON_INTERPRET=1 "
                     "(conftest.py sets it without a GPU)")
 def test_network_on_triton_kernels_equals_reference_ops(tmp_path, monkeypatch, name, extra):
