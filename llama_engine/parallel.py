@@ -205,8 +205,9 @@ class _SymmetricState:
 
 class OneShotAllReduce:
     """kernels/comm.py's one-shot all-reduce, and its fusion with the add_rms_norm that follows
-    a row-parallel linear (``fuse``: on; tools/gpu_pdl_sweep.py turns it off for A/B timing), for this process's
-    GPU and the default group. Set up collectively (every rank, at the same point)."""
+    a row-parallel linear (``fuse``: always on; tools/gpu_pdl_sweep.py turns it off for A/B
+    timing), for this process's GPU and the default group. Set up collectively (every rank, at
+    the same point)."""
 
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

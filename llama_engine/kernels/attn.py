@@ -199,9 +199,9 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           impl: str = "auto") -> torch.Tensor:
     """A decode step's attention from the unrotated q [B,H,D], k, v [B,Hkv,D] of each
     sequence's new token: ``rope_write_kv`` then ``decode_attention`` (same arguments, same
-    result bit for bit on CUDA), in one launch on the Triton path: each attention program rotates its q
-    heads in registers, and the one whose split holds the context's last token writes the new
-    k / v first. The new token must be the last of its context (``context_lens`` counts it),
+    result bit for bit on CUDA), in one launch on the Triton path: each attention program
+    rotates its q heads in registers, and the one whose split holds the context's last token
+    writes the new k / v first. The new token must be the last of its context (``context_lens`` counts it),
     as in every decode step; a slot of -1 writes nothing. ``max_context_len``, if given, must
     bound every context (as for ``decode_attention``): a split past it is never run, and then
     neither is the fused path's cache write."""
