@@ -10,10 +10,10 @@ The network runs on a *flat* batch: ``tokens[N]`` from several sequences with an
 whatever ``llama_engine.quant.make_linear`` builds from the checkpoint tensors (float,
 weight-only int8/int4, SmoothQuant W8A8): the network never branches on quantization.
 
-o_proj, gate_up and down_proj are called with ``partials=True``: when their skinny kernel
-splits K (decode), they hand their fp32 split-K partials (``ops.SplitKPartials``) to the next
-op, ``add_rms_norm`` / down_proj, which sums them while loading instead of a separate
-reduction launch. Attention and MLP outputs are therefore a tensor or SplitKPartials.
+o_proj, gate_up and down_proj are called with ``partials=True``: their output may be a sum not
+yet taken (``ops.PartialSum``: split-K slices, or under tensor parallelism a pending
+all-reduce), which the next op, ``add_rms_norm`` / ``silu_mul``, takes while loading instead
+of a separate launch. The network hands it on and never looks inside.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         self.softmax_scale = 1.0 / math.sqrt(args.head_dim)
 
     def forward(self, x: torch.Tensor, meta: AttentionMeta, cache_layer, rope):
-        """-> o_proj output [n, hidden], a tensor or SplitKPartials (for add_rms_norm)."""
+        """-> o_proj output [n, hidden], a tensor or PartialSum (for add_rms_norm)."""
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(n, self.n_heads, self.head_dim)
@@ -104,11 +104,8 @@ class MLP(nn.Module):
     ``gate_up_proj`` computes [gate; up] in one GEMM (one launch, one pass over x) when the
     two linears' tensors can be stacked (``fuse_gate_up``); otherwise ``gate_up_proj`` is a
     pair (gate_proj, up_proj). ``width`` is gate's output width. With the stacked GEMM,
-    down_proj takes its output directly (``act="swiglu"``): with LLAMA_ENGINE_FUSED_SWIGLU=1
-    the skinny GEMV computes silu(gate) * up as it loads its input tiles (no activation
-    launch; off by default: slower on H200s, kernels/linear.py); otherwise ``silu_mul`` runs
-    first. The output (down_proj's) is a tensor, SplitKPartials, or under tensor parallelism
-    a PendingAllReduce, for the next ``add_rms_norm``."""
+    ``silu_mul`` sums gate_up's split-K partials as it loads them. The output (down_proj's)
+    is a tensor or a PartialSum, for the next ``add_rms_norm``."""
 
     def __init__(self, gate_up_proj, width: int, down_proj: nn.Module):
         super().__init__()
@@ -121,8 +118,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor):
         if self.gate_up_proj is not None:
-            return self.down_proj(self.gate_up_proj(x, partials=True), partials=True,
-                                  act="swiglu")
+            h = ops.silu_mul(self.gate_up_proj(x, partials=True))
+            return self.down_proj(h, partials=True)
         h = nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(h, partials=True)
 
@@ -195,7 +192,7 @@ class Transformer(nn.Module):
             x, residual = layer(x, residual, meta, cache.layer(i), rope)
         if not all_logits and meta.logits_indices is not None:
             idx = meta.logits_indices
-            x = x.index_rows(idx) if isinstance(x, ops.SplitKPartials) else x[idx]
+            x = x[idx]                      # a PartialSum selects its rows unsummed
             residual = residual[idx]
         x, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return self.lm_head(x).float()
@@ -215,11 +212,9 @@ class Transformer(nn.Module):
         vocabulary-parallel with ``parallel_embedding`` (llama_engine/parallel.py).
 
         ``make_linear(prefix, tensors, quant)`` (default ``llama_engine.quant.make_linear``)
-        returns modules whose ``forward(x, partials=False)`` may hand back split-K partials
-        (``kernels.linear.SplitKPartials``) when asked; a custom factory must accept the
-        keyword (and may ignore it), and ``act="swiglu"`` for mlp.proj (x is then the stacked
-        [gate; up] output, tensor or SplitKPartials: ``kernels.linear.apply_act`` gives the
-        plain input)."""
+        returns modules whose ``forward(x, partials=False)`` may hand back a sum not yet taken
+        (``ops.PartialSum``) when asked; a custom factory must accept the
+        keyword (and may ignore it)."""
         make_linear = make_linear or default_make_linear
         full_args = args
         if tp_size > 1:

@@ -32,11 +32,6 @@ class RuntimeOptions:
         if self.pdl not in PDL_MODES:
             raise ConfigError(f"pdl must be one of {', '.join(PDL_MODES)}, got {self.pdl!r}")
 
-    @property
-    def pdl_mode(self) -> str:
-        """The mode ``kernels.pdl.set_mode`` takes."""
-        return {"auto": "auto", "on": "1", "off": "0"}[self.pdl]
-
 
 def add_arguments(parser) -> None:
     """The run-time flags of run.py and summarize.py (argparse validates the choices)."""

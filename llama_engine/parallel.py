@@ -35,9 +35,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import envs
 from .config import W4A16, W4A16_GROUPWISE, ConfigError, ModelArgs, QuantConfig
 from .names import KV_CHANNEL_SCALES, group_by_prefix
 from .options import TP_ALLREDUCE_MODES
+from .kernels.partial import PartialSum, total
 
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: off unless the user
 # explicitly set these.
@@ -80,14 +82,14 @@ def init_from_env(device: Optional[str] = None) -> tuple[int, int]:
     takes GPU LOCAL_RANK and NVLink multicast is switched off (``SAFE_CUDA_ENV``)."""
     if is_initialized():
         return get_rank(), get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, local_rank, _ = envs.torchrun_env()
     if world <= 1:
         return 0, 1
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if use_cuda:
         for k, v in SAFE_CUDA_ENV.items():
-            os.environ.setdefault(k, v)
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            envs.set_default(k, v)
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     _dist().init_process_group("nccl" if use_cuda else "gloo")
     # Leave the group before the interpreter tears down: a group still alive at exit can
     # abort the process ("terminate called without an active exception").
@@ -147,23 +149,13 @@ def quiet_non_main_ranks() -> None:
 #   "auto"    -- (default) "oneshot" where every rank is a GPU of one host with peer access
 #                and symmetric memory sets up, else NCCL with a one-line notice;
 #   "oneshot" -- kernels/comm.py's one-shot kernel (an error where it cannot run); after a
-#                row-parallel linear it is fused with the add_rms_norm that follows
-#                (LLAMA_ENGINE_TP_FUSE_NORM=0: not fused);
+#                row-parallel linear it is fused with the add_rms_norm that follows;
 #   "nccl"    -- NCCL's all_reduce (also every larger tensor, and all of gloo).
 # On 2 H200s (2026-11-26) the one-shot kernel took 3.9-4.2 us per 10 KB all-reduce in a CUDA
 # graph against NCCL's 18-21 us, and LLaMA-13B TP=2 batch-1 decode went from 202.1 (NCCL) to
 # 222.6 tok/s (one GPU: 143.4; docs/perf-notes.md, run 6).
 DEFAULT_TP_ALLREDUCE = "auto"
 ONESHOT_MAX_BYTES = 1 << 20  # decode batches up to ~100 tokens of a 5120-wide model in fp16
-
-
-def tp_fuse_norm() -> bool:
-    """LLAMA_ENGINE_TP_FUSE_NORM: 1 (default) fuses the one-shot all-reduce after a row-parallel
-    linear with the add_rms_norm that follows; 0 runs them apart."""
-    v = os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1")
-    if v not in ("0", "1"):
-        raise ConfigError(f"LLAMA_ENGINE_TP_FUSE_NORM must be 0 or 1, got {v!r}")
-    return v == "1"
 
 
 def _cuda_device(device) -> torch.device:
@@ -207,8 +199,9 @@ class _SymmetricState:
 
 class OneShotAllReduce:
     """kernels/comm.py's one-shot all-reduce, and its fusion with the add_rms_norm that follows
-    a row-parallel linear (``fuse``: from LLAMA_ENGINE_TP_FUSE_NORM), for this process's
-    GPU and the default group. Set up collectively (every rank, at the same point)."""
+    a row-parallel linear (``fuse``: always on; tools/gpu_pdl_sweep.py turns it off for A/B
+    timing), for this process's GPU and the default group. Set up collectively (every rank, at
+    the same point)."""
 
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -238,9 +231,8 @@ class OneShotAllReduce:
         self._gather_kernel = comm.one_shot_all_gather
 
     def takes(self, x) -> bool:
-        """x (a tensor, or split-K partials for the fused op) fits the one-shot path."""
-        from .kernels.linear import SplitKPartials
-        contiguous = isinstance(x, SplitKPartials) or x.is_contiguous()
+        """x (a tensor, or a PartialSum for the fused op) fits the one-shot path."""
+        contiguous = isinstance(x, PartialSum) or x.is_contiguous()
         return (x.device == self.device and x.dtype in self.DTYPES and contiguous
                 and x.shape.numel() * x.dtype.itemsize <= ONESHOT_MAX_BYTES)
 
@@ -249,40 +241,16 @@ class OneShotAllReduce:
         return x
 
     def add_rms_norm(self, x, residual, weight, eps):
+        """The fused all-reduce + add + RMSNorm of slices x [S, M, D] (a PartialSum's pending
+        sum: kernels/norm.py's add_rms_norm calls it)."""
         return self._fused_kernel(x, residual, weight, eps, *self.fused.args)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A PartialSum's pending sum taken apart from the norm: the module's all_reduce."""
+        return all_reduce(x)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         return self._gather_kernel(x, *self.gather.args)
-
-
-class PendingAllReduce:
-    """A row-parallel linear's local output (a tensor, or its split-K partials) whose
-    all-reduce is left to its consumer: ``ops.add_rms_norm`` runs it fused with the norm
-    (``fused_add_rms_norm``; the partials are summed as they load), row selection
-    (``x[idx]``: the final norm's rows) happens before it; ``result()`` is the plain sum."""
-
-    def __init__(self, local, fast: OneShotAllReduce):
-        self.local, self.fast = local, fast
-        self.shape, self.dtype, self.device = local.shape, local.dtype, local.device
-
-    def __getitem__(self, idx) -> "PendingAllReduce":
-        from .kernels.linear import SplitKPartials
-        if isinstance(self.local, SplitKPartials):
-            return PendingAllReduce(self.local.index_rows(idx), self.fast)
-        return PendingAllReduce(self.local[idx].contiguous(), self.fast)
-
-    def result(self) -> torch.Tensor:
-        from .kernels.linear import summed
-        return all_reduce(summed(self.local).contiguous())
-
-    def fused_add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-        from .kernels.linear import partial_slices
-        x = self.local
-        if len(x.shape) == 2 and residual.shape == x.shape and residual.dtype == x.dtype \
-                and residual.is_contiguous() and weight.is_contiguous():
-            return self.fast.add_rms_norm(partial_slices(x), residual, weight, eps)
-        from .kernels import ops
-        return ops.add_rms_norm(self.result(), residual, weight, eps)
 
 
 _ONESHOT: dict = {}  # device -> OneShotAllReduce (or None: NCCL for that device)
@@ -292,7 +260,7 @@ def _oneshot_unsupported(device: torch.device) -> str:
     """Why this rank cannot take part in the one-shot all-reduce ("" if it can): its peers must
     be GPUs of this host that it can address (symmetric memory maps their buffers)."""
     world = get_world_size()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local = envs.torchrun_env()[2]
     if local != world:
         return f"ranks span hosts ({local} of {world} on this one)"
     if world > torch.cuda.device_count():
@@ -313,7 +281,6 @@ def setup_all_reduce(device, mode: str = DEFAULT_TP_ALLREDUCE) -> None:
     if mode not in TP_ALLREDUCE_MODES:
         raise ConfigError(f"tp_allreduce must be one of {', '.join(TP_ALLREDUCE_MODES)}, "
                           f"got {mode!r}")
-    fuse = tp_fuse_norm()  # a misspelt value is an error anywhere
     device = _cuda_device(device)
     if device.type != "cuda" or device in _ONESHOT:
         return
@@ -331,7 +298,7 @@ def setup_all_reduce(device, mode: str = DEFAULT_TP_ALLREDUCE) -> None:
     fast, err = None, _oneshot_unsupported(device)
     if all_ranks(not err):
         try:
-            fast = OneShotAllReduce(device, fuse)
+            fast = OneShotAllReduce(device)
         except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
             err = f"{type(e).__name__}: {e}"
         if all_ranks(fast is not None):
@@ -405,21 +372,18 @@ class RowParallelLinear(nn.Module):
         self.out_features = getattr(inner, "out_features", None)
         self.in_features = getattr(inner, "in_features", None)
 
-    def forward(self, x, partials: bool = False, act: str = "none"):
-        # act goes to the local linear: gate_up is column-parallel, so the rank's [gate; up]
-        # shard feeds exactly its rows of down_proj's input. partials=True (the caller hands
-        # the result to add_rms_norm) may return a PendingAllReduce, summed by the norm's
-        # fused kernel; split-K partials themselves are never returned.
+    def forward(self, x, partials: bool = False):
+        # partials=True (the caller hands the result to add_rms_norm) may return a PartialSum
+        # whose all-reduce is pending, summed by the norm's fused kernel.
         fast = _ONESHOT.get(x.device) if partials and x.is_cuda else None
         if fast is not None and fast.fuse:
             # the fused kernel also sums the local linear's split-K partials (no reduction
             # launch): ask for them
-            y = self.inner(x, partials=True, act=act)
+            y = self.inner(x, partials=True)
             if len(y.shape) == 2 and fast.takes(y):
-                return PendingAllReduce(y, fast)
-            from .kernels.linear import summed
-            return all_reduce(summed(y).contiguous())
-        return all_reduce(self.inner(x, act=act))
+                return PartialSum.of(y).with_pending(fast)
+            return all_reduce(total(y).contiguous())
+        return all_reduce(self.inner(x))
 
 
 class VocabParallelEmbedding(nn.Module):

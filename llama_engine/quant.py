@@ -24,10 +24,8 @@ divides by 7.
 
 The modules (``FloatLinear``, ``WeightOnlyInt8Linear``, ``WeightOnlyInt4Linear``,
 ``SmoothQuantLinear``) all take x[..., K] and return [..., N] (``forward(x, partials=True)``:
-possibly the unsummed split-K ``SplitKPartials`` of kernels/linear.py, for a caller whose next
-op sums them; ``forward(gate_up, act="swiglu")``: x is the [gate; up] output [..., 2K], tensor
-or SplitKPartials, and the linear multiplies silu(gate) * up, computed inside the skinny
-decode kernel where it can be); their tensors are buffers kept in
+possibly the unsummed split-K ``PartialSum`` of kernels/partial.py, for a caller whose next
+op sums it); their tensors are buffers kept in
 their checkpoint dtypes (do not ``.to(float16)`` a model holding SmoothQuant layers: their
 scales are float32 by format). ``make_linear`` is the one place that picks a module.
 """
@@ -203,8 +201,8 @@ class FloatLinear(nn.Module):
     def checkpoint_tensors(self) -> dict:
         return {"weight": self.weight}
 
-    def forward(self, x, partials: bool = False, act: str = "none"):
-        return K.linear_fp(x, self.weight, partials=partials, act=act)
+    def forward(self, x, partials: bool = False):
+        return K.linear_fp(x, self.weight, partials=partials)
 
 
 class WeightOnlyInt8Linear(nn.Module):
@@ -236,8 +234,8 @@ class WeightOnlyInt8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return dequantize_int8_per_channel(self.weight, self.scale, self.scale.dtype)
 
-    def forward(self, x, partials: bool = False, act: str = "none"):
-        return K.linear_w8a16(x, self.weight, self.scale, partials=partials, act=act)
+    def forward(self, x, partials: bool = False):
+        return K.linear_w8a16(x, self.weight, self.scale, partials=partials)
 
 
 class WeightOnlyInt4Linear(nn.Module):
@@ -290,12 +288,10 @@ class WeightOnlyInt4Linear(nn.Module):
         g = None if self.per_channel else self.group_size
         return dequantize_int4(self.weight, self.scales, g, self.scales.dtype)
 
-    def forward(self, x, partials: bool = False, act: str = "none"):
-        if self.pre_quant_scale is not None:   # scales the activation's output: apply it first
-            x = K.apply_act(x, act)
-            x, act = x * self.pre_quant_scale.to(x.dtype), "none"
-        return K.linear_w4a16(x, self.weight, self.scales, self.group_size, partials=partials,
-                              act=act)
+    def forward(self, x, partials: bool = False):
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale.to(x.dtype)
+        return K.linear_w4a16(x, self.weight, self.scales, self.group_size, partials=partials)
 
 
 class SmoothQuantLinear(nn.Module):
@@ -349,13 +345,12 @@ class SmoothQuantLinear(nn.Module):
             w = w / self.smoother
         return w
 
-    def forward(self, x, partials: bool = False, act: str = "none"):
-        # (act: silu_mul first,) smoother, activation quantization, int8 GEMM (fused into one
-        # kernel only when LLAMA_ENGINE_FUSED_W8A8_MAX_M says so: slower on the H100)
+    def forward(self, x, partials: bool = False):
+        # smoother, activation quantization, int8 GEMM
         return K.linear_w8a8_dynamic(x, self.weight, self.w_scale, x.dtype,
                                      smoother=self.smoother,
                                      act_scale=None if self.per_token else self.act_scale,
-                                     partials=partials, act=act)
+                                     partials=partials)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class Engine:
         """The engine of loaded tensors (this rank's under tensor parallelism); ``options``
         as in ``from_dir`` (None: defaults, CUDA graphs left to ``enable_cuda_graphs``)."""
         if options is not None:
-            pdl.set_mode(options.pdl_mode)  # process-wide: every later launch
+            pdl.set_mode(options.pdl)  # process-wide: every later launch
         opts = options or RuntimeOptions()
         if dtype and dtype != config.dtype:
             src = TORCH_DTYPES[config.dtype]

@@ -1,32 +1,36 @@
-"""Shared fixtures: repo paths, the shared data folder, SmolLM2, tiny random HF models."""
+"""Shared fixtures: repo paths, the shared data folder, SmolLM2, tiny random HF models; the
+``gpu`` marker; Triton's interpreter switched on when the machine has no CUDA device.
+
+Triton decides whether it interprets when a kernel is decorated (at import), so the variable
+is set here, before any test module imports torch or triton. Ops called with CPU tensors and
+``impl="auto"`` still take the torch reference; only ``impl="triton"`` runs the interpreter.
+"""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+if not os.path.exists("/dev/nvidiactl") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def run_interpreted_json(script: str, *args: str, timeout: int = 600):
-    """Run ``python script *args`` in a fresh process under Triton's interpreter (the
-    variable must be set before triton is imported), one OpenMP thread, the repo importable;
-    fail with the tails of its output if it exits non-zero, else return the JSON of its last
-    stdout line (the kernel checks print their list of failures there)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, os.path.abspath(script), *args], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"{os.path.basename(script)} {' '.join(args)} crashed:\n"
-                             f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with -m gpu on the GPU "
+                            "machine; skipped with the reason printed elsewhere)")
+
+
+def interpreter_on() -> bool:
+    """Whether this process's Triton interprets (the kernel tests need it, or a GPU)."""
+    from llama_engine.envs import interpreting
+    return interpreting()
 
 
 def shared_data_dir() -> Path:

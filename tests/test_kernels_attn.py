@@ -1,24 +1,37 @@
-"""Tests of llama_engine/kernels/attn.py: references vs first principles, Triton vs references.
-
-The Triton kernels run under the interpreter (TRITON_INTERPRET=1, CPU tensors). That variable
-must be set before triton is first imported in a process, so the kernel checks run in a
-subprocess (``python tests/test_kernels_attn.py <check>``) whose result comes back as JSON.
+"""Tests of llama_engine/kernels/attn.py and norm.py: references vs first principles, Triton vs
+references. The Triton kernels run in-process under the interpreter (TRITON_INTERPRET=1, set by
+conftest.py where there is no GPU; CPU tensors, impl="triton"). Each kernel check collects
+every failing case of its group in its assertion message.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from conftest import interpreter_on
+from llama_engine.kernels import attn, norm, reference, tuning
+from llama_engine.kernels.partial import PartialSum
 
-from conftest import run_interpreted_json  # noqa: E402
+
+class _Ops(SimpleNamespace):
+    """The attention-side ops and references in one namespace for the checks below;
+    ``DECODE_CONFIG`` (the fallback table's copy) is what decode_attention launches with, so a
+    check can change it."""
+
+    def decode_attention(self, *a, **k):
+        return attn.decode_attention(*a, _cfg=self.DECODE_CONFIG, **k)
+
+
+def _ops() -> _Ops:
+    public = {n: getattr(m, n) for m in (norm, attn) for n in dir(m) if not n.startswith("_")}
+    refs = {n: getattr(reference, n) for n in dir(reference) if n.endswith("_ref")}
+    ops = _Ops(**{**refs, **public}, DECODE_CONFIG=dict(tuning.FALLBACK_DECODE_CONFIG))
+    del ops.decode_attention                      # the method above, with DECODE_CONFIG
+    return ops
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -366,14 +379,13 @@ def _check_decode(A):
 
 
 def _split(x: torch.Tensor, S: int, g) -> tuple:
-    """Random fp32 split-K partials [S, M, D] of an output shaped like x -> (SplitKPartials,
+    """Random fp32 split-K partials [S, M, D] of an output shaped like x -> (PartialSum,
     their in-order fp32 sum rounded to x.dtype: what the linear's own reduction stores)."""
-    from llama_engine.kernels.linear import SplitKPartials
     parts = torch.randn(S, x.numel() // x.shape[-1], x.shape[-1], generator=g) / S
     total = parts[0].clone()
     for s in range(1, S):
         total += parts[s]
-    return SplitKPartials(parts, tuple(x.shape[:-1]), x.dtype), total.to(x.dtype).view(x.shape)
+    return PartialSum(parts, tuple(x.shape[:-1]), x.dtype), total.to(x.dtype).view(x.shape)
 
 
 def _check_norm_partials(A):
@@ -404,8 +416,7 @@ def _check_rope_decode(A):
     """rope_decode_attention (RoPE + cache write fused into the decode attention kernel)
     against the two kernels it replaces (rope_write_kv, then decode_attention: the same bits,
     output and both caches) and against the references; splits, GQA / MQA, int8 caches with
-    per-channel scales, a padding row (slot -1: nothing written), context length 1, and the
-    switch (FUSE_ROPE off: the two launches)."""
+    per-channel scales, a padding row (slot -1: nothing written) and context length 1."""
     fails = []
     g = torch.Generator().manual_seed(6)
     cases = [
@@ -434,12 +445,15 @@ def _check_rope_decode(A):
             if name == "ref":
                 qr = A.rope_write_kv_ref(q, k, v, pos, cos, sin, kc1, vc1, slots, scale)
                 o = A.decode_attention_ref(qr, kc1, vc1, bt, cl, sm, scale)
+            elif name == "two":
+                qr = A.rope_write_kv(q, k, v, pos, cos, sin, kc1, vc1, slots, scale,
+                                     impl="triton")
+                o = A.decode_attention(qr, kc1, vc1, bt, cl, sm, scale, partition_size=part,
+                                       impl="triton")
             else:
-                A.FUSE_ROPE = name == "fused"
                 o = A.rope_decode_attention(q, k, v, pos, cos, sin, kc1, vc1, slots, bt, cl,
                                             sm, scale, partition_size=part, impl="triton")
             caches[name] = (o, kc1, vc1)
-        A.FUSE_ROPE = True
         (of, kf, vf), (o2, k2, v2), (orf, kr, vr) = (caches[n] for n in ("fused", "two", "ref"))
         if not (torch.equal(of, o2) and torch.equal(kf, k2) and torch.equal(vf, v2)):
             fails.append(f"rope_decode_attention fused != two kernels {tag}: "
@@ -470,21 +484,12 @@ CHECKS = {"norms": _check_norms, "norm_partials": _check_norm_partials, "rope": 
           "decode_per_channel": _check_decode_per_channel, "rope_decode": _check_rope_decode}
 
 
-def _run_in_interpreter(name: str) -> list:
-    return run_interpreted_json(__file__, name)
-
-
-def _need_triton():
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        pytest.skip("triton is not installed; the interpreter checks need it")
-
-
+@pytest.mark.skipif(not interpreter_on(), reason="the kernel checks run under "
+                    "TRITON_INTERPRET=1 (conftest.py sets it without a GPU); on a GPU run "
+                    "tests/test_gpu.py")
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_triton_kernel_vs_ref(name):
-    _need_triton()
-    fails = _run_in_interpreter(name)
+    fails = CHECKS[name](_ops())
     assert not fails, "\n".join(fails)
 
 
@@ -492,7 +497,7 @@ def test_triton_kernel_vs_ref(name):
 # Reference checks (plain torch, in process)
 # =============================================================================================
 def test_rms_norm_ref_matches_hf_formula():
-    from llama_engine.kernels import attn as A
+    A = _ops()
     x = torch.randn(3, 32).half()
     w = torch.rand(32).half() + 0.5
     hs = x.float()
@@ -503,7 +508,7 @@ def test_rms_norm_ref_matches_hf_formula():
 
 def test_rope_ref_matches_complex_rotation():
     """Rotate-half RoPE == multiplying (x_i, x_{i+D/2}) as a complex number by e^{i pos θ_i}."""
-    from llama_engine.kernels import attn as A
+    A = _ops()
     N, H, Hkv, D = 6, 4, 2, 32
     q, k = torch.randn(N, H, D, dtype=torch.float64), torch.randn(N, Hkv, D, dtype=torch.float64)
     cos, sin, ang = _rope_tables(100, D)
@@ -515,7 +520,7 @@ def test_rope_ref_matches_complex_rotation():
 
 
 def test_decode_ref_matches_dense_attention():
-    from llama_engine.kernels import attn as A
+    A = _ops()
     g = torch.Generator().manual_seed(5)
     B, H, Hkv, D, bs = 2, 4, 2, 16, 8
     ctxs = [13, 5]
@@ -539,7 +544,7 @@ def test_decode_ref_matches_dense_attention():
 
 
 def test_prefill_ref_causal_offset():
-    from llama_engine.kernels import attn as A
+    A = _ops()
     g = torch.Generator().manual_seed(6)
     S, T, H, Hkv, D = 9, 4, 4, 2, 16
     q = torch.randn(S, H, D, generator=g)
@@ -557,7 +562,7 @@ def test_prefill_ref_causal_offset():
 
 def test_kv_scale_forms_and_errors():
     from llama_engine.config import ConfigError
-    from llama_engine.kernels import attn as A
+    A = _ops()
     ks, vs = A.kv_scale_tensors(0.5, 2, 4)  # TensorRT-LLM's one scale: every channel, K and V
     assert ks.shape == vs.shape == (2, 4) and ks.dtype == torch.float32
     assert bool((ks == 0.5).all()) and bool((vs == 0.5).all())
@@ -577,7 +582,7 @@ def test_chunked_prefill_and_decode_read_per_channel_int8_cache():
     cached prefix and a decode step see the dequantized prefix (K and V each with their own
     scales) and their own fresh K/V."""
     from llama_engine.attention import AttentionMeta, paged_attention
-    from llama_engine.kernels import attn as A
+    A = _ops()
     g = torch.Generator().manual_seed(8)
     T, P, H, Hkv, D, bs = 12, 7, 6, 2, 16, 4
     q = torch.randn(T, H, D, generator=g)
@@ -616,7 +621,7 @@ def test_chunked_prefill_and_decode_read_per_channel_int8_cache():
 
 def test_bad_input_is_config_error():
     from llama_engine.config import ConfigError
-    from llama_engine.kernels import attn as A
+    A = _ops()
     with pytest.raises(ConfigError):
         A.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
     with pytest.raises(ConfigError):
@@ -629,15 +634,10 @@ def test_bad_input_is_config_error():
                    torch.zeros(1, 2, 16, 16, dtype=torch.int8), torch.zeros(1).long(), None)
 
 
-if __name__ == "__main__":  # interpreter subprocess: python tests/test_kernels_attn.py <check>
-    from llama_engine.kernels import attn as _A
-    print(json.dumps(CHECKS[sys.argv[1]](_A)))
-
-
 @pytest.mark.parametrize("H,hkv", [(4, 4), (6, 2)])
 def test_prefill_attention_batch_equals_one_by_one(H, hkv):
     from llama_engine.config import ConfigError
-    from llama_engine.kernels import attn as A
+    A = _ops()
     g = torch.Generator().manual_seed(3)
     B, T, D = 3, 7, 16
     q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
@@ -653,35 +653,9 @@ def test_prefill_attention_batch_equals_one_by_one(H, hkv):
         A.prefill_attention_batch(q[0], k[0], v[0])
 
 
-def test_decode_config_override_is_checked():
-    """LLAMA_ENGINE_DECODE_CONFIG (tuning runs): known keys, right types, powers of two."""
-    from llama_engine.config import ConfigError
-    from llama_engine.kernels import attn
-    assert attn._decode_config_override('{"block_n_int8": 64, "num_stages_int8": 3}') == {
-        "block_n_int8": 64, "num_stages_int8": 3}
-    for bad, msg in (("[1]", "JSON object"), ("{x", "not JSON"), ('{"bogus": 1}', "unknown"),
-                     ('{"block_n": 48}', "power of two"), ('{"int8_magic": 1}', "bool"),
-                     ('{"max_partition_int8": 64, "block_n_int8": 128}', "at least")):
-        with pytest.raises(ConfigError, match=msg):
-            attn._decode_config_override(bad)
-
-
-def test_fuse_rope_switch_is_checked(monkeypatch):
-    """LLAMA_ENGINE_FUSE_ROPE_ATTN: 1 (default) or 0; anything else is a one-line error."""
-    from llama_engine.config import ConfigError
-    from llama_engine.kernels import attn
-    monkeypatch.delenv("LLAMA_ENGINE_FUSE_ROPE_ATTN", raising=False)
-    assert attn._fuse_rope_env() is True
-    monkeypatch.setenv("LLAMA_ENGINE_FUSE_ROPE_ATTN", "0")
-    assert attn._fuse_rope_env() is False
-    monkeypatch.setenv("LLAMA_ENGINE_FUSE_ROPE_ATTN", "yes")
-    with pytest.raises(ConfigError, match="must be 0 or 1"):
-        attn._fuse_rope_env()
-
-
 def test_rope_decode_attention_cpu_equals_two_ops():
     """On the CPU (the reference path) the fused op is rope_write_kv then decode_attention."""
-    from llama_engine.kernels import attn as A
+    A = _ops()
     g = torch.Generator().manual_seed(9)
     q, k, v = _qkv(2, 4, 2, 16, torch.float32, g)
     cos, sin, _ = _rope_tables(64, 16)

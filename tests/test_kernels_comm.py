@@ -1,6 +1,6 @@
-"""llama_engine/kernels/comm.py, the one-shot all-reduce, under TRITON_INTERPRET=1 (in a
-subprocess: the variable must be set before triton is imported), and the
-tp_allreduce run-time option (llama_engine/options.py) of llama_engine/parallel.py.
+"""llama_engine/kernels/comm.py, the one-shot all-reduce, in-process under TRITON_INTERPRET=1
+(set by conftest.py without a GPU), the tp_allreduce run-time option (llama_engine/options.py)
+of llama_engine/parallel.py, and a PartialSum's pending all-reduce taken by add_rms_norm.
 
 The interpreter runs one process, so the kernel meets no real peer here: with one rank it
 raises and waits for its own flags, call after call (the epochs and buffer halves advance),
@@ -9,18 +9,17 @@ slot of both buffers and sum its own buffer's slots (the peer's filled by the te
 order, rounded once; the all-gather likewise places the blocks. Peers over NVLink are checked on GPUs by tools/gpu_tp_check.py."""
 from __future__ import annotations
 
-import json
-import os
-import sys
-
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from conftest import interpreter_on
+from llama_engine.kernels import norm  # add_rms_norm: the fused op's oracle
+from llama_engine.kernels.partial import PartialSum
+from llama_engine.kernels.reference import add_rms_norm_ref
 
-from conftest import run_interpreted_json  # noqa: E402
+needs_interpreter = pytest.mark.skipif(
+    not interpreter_on(), reason="the kernel checks run under TRITON_INTERPRET=1 (no CUDA here "
+    "sets it in conftest.py); on a GPU tools/gpu_tp_check.py checks them")
 
 
 def _one_rank_state(slot: int):
@@ -34,10 +33,9 @@ def _one_rank_state(slot: int):
             torch.tensor([pad.data_ptr()], dtype=torch.int64))
 
 
-def _check() -> list:
+def _check_all_reduce(g) -> list:
     from llama_engine.kernels import comm
     fails = []
-    g = torch.Generator().manual_seed(0)
     slot = 8 * (comm.MAX_PROGRAMS + 1) * comm.BLOCK  # bytes: the largest size in fp64 fits
     # one block, a ragged tail, more blocks than programs (ITERS > 1)
     sizes = (5, 3000, comm.MAX_PROGRAMS * comm.BLOCK + 77)
@@ -83,15 +81,13 @@ def _check() -> list:
                     fails.append(f"2 ranks n={n} {dt}: {name} buffer slot 1 is not the push")
             if peer[1, 0].abs().sum() != 0 or mine[0].abs().sum() != 0 or peer[0].abs().sum():
                 fails.append(f"2 ranks n={n} {dt}: wrote outside its slot of half 1")
-    fails += _check_fused(g)
-    fails += _check_gather(g)
     return fails
 
 
 def _check_fused(g) -> list:
     """one_shot_add_rms_norm == add_rms_norm (the Triton kernel) of the summed input, bit for
     bit: one rank with its flags; two ranks without the waits, the peer's rows pre-filled."""
-    from llama_engine.kernels import attn, comm
+    from llama_engine.kernels import comm
     fails = []
     slot = 8 * 40 * 300
     for dt in (torch.float16, torch.float32):
@@ -101,7 +97,7 @@ def _check_fused(g) -> list:
             x = torch.randn(M, D, generator=g).to(dt)
             res = torch.randn(M, D, generator=g).to(dt)
             w = (torch.rand(D, generator=g) + 0.5).to(dt)
-            want = attn.add_rms_norm(x, res, w, 1e-5, impl="triton")
+            want = norm.add_rms_norm(x, res, w, 1e-5, impl="triton")
             for _ in range(2):
                 got = comm.one_shot_add_rms_norm(x, res, w, 1e-5, bufs, pads, epochs, slot,
                                                  0, 1)
@@ -119,19 +115,18 @@ def _check_fused(g) -> list:
             got = comm.one_shot_add_rms_norm(x, res, w, 1e-5, bufs2, pads, ep, slot, 0, 2,
                                              sync=False)
             total = (x.float() + other.float()).to(dt)
-            want = attn.add_rms_norm(total, res, w, 1e-5, impl="triton")
+            want = norm.add_rms_norm(total, res, w, 1e-5, impl="triton")
             if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
                 fails.append(f"fused 2 ranks M={M} D={D} {dt}: differs from add_rms_norm")
             if not torch.equal(peer[1, 0, : M * D], x.reshape(-1)):
                 fails.append(f"fused 2 ranks M={M} D={D} {dt}: rows not pushed to the peer")
         # split-K partials (fp32, 3 slices): summed and rounded as the linear's reduction
         # would, then as above
-        from llama_engine.kernels.linear import SplitKPartials
         for M, D in ((1, 300), (comm.MAX_PROGRAMS + 7, 40)):
-            parts = SplitKPartials(torch.randn(3, M, D, generator=g), (M,), dt)
+            parts = PartialSum(torch.randn(3, M, D, generator=g), (M,), dt)
             res = torch.randn(M, D, generator=g).to(dt)
             w = (torch.rand(D, generator=g) + 0.5).to(dt)
-            want = attn.add_rms_norm(parts, res, w, 1e-5, impl="triton")
+            want = norm.add_rms_norm(parts, res, w, 1e-5, impl="triton")
             got = comm.one_shot_add_rms_norm(parts.parts, res, w, 1e-5, bufs, pads, epochs,
                                              slot, 0, 1)
             calls[: min(M, comm.MAX_PROGRAMS)] += 1
@@ -176,8 +171,13 @@ def _check_gather(g) -> list:
     return fails
 
 
-def test_one_shot_all_reduce_kernel_interpreted():
-    assert run_interpreted_json(__file__, "--check") == []
+@needs_interpreter
+@pytest.mark.parametrize("name", ["all_reduce", "all_reduce+norm", "all_gather"])
+def test_one_shot_kernel_interpreted(name):
+    check = {"all_reduce": _check_all_reduce, "all_reduce+norm": _check_fused,
+             "all_gather": _check_gather}[name]
+    fails = check(torch.Generator().manual_seed(0))
+    assert not fails, "\n".join(fails)
 
 
 def test_tp_allreduce_mode_is_validated(monkeypatch):
@@ -188,13 +188,6 @@ def test_tp_allreduce_mode_is_validated(monkeypatch):
         assert RuntimeOptions(tp_allreduce=mode).tp_allreduce == mode
     with pytest.raises(ConfigError, match="tp_allreduce must be one of"):
         RuntimeOptions(tp_allreduce="fast")
-    monkeypatch.delenv("LLAMA_ENGINE_TP_FUSE_NORM", raising=False)
-    assert parallel.tp_fuse_norm() is True
-    monkeypatch.setenv("LLAMA_ENGINE_TP_FUSE_NORM", "0")
-    assert parallel.tp_fuse_norm() is False
-    monkeypatch.setenv("LLAMA_ENGINE_TP_FUSE_NORM", "false")
-    with pytest.raises(ConfigError, match="LLAMA_ENGINE_TP_FUSE_NORM must be 0 or 1"):
-        parallel.tp_fuse_norm()
 
 
 def test_single_process_all_reduce_is_identity_and_path_none():
@@ -206,44 +199,43 @@ def test_single_process_all_reduce_is_identity_and_path_none():
     assert parallel.all_reduce_path("cpu") == "none"
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--check"]:
-    print(json.dumps(_check()))
-
-
 def test_pending_all_reduce_goes_to_the_norm_and_selects_rows_first():
     """The plumbing of the fused path (its CUDA kernel is checked above and on GPUs): a
-    PendingAllReduce given to ops.add_rms_norm runs the fast object's fused op; row selection
-    happens on the local rows; shapes the fused op does not take fall back to the plain sum."""
-    from llama_engine import parallel
-    from llama_engine.kernels import attn, ops
+    PartialSum with a pending all-reduce given to ops.add_rms_norm runs the pending object's
+    fused op; row selection happens on the local rows; shapes the fused op does not take fall
+    back to the plain sum (pending.all_reduce), then the norm."""
+    from llama_engine.kernels import ops
 
     class Fake:
-        calls = []
+        calls, sums = [], 0
 
         def add_rms_norm(self, xs, residual, weight, eps):  # xs: [S, M, D] slices
             self.calls.append(tuple(xs.shape))
-            return attn.add_rms_norm_ref(xs.float().sum(0).to(residual.dtype), residual,
-                                         weight, eps)
+            return add_rms_norm_ref(xs.float().sum(0).to(residual.dtype), residual, weight,
+                                    eps)
+
+        def all_reduce(self, t):                             # one process: the identity
+            self.sums += 1
+            return t
 
     fake = Fake()
     x, res, w = torch.randn(5, 8), torch.randn(5, 8), torch.rand(8) + 0.5
-    got = ops.add_rms_norm(parallel.PendingAllReduce(x, fake), res, w, 1e-5)
-    want = attn.add_rms_norm_ref(x, res, w, 1e-5)
+    pending = PartialSum.of(x).with_pending(fake)
+    got = ops.add_rms_norm(pending, res, w, 1e-5)
+    want = add_rms_norm_ref(x, res, w, 1e-5)
     assert fake.calls == [(1, 5, 8)] and torch.equal(got[0], want[0])
     assert torch.equal(got[1], want[1])
     idx = torch.tensor([4, 1])
-    sel = parallel.PendingAllReduce(x, fake)[idx]
-    assert sel.shape == (2, 8) and torch.equal(sel.local, x[idx])
-    # a residual of another layout: the plain all-reduce (identity on one process), then the norm
-    got = ops.add_rms_norm(parallel.PendingAllReduce(x, fake), res.t().contiguous().t(), w, 1e-5)
-    assert fake.calls == [(1, 5, 8)] and torch.allclose(got[0], want[0])
+    sel = pending[idx]
+    assert sel.shape == (2, 8) and sel.pending is fake and torch.equal(sel.sum(), x[idx])
+    # a residual of another layout: the plain all-reduce, then the norm
+    got = ops.add_rms_norm(pending, res.t().contiguous().t(), w, 1e-5)
+    assert fake.calls == [(1, 5, 8)] and fake.sums == 2 and torch.allclose(got[0], want[0])
     # split-K partials: handed over unsummed, rows selected on the partials
-    from llama_engine.kernels.linear import SplitKPartials
-    parts = SplitKPartials(torch.randn(3, 5, 8), (5,), torch.float32)
-    got = ops.add_rms_norm(parallel.PendingAllReduce(parts, fake), res, w, 1e-5)
+    parts = PartialSum(torch.randn(3, 5, 8), (5,), torch.float32)
+    got = ops.add_rms_norm(parts.with_pending(fake), res, w, 1e-5)
     assert fake.calls[-1] == (3, 5, 8)
-    want = attn.add_rms_norm_ref(parts.sum(), res, w, 1e-5)
+    want = add_rms_norm_ref(parts.sum(), res, w, 1e-5)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    sel = parallel.PendingAllReduce(parts, fake)[idx]
-    assert isinstance(sel.local, SplitKPartials) and torch.equal(sel.local.sum(), parts.sum()[idx])
-    assert torch.equal(sel.result(), parts.sum()[idx])
+    sel = parts.with_pending(fake)[idx]
+    assert sel.parts.shape == (3, 2, 8) and torch.equal(sel.sum(), parts.sum()[idx])

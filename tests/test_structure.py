@@ -12,9 +12,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "llama_engine"
-# Cycles the kernels redesign removes (issue 15: {kernels.act, kernels.linear, kernels.attn});
-# until it lands they are reported by their own xfail test, every other cycle fails.
-PENDING_PREFIX = "llama_engine.kernels"
 
 
 def package_modules(root: Path, package: str) -> dict[str, Path]:
@@ -142,14 +139,7 @@ def test_package_imports_no_script_and_never_edits_sys_path():
 
 
 def test_package_has_no_import_cycle():
-    edges, _, _ = walk(REPO, PACKAGE)
-    found = [c for c in cycles(edges) if not all(m.startswith(PENDING_PREFIX) for m in c)]
-    assert found == []
-
-
-@pytest.mark.xfail(reason="kernels.* cycle: removed by the kernels redesign (issue 15)",
-                   strict=False)
-def test_kernels_have_no_import_cycle():
+    """Imports written inside functions count: a cycle cannot hide there."""
     edges, _, _ = walk(REPO, PACKAGE)
     assert cycles(edges) == []
 

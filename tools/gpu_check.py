@@ -4,7 +4,9 @@
 Tiny random LLaMAs (GQA and MHA): our engine's logits at prefill and at every decode step,
 with and without CUDA graphs, against HF on the same device, in fp32 and fp16; greedy text
 equal in fp32; quantized engines against the same engine on the CPU reference path.
-Prints one line per check and exits non-zero on any failure.
+Prints one line per check and exits non-zero on any failure. The same checks run as pytest on
+the GPU machine: ``pytest -m gpu tests/test_gpu.py`` (with the kernels' self-check
+correctness rows of tools/gpu_kernel_check.py).
 """
 from __future__ import annotations
 
@@ -106,30 +108,49 @@ def quant_vs_cpu(src: str, flags: list, tag: str, tol: float) -> None:
           "equal overall")
 
 
+def make_cases(root: str) -> dict:
+    """Check name -> a function running it (it reports through ``check``); the HF models and
+    the SmoothQuant config are written under ``root`` first. tests/test_gpu.py runs the same
+    dict as pytest cases."""
+    for kv in (2, 4):
+        make_hf(os.path.join(root, f"hf_kv{kv}"), kv)
+    # SmoothQuant needs calibration: random weights with build.py's synthetic calibration
+    cfg = os.path.join(root, "tiny_gqa.json")
+    with open(cfg, "w") as f:
+        json.dump({"architecture": "LlamaForCausalLM", "hidden_size": 256,
+                   "intermediate_size": 688, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                   "max_position_embeddings": 512}, f)
+    cases = {}
+    for kv in (2, 4):
+        src = os.path.join(root, f"hf_kv{kv}")
+        cases[f"fp32-kv{kv}-eager"] = lambda src=src, kv=kv: logits_vs_hf(
+            src, "float32", False, 2e-3, f"fp32 kv{kv} eager")
+        cases[f"fp32-kv{kv}-graphs"] = lambda src=src, kv=kv: logits_vs_hf(
+            src, "float32", True, 2e-3, f"fp32 kv{kv} cuda-graphs")
+        cases[f"fp16-kv{kv}-graphs"] = lambda src=src, kv=kv: logits_vs_hf(
+            src, "float16", True, 2e-2, f"fp16 kv{kv} cuda-graphs")
+    src = os.path.join(root, "hf_kv2")
+    cases["int8-wo"] = lambda: quant_vs_cpu(
+        src, ["--use_weight_only", "--weight_only_precision", "int8"], "int8 WO", 2e-2)
+    cases["int4-g128-wo"] = lambda: quant_vs_cpu(
+        src, ["--use_weight_only", "--weight_only_precision", "int4", "--group_size", "128"],
+        "int4 g128 WO", 2e-2)
+    cases["int4-pc-wo"] = lambda: quant_vs_cpu(
+        src, ["--use_weight_only", "--weight_only_precision", "int4", "--group_size", "0"],
+        "int4 per-channel WO", 2e-2)
+    cases["sq-per-token-per-channel"] = lambda: quant_vs_cpu(
+        cfg, ["--use_smooth_quant", "--per_token", "--per_channel"],
+        "SmoothQuant per-token/per-channel", 3e-2)
+    cases["sq-per-tensor"] = lambda: quant_vs_cpu(cfg, ["--use_smooth_quant"],
+                                                  "SmoothQuant per-tensor", 3e-2)
+    return cases
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as root:
-        for kv in (2, 4):
-            src = os.path.join(root, f"hf_kv{kv}")
-            make_hf(src, kv)
-            logits_vs_hf(src, "float32", False, 2e-3, f"fp32 kv{kv} eager")
-            logits_vs_hf(src, "float32", True, 2e-3, f"fp32 kv{kv} cuda-graphs")
-            logits_vs_hf(src, "float16", True, 2e-2, f"fp16 kv{kv} cuda-graphs")
-        src = os.path.join(root, "hf_kv2")
-        quant_vs_cpu(src, ["--use_weight_only", "--weight_only_precision", "int8"], "int8 WO", 2e-2)
-        quant_vs_cpu(src, ["--use_weight_only", "--weight_only_precision", "int4",
-                           "--group_size", "128"], "int4 g128 WO", 2e-2)
-        quant_vs_cpu(src, ["--use_weight_only", "--weight_only_precision", "int4",
-                           "--group_size", "0"], "int4 per-channel WO", 2e-2)
-        # SmoothQuant needs calibration: random weights with build.py's synthetic calibration
-        cfg = os.path.join(root, "tiny_gqa.json")
-        with open(cfg, "w") as f:
-            json.dump({"architecture": "LlamaForCausalLM", "hidden_size": 256,
-                       "intermediate_size": 688, "num_hidden_layers": 2,
-                       "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-                       "max_position_embeddings": 512}, f)
-        quant_vs_cpu(cfg, ["--use_smooth_quant", "--per_token", "--per_channel"],
-                     "SmoothQuant per-token/per-channel", 3e-2)
-        quant_vs_cpu(cfg, ["--use_smooth_quant"], "SmoothQuant per-tensor", 3e-2)
+        for run in make_cases(root).values():
+            run()
     print(f"{len(FAILS)} failed: {FAILS}" if FAILS else "all GPU checks passed")
     return 1 if FAILS else 0
 

@@ -1,16 +1,13 @@
 #!/usr/bin/env python3
-"""Decode speed with programmatic dependent launch off and on (kernels/pdl.py), with RoPE + KV
-write fused into decode attention or not (``+unfused``: attn.FUSE_ROPE), and under TP with the
-one-shot all-reduce fused with the next norm or not (``+plainar``), on one engine.
+"""Decode speed with programmatic dependent launch off and on (kernels/pdl.py), and under TP
+with the one-shot all-reduce fused with the next norm or not (``+plainar``), on one engine.
 
 Builds one random-weight engine (``benchmarks.weights.Weights``), then for each setting switches
 ``pdl.set_mode`` in-process, drops the captured CUDA graphs and times ``generate`` as
 benchmark.py's latency grid does (median of 3 after a warm-up). Settings: ``off``, ``on``,
-``auto``, each optionally ``+unfused`` and/or ``+plainar`` (each setting sets both switches
-itself, whatever LLAMA_ENGINE_FUSE_ROPE_ATTN says; ``+plainar`` needs the fused state, i.e.
-LLAMA_ENGINE_TP_FUSE_NORM=1, and changes nothing without it). Every setting must give the greedy tokens of
-the first, bit for bit (PDL changes when kernels start, not their arithmetic; the fused RoPE
-is rope_write_kv's arithmetic): a mismatch is
+``auto``, each optionally ``+plainar`` (changes nothing without the one-shot all-reduce).
+Every setting must give the greedy tokens of the first, bit for bit (PDL changes when kernels
+start, not their arithmetic): a mismatch is
 reported and makes the exit status 1. One GPU, or tensor parallelism under ``torchrun``
 (rank 0 prints).
 
@@ -32,17 +29,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_setting(s: str) -> tuple[str, bool, bool]:
-    """'off' | 'on' | 'auto', then optionally '+unfused' and/or '+plainar' -> (the PDL mode of
-    kernels/pdl.py, whether decode attention takes RoPE and the KV write in (attn.FUSE_ROPE),
+def parse_setting(s: str) -> tuple[str, bool]:
+    """'off' | 'on' | 'auto', then optionally '+plainar' -> (the PDL mode of kernels/pdl.py,
     whether TP's one-shot all-reduce after a row-parallel linear is fused with the next
     add_rms_norm (OneShotAllReduce.fuse; '+plainar': the plain kernel, then the norm))."""
-    modes = {"off": "0", "on": "1", "auto": "auto"}
     pdl_mode, *extra = s.split("+")
-    if pdl_mode not in modes or not set(extra) <= {"unfused", "plainar"}:
+    if pdl_mode not in ("off", "on", "auto") or not set(extra) <= {"plainar"}:
         raise SystemExit(f"error: setting {s!r} is not off, on or auto, optionally followed "
-                         "by +unfused and/or +plainar")
-    return modes[pdl_mode], "unfused" not in extra, "plainar" not in extra
+                         "by +plainar")
+    return pdl_mode, "plainar" not in extra
 
 
 def main() -> int:
@@ -66,7 +61,7 @@ def main() -> int:
         from benchmarks.device import random_prompts
         from benchmarks.weights import Weights
         from llama_engine import parallel
-        from llama_engine.kernels import attn, pdl
+        from llama_engine.kernels import pdl
     except ConfigError as e:          # e.g. a misspelt LLAMA_ENGINE_* switch
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -82,9 +77,8 @@ def main() -> int:
     for B in batches:
         prompts = random_prompts(B, a.input_len, eng.config.model.vocab_size)
         ref = None
-        for name, (mode, fuse_rope, fuse_ar) in settings:
+        for name, (mode, fuse_ar) in settings:
             pdl.set_mode(mode)
-            attn.FUSE_ROPE = fuse_rope
             fast = parallel._ONESHOT.get(torch.device("cuda", torch.cuda.current_device()))
             if fast is not None and fast.fused is not None:
                 fast.fuse = fuse_ar               # read by RowParallelLinear at each call
@@ -98,7 +92,6 @@ def main() -> int:
                    "batch": B, "tp": world,
                    "all_reduce": parallel.all_reduce_path(torch.device("cuda")),
                    "setting": name, "pdl": pdl.enabled(torch.zeros(1, device="cuda")),
-                   "rope_in_attention": fuse_rope,
                    "decode_tok_s": round(r["decode_tok_s"], 1),
                    "prefill_ms": round(r["prefill_s"] * 1e3, 2), "tokens_match": same}
             rows.append(row)

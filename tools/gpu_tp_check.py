@@ -32,8 +32,7 @@ NAMES = ["mha-fp32", "gqa-fp32", "gqa-int8", "mqa-tied-fp32", "gqa-int8kv-fp32",
 SERVE_PROMPTS = [[1, 5, 9, 33, 100, 7, 250], [1, 200, 3], [4] * 15, [9, 8, 7, 6, 5]]
 SERVE_TOKENS = [6, 8, 3, 8]  # within the engines' limits (tests/tp_models.py)
 # what parallel.all_reduce_path reports for tp_allreduce=oneshot on GPUs
-ONESHOT_PATH = "oneshot" if os.environ.get("LLAMA_ENGINE_TP_FUSE_NORM", "1") == "0" \
-    else "oneshot+norm"
+ONESHOT_PATH = "oneshot+norm"
 
 
 def run_all(engine_dir: str) -> dict:
@@ -103,17 +102,16 @@ def probe_all_reduce() -> dict:
         ref = x.clone()
         dist.all_reduce(ref)
         want = ops.add_rms_norm(ref, res, w, 1e-5)
-        got = ops.add_rms_norm(parallel.PendingAllReduce(x.clone(), fast) if fused else
+        got = ops.add_rms_norm(ops.PartialSum.of(x.clone()).with_pending(fast) if fused else
                                parallel.all_reduce(x.clone()), res, w, 1e-5)
         out["equal"][f"add_rms_norm(all_reduce) M{M} D{D}"] = bool(
             torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
         # a row-parallel linear's split-K partials (fp32, 2 slices), summed by the fused op
-        from llama_engine.kernels.linear import SplitKPartials
-        parts = SplitKPartials(torch.randn(2, M, D, generator=g).to(dev), (M,), torch.float16)
+        parts = ops.PartialSum(torch.randn(2, M, D, generator=g).to(dev), (M,), torch.float16)
         ref = parts.sum()
         dist.all_reduce(ref)
         want = ops.add_rms_norm(ref, res, w, 1e-5)
-        got = ops.add_rms_norm(parallel.PendingAllReduce(parts, fast) if fused else
+        got = ops.add_rms_norm(parts.with_pending(fast) if fused else
                                parallel.all_reduce(parts.sum()), res, w, 1e-5)
         out["equal"][f"add_rms_norm(all_reduce(split-K partials)) M{M} D{D}"] = bool(
             torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
@@ -145,7 +143,7 @@ def probe_all_reduce() -> dict:
     out["us_per_call"]["nccl + add_rms_norm 1x5120"] = timed(
         lambda: ops.add_rms_norm(dist.all_reduce(x) or x, res, w, 1e-5))
     out["us_per_call"]["configured + add_rms_norm 1x5120"] = timed(
-        lambda: ops.add_rms_norm(parallel.PendingAllReduce(x, fast) if fused
+        lambda: ops.add_rms_norm(ops.PartialSum.of(x).with_pending(fast) if fused
                                  else parallel.all_reduce(x), res, w, 1e-5))
     # the logits' all-gather (a vocabulary-parallel lm_head's [M, V/tp] shards)
     for M, n in ((1, 16000), (4, 16000), (3, 1001)):

@@ -35,13 +35,15 @@ bf16 only; the engine runs fp16, hence this kernel. Used by ``llama_engine.paral
 ``ld.acquire.sys``; under ``TRITON_INTERPRET=1`` (no inline assembly) the same steps use
 Triton atomics, and the CPU tests run one rank with its flags, or two ranks without the waits
 and with the peer's slots filled by the test.
+
+Imports: ``common``, ``pdl``, ``norm_kernels`` (the add + RMSNorm row math).
 """
 from __future__ import annotations
 
 import torch
 
-from . import pdl
-from .attn import HAS_TRITON
+from .common import HAS_TRITON, tl, triton
+from .pdl import launch_kw
 
 BLOCK = 1024        # elements per program per iteration
 MAX_PROGRAMS = 32   # programs per call: they must all be resident (they wait for their
@@ -49,10 +51,7 @@ MAX_PROGRAMS = 32   # programs per call: they must all be resident (they wait fo
 NUM_WARPS = 4
 
 if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    from .attn import _add_rms_norm_vals
+    from .norm_kernels import _add_rms_norm_vals
     from .pdl import wait_then_release
 
     @triton.jit
@@ -254,7 +253,7 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
         x, out, bufs, pads, epochs, n, slot_bytes // x.element_size(), rank,
         ITERS=-(-n // (grid * BLOCK)), WORLD=world, SYNC=sync, ASM=x.is_cuda,
         F64=x.dtype == torch.float64,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, **pdl.launch_kw(x))
+        BLOCK=BLOCK, num_warps=NUM_WARPS, **launch_kw(x))
 
 
 def one_shot_all_gather(x: torch.Tensor, bufs: torch.Tensor, pads: torch.Tensor,
@@ -273,7 +272,7 @@ def one_shot_all_gather(x: torch.Tensor, bufs: torch.Tensor, pads: torch.Tensor,
     _one_shot_all_gather_kernel[(grid,)](
         x, out, bufs, pads, epochs, n, cols, slot_bytes // x.element_size(), rank,
         ITERS=-(-n // (grid * BLOCK)), WORLD=world, SYNC=sync, ASM=x.is_cuda,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, **pdl.launch_kw(x))
+        BLOCK=BLOCK, num_warps=NUM_WARPS, **launch_kw(x))
     return out
 
 
@@ -301,5 +300,5 @@ def one_shot_add_rms_norm(x, residual: torch.Tensor, weight: torch.Tensor,
         xs, residual, weight, out, res, bufs, pads, epochs, M, D,
         slot_bytes // residual.element_size(), xs.stride(0), float(eps), rank, S=S,
         ITERS=-(-M // grid), WORLD=world, SYNC=sync, ASM=xs.is_cuda, BLOCK_D=bd,
-        num_warps=4 if bd <= 2048 else 8, **pdl.launch_kw(xs))
+        num_warps=4 if bd <= 2048 else 8, **launch_kw(xs))
     return out, res

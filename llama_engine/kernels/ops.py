@@ -1,16 +1,24 @@
-"""The ops the network calls, in one namespace (signatures: docs/design.md).
+"""The ops the network calls, in one namespace (signatures: docs/design.md); the rest of the
+package imports kernels through here.
 
-Each op dispatches by device: Triton kernels on CUDA, plain PyTorch elsewhere. The
-implementations live in ``linear.py`` (weight GEMMs, activation quantization) and
-``attn.py`` (norms, RoPE, KV-cache writes, attention).
+Each op dispatches by device: Triton kernels on CUDA, plain PyTorch (``reference.py``)
+elsewhere. Implementations: ``linear.py`` (weight GEMMs, activation quantization),
+``norm.py`` (RMSNorm, add + RMSNorm, SwiGLU), ``attn.py`` (RoPE, KV-cache writes, attention).
+A layer output may be a ``PartialSum`` (``partial.py``): hand it to the next op.
 """
 from __future__ import annotations
 
-from .act import silu_mul  # noqa: F401
-from .attn import (add_rms_norm, apply_rope, decode_attention,  # noqa: F401
-                   kv_scale_tensors, prefill_attention, prefill_attention_batch, rms_norm,
-                   rope_decode_attention, rope_write_kv, write_kv)
-from .linear import (SplitKPartials, linear_fp, linear_w4a16, linear_w8a8,  # noqa: F401
-                     linear_w8a8_dynamic,
+from .attn import (apply_rope, decode_attention, kv_scale_tensors,
+                   prefill_attention, prefill_attention_batch, rope_decode_attention,
+                   rope_write_kv, write_kv)
+from .linear import (linear_fp, linear_w4a16, linear_w8a8, linear_w8a8_dynamic,
                      linear_w8a16, pack_int4, quantize_per_tensor, quantize_per_token,
                      unpack_int4)
+from .norm import add_rms_norm, rms_norm, silu_mul
+from .partial import PartialSum
+
+__all__ = ["PartialSum", "add_rms_norm", "apply_rope", "decode_attention", "kv_scale_tensors",
+           "linear_fp", "linear_w4a16", "linear_w8a8", "linear_w8a8_dynamic", "linear_w8a16",
+           "pack_int4", "prefill_attention", "prefill_attention_batch", "quantize_per_tensor",
+           "quantize_per_token", "rms_norm", "rope_decode_attention", "rope_write_kv", "silu_mul",
+           "unpack_int4", "write_kv"]

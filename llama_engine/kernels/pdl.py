@@ -27,51 +27,33 @@ GEMVs also prefetch their first weight bytes into L2 (``cp.async.bulk.prefetch.L
 waiting did not help: 2 MB per GEMV changed nothing, 8-32 MB were slower (TP=2: 226.6, 214.8,
 193.7), so it is not here.
 
-``LLAMA_ENGINE_PDL``: ``auto`` (default: on for CUDA devices of compute capability >= 9),
-``0`` off, ``1`` on (still only where the device supports it: NVIDIA sm90+, a Triton with
-``griddepcontrol``, not the interpreter). Read at import; ``set_mode`` changes it in-process
-(A/B timing: graphs captured before keep the launches they captured). Kernels launched by
+``set_mode``: ``auto`` (default: on for CUDA devices of compute capability >= 9), ``off``,
+``on`` (still only where the device supports it: NVIDIA sm90+, a Triton with
+``griddepcontrol``, not the interpreter). The engine passes its run-time option here; graphs
+captured before a change keep the launches they captured. Kernels launched by
 PyTorch, and ours outside decode (the tiled GEMM, the activation quantizers), launch plainly.
+
+Imports: ``llama_engine.config``, ``common``.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from ..config import ConfigError
+from .common import HAS_TRITON, INTERPRET as _INTERPRET, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    triton = tl = None
-    HAS_TRITON = False
 try:  # griddepcontrol in Triton: 3.3 and later
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     HAS_GDC = HAS_TRITON
 except Exception:  # pragma: no cover - depends on the install
     HAS_GDC = False
-# Triton interprets for any TRITON_INTERPRET but "" and "0" (as attn._INTERPRET reads it)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-_MODES = ("auto", "0", "1")
-
-
-def _env_mode() -> str:
-    v = os.environ.get("LLAMA_ENGINE_PDL", "auto")
-    if v not in _MODES:
-        raise ConfigError(f"LLAMA_ENGINE_PDL must be one of {', '.join(_MODES)}, got {v!r}")
-    return v
-
-
-_mode = _env_mode()
+_MODES = ("auto", "on", "off")
+_mode = "auto"
 _capable: dict = {}
 
 
 def set_mode(mode: str) -> None:
-    """Switch PDL (``auto`` / ``0`` / ``1``) for later launches."""
+    """Switch PDL (``auto`` / ``on`` / ``off``) for later launches."""
     global _mode
     if mode not in _MODES:
         raise ConfigError(f"PDL mode must be one of {', '.join(_MODES)}, got {mode!r}")
@@ -80,7 +62,7 @@ def set_mode(mode: str) -> None:
 
 def enabled(t: torch.Tensor) -> bool:
     """Whether kernels on ``t``'s device launch with PDL."""
-    if _mode == "0" or not HAS_GDC or not t.is_cuda or _INTERPRET or torch.version.hip:
+    if _mode == "off" or not HAS_GDC or not t.is_cuda or _INTERPRET or torch.version.hip:
         return False
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
     ok = _capable.get(idx)
