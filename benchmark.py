@@ -31,11 +31,12 @@ from benchmarks import latency, options, report, serving
 from benchmarks.modes import ABLATION, MODES
 from benchmarks.weights import Weights
 from llama_engine import parallel
+from llama_engine import cli
 from llama_engine.cli import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.make_parser(__doc__)
     p.add_argument("--model_config", default="llama-7b")
     p.add_argument("--engine_dir", default=None)
     p.add_argument("--ablation", action="store_true")
@@ -46,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_len", default="8")
     p.add_argument("--output_len", default="50")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--selfcheck", action="store_true", help="kernel correctness+speed checks")
     p.add_argument("--out_json", default="assets/benchmark.json")
     p.add_argument("--assets", default="assets")
     p.add_argument("--report", action="store_true", help="only write table/plot from out_json")
@@ -190,10 +190,6 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name() if a.device == "cuda" else "CPU (dry run)"
     results: dict = {"meta": {"gpu": gpu, "date": time.strftime("%Y-%m-%d"),
                               "torch": torch.__version__}}
-    if a.selfcheck:
-        from llama_engine.kernels import attn, linear  # GPU harness, only when asked
-        results["selfcheck"] = {"linear": linear.gpu_selfcheck("cuda"),
-                                "attn": attn.gpu_selfcheck("cuda")}
     if a.serving:
         return run_serving(a, results["meta"], engine_kw)
     if a.memory:

@@ -1,11 +1,10 @@
 #!/usr/bin/env python3
-"""Decode speed with programmatic dependent launch off and on (kernels/pdl.py), and under TP
-with the one-shot all-reduce fused with the next norm or not (``+plainar``), on one engine.
+"""Decode speed with programmatic dependent launch off and on (kernels/pdl.py), on one engine.
 
 Builds one random-weight engine (``benchmarks.weights.Weights``), then for each setting switches
 ``pdl.set_mode`` in-process, drops the captured CUDA graphs and times ``generate`` as
 benchmark.py's latency grid does (median of 3 after a warm-up). Settings: ``off``, ``on``,
-``auto``, each optionally ``+plainar`` (changes nothing without the one-shot all-reduce).
+``auto``.
 Every setting must give the greedy tokens of the first, bit for bit (PDL changes when kernels
 start, not their arithmetic): a mismatch is
 reported and makes the exit status 1. One GPU, or tensor parallelism under ``torchrun``
@@ -29,15 +28,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_setting(s: str) -> tuple[str, bool]:
-    """'off' | 'on' | 'auto', then optionally '+plainar' -> (the PDL mode of kernels/pdl.py,
-    whether TP's one-shot all-reduce after a row-parallel linear is fused with the next
-    add_rms_norm (OneShotAllReduce.fuse; '+plainar': the plain kernel, then the norm))."""
-    pdl_mode, *extra = s.split("+")
-    if pdl_mode not in ("off", "on", "auto") or not set(extra) <= {"plainar"}:
-        raise SystemExit(f"error: setting {s!r} is not off, on or auto, optionally followed "
-                         "by +plainar")
-    return pdl_mode, "plainar" not in extra
+def parse_setting(s: str) -> str:
+    """'off' | 'on' | 'auto': the PDL mode of kernels/pdl.py."""
+    if s not in ("off", "on", "auto"):
+        raise SystemExit(f"error: setting {s!r} is not off, on or auto")
+    return s
 
 
 def main() -> int:
@@ -49,6 +44,7 @@ def main() -> int:
     p.add_argument("--output_len", type=int, default=50)
     p.add_argument("--settings", default="off,on,off,on")
     p.add_argument("--json", default=None)
+    p.add_argument("--tp_allreduce", default="auto", choices=("auto", "oneshot", "nccl"))
     a = p.parse_args()
     settings = [(s, parse_setting(s)) for s in a.settings.split(",")]
     t0 = time.time()
@@ -62,6 +58,7 @@ def main() -> int:
         from benchmarks.weights import Weights
         from llama_engine import parallel
         from llama_engine.kernels import pdl
+        from llama_engine.options import RuntimeOptions
     except ConfigError as e:          # e.g. a misspelt LLAMA_ENGINE_* switch
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -70,18 +67,16 @@ def main() -> int:
         parallel.init_from_env("cuda")
         parallel.quiet_non_main_ranks()
     batches = [int(b) for b in a.batch.split(",")]
-    w = Weights(a.model_config)
+    w = Weights(a.model_config, engine_kw={"options": RuntimeOptions(
+        tp_allreduce=a.tp_allreduce, cuda_graphs=False)})
     eng = w.engine(a.mode, max(batches), max(a.input_len, 8), max(a.output_len, 8))
     eng.enable_cuda_graphs()
     rows, ok = [], True
     for B in batches:
         prompts = random_prompts(B, a.input_len, eng.config.model.vocab_size)
         ref = None
-        for name, (mode, fuse_ar) in settings:
+        for name, mode in settings:
             pdl.set_mode(mode)
-            fast = parallel._ONESHOT.get(torch.device("cuda", torch.cuda.current_device()))
-            if fast is not None and fast.fused is not None:
-                fast.fuse = fuse_ar               # read by RowParallelLinear at each call
             eng.runner.invalidate_graphs()        # graphs keep the launches they captured
             r = latency.time_engine(eng, B, a.input_len, a.output_len)
             toks = eng.generate(prompts, a.output_len).output_ids

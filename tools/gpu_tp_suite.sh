@@ -31,7 +31,7 @@ for p in $PARTS; do
     gpu_check)  timeout 240 python3 tools/gpu_check.py ;;
     pdl)        S=${PDL_SETTINGS:-off,on,off,on}; rc=0  # either run failing fails the part
                 timeout 150 python3 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_1gpu.json || rc=$?
-                LLAMA_ENGINE_TP_ALLREDUCE=$TP_AR timeout 170 python3 -m torch.distributed.run --standalone --nproc_per_node 2 tools/gpu_pdl_sweep.py --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_tp2.json || rc=$?
+                timeout 170 python3 -m torch.distributed.run --standalone --nproc_per_node 2 tools/gpu_pdl_sweep.py --tp_allreduce $TP_AR --batch ${PDL_BATCH:-1} --settings $S --json $OUTD/pdl_tp2.json || rc=$?
                 (exit $rc) ;;
     serving_tp) timeout 100 $TR --tp_allreduce $TP_AR --serving --serving_parts uniform --num_requests 1000 ;;
     serving_cmp) timeout 100 $B --serving --serving_parts uniform --num_requests 1000;
