@@ -1,5 +1,7 @@
 """Shared fixtures: repo paths, the shared data folder, SmolLM2, tiny random HF models; the
-``gpu`` marker; Triton's interpreter switched on when the machine has no CUDA device.
+markers (every test gets one: ``unit``, ``interp``, ``dist``, ``e2e`` or ``gpu``, by its file
+unless it names one itself); Triton's interpreter switched on when the machine has no CUDA
+device.
 
 Triton decides whether it interprets when a kernel is decorated (at import), so the variable
 is set here, before any test module imports torch or triton. Ops called with CPU tensors and
@@ -22,9 +24,33 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+MARKERS = {
+    "unit": "fast CPU tests of one part (the default): `pytest -m unit` runs in about a minute",
+    "interp": "Triton kernels under TRITON_INTERPRET=1 against their PyTorch references",
+    "dist": "tensor parallelism: several gloo ranks (torchrun) against one process",
+    "e2e": "whole scripts and real models (SmolLM2 against Hugging Face)",
+    "gpu": "needs a CUDA GPU (run with -m gpu on the GPU machine; skipped elsewhere, saying so)",
+}
+# Test files whose tests are not unit tests; every other file's tests are `unit`.
+FILE_MARKERS = {
+    "test_kernels_attn.py": "interp", "test_kernels_comm.py": "interp",
+    "test_kernels_linear.py": "interp", "test_kernels_norm.py": "interp",
+    "test_kernels_pdl.py": "interp", "test_model_triton.py": "interp",
+    "test_tp.py": "dist",
+    "test_smollm2.py": "e2e", "test_accuracy_table.py": "e2e", "test_text.py": "e2e",
+    "test_gpu.py": "gpu",
+}
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with -m gpu on the GPU "
-                            "machine; skipped with the reason printed elsewhere)")
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in MARKERS):
+            item.add_marker(getattr(pytest.mark, FILE_MARKERS.get(item.path.name, "unit")))
 
 
 def interpreter_on() -> bool:
@@ -57,7 +83,7 @@ def shared_data() -> Path:
 def smollm2_gguf() -> str:
     p = smollm2_gguf_path()
     if not p:
-        pytest.skip("SmolLM2 GGUF not fetched: run tools/fetch_smollm2.sh (or set SMOLLM2_GGUF)")
+        pytest.skip("SmolLM2 GGUF not fetched: run python tools/fetch_smollm2.py (or set SMOLLM2_GGUF)")
     return p
 
 
