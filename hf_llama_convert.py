@@ -30,13 +30,19 @@ import sys
 import time
 from typing import Optional
 
-import torch
-
 from llama_engine import cli
 from llama_engine.config import DTYPES, ConfigError
-from llama_engine.outdir import check_output_dir, signals_raise
 
-DEFAULT_DATASET = "/work/shared/data/cnn_dailymail/train_calib.jsonl"
+# The calibration articles' default, relative to the repository (its sibling ``shared``
+# folder), used when present; shown this way in --help, never as this machine's path.
+DEFAULT_DATASET = "../shared/data/cnn_dailymail/train_calib.jsonl"
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def default_calib_dataset() -> Optional[str]:
+    """The repository-relative calibration file when it exists, else None (the hub)."""
+    path = os.path.normpath(os.path.join(REPO_DIR, DEFAULT_DATASET))
+    return path if os.path.isfile(path) else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib_dataset", default=None,
                    help=f"cnn_dailymail train data: a .jsonl/.json/.parquet file or dataset "
                         f"folder; 'hub' for the HF hub's train split; 'synthetic' for random "
-                        f"token ids (speed-only). Default: {DEFAULT_DATASET} when present, "
+                        f"token ids (speed-only). Default: {DEFAULT_DATASET} (relative to "
+                        f"the repository) when present, "
                         "else the hub")
     p.add_argument("--calib_size", type=int, default=512,
                    help="number of calibration articles (default 512, or all there are)")
@@ -107,7 +114,10 @@ def _load(in_file: str, seed: int, device: str):
 
 
 def convert(ns: argparse.Namespace) -> str:
+    import torch
+
     from llama_engine.checkpoint import hf_to_unified, write_checkpoint
+    from llama_engine.outdir import check_output_dir
     from llama_engine.quant import format_report, quantize_checkpoint, validate_quant_flags
     import smoothquant as sq
 
@@ -161,7 +171,7 @@ def _calibration_source(ns: argparse.Namespace, info: dict):
                               "--calib_dataset or pass --calib_dataset synthetic")
         return None, "synthetic"
     if dataset is None:
-        dataset = DEFAULT_DATASET if os.path.isfile(DEFAULT_DATASET) else None
+        dataset = default_calib_dataset()
     elif dataset == "hub":
         dataset = None
     if not info.get("tokenizer_dir"):
@@ -171,7 +181,8 @@ def _calibration_source(ns: argparse.Namespace, info: dict):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(argv)   # before torch is imported: --help is instant
+    from llama_engine.outdir import signals_raise
     t0 = time.time()
     try:
         with signals_raise():  # SIGTERM/SIGINT: the staging directory is removed
