@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Optional
 
-from llama_engine import cli
+from llama_engine import cli, cli_compat
 from llama_engine.config import DTYPES, ConfigError
 
 # The calibration articles' default, relative to the repository (its sibling ``shared``
@@ -94,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "on cuda)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights / prompts")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("-tp", "--tensor-parallelism", "--tensor_parallelism", dest="tp_size",
+                   type=cli.positive_int, default=1,
+                   help="write one rank{r}.safetensors per tensor-parallel rank")
+    p.add_argument("-t", "--storage-type", "--storage_type", dest="dtype",
+                   choices=[d for d in DTYPES if d != "float64"] + ["fp32", "fp16", "bf16"],
+                   help="TensorRT-LLM v0.5's name of --dtype")
+    g = p.add_argument_group("other flags of TensorRT-LLM v0.5's hf_llama_convert.py")
+    cli_compat.no_effect(g, "-p", "--processes", why="conversion runs in one process")
+    cli_compat.no_effect(g, "--model", why="LLaMA only")
+    cli_compat.no_effect(g, "--multi-query-mode", "--multi_query_mode", nargs=0,
+                         why="the KV head count is read from the model's config")
+    cli_compat.no_effect(g, "--dataset-cache-dir", "--dataset_cache_dir",
+                         why="datasets' own cache is used")
+    cli_compat.add_log_level(p)
     return p
 
 
@@ -125,6 +139,10 @@ def convert(ns: argparse.Namespace) -> str:
     sources = [ns.in_file] if os.path.exists(ns.in_file) else []
     check_output_dir(ns.out_dir, sources, ns.force, "-o")  # before loading and calibrating
     args, hf_sd, info = _load(ns.in_file, ns.seed, device)
+    if ns.dtype == "auto":  # the source's float dtype; float32 becomes float16 (TensorRT-LLM)
+        src = next((str(t.dtype).replace("torch.", "") for t in hf_sd.values()
+                    if t.is_floating_point()), "float16")
+        ns.dtype = "float16" if src in ("float32", "float64") else src
     quant = validate_quant_flags(
         args, use_weight_only=ns.use_weight_only,
         weight_only_precision=ns.weight_only_precision, group_size=ns.group_size,
@@ -154,7 +172,7 @@ def convert(ns: argparse.Namespace) -> str:
     if calib_info is not None:
         qdict["calibration"] = calib_info
     tok_src = info.get("tokenizer_dir")
-    write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors,
+    write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors, world_size=ns.tp_size,
                      extra_config={"quantization": qdict}, tokenizer_src=tok_src,
                      sources=sources, force=ns.force, flag="-o")
     print(format_report(report), file=sys.stderr)
@@ -182,6 +200,14 @@ def _calibration_source(ns: argparse.Namespace, info: dict):
 
 def main(argv: Optional[list[str]] = None) -> int:
     ns = build_parser().parse_args(argv)   # before torch is imported: --help is instant
+    ns.dtype = cli.parse_dtype(ns.dtype)
+    return run(ns)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Convert as ``ns`` says (this script's flags, or convert_checkpoint.py's mapped onto
+    them); ``error: …`` and 2 on a bad input."""
+    cli_compat.apply_log_level(ns.log_level)
     from llama_engine.outdir import signals_raise
     t0 = time.time()
     try:
