@@ -26,6 +26,13 @@ from llama_engine.cli import run_main
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_flags(p, args)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser(__doc__, formatter_class=cli.DefaultsHelpFormatter)
     src = p.add_argument_group("source (at most one; none = random weights)")
     src.add_argument("--model_dir", help="Hugging Face LLaMA directory")
@@ -101,9 +108,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                    "--world_size): one rank{r}.safetensors each")
     p.add_argument("--device", default=None, help="device for quantization/calibration work")
     add_trtllm_build_flags(p)
-    args = p.parse_args(argv)
-    check_flags(p, args)
-    return args
+    return p
 
 
 def add_trtllm_build_flags(p) -> None:

@@ -145,6 +145,9 @@ def add_common_runtime_flags(parser) -> None:
     no("--cross_kv_cache_fraction", "encoder-decoder models only")
     no("--return_all_generated_tokens", "streaming prints the new text of each step")
     no("--hf_device_map_auto", "the HF baseline loads on one device")
+    no("--hf_data_type", "the HF model's dtype; no HF model runs in this script")
+    no("--data_type", "the HF model's dtype; no HF model runs in this script")
+    no("--streaming", "results print at the end; progress bars show the work", nargs=0)
     no("--fail_fast_on_attention_window_too_large", "an engine limit is always an error "
        "before any work", nargs=0)
     ref("--gpu_weights_percent", "no weight streaming; all weights stay on the device")
