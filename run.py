@@ -148,15 +148,16 @@ def _main(args) -> int:
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     cli.check_engine_dir(args.engine_dir)
+    token_file = bool(args.input_file and args.input_file.endswith((".csv", ".npy")))
+    prompts = None if token_file else read_prompts(args.input_text, args.input_file)
     tok_src = args.tokenizer_dir or (args.engine_dir if find_tokenizer_source(args.engine_dir)
                                      or not args.hf_model_dir else args.hf_model_dir)
     tokenizer = load_tokenizer(tok_src)
-    if args.input_file and args.input_file.endswith((".csv", ".npy")):
+    if token_file:
         batch_ids = out_files.read_token_file(args.input_file, tokenizer.pad_id,
                                               args.max_input_length)
         prompts = [tokenizer.decode(ids) for ids in batch_ids]
     else:
-        prompts = read_prompts(args.input_text, args.input_file)
         batch_ids = [tokenizer.encode(p, add_bos=args.add_special_tokens)[:args.max_input_length]
                      for p in prompts]
     options = runtime_options.from_args(args, cuda_graphs=not args.no_cuda_graphs)
