@@ -87,8 +87,12 @@ def apply_log_level(level: Optional[str]) -> None:
     if level is None:
         return
     value = LOG_LEVELS[level]
-    logging.basicConfig(level=value, format="[%(levelname)s] %(name)s: %(message)s")
-    logging.getLogger("llama_engine").setLevel(value)
+    ours = logging.getLogger("llama_engine")   # other libraries' loggers are left alone
+    ours.setLevel(value)
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+        ours.addHandler(handler)
     logging.getLogger("transformers").setLevel(max(value, logging.WARNING)
                                                if level != "verbose" else value)
 
