@@ -21,18 +21,26 @@ from typing import Optional
 
 from llama_engine.config import DTYPES, BuildConfig, ConfigError, QuantConfig
 from llama_engine import outdir
-from llama_engine import cli
+from llama_engine import cli, cli_compat
 from llama_engine.cli import run_main
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_flags(p, args)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser(__doc__, formatter_class=cli.DefaultsHelpFormatter)
     src = p.add_argument_group("source (at most one; none = random weights)")
     src.add_argument("--model_dir", help="Hugging Face LLaMA directory")
     src.add_argument("--meta_ckpt_dir", help="Meta checkpoint dir (params.json + consolidated.*.pth)")
     src.add_argument("--gguf_file", help="GGUF file (llama.cpp), read through transformers")
-    src.add_argument("--ckpt_dir", help="TensorRT-LLM unified checkpoint (e.g. from "
-                     "hf_llama_convert.py, with SmoothQuant / INT8 KV scales)")
+    src.add_argument("--ckpt_dir", "--checkpoint_dir", dest="ckpt_dir",
+                     help="TensorRT-LLM unified checkpoint (e.g. from convert_checkpoint.py "
+                     "or hf_llama_convert.py, with SmoothQuant / INT8 KV scales)")
     src.add_argument("--model_config", default="llama-7b",
                      help="preset (llama-7b, llama-13b, tiny) or config.json for random weights")
     src.add_argument("--seed", type=int, default=0, help="seed of random weights")
@@ -49,6 +57,12 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--max_batch_size", type=int, default=8)
     p.add_argument("--max_input_len", type=int, default=2048)
     p.add_argument("--max_output_len", type=int, default=512)
+    p.add_argument("--max_seq_len", "--max_decoder_seq_len", dest="max_seq_len", type=int,
+                   default=None, help="trtllm-build's limit: sets --max_output_len to "
+                   "max_seq_len - max_input_len")
+    p.add_argument("--dry_run", action="store_true",
+                   help="check the flags and the output directory, build nothing")
+    cli_compat.add_log_level(p)
     q = p.add_argument_group("quantization")
     q.add_argument("--use_weight_only", action="store_true")
     q.add_argument("--weight_only_precision", default="int8", choices=("int8", "int4"))
@@ -65,14 +79,20 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                    help="INT8 KV cache; needs calibrated scales (--ckpt_dir from "
                         "hf_llama_convert.py --calibrate-kv-cache; random weights: synthetic)")
     k = p.add_argument_group("kernels and batching (TensorRT-LLM flag names)")
-    k.add_argument("--use_gpt_attention_plugin", nargs="?", const="auto", default="auto",
+    k.add_argument("--use_gpt_attention_plugin", "--gpt_attention_plugin",
+                   dest="use_gpt_attention_plugin", nargs="?", const="auto", default="auto",
                    help="--backend tensorrt_llm only: TensorRT-LLM's attention plugin "
                         "(auto|triton|torch|disable; a dtype means auto)")
-    k.add_argument("--use_gemm_plugin", nargs="?", const="auto", default="auto",
+    k.add_argument("--use_gemm_plugin", "--gemm_plugin", dest="use_gemm_plugin", nargs="?",
+                   const="auto", default="auto",
                    help="--backend tensorrt_llm only: TensorRT-LLM's GEMM plugin "
                         "(auto|triton|torch|disable; a dtype means auto)")
     k.add_argument("--use_inflight_batching", action="store_true")
-    k.add_argument("--paged_kv_cache", action="store_true")
+    k.add_argument("--paged_kv_cache", nargs="?", const="enable", default=None,
+                   choices=("enable", "disable"), help="paged KV cache (trtllm-build also "
+                   "takes enable|disable)")
+    k.add_argument("--kv_cache_type", default=None, choices=("continuous", "paged"),
+                   help="trtllm-build's name: paged = --paged_kv_cache")
     k.add_argument("--tokens_per_block", type=int, default=64)
     k.add_argument("--max_num_tokens", type=int, default=None)
     b = p.add_argument_group("backend")
@@ -87,13 +107,86 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     b.add_argument("--tp_size", type=int, default=None, help="tensor-parallel ranks (default "
                    "--world_size): one rank{r}.safetensors each")
     p.add_argument("--device", default=None, help="device for quantization/calibration work")
-    args = p.parse_args(argv)
-    check_flags(p, args)
-    return args
+    add_trtllm_build_flags(p)
+    return p
+
+
+def add_trtllm_build_flags(p) -> None:
+    """Flags of TensorRT-LLM's v0.5 build.py and of trtllm-build that tune TensorRT itself
+    (accepted, no effect) or ask for what we lack (refused); docs/flags.md lists them."""
+    g = p.add_argument_group("other TensorRT-LLM build flags")
+    trt_only = "tunes TensorRT's engine builder; our engine has no TensorRT build step"
+    for name in ("--timing_cache", "--input_timing_cache", "--output_timing_cache",
+                 "--builder_opt", "--strongly_typed", "--profiling_verbosity", "--strip_plan",
+                 "--fast_build", "--opt_num_tokens", "--monitor_memory", "--workers",
+                 "--parallel_build", "--gpus_per_node"):
+        cli_compat.no_effect(g, name, why=trt_only)
+    fixed = "our kernels are fixed (Triton/PyTorch): no plugin choice"
+    for name in ("--use_rmsnorm_plugin", "--bert_attention_plugin", "--gemm_swiglu_plugin",
+                 "--fp8_rowwise_gemm_plugin", "--nccl_plugin", "--moe_plugin",
+                 "--mamba_conv1d_plugin", "--low_latency_gemm_plugin",
+                 "--low_latency_gemm_swiglu_plugin", "--gemm_allreduce_plugin",
+                 "--context_fmha", "--enable_context_fmha", "--enable_context_fmha_fp32_acc",
+                 "--bert_context_fmha_fp32_acc", "--remove_input_padding",
+                 "--norm_quant_fusion", "--reduce_fusion", "--user_buffer",
+                 "--use_paged_context_fmha", "--use_fp8_context_fmha", "--fuse_fp4_quant",
+                 "--multiple_profiles", "--paged_state", "--use_fused_mlp",
+                 "--pp_reduce_scatter", "--use_custom_all_reduce", "--manage_weights"):
+        cli_compat.no_effect(g, name, why=fixed)
+    logits = "logits are float32 and available whole (Engine.forward_logits)"
+    for name in ("--logits_dtype", "--gather_context_logits", "--gather_generation_logits",
+                 "--gather_all_token_logits"):
+        cli_compat.no_effect(g, name, why=logits)
+    cli_compat.no_effect(g, "--speculative_decoding_mode", why="chosen at run time here "
+                         "(run.py --speculative_decoding_mode)")
+    cli_compat.no_effect(g, "--max_draft_len", why="chosen at run time here (run.py)")
+    g.add_argument("--pp_size", type=int, default=1, action=cli_compat.OnlyValues,
+                   allowed=(1,), why="no pipeline parallelism (use --tp_size)",
+                   help="1 (no pipeline parallelism)")
+    g.add_argument("--max_beam_width", type=int, default=1, action=cli_compat.OnlyValues,
+                   allowed=(1,), why=cli_compat.BEAMS_WHY, help="1 (no beam search yet)")
+    g.add_argument("--embedding_sharding_dim", type=int, default=0,
+                   action=cli_compat.OnlyValues, allowed=(0,), why="the parallel embedding "
+                   "is split by vocabulary (dimension 0)", help="0 (by vocabulary)")
+    for name, why in (("--ft_model_dir", "no FasterTransformer binaries; use --model_dir"),
+                      ("--quant_ckpt_path", "no AWQ/GPTQ checkpoints; quantize here with "
+                       "--use_weight_only"),
+                      ("--per_group", "no AWQ/GPTQ group-wise weights; --group_size sets "
+                       "our int4 groups"),
+                      ("--enable_fp8", "no FP8"), ("--fp8_kv_cache", "no FP8"),
+                      ("--quantized_fp8_model_path", "no FP8"),
+                      ("--rotary_scaling", "no RoPE scaling"),
+                      ("--visualize", "no network export"),
+                      ("--visualize_network", "no network export"),
+                      ("--enable_debug_output", "no debug tensors"),
+                      ("--build_config", "give the limits as flags"),
+                      ("--model_cls_file", "LLaMA only"), ("--model_cls_name", "LLaMA only"),
+                      ("--max_encoder_input_len", "decoder-only models"),
+                      ("--max_prompt_embedding_table_size", "no prompt tuning"),
+                      ("--max_multimodal_len", "no multimodal input"),
+                      ("--weight_sparsity", "no sparse weights"),
+                      ("--weight_streaming", "all weights stay on the device"),
+                      ("--lora_dir", "no LoRA"), ("--lora_ckpt_source", "no LoRA"),
+                      ("--lora_target_modules", "no LoRA"), ("--max_lora_rank", "no LoRA"),
+                      ("--lora_plugin", "no LoRA"), ("--dora_plugin", "no LoRA"),
+                      ("--streamingllm", "no attention sinks")):
+        cli_compat.refuse(g, name, why=why)
+    preset = ("random-weight model sizes are presets or a config.json here: "
+              "--model_config llama-7b|llama-13b|tiny|config.json")
+    for name in ("--vocab_size", "--n_layer", "--n_positions", "--n_embd", "--n_head",
+                 "--n_kv_head", "--multiple_of", "--ffn_dim_multiplier", "--inter_size",
+                 "--hidden_act", "--rms_norm_eps", "--rotary_base"):
+        cli_compat.refuse(g, name, why=preset)
 
 
 def check_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Flag combinations that make no sense, rejected in one place."""
+    a.paged_kv_cache = a.paged_kv_cache == "enable" or a.kv_cache_type == "paged"
+    if a.max_seq_len is not None:
+        if a.max_seq_len <= a.max_input_len:
+            p.error(f"--max_seq_len {a.max_seq_len} must exceed --max_input_len "
+                    f"{a.max_input_len}")
+        a.max_output_len = a.max_seq_len - a.max_input_len
     sources = [x for x in ("model_dir", "meta_ckpt_dir", "gguf_file", "ckpt_dir") if getattr(a, x)]
     if len(sources) > 1:
         p.error("give at most one of --" + ", --".join(sources))
@@ -181,9 +274,13 @@ def trtllm_ckpt_dir(a: argparse.Namespace) -> str:
 
 def build(a: argparse.Namespace) -> int:
     from llama_engine import builder, checkpoint as ckpt, quant as q
+    cli_compat.apply_log_level(a.log_level)
     elapsed = builder.timed()
     for path, flag in output_dirs(a):  # fail before the slow part
         outdir.check_output_dir(path, sources_of(a), a.force, flag)
+    if a.dry_run:
+        print("build: --dry_run: flags and output directory checked; nothing built")
+        return 0
     random_source = not (a.ckpt_dir or a.model_dir or a.meta_ckpt_dir or a.gguf_file)
     if a.ckpt_dir:
         model_args, ckpt_quant, ckpt_dtype, tensors = ckpt.read_checkpoint(a.ckpt_dir)

@@ -30,13 +30,19 @@ import sys
 import time
 from typing import Optional
 
-import torch
-
-from llama_engine import cli
+from llama_engine import cli, cli_compat
 from llama_engine.config import DTYPES, ConfigError
-from llama_engine.outdir import check_output_dir, signals_raise
 
-DEFAULT_DATASET = "/work/shared/data/cnn_dailymail/train_calib.jsonl"
+# The calibration articles' default, relative to the repository (its sibling ``shared``
+# folder), used when present; shown this way in --help, never as this machine's path.
+DEFAULT_DATASET = "../shared/data/cnn_dailymail/train_calib.jsonl"
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def default_calib_dataset() -> Optional[str]:
+    """The repository-relative calibration file when it exists, else None (the hub)."""
+    path = os.path.normpath(os.path.join(REPO_DIR, DEFAULT_DATASET))
+    return path if os.path.isfile(path) else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib_dataset", default=None,
                    help=f"cnn_dailymail train data: a .jsonl/.json/.parquet file or dataset "
                         f"folder; 'hub' for the HF hub's train split; 'synthetic' for random "
-                        f"token ids (speed-only). Default: {DEFAULT_DATASET} when present, "
+                        f"token ids (speed-only). Default: {DEFAULT_DATASET} (relative to "
+                        f"the repository) when present, "
                         "else the hub")
     p.add_argument("--calib_size", type=int, default=512,
                    help="number of calibration articles (default 512, or all there are)")
@@ -87,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "on cuda)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights / prompts")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("-tp", "--tensor-parallelism", "--tensor_parallelism", dest="tp_size",
+                   type=cli.positive_int, default=1,
+                   help="write one rank{r}.safetensors per tensor-parallel rank")
+    p.add_argument("-t", "--storage-type", "--storage_type", dest="dtype",
+                   choices=[d for d in DTYPES if d != "float64"] + ["fp32", "fp16", "bf16"],
+                   help="TensorRT-LLM v0.5's name of --dtype")
+    g = p.add_argument_group("other flags of TensorRT-LLM v0.5's hf_llama_convert.py")
+    cli_compat.no_effect(g, "-p", "--processes", why="conversion runs in one process")
+    cli_compat.no_effect(g, "--model", why="LLaMA only")
+    cli_compat.no_effect(g, "--multi-query-mode", "--multi_query_mode", nargs=0,
+                         why="the KV head count is read from the model's config")
+    cli_compat.no_effect(g, "--dataset-cache-dir", "--dataset_cache_dir",
+                         why="datasets' own cache is used")
+    cli_compat.add_log_level(p)
     return p
 
 
@@ -107,7 +128,10 @@ def _load(in_file: str, seed: int, device: str):
 
 
 def convert(ns: argparse.Namespace) -> str:
+    import torch
+
     from llama_engine.checkpoint import hf_to_unified, write_checkpoint
+    from llama_engine.outdir import check_output_dir
     from llama_engine.quant import format_report, quantize_checkpoint, validate_quant_flags
     import smoothquant as sq
 
@@ -115,6 +139,10 @@ def convert(ns: argparse.Namespace) -> str:
     sources = [ns.in_file] if os.path.exists(ns.in_file) else []
     check_output_dir(ns.out_dir, sources, ns.force, "-o")  # before loading and calibrating
     args, hf_sd, info = _load(ns.in_file, ns.seed, device)
+    if ns.dtype == "auto":  # the source's float dtype; float32 becomes float16 (TensorRT-LLM)
+        src = next((str(t.dtype).replace("torch.", "") for t in hf_sd.values()
+                    if t.is_floating_point()), "float16")
+        ns.dtype = "float16" if src in ("float32", "float64") else src
     quant = validate_quant_flags(
         args, use_weight_only=ns.use_weight_only,
         weight_only_precision=ns.weight_only_precision, group_size=ns.group_size,
@@ -144,7 +172,7 @@ def convert(ns: argparse.Namespace) -> str:
     if calib_info is not None:
         qdict["calibration"] = calib_info
     tok_src = info.get("tokenizer_dir")
-    write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors,
+    write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors, world_size=ns.tp_size,
                      extra_config={"quantization": qdict}, tokenizer_src=tok_src,
                      sources=sources, force=ns.force, flag="-o")
     print(format_report(report), file=sys.stderr)
@@ -161,7 +189,7 @@ def _calibration_source(ns: argparse.Namespace, info: dict):
                               "--calib_dataset or pass --calib_dataset synthetic")
         return None, "synthetic"
     if dataset is None:
-        dataset = DEFAULT_DATASET if os.path.isfile(DEFAULT_DATASET) else None
+        dataset = default_calib_dataset()
     elif dataset == "hub":
         dataset = None
     if not info.get("tokenizer_dir"):
@@ -171,7 +199,16 @@ def _calibration_source(ns: argparse.Namespace, info: dict):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(argv)   # before torch is imported: --help is instant
+    ns.dtype = cli.parse_dtype(ns.dtype)
+    return run(ns)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Convert as ``ns`` says (this script's flags, or convert_checkpoint.py's mapped onto
+    them); ``error: …`` and 2 on a bad input."""
+    cli_compat.apply_log_level(ns.log_level)
+    from llama_engine.outdir import signals_raise
     t0 = time.time()
     try:
         with signals_raise():  # SIGTERM/SIGINT: the staging directory is removed

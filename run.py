@@ -6,6 +6,10 @@
 Greedy by default (TensorRT-LLM's top_k=1); ``--temperature/--top_k/--top_p`` sample.
 Prints ``Input: "…"`` / ``Output: "…"`` per prompt, then ``llama-run (mean latency: X sec)``
 and tokens per second. The timed runs follow one untimed warm-up run when ``--num_runs`` > 1.
+TensorRT-LLM's run.py flags work too (docs/flags.md): ``--input_text`` takes several prompts,
+``--input_file`` also reads token ids (.csv/.npy), ``--output_csv/--output_npy/
+--output_log_probs_npy/--output_cum_log_probs_npy`` write its files (then the Input/Output
+lines are not printed, as there), and flags for features we lack are refused in one line.
 """
 from __future__ import annotations
 
@@ -13,11 +17,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from llama_engine import cli
+from llama_engine import cli, cli_compat
 from llama_engine.cli import (DTYPE_CHOICES, add_prompt_args, parse_dtype, print_io,
                               print_timing, read_prompts, resolve_device, run_main)
 from llama_engine import options as runtime_options
 from llama_engine.config import ConfigError
+from llama_engine.text_stream import TextStream
 
 RUN_NAME = "llama-run"
 
@@ -31,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--num_runs", type=int, default=1)
-    p.add_argument("--streaming", action="store_true", help="print tokens as they come")
+    p.add_argument("--run_profiling", action="store_true",
+                   help="time 10 runs (at least) after a warm-up, as --num_runs 10")
+    p.add_argument("--streaming", action="store_true",
+                   help="print the text as it is generated (first run)")
     p.add_argument("--use_inflight_batching", action="store_true",
                    help="run the prompts through the inflight-batching scheduler")
     p.add_argument("--scheduler_policy", default="max_utilization",
@@ -44,7 +52,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="override the engine's float dtype (e.g. fp32 for an fp16 engine on CPU)")
     runtime_options.add_arguments(p)
+    add_trtllm_run_flags(p)
     return p
+
+
+def add_trtllm_run_flags(p) -> None:
+    """TensorRT-LLM run.py's flags beyond ours (docs/flags.md)."""
+    p.add_argument("--max_input_length", type=cli.positive_int, default=923,
+                   help="prompt tokens kept: the first N of a text prompt, the last N of a "
+                        "token-id prompt (default 923)")
+    p.add_argument("--hf_model_dir", "--model_dir", dest="hf_model_dir", default=None,
+                   help="where the tokenizer is when neither --tokenizer_dir nor the engine "
+                        "dir has one")
+    p.add_argument("--no_add_special_tokens", dest="add_special_tokens", action="store_false",
+                   help="do not put BOS before the prompts")
+    cli_compat.add_log_level(p, default="error")
+    o = p.add_argument_group("output files (TensorRT-LLM's layout)")
+    o.add_argument("--output_csv", default=None,
+                   help="prompt + output ids per row, padded with the pad id")
+    o.add_argument("--output_npy", default=None, help="the same ids as int32 [batch, width]")
+    o.add_argument("--output_log_probs_npy", default=None,
+                   help="log probs of the generated tokens, float32 [batch, 1, max_output_len]")
+    o.add_argument("--output_cum_log_probs_npy", default=None,
+                   help="their sums, float32 [batch, 1]")
+    for name in ("--output_generation_logits", "--output_logits_npy"):
+        cli_compat.refuse(o, name, why="logits are not gathered; --output_log_probs_npy "
+                                       "writes the generated tokens' log probs")
+    cli_compat.refuse(p, "--multimodal_input_file", why="text models only")
+    for name in ("--input_token_extra_ids", "--input_token_extra_ids_file"):
+        cli_compat.refuse(p, name, why="no prompt tuning or KV-cache reuse")
+    cli_compat.add_beam_flags(p)
+    cli_compat.add_common_runtime_flags(p)
 
 
 def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs: bool = True,
@@ -72,7 +110,7 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
 
 
 def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=None,
-                      stop_ids=(), scheduler_policy: str = "max_utilization"):
+                      stop_ids=(), scheduler_policy: str = "max_utilization", streamer=None):
     """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput."""
     import time
 
@@ -82,7 +120,8 @@ def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=Non
     if llm is None:  # one per engine: it owns the paged KV cache and the CUDA graphs
         llm = engine._llm_engine = LLMEngine(engine, scheduler_policy=scheduler_policy)
     t0 = time.perf_counter()
-    seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids)
+    seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids,
+                        streamer=streamer)
     for s in seqs:
         if s.error:
             raise ConfigError(s.error)
@@ -98,14 +137,29 @@ def _main(args) -> int:
     from llama_engine.runner import SamplingConfig
     from llama_engine.tokenizer import load_tokenizer
 
+    from llama_engine import outputs as out_files
+    from llama_engine.tokenizer import find_tokenizer_source
+
+    cli_compat.apply_log_level(args.log_level)
     if args.num_runs <= 0:
         raise ConfigError(f"--num_runs must be positive, got {args.num_runs}")
+    if args.run_profiling:
+        args.num_runs = max(args.num_runs, 10)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     cli.check_engine_dir(args.engine_dir)
-    prompts = read_prompts(args.input_text, args.input_file)
-    tokenizer = load_tokenizer(args.tokenizer_dir or args.engine_dir)
-    batch_ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    token_file = bool(args.input_file and args.input_file.endswith((".csv", ".npy")))
+    prompts = None if token_file else read_prompts(args.input_text, args.input_file)
+    tok_src = args.tokenizer_dir or (args.engine_dir if find_tokenizer_source(args.engine_dir)
+                                     or not args.hf_model_dir else args.hf_model_dir)
+    tokenizer = load_tokenizer(tok_src)
+    if token_file:
+        batch_ids = out_files.read_token_file(args.input_file, tokenizer.pad_id,
+                                              args.max_input_length)
+        prompts = [tokenizer.decode(ids) for ids in batch_ids]
+    else:
+        batch_ids = [tokenizer.encode(p, add_bos=args.add_special_tokens)[:args.max_input_length]
+                     for p in prompts]
     options = runtime_options.from_args(args, cuda_graphs=not args.no_cuda_graphs)
     engine, _ = load_runner(args.engine_dir, device, dtype, options=options)
     from llama_engine import parallel
@@ -114,34 +168,60 @@ def _main(args) -> int:
                               seed=args.seed)
     end_id = tokenizer.eos_id
 
-    def once(streamer=None):
+    def once(stream=None):
         if args.use_inflight_batching:
             return generate_inflight(engine, batch_ids, args.max_output_len, sampling,
                                      stop_ids=tokenizer.end_ids,
-                                     scheduler_policy=args.scheduler_policy)
+                                     scheduler_policy=args.scheduler_policy,
+                                     streamer=stream.request_output if stream else None)
         return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_id,
-                               streamer=streamer)
+                               streamer=stream.step if stream else None)
 
-    streamer = None
-    if args.streaming:
-        def streamer(step, toks):  # noqa: F811 - a named callback reads better here
-            print(f"[step {step}] " + " | ".join(repr(tokenizer.decode([t])) for t in toks),
-                  flush=True)
     if args.num_runs > 1:
         once()  # warm-up: CUDA graphs, Triton autotuning
     latencies = []
     for i in range(args.num_runs):
+        stream = TextStream(tokenizer, batch_ids, tokenizer.end_ids) if (
+            args.streaming and i == 0) else None
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = once(streamer if i == 0 else None)
+        out = once(stream)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         latencies.append(time.perf_counter() - t0)
-    for prompt, ids in zip(prompts, out.output_ids):
-        print_io(prompt, tokenizer.decode(ids))
+        if stream:
+            stream.close()
+    gen_ids = [cli.strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
+    files = dict(output_csv=args.output_csv, output_npy=args.output_npy,
+                 output_log_probs_npy=args.output_log_probs_npy,
+                 output_cum_log_probs_npy=args.output_cum_log_probs_npy)
+    if not (args.output_csv or args.output_npy):
+        for prompt, ids in zip(prompts, gen_ids):
+            print_io(prompt, tokenizer.decode(ids))
+    if any(files.values()):
+        log_probs = None
+        if args.output_log_probs_npy or args.output_cum_log_probs_npy:
+            log_probs = generated_log_probs(engine, batch_ids, gen_ids, out)
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else end_id
+        for path in out_files.write_outputs(batch_ids, gen_ids, args.max_output_len, pad,
+                                            log_probs=log_probs, **files):
+            print(f"wrote {path}", file=sys.stderr)
     print_timing(RUN_NAME, sum(latencies) / len(latencies), out.num_generated_tokens)
     return 0
+
+
+def generated_log_probs(engine, batch_ids, gen_ids, out) -> list:
+    """Per-token log probs of the generated ids: the runner's when it reports them
+    (``out.log_probs``), else teacher-forced from the engine's logits of prompt + output."""
+    given = getattr(out, "log_probs", None)
+    if given is not None:
+        return [list(x)[:len(g)] for x, g in zip(given, gen_ids)]
+    if not hasattr(engine, "forward_logits"):
+        raise ConfigError("--output_log_probs_npy: this engine gives no logits")
+    from llama_engine.perplexity import engine_log_probs
+    return [engine_log_probs(engine, p, g).tolist() if g else [] for p, g in
+            zip(batch_ids, gen_ids)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from llama_engine import cli
+from llama_engine import cli, cli_compat
 from llama_engine.cli import (DTYPE_CHOICES, add_prompt_args, default_dtype_for, parse_dtype,
                               print_io, print_timing, read_prompts, resolve_device, run_main,
                               strip_at_end, torch_dtype)
@@ -84,17 +84,20 @@ def hf_generate(model, batch_ids: Sequence[Sequence[int]], max_new_tokens: int, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf_model_location", required=True,
+    p.add_argument("--hf_model_location", "--hf_model_dir", "--model_dir",
+                   dest="hf_model_location", required=True,
                    help="HF model folder or a .gguf file")
     p.add_argument("--tokenizer_dir", default=None,
                    help="tokenizer folder/file (default: --hf_model_location)")
     p.add_argument("--max_output_len", type=int, required=True)
     add_prompt_args(p)
-    p.add_argument("--data_type", choices=DTYPE_CHOICES, default=None,
-                   help="model dtype (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--num_runs", type=int, default=1,
                    help="timed runs; with more than one, an untimed warm-up run comes first")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--data_type", "--hf_data_type", dest="data_type", choices=DTYPE_CHOICES,
+                   default=None, help="model dtype (default: fp16 on CUDA, fp32 on CPU)")
+    cli_compat.add_log_level(p, default="error")
+    cli_compat.add_beam_flags(p)
     return p
 
 
@@ -106,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(args) -> int:
     import torch
 
+    cli_compat.apply_log_level(args.log_level)
     if args.max_output_len <= 0:
         raise ConfigError(f"--max_output_len must be positive, got {args.max_output_len}")
     if args.num_runs <= 0:

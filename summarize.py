@@ -13,18 +13,22 @@ name the backend that ran ("PyTorch engine (ours)", or "TensorRT-LLM" for a Tens
 engine dir). Both sides get the same prompt ids (``llama_engine.prompts``), generate greedily,
 and are scored by ``llama_engine.rouge`` (equal to ``evaluate``'s rouge, bootstrap seeded
 with 0). Each side first runs an untimed warm-up on the first article, as TensorRT-LLM does.
+``--eval_ppl`` adds each side's perplexity of the reference summaries (teacher forced after
+the prompt, ``llama_engine.perplexity``); with ``--check_accuracy`` it must not exceed
+``--tensorrt_llm_ppl_threshold``. TensorRT-LLM's other flags: docs/flags.md.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from llama_engine import cli
+from llama_engine import cli, cli_compat
 from llama_engine.cli import (DTYPE_CHOICES, default_dtype_for, parse_dtype, resolve_device,
                               run_main, strip_at_end)
 from llama_engine import options as runtime_options
@@ -49,6 +53,11 @@ class SideResult:
     output_ids: list = field(default_factory=list)    # generated ids (end id excluded)
     latency_s: float = 0.0                            # timed loop, warm-up excluded
     rouge: Optional[RougeResult] = None
+    ppls: Optional[list] = None                       # --eval_ppl: one per article
+
+    @property
+    def ppl(self) -> float:
+        return sum(self.ppls) / len(self.ppls) if self.ppls else float("nan")
 
     @property
     def output_tokens(self) -> int:
@@ -67,11 +76,15 @@ class SideResult:
         print(f"{name} beam 0 result", file=file)
         for line in format_rouge(self.rouge):
             print(line, file=file)
+        if self.ppls is not None:
+            print(f"  Per-token perplexity: {self.ppl}", file=file)
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "total_latency_s": self.latency_s,
                 "output_tokens": self.output_tokens, "tokens_per_s": self.tokens_per_s,
                 **(self.rouge.to_json() if self.rouge else {}),
+                **({"perplexity": self.ppl, "perplexities": self.ppls}
+                   if self.ppls is not None else {}),
                 "outputs": self.outputs, "output_ids": self.output_ids}
 
 
@@ -116,7 +129,22 @@ def _timed_loop(prompts: list, batch_size: int, device: str, generate,
     return ids, total
 
 
-def run_engine_side(args, prompts: list, tokenizer, device: str) -> SideResult:
+def reference_ids(records: list, tokenizer, output_len: int) -> list:
+    """The reference summaries as ids (no BOS), at most ``output_len`` tokens each."""
+    return [tokenizer.encode(r["highlights"], add_bos=False)[:output_len] for r in records]
+
+
+def side_perplexities(log_probs_of, prompts: list, references: list, desc: str) -> list:
+    """Per-article perplexity of the reference after the prompt, with a progress bar."""
+    from tqdm import tqdm
+
+    from llama_engine.perplexity import perplexity
+    return [perplexity(log_probs_of(p, r)) for p, r in
+            tqdm(list(zip(prompts, references)), desc=f"{desc} ppl", unit="article",
+                 file=sys.stderr, dynamic_ncols=True) if r]
+
+
+def run_engine_side(args, prompts: list, tokenizer, device: str, references=None) -> SideResult:
     from run import generate_inflight, load_runner
     engine, backend = load_runner(args.engine_dir, device, None,
                                   options=runtime_options.from_args(args))
@@ -132,7 +160,14 @@ def run_engine_side(args, prompts: list, tokenizer, device: str) -> SideResult:
 
     generate(prompts[:1])                                   # warm-up, untimed
     ids, latency = _timed_loop(prompts, args.batch_size, device, generate, desc="engine")
-    return SideResult("engine", backend, [tokenizer.decode(x) for x in ids], ids, latency)
+    side = SideResult("engine", backend, [tokenizer.decode(x) for x in ids], ids, latency)
+    if references is not None:
+        if not hasattr(engine, "forward_logits"):
+            raise ConfigError(f"--eval_ppl: the {backend} runner gives no logits")
+        from llama_engine.perplexity import engine_log_probs
+        side.ppls = side_perplexities(lambda p, r: engine_log_probs(engine, p, r), prompts,
+                                      references, "engine")
+    return side
 
 
 def _check_engine_limits(engine, args, longest_prompt: int) -> None:
@@ -150,7 +185,7 @@ def _check_engine_limits(engine, args, longest_prompt: int) -> None:
                               f"run needs {need}; lower {flag} or rebuild with --{name} {need}")
 
 
-def run_hf_side(args, prompts: list, tokenizer, device: str) -> SideResult:
+def run_hf_side(args, prompts: list, tokenizer, device: str, references=None) -> SideResult:
     from run_hf import hf_generate, load_hf_model
 
     dtype = parse_dtype(args.data_type) if args.data_type else default_dtype_for(device)
@@ -161,7 +196,12 @@ def run_hf_side(args, prompts: list, tokenizer, device: str) -> SideResult:
 
     generate(prompts[:1])                                   # warm-up, untimed
     ids, latency = _timed_loop(prompts, args.batch_size, device, generate, desc="HF")
-    return SideResult("hf", HF_BACKEND_NAME, [tokenizer.decode(x) for x in ids], ids, latency)
+    side = SideResult("hf", HF_BACKEND_NAME, [tokenizer.decode(x) for x in ids], ids, latency)
+    if references is not None:
+        from llama_engine.perplexity import hf_log_probs
+        side.ppls = side_perplexities(lambda p, r: hf_log_probs(model, p, r), prompts,
+                                      references, "HF")
+    return side
 
 
 def _free_memory(device: str) -> None:
@@ -178,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run our engine (--engine_dir); TensorRT-LLM's flag name")
     p.add_argument("--test_hf", action="store_true", help="run the HF baseline")
     p.add_argument("--engine_dir", default=None)
-    p.add_argument("--hf_model_location", default=None, help="HF folder or .gguf file")
+    p.add_argument("--hf_model_location", "--hf_model_dir", "--model_dir",
+                   dest="hf_model_location", default=None, help="HF folder or .gguf file")
     p.add_argument("--tokenizer_dir", default=None,
                    help="default: the engine dir's tokenizer, else --hf_model_location")
-    p.add_argument("--data_type", choices=DTYPE_CHOICES, default=None,
+    p.add_argument("--data_type", "--hf_data_type", dest="data_type", choices=DTYPE_CHOICES,
+                   default=None,
                    help="HF model dtype (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--dataset_path", default=None,
+    p.add_argument("--dataset_path", "--dataset_dir", dest="dataset_path", default=None,
                    help="jsonl/json/parquet with article+highlights, or a saved HF dataset; "
                         "default: datasets.load_dataset('cnn_dailymail', '3.0.0')")
     p.add_argument("--batch_size", type=int, default=1)
@@ -192,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_input_length", type=int, default=DEFAULT_MAX_INPUT_LENGTH)
     p.add_argument("--check_accuracy", action="store_true")
     p.add_argument("--tensorrt_llm_rouge1_threshold", type=float, default=14.0)
+    p.add_argument("--eval_ppl", action="store_true",
+                   help="also score each side's perplexity of the reference summaries")
+    p.add_argument("--tensorrt_llm_ppl_threshold", type=float, default=15.0,
+                   help="with --check_accuracy --eval_ppl: the engine's largest passing "
+                        "perplexity (default 15.0)")
+    p.add_argument("--eval_task", default="summarize", action=cli_compat.OnlyValues,
+                   allowed=("summarize",), why="cnn_dailymail summarization only",
+                   help="summarize (the only task here)")
+    p.add_argument("--output_dir", default=None,
+                   help="write the summaries, one per line: trtllm.out (engine), hf.out (HF)")
     p.add_argument("--use_chat_template", action="store_true",
                    help="wrap an instruction and the article in the tokenizer's chat template")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
@@ -203,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("max_utilization", "guaranteed_no_evict"),
                    help="with --use_inflight_batching: see run.py --help")
     runtime_options.add_arguments(p)
+    cli_compat.add_log_level(p)
+    cli_compat.no_effect(p, "--rouge_dir", why="ROUGE is computed in-process "
+                         "(llama_engine.rouge)")
+    cli_compat.no_effect(p, "--no_add_special_tokens", nargs=0,
+                         why="the summarize prompt builder decides BOS")
+    cli_compat.add_beam_flags(p)
+    cli_compat.add_common_runtime_flags(p)
     return p
 
 
@@ -234,6 +293,7 @@ def _tokenizer_source(args) -> str:
 
 
 def _main(args) -> int:
+    cli_compat.apply_log_level(args.log_level)
     _validate(args)
     if args.test_trt_llm:
         cli.check_engine_dir(args.engine_dir)
@@ -249,12 +309,13 @@ def _main(args) -> int:
           f"output_len {args.output_len}, prompt tokens {min(map(len, prompts))}.."
           f"{max(map(len, prompts))}, device {device}", file=sys.stderr)
 
+    refs = reference_ids(records, tokenizer, args.output_len) if args.eval_ppl else None
     sides = []
     if args.test_trt_llm:
-        sides.append(run_engine_side(args, prompts, tokenizer, device))
+        sides.append(run_engine_side(args, prompts, tokenizer, device, refs))
         _free_memory(device)             # the engine is gone with its function's frame
     if args.test_hf:
-        sides.append(run_hf_side(args, prompts, tokenizer, device))
+        sides.append(run_hf_side(args, prompts, tokenizer, device, refs))
         _free_memory(device)
     for side in sides:
         side.rouge = compute_rouge(side.outputs, references, seed=0)
@@ -269,6 +330,8 @@ def _main(args) -> int:
 
     if args.output_json:
         _write_json(args, records, prompts, sides)
+    if args.output_dir:
+        _write_out_files(args.output_dir, sides)
 
     if args.check_accuracy:
         side = sides[0]           # the engine side when it ran (TensorRT-LLM checks only it)
@@ -279,7 +342,27 @@ def _main(args) -> int:
             return 1
         print(f"[PASSED] {side.backend} rouge1 ({rouge1}) > threshold "
               f"({args.tensorrt_llm_rouge1_threshold}).")
+        if args.eval_ppl:
+            if not side.ppl <= args.tensorrt_llm_ppl_threshold:
+                print(f"[FAILED] {side.backend} perplexity ({side.ppl}) is larger than "
+                      f"threshold ({args.tensorrt_llm_ppl_threshold}).")
+                return 1
+            print(f"[PASSED] {side.backend} perplexity ({side.ppl}) <= threshold "
+                  f"({args.tensorrt_llm_ppl_threshold}).")
     return 0
+
+
+def _write_out_files(folder: str, sides: list) -> None:
+    """TensorRT-LLM's --output_dir: trtllm.out and hf.out, one summary per line."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for side in sides:
+            name = "trtllm.out" if side.key == "engine" else "hf.out"
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                for text in side.outputs:
+                    f.write(text.replace("\n", " ") + "\n")
+    except OSError as e:
+        raise ConfigError(f"--output_dir {folder}: cannot write ({e.strerror})") from None
 
 
 def identical_line(a: SideResult, b: SideResult) -> str:

@@ -152,11 +152,13 @@ def default_dtype_for(device: str) -> str:
 # -- prompts --------------------------------------------------------------------------------
 def add_prompt_args(parser) -> None:
     """--input_text (repeatable) and --input_file, as run.py and run_hf.py take them."""
-    parser.add_argument("--input_text", action="append", default=None,
-                        help=f"a prompt; repeat for a batch (default: {DEFAULT_INPUT_TEXT!r})")
-    parser.add_argument("--input_file", default=None,
+    parser.add_argument("--input_text", action="extend", nargs="+", default=None,
+                        help="one or more prompts (the flag may repeat) "
+                             f"(default: {DEFAULT_INPUT_TEXT!r})")
+    parser.add_argument("--input_file", "--input_tokens", dest="input_file", default=None,
                         help="prompts from a file: .txt (one per line) or .jsonl/.json "
-                             "(objects with 'prompt' or 'text', or plain strings)")
+                             "(objects with 'prompt' or 'text', or plain strings); "
+                             "token ids from .csv (a row per prompt) or .npy")
 
 
 def read_prompts(input_texts: Optional[Sequence[str]], input_file: Optional[str]) -> list[str]:

@@ -50,7 +50,9 @@ SYNTHETIC = "synthetic"
 SYNTHETIC_LABEL = "synthetic (speed-only)"
 DEFAULT_CALIB_SIZE = 512
 DEFAULT_CALIB_LENGTH = 512          # TensorRT-LLM's calibration seq_len
-DEFAULT_CALIB_DATASET = "/work/shared/data/cnn_dailymail/train_calib.jsonl"
+# No dataset default here: the scripts decide where calibration data come from (the
+# repository-relative ../shared copy when present) and pass the path; None = the hub.
+DEFAULT_CALIB_DATASET: Optional[str] = None
 _SCALE_MIN = 1e-5                   # floor on smoothing factors and weight maxima
 
 # HF module (inside model.layers.{i}) whose *input* is recorded -> unified linear suffix.

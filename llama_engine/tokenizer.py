@@ -96,7 +96,10 @@ class Tokenizer:
         if self.sp is not None:
             # SentencePiece drops control symbols (BOS/EOS) itself.
             return self.sp.decode(ids)
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        # Said explicitly: the clean-up step (spaces before punctuation removed) is for
+        # WordPiece; LLaMA's tokenizers keep text as is, and transformers warns when unset.
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens,
+                              clean_up_tokenization_spaces=False)
 
     # -- chat ----------------------------------------------------------------------------
     @property
@@ -237,7 +240,7 @@ def _load_hf_dir(folder: str, spm_path: Optional[str]) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(folder)
+        hf = AutoTokenizer.from_pretrained(folder, clean_up_tokenization_spaces=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
         if spm_path:
             _warn(f"AutoTokenizer cannot read {folder} ({type(e).__name__}); "
@@ -293,7 +296,8 @@ def _load_gguf(gguf_file: str) -> Tokenizer:
     meta = _gguf_metadata(gguf_file)
     folder, name = os.path.split(os.path.abspath(gguf_file))
     try:
-        hf = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        hf = AutoTokenizer.from_pretrained(folder, gguf_file=name,
+                                           clean_up_tokenization_spaces=False)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{gguf_file}: transformers cannot read its tokenizer "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"

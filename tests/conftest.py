@@ -83,7 +83,8 @@ def shared_data() -> Path:
 def smollm2_gguf() -> str:
     p = smollm2_gguf_path()
     if not p:
-        pytest.skip("SmolLM2 GGUF not fetched: run python tools/fetch_smollm2.py (or set SMOLLM2_GGUF)")
+        pytest.skip("SmolLM2 GGUF not fetched: run python tools/fetch_smollm2.py "
+                    "(or set SMOLLM2_GGUF)")
     return p
 
 
