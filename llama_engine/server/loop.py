@@ -75,7 +75,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.num_steps = 0
-        self._added = False
+        self._must_step = False
 
     # -- any thread --------------------------------------------------------------------------
     def start(self) -> "EngineLoop":
@@ -109,14 +109,14 @@ class EngineLoop:
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not (self.llm.has_unfinished() or self._added))
+            self._drain(block=not (self.llm.has_unfinished() or self._must_step))
             if self._stop.is_set():
                 break
-            if not (self.llm.has_unfinished() or self._added):
+            if not (self.llm.has_unfinished() or self._must_step):
                 continue
-            # A request refused by add_request is reported by the next step, even if it is
-            # the only one: hence a step after any add.
-            self._added = False
+            # A request refused by add_request, or cancelled, is reported by the next step
+            # even when nothing else runs: hence a step after any add or cancel.
+            self._must_step = False
             try:
                 outs = self.llm.step()
             except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
@@ -151,6 +151,7 @@ class EngineLoop:
                 self._add(h)
             elif h.request_id is not None and h.request_id in self._active:
                 self.llm.cancel(h.request_id)     # reported finished by the next step
+                self._must_step = True
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -170,7 +171,7 @@ class EngineLoop:
             return
         h.request_id = rid
         self._active[rid] = h
-        self._added = True
+        self._must_step = True
 
     def _retire(self, h: Handle) -> None:
         self._active.pop(h.request_id, None)
