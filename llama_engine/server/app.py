@@ -300,14 +300,22 @@ class _Run:
                 for i in range(len(self.handles)):
                     yield self._chunk(i, None, None, role=True)
             while self.pending:
-                ev = await self.events.get()
-                try:
-                    text, reason = self.apply(ev)
-                except APIError as e:
-                    yield self._sse(e.body())
-                    continue
-                if text or reason:
-                    yield self._chunk(ev.index, text, reason)
+                # Everything queued goes out in one write: a busy event loop sends fewer,
+                # fuller chunks instead of falling behind.
+                evs = [await self.events.get()]
+                while not self.events.empty():
+                    evs.append(self.events.get_nowait())
+                out = []
+                for ev in evs:
+                    try:
+                        text, reason = self.apply(ev)
+                    except APIError as e:
+                        out.append(self._sse(e.body()))
+                        continue
+                    if text or reason:
+                        out.append(self._chunk(ev.index, text, reason))
+                if out:
+                    yield "".join(out)
             if include_usage:
                 yield self._sse({"id": self.id, "object": "chat.completion.chunk"
                                  if self.kind == "chat" else "text_completion",

@@ -61,6 +61,11 @@ class Handle:
             pass
 
 
+def _deliver(items: list) -> None:
+    for h, ev in items:
+        h.events.put_nowait(ev)
+
+
 class EngineLoop:
     """Drives ``llm`` (an ``LLMEngine``) on its own thread; ``metrics``: a ServerMetrics."""
 
@@ -125,6 +130,7 @@ class EngineLoop:
                 continue
             self.num_steps += 1
             new_tokens = 0
+            posts: dict = {}          # event loop -> [(handle, event)]: one wake-up per step
             for out in outs:
                 h = self._active.get(out.request_id)
                 new_tokens += len(out.new_token_ids)
@@ -135,8 +141,14 @@ class EngineLoop:
                     self._retire(h)
                     if self.metrics is not None:
                         self.metrics.observe_finished(out.sequence, reason)
-                h.post(Event(h.index, list(out.new_token_ids), out.finished, reason,
-                             out.error, out.sequence.num_prompt_tokens))
+                posts.setdefault(h.loop, []).append(
+                    (h, Event(h.index, list(out.new_token_ids), out.finished, reason,
+                              out.error, out.sequence.num_prompt_tokens)))
+            for aloop, items in posts.items():
+                try:
+                    aloop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # that event loop is closed: nobody listens any more
+                    pass
             if self.metrics is not None:
                 self.metrics.observe_step(self.llm, new_tokens)
 
