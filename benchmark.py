@@ -5,6 +5,7 @@
     python benchmark.py --engine_dir ./engines/fp16 --batch 1,16 --input_len 8 --output_len 50
     python benchmark.py --model_config llama-7b --profile --modes fp16,int4
     python benchmark.py --serving [--poisson_rates 8,16]             # inflight batching
+    python benchmark.py --serving --http [--poisson_rates 8,16]      # the same over HTTP
     torchrun --nproc_per_node 2 benchmark.py --model_config llama-13b --section tp
 
 Random weights with LLaMA-7B shapes are built in GPU memory (as TensorRT-LLM's builder does
@@ -27,12 +28,12 @@ from typing import Optional
 
 import torch
 
-from benchmarks import latency, options, report, serving
+from benchmarks import http_load, latency, options, report, serving
 from benchmarks.modes import ABLATION, MODES
 from benchmarks.weights import Weights
 from llama_engine import parallel
 from llama_engine import cli
-from llama_engine.cli import run_main
+from llama_engine.cli import add_prefix_caching_arg, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --serving: which scenarios (uniform, cnn, mixed, hf)")
     p.add_argument("--poisson_rates", default=None, help="with --serving: arrival rates, e.g. "
                    "10,20,40,80 requests/s")
+    p.add_argument("--http", action="store_true",
+                   help="with --serving: through serve.py's HTTP server with streaming clients "
+                        "(benchmarks/http_load.py), against LLMEngine directly")
+    p.add_argument("--http_parts", default="uniform,prefix",
+                   help="with --serving --http: uniform (1000x128/128 HTTP vs direct), prefix "
+                        "(500 requests sharing a 1024-token prefix, caching off vs on)")
+    add_prefix_caching_arg(p)
     p.add_argument("--tp_allreduce", default=None, choices=options.TP_ALLREDUCE_CHOICES,
                    help="under torchrun: the all-reduce (default: the engine's, auto)")
     p.add_argument("--pdl", default=None, choices=tuple(options.PDL_CHOICES),
@@ -98,6 +106,10 @@ def validate(a, world: int) -> Optional[str]:
                 "--poisson_rates (arrivals by each rank's clock would diverge)")
     if a.serving and "," in a.modes:
         return "--serving runs one mode (--modes fp16|int8|int4|int8kv|...)"
+    if (a.http or a.enable_prefix_caching) and not a.serving:
+        return "--http and --enable_prefix_caching go with --serving"
+    if a.http and world > 1:
+        return "--http runs on one GPU"
     if a.only and not a.ablation:
         return "--only picks rows of --ablation"
     if a.memory and a.memory not in MODES:
@@ -130,13 +142,18 @@ def write_report(a, res: dict) -> None:
 
 def run_serving(a, meta: dict, engine_kw: dict) -> int:
     w = Weights(a.model_config, a.device, engine_kw=engine_kw)
-    if a.poisson_rates:
+    if a.http:
+        r = http_load.run_http(w, set(csv(a.http_parts)), a.num_requests,
+                               csv(a.poisson_rates, float) if a.poisson_rates else None,
+                               save=lambda part: save(a, {"serving": part}))
+    elif a.poisson_rates:
         r = {"poisson": serving.run_serving_poisson(w, csv(a.poisson_rates, float),
-                                                    a.num_requests)}
+                                                    a.num_requests, a.enable_prefix_caching)}
     else:
         r = serving.run_serving(w, a.num_requests, a.mixed_requests,
                                 parts=set(csv(a.serving_parts)), mode=a.modes,
                                 policy=a.scheduler_policy,
+                                prefix_caching=a.enable_prefix_caching,
                                 save=lambda part: save(a, {"serving": part}))
     write_report(a, save(a, {"meta": meta, "serving": r}))
     return 0

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --use_inflight_batching: preempt when the KV cache runs out "
                         "(max_utilization) or admit only requests that fit whole "
                         "(guaranteed_no_evict; TensorRT-LLM's CapacitySchedulerPolicy)")
+    cli.add_prefix_caching_arg(p)
     p.add_argument("--no_cuda_graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
@@ -110,7 +111,8 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
 
 
 def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=None,
-                      stop_ids=(), scheduler_policy: str = "max_utilization", streamer=None):
+                      stop_ids=(), scheduler_policy: str = "max_utilization", streamer=None,
+                      enable_prefix_caching: bool = False):
     """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput."""
     import time
 
@@ -118,7 +120,8 @@ def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=Non
     from llama_engine.serving import LLMEngine
     llm = getattr(engine, "_llm_engine", None)
     if llm is None:  # one per engine: it owns the paged KV cache and the CUDA graphs
-        llm = engine._llm_engine = LLMEngine(engine, scheduler_policy=scheduler_policy)
+        llm = engine._llm_engine = LLMEngine(engine, scheduler_policy=scheduler_policy,
+                                             enable_prefix_caching=enable_prefix_caching)
     t0 = time.perf_counter()
     seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids,
                         streamer=streamer)
@@ -173,7 +176,10 @@ def _main(args) -> int:
             return generate_inflight(engine, batch_ids, args.max_output_len, sampling,
                                      stop_ids=tokenizer.end_ids,
                                      scheduler_policy=args.scheduler_policy,
-                                     streamer=stream.request_output if stream else None)
+                                     streamer=stream.request_output if stream else None,
+                                     enable_prefix_caching=args.enable_prefix_caching)
+        if args.enable_prefix_caching:
+            raise ConfigError("--enable_prefix_caching needs --use_inflight_batching")
         return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_id,
                                streamer=stream.step if stream else None)
 

@@ -153,7 +153,8 @@ def run_engine_side(args, prompts: list, tokenizer, device: str, references=None
     def generate(batch):
         if args.use_inflight_batching:
             out = generate_inflight(engine, batch, args.output_len, stop_ids=tokenizer.end_ids,
-                                    scheduler_policy=args.scheduler_policy)
+                                    scheduler_policy=args.scheduler_policy,
+                                    enable_prefix_caching=args.enable_prefix_caching)
         else:
             out = engine.generate(batch, max_new_tokens=args.output_len, end_id=tokenizer.eos_id)
         return [strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler_policy", default="max_utilization",
                    choices=("max_utilization", "guaranteed_no_evict"),
                    help="with --use_inflight_batching: see run.py --help")
+    cli.add_prefix_caching_arg(p)
     runtime_options.add_arguments(p)
     cli_compat.add_log_level(p)
     cli_compat.no_effect(p, "--rouge_dir", why="ROUGE is computed in-process "
@@ -277,6 +279,8 @@ def _validate(args) -> None:
         raise ConfigError("--test_trt_llm needs --engine_dir")
     if args.test_hf and not args.hf_model_location:
         raise ConfigError("--test_hf needs --hf_model_location")
+    if args.enable_prefix_caching and not args.use_inflight_batching:
+        raise ConfigError("--enable_prefix_caching needs --use_inflight_batching")
     for name in ("batch_size", "max_ite", "output_len", "max_input_length"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")

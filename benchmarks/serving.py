@@ -54,7 +54,9 @@ class ServingRun:
     """One engine under the scenarios of ``run``; results gather in ``out`` (saved after each
     part, so a part that runs out of time keeps the ones before it)."""
 
-    def __init__(self, weights: Weights, mode: str, policy: str, save: Callable[[dict], None]):
+    def __init__(self, weights: Weights, mode: str, policy: str, save: Callable[[dict], None],
+                 prefix_caching: bool = False):
+        self.prefix_caching = prefix_caching
         self.weights, self.device, self.policy, self.mode = weights, weights.device, policy, mode
         self.vocab = weights.args.vocab_size
         self.eng = weights.engine(mode, MAX_BATCH, 1024, 512)
@@ -64,7 +66,7 @@ class ServingRun:
 
     def llm(self, max_batch: int = MAX_BATCH) -> LLMEngine:
         return LLMEngine(self.eng, max_batch_size=max_batch, max_num_tokens=8192,
-                         scheduler_policy=self.policy)
+                         scheduler_policy=self.policy, enable_prefix_caching=self.prefix_caching)
 
     def timed(self, llm: LLMEngine, prompts: list, max_tokens) -> dict:
         sync(self.device)
@@ -156,13 +158,13 @@ class ServingRun:
 
 def run_serving(weights: Weights, num_requests: int, mixed_n: int,
                 parts: Optional[set] = None, hf_batches: int = 2, mode: str = "fp16",
-                policy: str = "max_utilization", save=None) -> dict:
+                policy: str = "max_utilization", save=None, prefix_caching: bool = False) -> dict:
     """The scenarios in ``parts`` (of PARTS) on one ``mode`` engine. ``uniform``:
     ``num_requests`` x 128/128; ``cnn``: up to 500 cnn-shaped requests (800-1000 in, 100
     out); ``mixed``: ``mixed_n`` requests, inflight vs our static batching; ``hf``: HF's padded
     batch 32 (one GPU, fp16 only). ``save(out)`` is called after each part."""
     parts = parts or {"uniform", "mixed", "hf"}
-    run = ServingRun(weights, mode, policy, save or (lambda _: None))
+    run = ServingRun(weights, mode, policy, save or (lambda _: None), prefix_caching)
     if "uniform" in parts:
         run.uniform(num_requests)
     if "cnn" in parts:
@@ -195,10 +197,12 @@ def run_poisson(llm: LLMEngine, prompts: list, out_len: int, rate: float, seed: 
     return {"rate_per_s": rate, **latency_stats(done)}
 
 
-def run_serving_poisson(weights: Weights, rates: list, num_requests: int) -> dict:
+def run_serving_poisson(weights: Weights, rates: list, num_requests: int,
+                        prefix_caching: bool = False) -> dict:
     """Poisson arrivals at several rates (input 128, output 128, fp16)."""
     eng = weights.engine("fp16", MAX_BATCH, 1024, 512)
-    llm = LLMEngine(eng, max_batch_size=MAX_BATCH, max_num_tokens=8192)
+    llm = LLMEngine(eng, max_batch_size=MAX_BATCH, max_num_tokens=8192,
+                    enable_prefix_caching=prefix_caching)
     prompts = random_prompts(num_requests, 128, weights.args.vocab_size, seed=2)
     llm.generate(prompts[:32], 8)  # warm-up
     out = {}

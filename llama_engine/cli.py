@@ -116,6 +116,14 @@ def add_sampling_args(parser) -> None:
     parser.add_argument("--top_p", type=unit_interval, default=0.0, help="0 = off")
 
 
+def add_prefix_caching_arg(parser) -> None:
+    """--enable_prefix_caching (inflight batching: reuse the KV blocks of shared prefixes),
+    the one definition run.py, summarize.py, benchmark.py and serve.py share."""
+    parser.add_argument("--enable_prefix_caching", action="store_true",
+                        help="with inflight batching: reuse the KV cache blocks of prompt "
+                             "prefixes seen before (only the rest of a prompt is prefilled)")
+
+
 # -- dtypes ---------------------------------------------------------------------------------
 def parse_dtype(name: str) -> str:
     """'fp16' / 'float16' / ... -> 'float16' (ConfigError for unknown names)."""

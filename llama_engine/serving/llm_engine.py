@@ -60,7 +60,8 @@ class LLMEngine:
     and by ``max_kv_cache_tokens`` (a cap on CUDA, the size on the CPU). ``scheduler_policy``:
     ``max_utilization`` (preempt when the cache runs out) or ``guaranteed_no_evict``
     (scheduler.py). ``options`` (options.RuntimeOptions): run-time choices, applied when the
-    engine is loaded here; ``options.cuda_graphs=False`` decodes eagerly."""
+    engine is loaded here; ``options.cuda_graphs=False`` decodes eagerly. ``enable_prefix_caching``: reuse the
+    KV blocks of prompt prefixes seen before (serving/block_manager.py)."""
 
     def __init__(self, engine: Union[Engine, str], max_batch_size: Optional[int] = None,
                  max_num_tokens: Optional[int] = None,
@@ -68,7 +69,8 @@ class LLMEngine:
                  max_kv_cache_tokens: Optional[int] = None, cuda_graphs: bool = True,
                  device: Optional[str] = None, dtype: Optional[str] = None,
                  scheduler_policy: str = "max_utilization",
-                 options: Optional[RuntimeOptions] = None):
+                 options: Optional[RuntimeOptions] = None,
+                 enable_prefix_caching: bool = False):
         if isinstance(engine, str):
             engine = Engine.from_dir(engine, device=device, dtype=dtype, options=options)
         if options is not None:
@@ -84,7 +86,8 @@ class LLMEngine:
         num_blocks = self.runner.setup_serving(max_batch_size, max_num_tokens, b.max_seq_len,
                                                kv_cache_free_gpu_memory_fraction,
                                                max_kv_cache_tokens, cuda_graphs)
-        self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
+        self.block_manager = BlockManager(num_blocks, b.tokens_per_block,
+                                          enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_batch_size, max_num_tokens,
                                    max_input_len=b.max_input_len, max_output_len=b.max_output_len,
                                    max_seq_len=b.max_seq_len, policy=scheduler_policy)

@@ -12,6 +12,8 @@ manager and vLLM do it, with chunked prefill (Agrawal et al., "Sarathi", 2023):
 * when the KV cache runs out, the newest running request is preempted by recompute: its blocks
   are freed, its computed count reset, and it goes back to the front of the waiting queue (the
   oldest request is never preempted for a newer one, so the oldest always progresses);
+* with prefix caching (block_manager.py), an admitted request first takes the cached blocks
+  of its longest cached prefix and prefills only the rest;
 * a request that could never run (over ``max_input_len``/``max_output_len``/``max_seq_len``
   or longer than the whole cache) finishes at once with an error; the others carry on.
 
@@ -172,13 +174,17 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < self.max_batch_size):
             seq = self.waiting[0]
+            cached = self.bm.take_cached_prefix(seq)   # prefix caching: skip cached blocks
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
-                break
-            if self.policy == "guaranteed_no_evict" and (
-                    self._full_blocks(seq) + self._reserved_blocks() > self.bm.num_free_blocks):
+            if not self.bm.can_allocate(seq, seq.num_computed_tokens + n) or (
+                    self.policy == "guaranteed_no_evict" and self._full_blocks(seq)
+                    + self._reserved_blocks() > self.bm.num_free_blocks):
+                if cached:                               # give the cached blocks back
+                    self.bm.free(seq)
+                    seq.num_computed_tokens = 0
                 break
             self.bm.allocate(seq, seq.num_computed_tokens + n)
+            self.bm.record_admission(seq, cached)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -238,6 +244,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue                         # cancelled while the step ran
             seq.num_computed_tokens += n
+            self.bm.register_computed(seq)       # prefix caching: full blocks become reusable
             if not sample:
                 continue
             tok = int(tok)

@@ -1,0 +1,278 @@
+"""The server under HTTP load (``benchmark.py --serving --http``): serve.py's app on an engine
+with random weights, driven by streaming clients in a separate process (so client work does not
+share the server's GIL), against ``LLMEngine`` driven directly in the same run.
+
+* ``uniform``: ``num_requests`` x 128 in / 128 out sent at once by concurrent streaming
+  clients; output tokens/s over HTTP against ``LLMEngine.generate`` of the same load, and the
+  clients' TTFT p50/p99 (target: >= 95% of direct).
+* ``prefix``: 500 requests sharing a 1,024-token prefix with 64 distinct tokens each, 128 out,
+  over HTTP with ``--enable_prefix_caching`` off and on (target: >= 2x throughput, <= 0.5x
+  mean TTFT).
+* ``poisson`` (with ``--poisson_rates``): 128/128 requests arriving as a Poisson process over
+  HTTP, written in the shape of ``serving.run_serving_poisson`` (same table and plot).
+
+Prompts are sent as token ids; ``ignore_eos`` keeps every output at full length. The server
+detokenizes with SmolLM2's tokenizer when it is fetched, else with ``IdTokenizer`` (ids as
+numbers), recorded as ``tokenizer`` in the results.
+
+The client half runs as ``python -m benchmarks.http_load --client SPEC.json`` and prints one
+JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional
+
+from llama_engine.serving.llm_engine import LLMEngine, latency_stats, percentile
+
+MAX_BATCH = 256
+
+
+class IdTokenizer:
+    """Stands in for a tokenizer on random weights: id ``i`` reads as ``" i"``."""
+
+    source = "ids"
+    end_ids: list = []
+    has_chat_template = False
+
+    def __init__(self, vocab: int):
+        self.vocab_size = vocab
+
+    def encode(self, text: str, add_bos: bool = True) -> list:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(f" {int(i)}" for i in ids)
+
+
+def server_tokenizer(vocab: int):
+    try:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), "tools"))
+        from fetch_smollm2 import find_smollm2_gguf
+
+        from llama_engine.tokenizer import load_tokenizer
+        path = find_smollm2_gguf()
+        if path:
+            tok = load_tokenizer(str(path))
+            tok.end_ids = []  # noqa: random weights: no end token
+            return tok, "smollm2"
+    except Exception:  # noqa: BLE001 - the id tokenizer is the fallback
+        pass
+    return IdTokenizer(vocab), "ids"
+
+
+class LiveServer:
+    """serve.py's app on ``llm`` in this process, uvicorn on a free 127.0.0.1 port."""
+
+    def __init__(self, llm: LLMEngine, vocab: int):
+        import uvicorn
+
+        from llama_engine.server import build_server
+        tok, self.tokenizer = server_tokenizer(vocab)
+        self.app, self.loop = build_server(llm, tok, "bench", max_queue=1_000_000)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
+                                                    backlog=4096))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.loop.stop()
+
+
+def drive(url: str, prompts: list, max_tokens: int, rate: Optional[float] = None) -> dict:
+    """Run the client process; -> its JSON (per-request ttft/latency/tokens and the span)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"url": url, "prompts": prompts, "max_tokens": max_tokens, "rate": rate}, f)
+    try:
+        p = subprocess.run([sys.executable, "-m", "benchmarks.http_load", "--client", f.name],
+                           capture_output=True, text=True, check=False,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    finally:
+        os.unlink(f.name)
+    if p.returncode != 0:
+        raise RuntimeError(f"HTTP client failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def summarize(res: dict) -> dict:
+    rows = [r for r in res["requests"] if r.get("ok")]
+    tokens = sum(r["tokens"] for r in rows)
+    span = res["span_s"]
+    out = {"num_requests": len(rows), "failed": len(res["requests"]) - len(rows),
+           "output_tokens": tokens, "elapsed_s": span,
+           "tokens_per_s": tokens / span if span > 0 else 0.0}
+    for name in ("ttft", "tpot"):
+        vals = sorted(r[name] for r in rows if r.get(name) is not None)
+        if vals:
+            out[f"{name}_p50_s"] = percentile(vals, 50)
+            out[f"{name}_p99_s"] = percentile(vals, 99)
+            out[f"{name}_mean_s"] = sum(vals) / len(vals)
+    return out
+
+
+def _llm(eng, prefix_caching: bool = False) -> LLMEngine:
+    return LLMEngine(eng, max_batch_size=MAX_BATCH, max_num_tokens=8192,
+                     enable_prefix_caching=prefix_caching)
+
+
+def run_uniform(eng, vocab: int, num_requests: int, seed: int = 0) -> dict:
+    from .device import random_prompts, sync
+    prompts = random_prompts(num_requests, 128, vocab, seed=seed)
+    llm = _llm(eng)
+    llm.generate(prompts[:64], 8)                                # warm-up
+    sync(eng.device)
+    direct = latency_stats(llm.generate(prompts, 128))
+    srv = LiveServer(llm, vocab)
+    try:
+        drive(srv.url, prompts[:64], 8)                          # warm-up over HTTP
+        http = summarize(drive(srv.url, prompts, 128))
+    finally:
+        srv.close()
+    return {"num_requests": num_requests, "tokenizer": srv.tokenizer, "direct": direct,
+            "http": http, "http_vs_direct": http["tokens_per_s"] / direct["tokens_per_s"]}
+
+
+def prefix_prompts(n: int, vocab: int, prefix_len: int = 1024, suffix_len: int = 64) -> list:
+    rng = random.Random(5)
+    prefix = [rng.randrange(3, vocab) for _ in range(prefix_len)]
+    return [prefix + [rng.randrange(3, vocab) for _ in range(suffix_len)] for _ in range(n)]
+
+
+def run_prefix(eng, vocab: int, num_requests: int = 500) -> dict:
+    from .device import free_memory
+    prompts = prefix_prompts(num_requests, vocab)
+    out = {"num_requests": num_requests, "prefix": 1024, "suffix": 64, "output": 128}
+    for on in (False, True):
+        llm = _llm(eng, prefix_caching=on)
+        llm.generate([p[:-64] + p[-64:][::-1] for p in prompts[:8]], 4)  # warm-up (caches the prefix)
+        srv = LiveServer(llm, vocab)
+        try:
+            row = summarize(drive(srv.url, prompts, 128))
+        finally:
+            srv.close()
+        row["prefix_hit_rate"] = llm.block_manager.prefix_hit_rate
+        out["reuse" if on else "no_reuse"] = row
+        print("prefix", "on" if on else "off", json.dumps(row), flush=True)
+        del llm, srv
+        free_memory(eng.device)
+    out["throughput_ratio"] = out["reuse"]["tokens_per_s"] / out["no_reuse"]["tokens_per_s"]
+    out["mean_ttft_ratio"] = out["reuse"]["ttft_mean_s"] / out["no_reuse"]["ttft_mean_s"]
+    return out
+
+
+def run_poisson_http(eng, vocab: int, rates: list, num_requests: int) -> dict:
+    from .device import random_prompts
+    llm = _llm(eng)
+    prompts = random_prompts(num_requests, 128, vocab, seed=2)
+    llm.generate(prompts[:32], 8)
+    srv = LiveServer(llm, vocab)
+    out = {}
+    try:
+        for r in rates:
+            out[f"{r:g}/s"] = {"rate_per_s": r, "via": "http",
+                               **summarize(drive(srv.url, prompts, 128, rate=r))}
+            print("poisson_http", json.dumps(out[f"{r:g}/s"]), flush=True)
+    finally:
+        srv.close()
+    return out
+
+
+def run_http(weights, parts: set, num_requests: int, rates: Optional[list] = None,
+             save=None) -> dict:
+    """The HTTP scenarios on one fp16 engine of ``weights`` (benchmarks.weights.Weights)."""
+    eng = weights.engine("fp16", MAX_BATCH, 2048, 512)
+    vocab = weights.args.vocab_size
+    save = save or (lambda _: None)
+    out: dict = {}
+    if rates:
+        out["poisson"] = run_poisson_http(eng, vocab, rates, num_requests)
+        save(out)
+        return out
+    if "uniform" in parts:
+        out["http_uniform_128_128"] = run_uniform(eng, vocab, num_requests)
+        print("http_uniform", json.dumps(out["http_uniform_128_128"]), flush=True)
+        save(out)
+    if "prefix" in parts:
+        out["http_prefix_reuse"] = run_prefix(eng, vocab, min(500, num_requests))
+        print("http_prefix", json.dumps(out["http_prefix_reuse"]), flush=True)
+        save(out)
+    return out
+
+
+# -- the client process ----------------------------------------------------------------------
+async def _one(client, url: str, prompt: list, max_tokens: int, delay: float, t0: float) -> dict:
+    await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
+    sent = time.perf_counter()
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    times, tokens = [], 0
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"ok": False, "status": r.status_code}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif chunk.get("choices") and chunk["choices"][0].get("text"):
+                    times.append(time.perf_counter())
+    except Exception as e:  # noqa: BLE001 - counted as failed
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    end = time.perf_counter()
+    return {"ok": bool(times), "tokens": tokens, "sent": sent, "end": end,
+            "ttft": times[0] - sent if times else None,
+            "tpot": (times[-1] - times[0]) / (tokens - 1) if times and tokens > 1 else None}
+
+
+async def _client(spec: dict) -> dict:
+    import httpx
+    prompts, rate = spec["prompts"], spec.get("rate")
+    rng = random.Random(0)
+    delays, t = [], 0.0
+    for _ in prompts:
+        delays.append(t)
+        if rate:
+            t += rng.expovariate(rate)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        t0 = time.perf_counter()
+        reqs = await asyncio.gather(*(_one(client, spec["url"], p, spec["max_tokens"], d, t0)
+                                      for p, d in zip(prompts, delays)))
+    ok = [r for r in reqs if r.get("ok")]
+    span = (max(r["end"] for r in ok) - min(r["sent"] for r in ok)) if ok else 0.0
+    return {"span_s": span, "requests": reqs}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="the HTTP client half of benchmark.py --http")
+    p.add_argument("--client", required=True, help="JSON spec: url, prompts, max_tokens, rate")
+    a = p.parse_args(argv)
+    with open(a.client) as f:
+        spec = json.load(f)
+    print(json.dumps(asyncio.run(_client(spec))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

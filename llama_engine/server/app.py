@@ -1,0 +1,326 @@
+"""The HTTP side: a FastAPI (ASGI) app answering the OpenAI API over an ``EngineLoop``.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat
+template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Streaming
+is server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. Handlers only
+await queues, so the event loop never waits on a model step; a client that goes away cancels
+its request (its KV blocks are freed by the engine thread). Every error is OpenAI's JSON error
+body (protocol.py) with the HTTP status: 400 bad request, 404 unknown model or route, 413
+prompt longer than the engine takes, 503 over the queue depth, 500 engine failure.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llama_engine.serving.block_manager import cdiv
+
+from .loop import EngineLoop, Event, Handle, Overloaded
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body,
+                       to_sampling)
+from .text import TextStream
+
+FINISH = {"length": "length", "stop": "stop", "cancelled": "abort", "error": "error"}
+
+
+@dataclass
+class ServerState:
+    """What the handlers share: the engine thread, the tokenizer, the served name, limits."""
+
+    loop: EngineLoop
+    tokenizer: object
+    model_name: str
+    metrics: ServerMetrics
+    max_input_len: int
+    max_output_len: int
+    max_seq_len: int
+    num_blocks: int
+    block_size: int
+    created: int = 0
+
+    @classmethod
+    def for_engine(cls, loop: EngineLoop, tokenizer, model_name: str,
+                   metrics: ServerMetrics) -> "ServerState":
+        b = loop.llm.engine.config.build
+        bm = loop.llm.block_manager
+        return cls(loop, tokenizer, model_name, metrics, b.max_input_len, b.max_output_len,
+                   b.max_seq_len, bm.num_blocks, bm.block_size, int(time.time()))
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="llama_engine OpenAI-compatible server")
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"malformed JSON body: {first.get('msg', '')}"),
+                                status_code=400)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        return JSONResponse(error_body(f"{param or 'body'}: {first.get('msg', 'invalid')}",
+                                       param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        return JSONResponse(error_body(f"{type(e).__name__}: {e}", "internal_error"),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if not state.loop._thread.is_alive():
+            return JSONResponse({"status": "engine thread stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": state.model_name, "object": "model", "created": state.created,
+             "owned_by": "llama_engine", "max_model_len": state.max_seq_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        _check_model(state, req.model)
+        if req.echo or req.suffix:
+            raise APIError(400, "echo and suffix are not supported by this engine",
+                           param="echo" if req.echo else "suffix")
+        ids = _prompt_ids(state, req.prompt)
+        return await _serve(state, request, req, ids, "completion", req.logprobs,
+                            req.max_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        _check_model(state, req.model)
+        tok = state.tokenizer
+        if not tok.has_chat_template:
+            raise APIError(400, f"the tokenizer ({tok.source}) has no chat template",
+                           param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = tok.encode_chat(messages)
+        except Exception as e:  # noqa: BLE001 - a template may reject a conversation
+            raise APIError(400, f"chat template: {e}", param="messages") from e
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+            else req.max_tokens
+        return await _serve(state, request, req, ids, "chat", logprobs, max_tokens)
+
+    return app
+
+
+def _check_model(state: ServerState, name: Optional[str]) -> None:
+    if name is not None and name != state.model_name:
+        raise APIError(404, f"model {name!r} does not exist; this server serves "
+                       f"{state.model_name!r}", param="model", code="model_not_found")
+
+
+def _prompt_ids(state: ServerState, prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, "one prompt per request (send several requests, or use n)",
+                           param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return state.tokenizer.encode(prompt, add_bos=True)
+    vocab = state.tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in prompt):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return list(prompt)
+
+
+def _max_tokens(state: ServerState, n_prompt: int, max_tokens: Optional[int],
+                param: str) -> int:
+    if n_prompt == 0:
+        raise APIError(400, "the prompt is empty", param=param)
+    if n_prompt > state.max_input_len:
+        raise APIError(413, f"the prompt has {n_prompt} tokens; this engine takes at most "
+                       f"{state.max_input_len}", param=param, code="context_length_exceeded")
+    room = min(state.max_output_len, state.max_seq_len - n_prompt)
+    if max_tokens is None:
+        max_tokens = room
+    if max_tokens <= 0:
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}",
+                       param="max_tokens")
+    if max_tokens > room:
+        raise APIError(400, f"max_tokens {max_tokens} is over what is left for this prompt "
+                       f"({room}: max_output_len {state.max_output_len}, max_seq_len "
+                       f"{state.max_seq_len})", param="max_tokens",
+                       code="context_length_exceeded")
+    if cdiv(n_prompt + max_tokens - 1, state.block_size) > state.num_blocks:
+        raise APIError(400, "prompt + max_tokens is larger than the whole KV cache",
+                       param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
+async def _serve(state: ServerState, request: Request, req, ids: list, kind: str,
+                 logprobs: Optional[int], max_tokens: Optional[int]):
+    stops = req.stop_strings()
+    max_tokens = _max_tokens(state, len(ids), max_tokens,
+                             "messages" if kind == "chat" else "prompt")
+    samplings = [to_sampling(req, logprobs, i) for i in range(req.n)]
+    if logprobs is not None:
+        # SamplingConfig takes it, but nothing in a RequestOutput carries the values yet.
+        raise APIError(400, "logprobs is not supported by this engine", param="logprobs",
+                       code="unsupported_parameter")
+    stop_ids = tuple(req.stop_token_ids) + (() if req.ignore_eos
+                                            else tuple(state.tokenizer.end_ids))
+    events: asyncio.Queue = asyncio.Queue()
+    aloop = asyncio.get_running_loop()
+    handles = [Handle(ids, s, max_tokens, stop_ids, i, events, aloop)
+               for i, s in enumerate(samplings)]
+    try:
+        state.loop.submit(handles)
+    except Overloaded as e:
+        raise APIError(503, f"server overloaded: {e}", "server_overloaded",
+                       code="overloaded") from e
+    run = _Run(state, handles, events, stops, kind, len(ids))
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(run.sse(include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return JSONResponse(await run.collect(request))
+
+
+class _Run:
+    """One HTTP request's n engine requests, turned into OpenAI responses."""
+
+    def __init__(self, state: ServerState, handles: list, events: asyncio.Queue, stops: list,
+                 kind: str, num_prompt: int):
+        self.state, self.handles, self.events, self.kind = state, handles, events, kind
+        self.streams = [TextStream(state.tokenizer, stops) for _ in handles]
+        self.counts = [0] * len(handles)
+        self.reasons: list[Optional[str]] = [None] * len(handles)
+        self.num_prompt = num_prompt
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def cancel_all(self) -> None:
+        for h in self.handles:
+            self.state.loop.cancel(h)
+
+    def apply(self, ev: Event) -> tuple[str, Optional[str]]:
+        """An event -> (new text, finish reason if this choice ended now)."""
+        i = ev.index
+        if self.reasons[i] is not None:
+            return "", None              # already ended (a stop string): later news is moot
+        if ev.error:
+            self.reasons[i] = "error"
+            raise APIError(400, ev.error, code="request_refused")
+        s = self.streams[i]
+        self.counts[i] += len(ev.token_ids)
+        text = s.push(ev.token_ids)
+        if s.stopped:
+            self.state.loop.cancel(self.handles[i])
+            self.reasons[i] = "stop"
+        elif ev.finished:
+            text += s.finish()
+            self.reasons[i] = FINISH.get(ev.finish_reason, ev.finish_reason)
+        return text, self.reasons[i]
+
+    @property
+    def pending(self) -> bool:
+        return any(r is None for r in self.reasons)
+
+    def usage(self) -> dict:
+        done = sum(self.counts)
+        return {"prompt_tokens": self.num_prompt, "completion_tokens": done,
+                "total_tokens": self.num_prompt + done}
+
+    async def collect(self, request: Request) -> dict:
+        try:
+            while self.pending:
+                try:
+                    ev = await asyncio.wait_for(self.events.get(), 1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self.cancel_all()
+                        return {}
+                    continue
+                self.apply(ev)
+        finally:
+            self.cancel_all()
+        texts = [s.output_text for s in self.streams]
+        if self.kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                        "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(texts, self.reasons))]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(texts, self.reasons))]
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created,
+                "model": self.state.model_name, "choices": choices, "usage": self.usage()}
+
+    def _chunk(self, i: int, text: Optional[str], reason: Optional[str],
+               role: bool = False) -> str:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else (
+                {"content": text} if text else {})
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        return self._sse({"id": self.id, "object": obj, "created": self.created,
+                          "model": self.state.model_name, "choices": [choice]})
+
+    @staticmethod
+    def _sse(obj: dict) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def sse(self, include_usage: bool) -> AsyncIterator[str]:
+        try:
+            if self.kind == "chat":
+                for i in range(len(self.handles)):
+                    yield self._chunk(i, None, None, role=True)
+            while self.pending:
+                # Everything queued goes out in one write: a busy event loop sends fewer,
+                # fuller chunks instead of falling behind.
+                evs = [await self.events.get()]
+                while not self.events.empty():
+                    evs.append(self.events.get_nowait())
+                out = []
+                for ev in evs:
+                    try:
+                        text, reason = self.apply(ev)
+                    except APIError as e:
+                        out.append(self._sse(e.body()))
+                        continue
+                    if text or reason:
+                        out.append(self._chunk(ev.index, text, reason))
+                if out:
+                    yield "".join(out)
+            if include_usage:
+                yield self._sse({"id": self.id, "object": "chat.completion.chunk"
+                                 if self.kind == "chat" else "text_completion",
+                                 "created": self.created, "model": self.state.model_name,
+                                 "choices": [], "usage": self.usage()})
+            yield "data: [DONE]\n\n"
+        finally:                          # also when the client went away mid-stream
+            self.cancel_all()
