@@ -32,7 +32,8 @@ from .attention import AttentionMeta, last_token_indices
 from .config import ConfigError, EngineConfig
 from .cuda_graphs import CudaGraphs, graph_buckets
 from .kv_cache import KVCache, slots_for
-from .sampling import SamplingConfig, sample
+from .logits_processors import Controls
+from .sampling import SamplingConfig, sample, token_logprobs
 from .serving.block_manager import cdiv
 from .serving.scheduler import SchedulerOutput
 from .serving.sequence import Sequence
@@ -56,6 +57,7 @@ class ModelRunner:
         self._serving_graphs: Optional[CudaGraphs] = None
         self._pool = None
         self._generators: dict = {}         # request_id -> torch.Generator (seeded requests)
+        self._controls: dict = {}           # request_id -> logits_processors.Controls
         self.max_batch_size = config.build.max_batch_size
         self.max_num_tokens = 0
         self.max_blocks_per_seq = cdiv(config.build.max_seq_len, self.block_size)
@@ -356,9 +358,18 @@ class ModelRunner:
 
     # -- sampling ----------------------------------------------------------------------------
     def sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits fp32 [R, V] of ``seqs`` -> one token each. Greedy rows take the argmax in
-        one batched op; others are sampled with their own settings (seeded ones with their
-        own generator, so batching never changes what they draw)."""
+        """logits fp32 [R, V] of ``seqs`` -> one token each. Requests with sampling controls
+        first get their penalties and bans applied (each its own device state,
+        ``logits_processors.Controls``); greedy rows take the argmax in one batched op;
+        others are sampled with their own settings (seeded ones with their own generator, so
+        batching never changes what they draw). Requests asking for log-probs get them on
+        ``seq.next_logprob`` (``Sequence.append_token`` keeps them)."""
+        controlled = [r for r, q in enumerate(seqs)
+                      if q.sampling is not None and q.sampling.has_controls]
+        for r in controlled:
+            seq = seqs[r]
+            logits[r:r + 1] = self._controls_of(seq, logits.shape[-1]).apply(
+                logits[r:r + 1], seq.num_output_tokens)
         next_ids = logits.argmax(dim=-1)
         groups: dict = {}
         for r, seq in enumerate(seqs):
@@ -377,8 +388,31 @@ class ModelRunner:
                     self._generators[seq.request_id] = gen
             idx = torch.tensor(group, device=self.device)
             next_ids[idx] = sample(logits[idx], cfg, gen)
-        return next_ids.tolist()
+        for r in controlled:
+            self._controls[seqs[r].request_id].update(next_ids[r:r + 1])
+        wanted = [r for r, q in enumerate(seqs)
+                  if q.sampling is not None and q.sampling.logprobs is not None]
+        lps = [token_logprobs(logits[r:r + 1], next_ids[r:r + 1], seqs[r].sampling)
+               for r in wanted]
+        tokens = next_ids.tolist()
+        for r, (lp, ids, vals) in zip(wanted, lps):
+            top = list(zip(ids[0].tolist(), vals[0].tolist())) if ids is not None else None
+            seqs[r].next_logprob = (float(lp[0]), top)
+        return tokens
+
+    def _controls_of(self, seq: Sequence, vocab_size: int) -> Controls:
+        """The request's control state, built from its tokens so far on first use."""
+        ctl = self._controls.get(seq.request_id)
+        if ctl is None:
+            ctl = Controls(seq.sampling, [seq.prompt_ids + seq.output_ids],
+                           [seq.num_prompt_tokens], sorted(seq.stop_ids), vocab_size,
+                           seq.num_prompt_tokens + seq.max_tokens, self.device)
+            self._controls[seq.request_id] = ctl
+        return ctl
 
     def release(self, seq: Sequence) -> None:
-        """Forget per-request state (the sampler's generator) of a finished request."""
+        """Forget per-request state (the sampler's generator, the controls' device state) of
+        a finished request, or of one whose step failed (the controls are rebuilt from its
+        tokens when it runs again)."""
         self._generators.pop(seq.request_id, None)
+        self._controls.pop(seq.request_id, None)
