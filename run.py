@@ -72,8 +72,9 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
 
 
 def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=None,
-                      stop_ids=(), scheduler_policy: str = "max_utilization"):
-    """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput."""
+                      stop_ids=(), scheduler_policy: str = "max_utilization", streamer=None):
+    """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput.
+    ``streamer(prompt_index, new_token_ids)`` sees each request's tokens as they come."""
     import time
 
     from llama_engine.runner import GenerationOutput
@@ -82,12 +83,19 @@ def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=Non
     if llm is None:  # one per engine: it owns the paged KV cache and the CUDA graphs
         llm = engine._llm_engine = LLMEngine(engine, scheduler_policy=scheduler_policy)
     t0 = time.perf_counter()
-    seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids)
+    def on_output(out):
+        if out.new_token_ids:
+            streamer(out.index, out.new_token_ids)
+    seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids,
+                        streamer=on_output if streamer else None)
     for s in seqs:
         if s.error:
             raise ConfigError(s.error)
     outs = [list(s.output_ids) for s in seqs]
-    return GenerationOutput(outs, sum(map(len, outs)), time.perf_counter() - t0)
+    res = GenerationOutput(outs, sum(map(len, outs)), time.perf_counter() - t0)
+    if sampling is not None and sampling.logprobs is not None:
+        res.log_probs = [list(s.logprobs) for s in seqs]
+    return res
 
 
 def _main(args) -> int:
@@ -95,7 +103,6 @@ def _main(args) -> int:
 
     import torch
 
-    from llama_engine.runner import SamplingConfig
     from llama_engine.tokenizer import load_tokenizer
 
     if args.num_runs <= 0:
@@ -110,17 +117,21 @@ def _main(args) -> int:
     engine, _ = load_runner(args.engine_dir, device, dtype, options=options)
     from llama_engine import parallel
     parallel.quiet_non_main_ranks()  # torchrun: every rank computes the same tokens; rank 0 prints
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed)
-    end_id = tokenizer.eos_id
+    # The one stopping rule (static, inflight, TensorRT-LLM): the model's end ids
+    # (Tokenizer.end_ids), replaced by --end_id; --stop_words end a prompt too.
+    sampling = cli.sampling_from_args(args, tokenizer)
+    end_ids = tokenizer.end_ids
 
     def once(streamer=None):
         if args.use_inflight_batching:
             return generate_inflight(engine, batch_ids, args.max_output_len, sampling,
-                                     stop_ids=tokenizer.end_ids,
-                                     scheduler_policy=args.scheduler_policy)
-        return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_id,
+                                     stop_ids=end_ids, scheduler_policy=args.scheduler_policy,
+                                     streamer=streamer and inflight_streamer)
+        return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_ids,
                                streamer=streamer)
+
+    def inflight_streamer(i, toks):
+        print(f"[prompt {i}] {tokenizer.decode(toks)!r}", flush=True)
 
     streamer = None
     if args.streaming:

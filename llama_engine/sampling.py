@@ -231,3 +231,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConf
         top = torch.topk(lsm, cfg.logprobs, dim=-1)
         return lp, top.indices, top.values
     return lp, None, None
+
+
+def word_list_tensor(words: list, batch_size: int) -> torch.Tensor:
+    """Token-id words in TensorRT-LLM's stop/bad words layout, the same for every prompt:
+    int32 [B, 2, L], row 0 the ids of all words one after another, row 1 the end offset of
+    each word (padded with -1)."""
+    flat = [int(t) for w in words for t in w]
+    offsets, n = [], 0
+    for w in words:
+        n += len(w)
+        offsets.append(n)
+    width = max(len(flat), 1)
+    t = torch.full((2, width), -1, dtype=torch.int32)
+    t[0, :len(flat)] = torch.tensor(flat, dtype=torch.int32)
+    t[1, :len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
+    t[0, len(flat):] = 0
+    return t[None].repeat(batch_size, 1, 1).contiguous()

@@ -47,6 +47,7 @@ class RequestOutput:
     new_token_ids: list
     finished: bool
     sequence: Sequence          # the request itself: output_ids, finish_reason, error, ttft...
+    index: Optional[int] = None  # in generate(): the prompt's position in its input list
 
     @property
     def finish_reason(self) -> Optional[FinishReason]:
@@ -252,12 +253,13 @@ class LLMEngine:
             self._checked(f"prompt {i}", p, sampling, m, stop_ids)
         now = time.perf_counter()
         ids = [self.add_request(p, sampling, m, stop_ids, now) for p, m in zip(prompts, limits)]
-        mine = set(ids)
+        mine = {rid: i for i, rid in enumerate(ids)}
         results: dict = {}
         while len(results) < len(ids):
             for out in self.step():
                 if out.request_id not in mine:
                     continue
+                out.index = mine[out.request_id]
                 if streamer:
                     streamer(out)
                 if out.finished:
