@@ -57,7 +57,7 @@ class ModelRunner:
         self._serving_graphs: Optional[CudaGraphs] = None
         self._pool = None
         self._generators: dict = {}         # request_id -> torch.Generator (seeded requests)
-        self._controls: dict = {}           # request_id -> logits_processors.Controls
+        self._controls: Optional[Controls] = None  # inflight requests' control state
         self.max_batch_size = config.build.max_batch_size
         self.max_num_tokens = 0
         self.max_blocks_per_seq = cdiv(config.build.max_seq_len, self.block_size)
@@ -358,18 +358,26 @@ class ModelRunner:
 
     # -- sampling ----------------------------------------------------------------------------
     def sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits fp32 [R, V] of ``seqs`` -> one token each. Requests with sampling controls
-        first get their penalties and bans applied (each its own device state,
-        ``logits_processors.Controls``); greedy rows take the argmax in one batched op;
-        others are sampled with their own settings (seeded ones with their own generator, so
-        batching never changes what they draw). Requests asking for log-probs get them on
-        ``seq.next_logprob`` (``Sequence.append_token`` keeps them)."""
+        """logits fp32 [R, V] of ``seqs`` -> one token each. Rows of requests with sampling
+        controls first get their penalties and bans, all in one batched pass over their
+        device state (``logits_processors.Controls``, a slot per request); greedy rows take
+        the argmax in one batched op; others are sampled with their own settings (seeded ones
+        with their own generator, so batching never changes what they draw). Requests asking
+        for log-probs get them on ``seq.next_logprob`` (``Sequence.append_token`` keeps
+        them)."""
         controlled = [r for r, q in enumerate(seqs)
                       if q.sampling is not None and q.sampling.has_controls]
-        for r in controlled:
-            seq = seqs[r]
-            logits[r:r + 1] = self._controls_of(seq, logits.shape[-1]).apply(
-                logits[r:r + 1], seq.num_output_tokens)
+        if controlled:
+            ctl = self._controls_state(logits.shape[-1])
+            slots = [ctl.slot(q.request_id, q.sampling, q.prompt_ids + q.output_ids,
+                              q.num_prompt_tokens, sorted(q.stop_ids))
+                     for q in (seqs[r] for r in controlled)]
+            ngen = [seqs[r].num_output_tokens for r in controlled]
+            if len(controlled) == len(seqs):
+                ctl.apply(slots, logits, ngen)
+            else:
+                idx = torch.tensor(controlled, device=self.device)
+                logits[idx] = ctl.apply(slots, logits[idx], ngen)
         next_ids = logits.argmax(dim=-1)
         groups: dict = {}
         for r, seq in enumerate(seqs):
@@ -388,31 +396,40 @@ class ModelRunner:
                     self._generators[seq.request_id] = gen
             idx = torch.tensor(group, device=self.device)
             next_ids[idx] = sample(logits[idx], cfg, gen)
-        for r in controlled:
-            self._controls[seqs[r].request_id].update(next_ids[r:r + 1])
-        wanted = [r for r, q in enumerate(seqs)
-                  if q.sampling is not None and q.sampling.logprobs is not None]
-        lps = [token_logprobs(logits[r:r + 1], next_ids[r:r + 1], seqs[r].sampling)
-               for r in wanted]
+        if controlled:
+            ctl.update(slots, next_ids if len(controlled) == len(seqs)
+                       else next_ids[torch.tensor(controlled, device=self.device)])
+        lp_groups: dict = {}   # rows sharing a log-prob distribution and a top-N
+        for r, q in enumerate(seqs):
+            cfg = q.sampling
+            if cfg is not None and cfg.logprobs is not None:
+                key = (None if cfg.greedy else cfg.temperature, cfg.logprobs)
+                lp_groups.setdefault(key, (cfg, []))[1].append(r)
+        lps = []
+        for cfg, rows in lp_groups.values():
+            idx = torch.tensor(rows, device=self.device)
+            lps.append((rows, token_logprobs(logits[idx], next_ids[idx], cfg)))
         tokens = next_ids.tolist()
-        for r, (lp, ids, vals) in zip(wanted, lps):
-            top = list(zip(ids[0].tolist(), vals[0].tolist())) if ids is not None else None
-            seqs[r].next_logprob = (float(lp[0]), top)
+        for rows, (lp, ids, vals) in lps:
+            lp = lp.tolist()
+            ids = ids.tolist() if ids is not None else None
+            vals = vals.tolist() if vals is not None else None
+            for k, r in enumerate(rows):
+                top = list(zip(ids[k], vals[k])) if ids is not None else None
+                seqs[r].next_logprob = (lp[k], top)
         return tokens
 
-    def _controls_of(self, seq: Sequence, vocab_size: int) -> Controls:
-        """The request's control state, built from its tokens so far on first use."""
-        ctl = self._controls.get(seq.request_id)
-        if ctl is None:
-            ctl = Controls(seq.sampling, [seq.prompt_ids + seq.output_ids],
-                           [seq.num_prompt_tokens], sorted(seq.stop_ids), vocab_size,
-                           seq.num_prompt_tokens + seq.max_tokens, self.device)
-            self._controls[seq.request_id] = ctl
-        return ctl
+    def _controls_state(self, vocab_size: int) -> Controls:
+        """The device state of every inflight request with sampling controls (a slot each)."""
+        if self._controls is None:
+            self._controls = Controls(vocab_size, self.config.build.max_seq_len, self.device,
+                                      self.max_batch_size)
+        return self._controls
 
     def release(self, seq: Sequence) -> None:
         """Forget per-request state (the sampler's generator, the controls' device state) of
         a finished request, or of one whose step failed (the controls are rebuilt from its
         tokens when it runs again)."""
         self._generators.pop(seq.request_id, None)
-        self._controls.pop(seq.request_id, None)
+        if self._controls is not None:
+            self._controls.release(seq.request_id)

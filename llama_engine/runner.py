@@ -214,22 +214,23 @@ class Engine:
         cache = self.kv_cache(bsz, max_seq)
         block_tables = static_block_tables(bsz, max_seq, self.block_size, self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        controls = None
+        controls = slots = None
         if sampling.has_controls:
-            controls = Controls(sampling, batch_input_ids, [len(p) for p in batch_input_ids],
-                                end_ids, self.config.model.vocab_size, max_seq, self.device)
+            controls = Controls(self.config.model.vocab_size, max_seq, self.device, bsz)
+            slots = [controls.slot(b, sampling, p, len(p), end_ids)
+                     for b, p in enumerate(batch_input_ids)]
         end_t = (torch.tensor(end_ids, dtype=torch.int64, device=self.device)
                  if len(end_ids) > 1 else None)
         logprobs = [] if sampling.logprobs is not None else None
 
         def pick(logits, step):
             if controls is not None:
-                logits = controls.apply(logits, step)
+                logits = controls.apply(slots, logits, step)
             tok = sample(logits, sampling, gen)
             if logprobs is not None:
                 logprobs.append(token_logprobs(logits, tok, sampling))
             if controls is not None:
-                controls.update(tok)
+                controls.update(slots, tok)
             return tok
 
         t0 = time.perf_counter()
@@ -250,7 +251,7 @@ class Engine:
                 elif end_ids:
                     done |= torch.isin(next_tok, end_t)
                 if sampling.stop_words:
-                    done |= controls.stopped()
+                    done |= controls.stopped(slots)
                 if bool(done.all()):
                     break
             logits = self.decode_step(next_tok, context_lens, block_tables, cache)

@@ -8,6 +8,7 @@ import torch
 
 import build
 from llama_engine.config import ConfigError
+from llama_engine.logits_processors import Controls
 from llama_engine.runner import Engine
 from llama_engine.sampling import SamplingConfig, cut_at_stop, held_back
 from llama_engine.serving import LLMEngine
@@ -213,3 +214,27 @@ def test_cut_at_stop_and_held_back():
     assert held_back([4, 6], [[6, 7, 9]]) == 1
     assert held_back([6, 7], [[6, 7, 9]]) == 2
     assert held_back([6, 5], [[6, 7, 9]]) == 0
+
+
+def test_mixed_controls_in_one_inflight_batch_equal_their_solo_runs(models):
+    """Requests with different controls (and none) share every step; each gets what it gets
+    alone in the static engine. More requests than the engine's batch: slots are reused."""
+    engine, _ = models
+    cfgs = [SamplingConfig(repetition_penalty=1.8), SamplingConfig(),
+            SamplingConfig(no_repeat_ngram_size=2, bad_words=[[7], [40, 41]]),
+            SamplingConfig(presence_penalty=0.7, frequency_penalty=0.2, min_length=4,
+                           logprobs=1),
+            SamplingConfig(no_repeat_ngram_size=3, repetition_penalty=1.3),
+            SamplingConfig(stop_words=[[9, 9]], repetition_penalty=0.9)]
+    prompts = [PROMPTS[i % 2][:5 + i] for i in range(len(cfgs))]
+    solo = [engine.generate([p], N, c, end_id=EOS).output_ids[0]
+            for p, c in zip(prompts, cfgs)]
+    llm = LLMEngine(engine, max_num_tokens=12, max_kv_cache_tokens=256)
+    # One slot to start with: the state grows (and is copied) as requests arrive.
+    llm.runner._controls = Controls(engine.config.model.vocab_size,
+                                    engine.config.build.max_seq_len, "cpu", capacity=1)
+    rids = [llm.add_request(p, c, max_tokens=N, stop_ids=[EOS]) for p, c in zip(prompts, cfgs)]
+    done = {o.request_id: o.sequence for o in llm.stream() if o.finished}
+    assert [done[r].output_ids for r in rids] == solo
+    assert len(done[rids[3]].logprobs) == len(solo[3])
+    assert llm.runner._controls.capacity >= 4 and not llm.runner._controls.info  # released
