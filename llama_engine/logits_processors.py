@@ -101,6 +101,10 @@ class Controls:
         self._plans.clear()
         return s
 
+    def slot_of(self, key) -> Optional[int]:
+        """The slot ``key`` holds, None when it holds none."""
+        return self._slot_of.get(key)
+
     def release(self, key) -> None:
         s = self._slot_of.pop(key, None)
         if s is not None:

@@ -369,8 +369,9 @@ class ModelRunner:
                       if q.sampling is not None and q.sampling.has_controls]
         if controlled:
             ctl = self._controls_state(logits.shape[-1])
-            slots = [ctl.slot(q.request_id, q.sampling, q.prompt_ids + q.output_ids,
-                              q.num_prompt_tokens, sorted(q.stop_ids))
+            slots = [ctl.slot_of(q.request_id) if ctl.slot_of(q.request_id) is not None
+                     else ctl.slot(q.request_id, q.sampling, q.prompt_ids + q.output_ids,
+                                   q.num_prompt_tokens, sorted(q.stop_ids))
                      for q in (seqs[r] for r in controlled)]
             ngen = [seqs[r].num_output_tokens for r in controlled]
             if len(controlled) == len(seqs):

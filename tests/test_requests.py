@@ -230,3 +230,34 @@ def test_bad_sampling_flags(capsys, flags, expected):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_trtllm_runner_uses_the_same_stopping_rule():
+    """The TensorRT-LLM runner (a stand-in for ModelRunnerCpp): every end id and stop word
+    cuts the output as in our engine, and the controls reach TensorRT-LLM's arguments."""
+    from llama_engine import trtllm as T
+
+    class Stand:
+        def generate(self, inputs, **kw):
+            self.kw = kw
+            gen = [10, 11, 12, 2, 5]
+            t = max(len(x) for x in inputs) + len(gen)
+            ids = torch.zeros(len(inputs), 1, t, dtype=torch.int32)
+            lens = torch.zeros(len(inputs), 1, dtype=torch.int32)
+            for i, x in enumerate(inputs):
+                ids[i, 0, :len(x)] = torch.tensor(x)
+                ids[i, 0, len(x):len(x) + len(gen)] = torch.tensor(gen)
+                lens[i, 0] = len(x) + len(gen)
+            return {"output_ids": ids, "sequence_lengths": lens}
+
+    fake = Stand()
+    r = T.TrtllmRunner("/nowhere", fake, {"build_config": {"max_batch_size": 2}}, "stand-in")
+    assert r.generate([[1, 3]], 5, end_id=[2]).output_ids == [[10, 11, 12]]
+    assert r.generate([[1, 3]], 5, end_id=[2, 12]).output_ids == [[10, 11]]
+    assert fake.kw["end_id"] == 2 and fake.kw["stop_words_list"].tolist() == [[[12], [1]]]
+    cfg = SamplingConfig(end_id=11, repetition_penalty=1.1, bad_words=[[7, 8]])
+    assert r.generate([[1, 3]], 5, cfg, end_id=[2]).output_ids == [[10]]
+    assert fake.kw["end_id"] == 11 and fake.kw["repetition_penalty"] == 1.1
+    assert fake.kw["bad_words_list"].tolist() == [[[7, 8], [2, -1]]]
+    cfg = SamplingConfig(stop_words=[[11, 12]])
+    assert r.generate([[1, 3]], 5, cfg, end_id=[2]).output_ids == [[10]]
