@@ -30,6 +30,9 @@ def check_token_ids(ids, vocab_size: int, what: str) -> list[int]:
     ``what``) for floats, bools, other objects or ids out of range."""
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise ConfigError(f"{what}: token ids must be a list of integers, got {ids!r}")
+    if isinstance(ids, list) and all(type(t) is int for t in ids) \
+            and (not ids or (min(ids) >= 0 and max(ids) < vocab_size)):
+        return list(ids)  # the common case, checked at C speed
     out = []
     for i, t in enumerate(ids):
         if not _is_int(t):

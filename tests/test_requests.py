@@ -245,7 +245,7 @@ def test_trtllm_runner_uses_the_same_stopping_rule():
             ids = torch.zeros(len(inputs), 1, t, dtype=torch.int32)
             lens = torch.zeros(len(inputs), 1, dtype=torch.int32)
             for i, x in enumerate(inputs):
-                ids[i, 0, :len(x)] = torch.tensor(x)
+                ids[i, 0, :len(x)] = x
                 ids[i, 0, len(x):len(x) + len(gen)] = torch.tensor(gen)
                 lens[i, 0] = len(x) + len(gen)
             return {"output_ids": ids, "sequence_lengths": lens}
