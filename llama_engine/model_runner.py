@@ -58,6 +58,7 @@ class ModelRunner:
         self._pool = None
         self._generators: dict = {}         # request_id -> torch.Generator (seeded requests)
         self._controls: Optional[Controls] = None  # inflight requests' control state
+        self._gen_before: dict = {}         # request_id -> generator state before this step
         self.max_batch_size = config.build.max_batch_size
         self.max_num_tokens = 0
         self.max_blocks_per_seq = cdiv(config.build.max_seq_len, self.block_size)
@@ -264,6 +265,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> list[Optional[int]]:
         """Compute a scheduled step; -> the sampled token of each ``out.seqs[i]`` (None where
         ``out.sample[i]`` is False)."""
+        self._gen_before.clear()
         if out.empty:
             return []
         rows = [i for i, s in enumerate(out.sample) if s]
@@ -395,6 +397,7 @@ class ModelRunner:
                 if gen is None:
                     gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
                     self._generators[seq.request_id] = gen
+                self._gen_before[seq.request_id] = gen.get_state()  # for rewind()
             idx = torch.tensor(group, device=self.device)
             next_ids[idx] = sample(logits[idx], cfg, gen)
         if controlled:
@@ -427,10 +430,20 @@ class ModelRunner:
                                       self.max_batch_size)
         return self._controls
 
+    def rewind(self, seq: Sequence) -> None:
+        """Undo what the last ``execute`` did to ``seq``'s sampling state (its step failed and
+        will be rerun): the generator goes back to where it was before this step's draw, the
+        controls are rebuilt from its tokens when it next samples."""
+        state = self._gen_before.pop(seq.request_id, None)
+        if state is not None:
+            self._generators[seq.request_id].set_state(state)
+        if self._controls is not None:
+            self._controls.release(seq.request_id)
+        seq.next_logprob = None
+
     def release(self, seq: Sequence) -> None:
         """Forget per-request state (the sampler's generator, the controls' device state) of
-        a finished request, or of one whose step failed (the controls are rebuilt from its
-        tokens when it runs again)."""
+        a finished request."""
         self._generators.pop(seq.request_id, None)
         if self._controls is not None:
             self._controls.release(seq.request_id)

@@ -126,26 +126,36 @@ def test_fault_of_every_request_is_raised(engine, monkeypatch):
         eng.generate(PROMPTS[:2], N)
 
 
-def test_failing_sampling_is_isolated(engine):
-    """A request whose sampling breaks mid-run (here: its controls raise on the 3rd token)."""
-    alone = [solo(engine, p) for p in PROMPTS[:2]]
+@pytest.mark.parametrize("where", ["controls", "logprobs"])
+def test_failing_sampling_is_isolated(engine, where):
+    """A request whose sampling breaks mid-run, before the others draw (its controls) or after
+    (its log-probs): the others, seeded samplers and one with controls, equal their solo runs
+    (the failed step's draws and control updates are rewound before the rerun)."""
+    seeded = SamplingConfig(temperature=1.0, top_k=0, seed=5)
+    controlled = SamplingConfig(temperature=1.0, top_k=0, seed=6, repetition_penalty=1.5)
+    alone = [solo(engine, PROMPTS[0], seeded), solo(engine, PROMPTS[2], controlled)]
 
     class Breaks(SamplingConfig):
-        calls = 0
+        armed = False
 
-        @property
-        def has_controls(self):
-            Breaks.calls += 1
-            if Breaks.calls > 3:
+        def __getattribute__(self, name):
+            if Breaks.armed and name == {"controls": "has_controls",
+                                         "logprobs": "logprobs"}[where]:
                 raise ValueError("broken sampler")
-            return False
+            return super().__getattribute__(name)
     eng = llm(engine)
-    ok = eng.add_request(PROMPTS[0], max_tokens=N)
-    bad = eng.add_request(PROMPTS[1], Breaks(), max_tokens=N)
-    done = {o.request_id: o.sequence for o in eng.stream() if o.finished}
-    assert done[ok].output_ids == alone[0]
+    ok = eng.add_request(PROMPTS[0], seeded, max_tokens=N)
+    bad = eng.add_request(PROMPTS[1], Breaks(logprobs=0, repetition_penalty=1.2),
+                          max_tokens=N)
+    ok2 = eng.add_request(PROMPTS[2], controlled, max_tokens=N)
+    done = {}
+    for _ in range(3):
+        done.update({o.request_id: o.sequence for o in eng.step() if o.finished})
+    Breaks.armed = True
+    done.update({o.request_id: o.sequence for o in eng.stream() if o.finished})
+    assert [done[ok].output_ids, done[ok2].output_ids] == alone
     assert done[bad].finish_reason is FinishReason.ERROR
-    assert done[bad].error.startswith(f"request {bad}: failed during a step (ValueError")
+    assert done[bad].error == f"request {bad}: failed during a step (ValueError: broken sampler)"
 
 
 # -- one stopping rule on SmolLM2 --------------------------------------------------------------

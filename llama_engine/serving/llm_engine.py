@@ -198,8 +198,7 @@ class LLMEngine:
         others get their tokens as if nothing happened (a rerun recomputes the same K/V). When
         every request of a step of several fails alone the fault is not theirs: re-raised."""
         for seq in out.seqs:
-            self.runner.release(seq)   # controls may have seen a token that was never kept
-            seq.next_logprob = None
+            self.runner.rewind(seq)    # draws and control updates of tokens never kept
         tokens, failed = [None] * len(out.seqs), []
         for i, (seq, n, smp) in enumerate(zip(out.seqs, out.num_new_tokens, out.sample)):
             alone = SchedulerOutput(seqs=[seq], num_new_tokens=[n], sample=[smp],
