@@ -271,3 +271,18 @@ def test_trtllm_runner_uses_the_same_stopping_rule():
     assert fake.kw["bad_words_list"].tolist() == [[[7, 8], [2, -1]]]
     cfg = SamplingConfig(stop_words=[[11, 12]])
     assert r.generate([[1, 3]], 5, cfg, end_id=[2]).output_ids == [[10]]
+
+
+def test_tokenizer_larger_than_the_engine_is_one_line_error(smol_engine, tmp_path, capsys):
+    """A tokenizer whose ids go past the engine's vocabulary: a one-line error, exit 2."""
+    tiny = tmp_path / "tiny"
+    assert build.main(["--model_config", "tiny", "--dtype", "float32", "--max_input_len", "32",
+                       "--max_output_len", "8", "--output_dir", str(tiny)]) == 0
+    capsys.readouterr()
+    rc = run.main(["--engine_dir", str(tiny), "--tokenizer_dir", str(smol_engine),
+                   "--max_output_len", "4", "--device", "cpu",
+                   "--input_text", "The capital of France is"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: prompt 0: token id ") and "outside the vocabulary 0..511" \
+        in err[0]
