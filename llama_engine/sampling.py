@@ -251,3 +251,26 @@ def word_list_tensor(words: list, batch_size: int) -> torch.Tensor:
     t[1, :len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
     t[0, len(flat):] = 0
     return t[None].repeat(batch_size, 1, 1).contiguous()
+
+
+def trtllm_generate_kwargs(sampling: SamplingConfig, end_ids: Sequence[int],
+                           batch_size: int) -> dict:
+    """TensorRT-LLM ``ModelRunner.generate`` arguments of ``sampling``: the first end id as
+    ``end_id``, the others and the stop words as ``stop_words_list``; controls passed only
+    when set, so runners of releases without them still work."""
+    eos = end_ids[0] if end_ids else -1  # -1: never stops early
+    kw = dict(end_id=eos, pad_id=sampling.pad_id if sampling.pad_id is not None else max(eos, 0),
+              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    if sampling.seed is not None:
+        kw["random_seed"] = sampling.seed
+    for name, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                      ("frequency_penalty", 0.0), ("min_length", 0),
+                      ("no_repeat_ngram_size", 0)):
+        if getattr(sampling, name) != off:
+            kw[name] = getattr(sampling, name)
+    stops = [[i] for i in end_ids[1:]] + [list(w) for w in sampling.stop_words]
+    if stops:
+        kw["stop_words_list"] = word_list_tensor(stops, batch_size)
+    if sampling.bad_words:
+        kw["bad_words_list"] = word_list_tensor(sampling.bad_words, batch_size)
+    return kw

@@ -44,7 +44,7 @@ import torch
 from .config import (KV_INT8, W4A16, W4A16_GROUPWISE, W8A16, ConfigError, ModelArgs,
                      QuantConfig)
 from .names import is_kv_channel_scale
-from .sampling import GenerationOutput, SamplingConfig, cut_at_stop, word_list_tensor
+from .sampling import GenerationOutput, SamplingConfig, cut_at_stop, trtllm_generate_kwargs
 
 TRTLLM_RELEASE = "1.2"  # the release line whose format this module follows
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
@@ -688,24 +688,9 @@ class TrtllmRunner:
         default = [] if end_id is None else ([end_id] if isinstance(end_id, int) else end_id)
         end_ids = sampling.end_ids(default)
         eos = end_ids[0] if end_ids else -1  # -1: never stops early
-        pad = sampling.pad_id if sampling.pad_id is not None else max(eos, 0)
         inputs = [torch.tensor(p, dtype=torch.int32) for p in batch_input_ids]
-        kw = dict(max_new_tokens=max_new_tokens, end_id=eos, pad_id=pad,
-                  temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                  output_sequence_lengths=True, return_dict=True)
-        if sampling.seed is not None:
-            kw["random_seed"] = sampling.seed
-        # Controls passed only when set, so runners of releases without them still work.
-        for name, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
-                          ("frequency_penalty", 0.0), ("min_length", 0),
-                          ("no_repeat_ngram_size", 0)):
-            if getattr(sampling, name) != off:
-                kw[name] = getattr(sampling, name)
-        stops = [[i] for i in end_ids[1:]] + [list(w) for w in sampling.stop_words]
-        if stops:
-            kw["stop_words_list"] = word_list_tensor(stops, len(inputs))
-        if sampling.bad_words:
-            kw["bad_words_list"] = word_list_tensor(sampling.bad_words, len(inputs))
+        kw = trtllm_generate_kwargs(sampling, end_ids, len(inputs))
+        kw.update(max_new_tokens=max_new_tokens, output_sequence_lengths=True, return_dict=True)
         t0 = time.perf_counter()
         with torch.no_grad():
             res = self.runner.generate(inputs, **kw)
