@@ -708,4 +708,3 @@ class TrtllmRunner:
             for step in range(max((len(r) for r in out), default=0)):
                 streamer(step, [r[step] if step < len(r) else eos for r in out])
         return GenerationOutput(out, total, latency)
-
