@@ -129,7 +129,10 @@ def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=Non
         if s.error:
             raise ConfigError(s.error)
     outs = [list(s.output_ids) for s in seqs]
-    return GenerationOutput(outs, sum(map(len, outs)), time.perf_counter() - t0)
+    res = GenerationOutput(outs, sum(map(len, outs)), time.perf_counter() - t0)
+    if sampling is not None and sampling.logprobs is not None:
+        res.log_probs = [list(s.logprobs) for s in seqs]
+    return res
 
 
 def _main(args) -> int:
@@ -137,7 +140,6 @@ def _main(args) -> int:
 
     import torch
 
-    from llama_engine.runner import SamplingConfig
     from llama_engine.tokenizer import load_tokenizer
 
     from llama_engine import outputs as out_files
@@ -167,20 +169,20 @@ def _main(args) -> int:
     engine, _ = load_runner(args.engine_dir, device, dtype, options=options)
     from llama_engine import parallel
     parallel.quiet_non_main_ranks()  # torchrun: every rank computes the same tokens; rank 0 prints
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed)
-    end_id = tokenizer.eos_id
+    # The one stopping rule (static, inflight, TensorRT-LLM): the model's end ids
+    # (Tokenizer.end_ids), replaced by --end_id; --stop_words end a prompt too.
+    sampling = cli.sampling_from_args(args, tokenizer)
+    end_ids = tokenizer.end_ids
 
     def once(stream=None):
         if args.use_inflight_batching:
             return generate_inflight(engine, batch_ids, args.max_output_len, sampling,
-                                     stop_ids=tokenizer.end_ids,
-                                     scheduler_policy=args.scheduler_policy,
+                                     stop_ids=end_ids, scheduler_policy=args.scheduler_policy,
                                      streamer=stream.request_output if stream else None,
                                      enable_prefix_caching=args.enable_prefix_caching)
         if args.enable_prefix_caching:
             raise ConfigError("--enable_prefix_caching needs --use_inflight_batching")
-        return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_id,
+        return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_ids,
                                streamer=stream.step if stream else None)
 
     if args.num_runs > 1:

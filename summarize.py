@@ -150,13 +150,20 @@ def run_engine_side(args, prompts: list, tokenizer, device: str, references=None
                                   options=runtime_options.from_args(args))
     _check_engine_limits(engine, args, max(len(p) for p in prompts))
 
+    # The one stopping rule for both paths: the model's end ids, replaced by --end_id; the
+    # sampling flags where the parser has them.
+    sampling = (cli.sampling_from_args(args, tokenizer) if hasattr(args, "repetition_penalty")
+                else None)
+
     def generate(batch):
         if args.use_inflight_batching:
-            out = generate_inflight(engine, batch, args.output_len, stop_ids=tokenizer.end_ids,
+            out = generate_inflight(engine, batch, args.output_len, sampling,
+                                    stop_ids=tokenizer.end_ids,
                                     scheduler_policy=args.scheduler_policy,
                                     enable_prefix_caching=args.enable_prefix_caching)
         else:
-            out = engine.generate(batch, max_new_tokens=args.output_len, end_id=tokenizer.eos_id)
+            out = engine.generate(batch, max_new_tokens=args.output_len, sampling=sampling,
+                                  end_id=tokenizer.end_ids)
         return [strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
 
     generate(prompts[:1])                                   # warm-up, untimed

@@ -109,11 +109,95 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _ranged(lo: float, hi: float, lo_open: bool = False):
+    def parse(text: str) -> float:
+        v = _number(text)
+        if (v <= lo if lo_open else v < lo) or v > hi:
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
 def add_sampling_args(parser) -> None:
-    """--temperature, --top_k, --top_p, each checked against its range at parse time."""
+    """The sampling flags of TensorRT-LLM's run.py / summarize.py, each checked against its
+    range at parse time; ``sampling_from_args`` turns them into a ``SamplingConfig``."""
     parser.add_argument("--temperature", type=non_negative_float, default=1.0)
     parser.add_argument("--top_k", type=positive_int, default=1, help="1 = greedy")
     parser.add_argument("--top_p", type=unit_interval, default=0.0, help="0 = off")
+    parser.add_argument("--repetition_penalty", type=_ranged(0.0, math.inf, lo_open=True),
+                        default=1.0, help="HF's: > 1 discourages tokens already seen; 1 = off")
+    parser.add_argument("--presence_penalty", type=_ranged(-2.0, 2.0), default=0.0,
+                        help="OpenAI's: subtracted once from every token generated; 0 = off")
+    parser.add_argument("--frequency_penalty", type=_ranged(-2.0, 2.0), default=0.0,
+                        help="OpenAI's: subtracted per time a token was generated; 0 = off")
+    parser.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=0,
+                        help="no n-gram of this size occurs twice; 0 = off")
+    parser.add_argument("--min_length", type=non_negative_int, default=0,
+                        help="generate at least this many tokens before an end id (HF's "
+                             "min_new_tokens)")
+    parser.add_argument("--end_id", type=non_negative_int, default=None,
+                        help="stop at this id instead of the model's end ids")
+    parser.add_argument("--pad_id", type=non_negative_int, default=None,
+                        help="fill padded outputs with this id (default: the end id)")
+    parser.add_argument("--stop_words", default=None,
+                        help='comma-separated words ending generation, e.g. "\n\n,User:" '
+                             "(not output)")
+    parser.add_argument("--bad_words", default=None,
+                        help="comma-separated words never generated")
+    parser.add_argument("--random_seed", type=int, default=None,
+                        help="sampling seed (default 0 where a script had --seed)")
+
+
+def word_list(text: Optional[str], tokenizer, flag: str) -> list:
+    """A comma-separated ``--stop_words`` / ``--bad_words`` string as token-id words, the way
+    TensorRT-LLM's ``to_word_list_format`` reads it (CSV fields, each encoded without special
+    tokens or BOS; an empty field is skipped)."""
+    import csv
+
+    if not text:
+        return []
+    words = []
+    for row in csv.reader([text]):
+        for word in row:
+            if not word:
+                continue
+            ids = tokenizer.encode(word, add_bos=False)
+            if not ids:
+                raise ConfigError(f"{flag}: {word!r} encodes to no tokens")
+            words.append(ids)
+    return words
+
+
+def sampling_from_args(args, tokenizer):
+    """The ``SamplingConfig`` of the flags ``add_sampling_args`` added (``--random_seed``, or
+    a script's own ``--seed``), stop/bad words tokenized with ``tokenizer``; checked against
+    the engine (a one-line ``ConfigError`` for values out of its range)."""
+    from llama_engine.sampling import SamplingConfig
+
+    seed = getattr(args, "random_seed", None)
+    if seed is None:
+        seed = getattr(args, "seed", None)
+    cfg = SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, min_length=args.min_length,
+        end_id=args.end_id, pad_id=args.pad_id,
+        stop_words=word_list(args.stop_words, tokenizer, "--stop_words"),
+        bad_words=word_list(args.bad_words, tokenizer, "--bad_words"))
+    return cfg
 
 
 def add_prefix_caching_arg(parser) -> None:

@@ -32,7 +32,8 @@ from .attention import AttentionMeta, last_token_indices
 from .config import ConfigError, EngineConfig
 from .cuda_graphs import CudaGraphs, graph_buckets
 from .kv_cache import KVCache, slots_for
-from .sampling import SamplingConfig, sample
+from .logits_processors import Controls
+from .sampling import SamplingConfig, sample, token_logprobs
 from .serving.block_manager import cdiv
 from .serving.scheduler import SchedulerOutput
 from .serving.sequence import Sequence
@@ -56,6 +57,8 @@ class ModelRunner:
         self._serving_graphs: Optional[CudaGraphs] = None
         self._pool = None
         self._generators: dict = {}         # request_id -> torch.Generator (seeded requests)
+        self._controls: Optional[Controls] = None  # inflight requests' control state
+        self._gen_before: dict = {}         # request_id -> generator state before this step
         self.max_batch_size = config.build.max_batch_size
         self.max_num_tokens = 0
         self.max_blocks_per_seq = cdiv(config.build.max_seq_len, self.block_size)
@@ -262,6 +265,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> list[Optional[int]]:
         """Compute a scheduled step; -> the sampled token of each ``out.seqs[i]`` (None where
         ``out.sample[i]`` is False)."""
+        self._gen_before.clear()
         if out.empty:
             return []
         rows = [i for i, s in enumerate(out.sample) if s]
@@ -356,9 +360,27 @@ class ModelRunner:
 
     # -- sampling ----------------------------------------------------------------------------
     def sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits fp32 [R, V] of ``seqs`` -> one token each. Greedy rows take the argmax in
-        one batched op; others are sampled with their own settings (seeded ones with their
-        own generator, so batching never changes what they draw)."""
+        """logits fp32 [R, V] of ``seqs`` -> one token each. Rows of requests with sampling
+        controls first get their penalties and bans, all in one batched pass over their
+        device state (``logits_processors.Controls``, a slot per request); greedy rows take
+        the argmax in one batched op; others are sampled with their own settings (seeded ones
+        with their own generator, so batching never changes what they draw). Requests asking
+        for log-probs get them on ``seq.next_logprob`` (``Sequence.append_token`` keeps
+        them)."""
+        controlled = [r for r, q in enumerate(seqs)
+                      if q.sampling is not None and q.sampling.has_controls]
+        if controlled:
+            ctl = self._controls_state(logits.shape[-1])
+            slots = [ctl.slot_of(q.request_id) if ctl.slot_of(q.request_id) is not None
+                     else ctl.slot(q.request_id, q.sampling, q.prompt_ids + q.output_ids,
+                                   q.num_prompt_tokens, sorted(q.stop_ids))
+                     for q in (seqs[r] for r in controlled)]
+            ngen = [seqs[r].num_output_tokens for r in controlled]
+            if len(controlled) == len(seqs):
+                ctl.apply(slots, logits, ngen)
+            else:
+                idx = torch.tensor(controlled, device=self.device)
+                logits[idx] = ctl.apply(slots, logits[idx], ngen)
         next_ids = logits.argmax(dim=-1)
         groups: dict = {}
         for r, seq in enumerate(seqs):
@@ -375,10 +397,53 @@ class ModelRunner:
                 if gen is None:
                     gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
                     self._generators[seq.request_id] = gen
+                self._gen_before[seq.request_id] = gen.get_state()  # for rewind()
             idx = torch.tensor(group, device=self.device)
             next_ids[idx] = sample(logits[idx], cfg, gen)
-        return next_ids.tolist()
+        if controlled:
+            ctl.update(slots, next_ids if len(controlled) == len(seqs)
+                       else next_ids[torch.tensor(controlled, device=self.device)])
+        lp_groups: dict = {}   # rows sharing a log-prob distribution and a top-N
+        for r, q in enumerate(seqs):
+            cfg = q.sampling
+            if cfg is not None and cfg.logprobs is not None:
+                key = (None if cfg.greedy else cfg.temperature, cfg.logprobs)
+                lp_groups.setdefault(key, (cfg, []))[1].append(r)
+        lps = []
+        for cfg, rows in lp_groups.values():
+            idx = torch.tensor(rows, device=self.device)
+            lps.append((rows, token_logprobs(logits[idx], next_ids[idx], cfg)))
+        tokens = next_ids.tolist()
+        for rows, (lp, ids, vals) in lps:
+            lp = lp.tolist()
+            ids = ids.tolist() if ids is not None else None
+            vals = vals.tolist() if vals is not None else None
+            for k, r in enumerate(rows):
+                top = list(zip(ids[k], vals[k])) if ids is not None else None
+                seqs[r].next_logprob = (lp[k], top)
+        return tokens
+
+    def _controls_state(self, vocab_size: int) -> Controls:
+        """The device state of every inflight request with sampling controls (a slot each)."""
+        if self._controls is None:
+            self._controls = Controls(vocab_size, self.config.build.max_seq_len, self.device,
+                                      self.max_batch_size)
+        return self._controls
+
+    def rewind(self, seq: Sequence) -> None:
+        """Undo what the last ``execute`` did to ``seq``'s sampling state (its step failed and
+        will be rerun): the generator goes back to where it was before this step's draw, the
+        controls are rebuilt from its tokens when it next samples."""
+        state = self._gen_before.pop(seq.request_id, None)
+        if state is not None:
+            self._generators[seq.request_id].set_state(state)
+        if self._controls is not None:
+            self._controls.release(seq.request_id)
+        seq.next_logprob = None
 
     def release(self, seq: Sequence) -> None:
-        """Forget per-request state (the sampler's generator) of a finished request."""
+        """Forget per-request state (the sampler's generator, the controls' device state) of
+        a finished request."""
         self._generators.pop(seq.request_id, None)
+        if self._controls is not None:
+            self._controls.release(seq.request_id)

@@ -11,9 +11,10 @@ paged cache, so the same attention kernels serve static and inflight batching
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -26,7 +27,9 @@ from .kv_cache import KVCache, blocks_for, static_block_tables
 from .model import Transformer, kv_scales_from_checkpoint
 from .model_runner import ModelRunner
 from .options import RuntimeOptions
-from .sampling import GenerationOutput, SamplingConfig, sample  # noqa: F401 (re-exported)
+from .logits_processors import Controls
+from .sampling import (GenerationOutput, SamplingConfig, check_token_ids,  # noqa: F401
+                       cut_at_stop, sample, token_logprobs)
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float32": torch.float32, "float64": torch.float64}
@@ -170,15 +173,39 @@ class Engine:
         """Replay decode steps from CUDA graphs (one per batch size); CUDA only."""
         self.runner.enable_cuda_graphs()
 
+    def check_request(self, batch_input_ids, max_new_tokens,
+                      sampling: SamplingConfig) -> list:
+        """Validate a static batch before any work: token ids are ints in the vocabulary,
+        lengths within the engine's limits, the sampling settings in range. -> the prompts
+        as lists of ints. One-line ``ConfigError`` naming the prompt otherwise."""
+        if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool):
+            raise EngineLimitError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if not isinstance(sampling, SamplingConfig):
+            raise ConfigError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        vocab = self.config.model.vocab_size
+        if isinstance(batch_input_ids, (str, bytes)) or not hasattr(batch_input_ids, "__len__"):
+            raise EngineLimitError("batch_input_ids must be a list of token-id lists")
+        ids = [check_token_ids(p, vocab, f"prompt {i}") for i, p in enumerate(batch_input_ids)]
+        self.check_limits(ids, max_new_tokens)
+        sampling.validate(vocab, "sampling")
+        return ids
+
     @torch.inference_mode()
     def generate(self, batch_input_ids: list, max_new_tokens: int,
-                 sampling: Optional[SamplingConfig] = None, end_id: Optional[int] = None,
+                 sampling: Optional[SamplingConfig] = None,
+                 end_id: Union[int, Sequence[int], None] = None,
                  streamer: Optional[Callable[[int, list], None]] = None) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` for each prompt (a static batch).
 
-        ``streamer(step, tokens)`` is called with the new token of every sequence each step."""
+        ``end_id``: the model's end ids (``Tokenizer.end_ids``; one int or several);
+        ``sampling.end_id`` replaces them and ``sampling.stop_words`` end a row too (the
+        one stopping rule, ``sampling.cut_at_stop``). ``streamer(step, tokens)`` is called
+        with the new token of every sequence each step."""
         sampling = sampling or SamplingConfig()
-        self.check_limits(batch_input_ids, max_new_tokens)
+        batch_input_ids = self.check_request(batch_input_ids, max_new_tokens, sampling)
+        default_ends = [] if end_id is None else (
+            [end_id] if isinstance(end_id, numbers.Integral) else list(end_id))
+        end_ids = sampling.end_ids(default_ends)
         gen = None
         if sampling.seed is not None and not sampling.greedy:
             gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
@@ -187,38 +214,76 @@ class Engine:
         cache = self.kv_cache(bsz, max_seq)
         block_tables = static_block_tables(bsz, max_seq, self.block_size, self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        controls = slots = None
+        if sampling.has_controls:
+            controls = Controls(self.config.model.vocab_size, max_seq, self.device, bsz)
+            slots = [controls.slot(b, sampling, p, len(p), end_ids)
+                     for b, p in enumerate(batch_input_ids)]
+        end_t = (torch.tensor(end_ids, dtype=torch.int64, device=self.device)
+                 if len(end_ids) > 1 else None)
+        logprobs = [] if sampling.logprobs is not None else None
+
+        def pick(logits, step):
+            if controls is not None:
+                logits = controls.apply(slots, logits, step)
+            tok = sample(logits, sampling, gen)
+            if logprobs is not None:
+                logprobs.append(token_logprobs(logits, tok, sampling))
+            if controls is not None:
+                controls.update(slots, tok)
+            return tok
 
         t0 = time.perf_counter()
-        next_tok = sample(self.prefill(batch_input_ids, cache, block_tables), sampling, gen)
+        next_tok = pick(self.prefill(batch_input_ids, cache, block_tables), 0)
         out = [next_tok]
         sync()
         t_prefill = time.perf_counter() - t0
         context_lens = torch.tensor([len(p) for p in batch_input_ids], dtype=torch.int32,
                                     device=self.device)
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        can_stop = bool(end_ids) or bool(sampling.stop_words)
         if streamer:
             streamer(0, next_tok.tolist())
         for step in range(1, max_new_tokens):
-            if end_id is not None:
-                done |= next_tok == end_id
+            if can_stop:
+                if len(end_ids) == 1:
+                    done |= next_tok == end_ids[0]
+                elif end_ids:
+                    done |= torch.isin(next_tok, end_t)
+                if sampling.stop_words:
+                    done |= controls.stopped(slots)
                 if bool(done.all()):
                     break
             logits = self.decode_step(next_tok, context_lens, block_tables, cache)
-            next_tok = sample(logits, sampling, gen)
+            next_tok = pick(logits, step)
             out.append(next_tok)
             if streamer:
                 streamer(step, next_tok.tolist())
         sync()
         latency = time.perf_counter() - t0
+        return self._outputs(torch.stack(out, dim=1).tolist(), end_ids, sampling, logprobs,
+                             latency, t_prefill)
 
-        tokens = torch.stack(out, dim=1).tolist()  # [B, steps]
-        output_ids, total = [], 0
+    @staticmethod
+    def _outputs(tokens: list, end_ids: list, sampling: SamplingConfig, logprobs,
+                 latency: float, t_prefill: float) -> GenerationOutput:
+        """Rows of sampled tokens [B][steps] cut by the one stopping rule."""
+        output_ids, reasons, total = [], [], 0
         for row in tokens:
-            if end_id is not None and end_id in row:
-                row = row[:row.index(end_id)]
+            row, stopped = cut_at_stop(row, end_ids, sampling.stop_words)
             output_ids.append(row)
+            reasons.append("stop" if stopped else "length")
             total += len(row)
-        return GenerationOutput(output_ids, total, latency, t_prefill)
+        res = GenerationOutput(output_ids, total, latency, t_prefill, finish_reasons=reasons)
+        if logprobs is not None:
+            lp = torch.stack([x[0] for x in logprobs], 1).tolist()  # [B, steps]
+            res.log_probs = [r[:len(o)] for r, o in zip(lp, output_ids)]
+            if sampling.logprobs:
+                ids = torch.stack([x[1] for x in logprobs], 1).tolist()   # [B, steps, N]
+                vals = torch.stack([x[2] for x in logprobs], 1).tolist()
+                res.top_logprobs = [[list(zip(i, v)) for i, v in zip(ri[:len(o)], rv)]
+                                    for ri, rv, o in zip(ids, vals, output_ids)]
+        return res
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: list) -> torch.Tensor:

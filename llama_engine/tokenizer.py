@@ -69,8 +69,12 @@ class Tokenizer:
         self.eos_id = eos_id
         # No pad token (LLaMA's SentencePiece has pad_id -1): pad with EOS, as TensorRT-LLM does.
         self.pad_id = pad_id if pad_id is not None else eos_id
+        # The one stopping rule of every path (static, inflight, the TensorRT-LLM runner): the
+        # ids HF's generate stops at for this model, the tokenizer's eos first, then
+        # generation_config.json's eos ids. SamplingConfig.end_id (--end_id) replaces them
+        # (SamplingConfig.end_ids), stop words end a request as well (sampling.cut_at_stop).
         ends = [i for i in ([eos_id] + list(end_ids)) if i is not None]
-        self.end_ids = list(dict.fromkeys(ends))   # eos first, then generation_config extras
+        self.end_ids = list(dict.fromkeys(ends))
 
     # -- basic ---------------------------------------------------------------------------
     @property

@@ -44,7 +44,7 @@ import torch
 from .config import (KV_INT8, W4A16, W4A16_GROUPWISE, W8A16, ConfigError, ModelArgs,
                      QuantConfig)
 from .names import is_kv_channel_scale
-from .sampling import GenerationOutput, SamplingConfig
+from .sampling import GenerationOutput, SamplingConfig, cut_at_stop, trtllm_generate_kwargs
 
 TRTLLM_RELEASE = "1.2"  # the release line whose format this module follows
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
@@ -677,19 +677,20 @@ class TrtllmRunner:
         return cls(engine_dir, runner, config, kind)
 
     def generate(self, batch_input_ids: list, max_new_tokens: int, sampling=None,
-                 end_id: Optional[int] = None, streamer=None):
-        """Same contract as ``Engine.generate``: generated tokens only, end_id excluded."""
+                 end_id=None, streamer=None):
+        """Same contract as ``Engine.generate``: generated tokens only, cut by the one
+        stopping rule (``sampling.cut_at_stop``: the end ids — ``end_id``, one or several,
+        replaced by ``sampling.end_id`` — and ``sampling.stop_words``)."""
         sampling = sampling or SamplingConfig()
         if len(batch_input_ids) > self.max_batch_size:
             raise ConfigError(f"batch of {len(batch_input_ids)} exceeds the engine's "
                               f"max_batch_size {self.max_batch_size}")
-        eos = end_id if end_id is not None else -1  # -1: never stops early
+        default = [] if end_id is None else ([end_id] if isinstance(end_id, int) else end_id)
+        end_ids = sampling.end_ids(default)
+        eos = end_ids[0] if end_ids else -1  # -1: never stops early
         inputs = [torch.tensor(p, dtype=torch.int32) for p in batch_input_ids]
-        kw = dict(max_new_tokens=max_new_tokens, end_id=eos, pad_id=eos if eos >= 0 else 0,
-                  temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                  output_sequence_lengths=True, return_dict=True)
-        if sampling.seed is not None:
-            kw["random_seed"] = sampling.seed
+        kw = trtllm_generate_kwargs(sampling, end_ids, len(inputs))
+        kw.update(max_new_tokens=max_new_tokens, output_sequence_lengths=True, return_dict=True)
         t0 = time.perf_counter()
         with torch.no_grad():
             res = self.runner.generate(inputs, **kw)
@@ -699,9 +700,8 @@ class TrtllmRunner:
         ids, lens = res["output_ids"], res["sequence_lengths"]  # [B, beams, T], [B, beams]
         out, total = [], 0
         for b, prompt in enumerate(batch_input_ids):
-            row = ids[b, 0, len(prompt):int(lens[b, 0])].tolist()
-            if end_id is not None and end_id in row:
-                row = row[:row.index(end_id)]
+            row, _ = cut_at_stop(ids[b, 0, len(prompt):int(lens[b, 0])].tolist(), end_ids,
+                                 sampling.stop_words)
             out.append(row)
             total += len(row)
         if streamer:

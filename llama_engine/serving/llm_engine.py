@@ -13,12 +13,16 @@ the tokens and finishes requests. Around it:
     seqs = engine.generate(prompts, max_tokens=128)     # in input order, each a Sequence
     for out in engine.stream(): ...          # step() outputs until nothing is left
 
-A request that can never run (too long for the engine's limits or for the whole cache) is
-reported finished with ``FinishReason.ERROR`` and a one-line ``error``; the others carry on.
+Requests are checked when added (``ConfigError``, nothing queued). A request that can never
+run (too long for the engine's limits or for the whole cache), or one whose step fails (any
+exception while computing or sampling it, found by rerunning the step's requests one by one),
+is reported finished with ``FinishReason.ERROR`` and a one-line ``error`` naming it; the
+others carry on with the outputs they would have had alone.
 """
 from __future__ import annotations
 
 import itertools
+import numbers
 import statistics
 import time
 from dataclasses import dataclass
@@ -28,7 +32,8 @@ from llama_engine.config import ConfigError
 from llama_engine.options import RuntimeOptions
 from llama_engine.runner import Engine, SamplingConfig
 from llama_engine.serving.block_manager import BlockManager
-from llama_engine.serving.scheduler import Scheduler
+from llama_engine.sampling import check_token_ids, held_back
+from llama_engine.serving.scheduler import Scheduler, SchedulerOutput
 from llama_engine.serving.sequence import FinishReason, Sequence
 
 DEFAULT_MAX_NUM_TOKENS = 8192  # TensorRT-LLM's default token budget per step
@@ -42,6 +47,7 @@ class RequestOutput:
     new_token_ids: list
     finished: bool
     sequence: Sequence          # the request itself: output_ids, finish_reason, error, ttft...
+    index: Optional[int] = None  # in generate(): the prompt's position in its input list
 
     @property
     def finish_reason(self) -> Optional[FinishReason]:
@@ -118,15 +124,37 @@ class LLMEngine:
                     max_tokens: Optional[int] = None, stop_ids: Iterable[int] = (),
                     arrival_time: Optional[float] = None) -> int:
         """Queue a request; -> its id. ``max_tokens`` defaults to the engine's max_output_len;
-        ``stop_ids`` end it (the stop id is not output), e.g. ``[tokenizer.eos_id]``."""
-        if max_tokens is None:
-            max_tokens = self.engine.config.build.max_output_len
+        ``stop_ids`` (the model's end ids, ``Tokenizer.end_ids``) end it, replaced by
+        ``sampling.end_id`` when set; ``sampling.stop_words`` end it too (neither is output).
+        The request is checked first (ids are ints in the vocabulary, ``max_tokens`` >= 1,
+        the sampling settings in range): a one-line ``ConfigError`` naming it otherwise,
+        and nothing is queued."""
         rid = next(self._ids)
-        seq = Sequence(rid, prompt_ids, max_tokens, sampling or SamplingConfig(), stop_ids,
-                       arrival_time)
+        prompt, sampling, max_tokens, stops = self._checked(
+            f"request {rid}", prompt_ids, sampling, max_tokens, stop_ids)
+        seq = Sequence(rid, prompt, max_tokens, sampling, stops, arrival_time)
         self._reported[rid] = 0
         self.scheduler.add(seq)
         return rid
+
+    def _checked(self, name: str, prompt_ids, sampling, max_tokens, stop_ids) -> tuple:
+        vocab = self.engine.config.model.vocab_size
+        if max_tokens is None:
+            max_tokens = self.engine.config.build.max_output_len
+        if not isinstance(max_tokens, numbers.Integral) or isinstance(max_tokens, bool):
+            raise ConfigError(f"{name}: max_tokens must be an integer, got {max_tokens!r}")
+        if max_tokens < 1:
+            raise ConfigError(f"{name}: max_tokens must be at least 1, got {max_tokens}")
+        prompt = check_token_ids(prompt_ids, vocab, name)
+        if not prompt:
+            raise ConfigError(f"{name}: empty prompt")
+        sampling = sampling if sampling is not None else SamplingConfig()
+        if not isinstance(sampling, SamplingConfig):
+            raise ConfigError(f"{name}: sampling must be a SamplingConfig, got "
+                              f"{type(sampling).__name__}")
+        sampling.validate(vocab, name)
+        stops = sampling.end_ids(check_token_ids(list(stop_ids), vocab, f"{name}: stop_ids"))
+        return prompt, sampling, int(max_tokens), stops
 
     def cancel(self, request_id: int) -> bool:
         """Stop a queued or running request and free its blocks; the next ``step()`` reports
@@ -142,7 +170,10 @@ class LLMEngine:
         finished (cancelled and never-fitting requests included)."""
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
-        tokens = self.runner.execute(out)  # the sampled ids come back to the host: synced
+        try:
+            tokens = self.runner.execute(out)  # the sampled ids come back to the host: synced
+        except Exception as e:  # noqa: BLE001 - isolated below, re-raised if no request's own
+            tokens = self._isolate(out, e)
         self.scheduler.update(out, tokens)
         self.num_steps += 1
         if out.seqs:
@@ -164,9 +195,37 @@ class LLMEngine:
             self._reported.pop(seq.request_id, None)
         return results
 
+    def _isolate(self, out, error: Exception) -> list:
+        """A step failed: run each of its requests alone to find whose it was. Those that fail
+        alone are finished with ``FinishReason.ERROR`` (the message names the request); the
+        others get their tokens as if nothing happened (a rerun recomputes the same K/V). When
+        every request of a step of several fails alone the fault is not theirs: re-raised."""
+        for seq in out.seqs:
+            self.runner.rewind(seq)    # draws and control updates of tokens never kept
+        tokens, failed = [None] * len(out.seqs), []
+        for i, (seq, n, smp) in enumerate(zip(out.seqs, out.num_new_tokens, out.sample)):
+            alone = SchedulerOutput(seqs=[seq], num_new_tokens=[n], sample=[smp],
+                                    is_decode=n == 1)
+            try:
+                tokens[i] = self.runner.execute(alone)[0]
+            except Exception as e:  # noqa: BLE001 - this request's own fault
+                self.runner.release(seq)
+                seq.next_logprob = None
+                failed.append((seq, e))
+        if len(out.seqs) > 1 and len(failed) == len(out.seqs):
+            raise error
+        for seq, e in failed:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            self.scheduler.fail(seq, f"request {seq.request_id}: failed during a step "
+                                     f"({type(e).__name__}: {msg})")
+        return tokens
+
     def _report(self, seq: Sequence, finished: bool, results: list) -> None:
         start = self._reported.get(seq.request_id, 0)
-        new = seq.output_ids[start:]
+        end = len(seq.output_ids)
+        if not finished and seq.stop_words:
+            end -= held_back(seq.output_ids[start:], seq.stop_words)  # maybe a stop word
+        new = seq.output_ids[start:end]
         if new or finished:
             self._reported[seq.request_id] = start + len(new)
             results.append(RequestOutput(seq.request_id, new, finished, seq))
@@ -192,14 +251,17 @@ class LLMEngine:
         else:
             limits = [max_tokens] * len(prompts)
         stop_ids = list(stop_ids)
+        for i, (p, m) in enumerate(zip(prompts, limits)):  # all checked before any is queued
+            self._checked(f"prompt {i}", p, sampling, m, stop_ids)
         now = time.perf_counter()
         ids = [self.add_request(p, sampling, m, stop_ids, now) for p, m in zip(prompts, limits)]
-        mine = set(ids)
+        mine = {rid: i for i, rid in enumerate(ids)}
         results: dict = {}
         while len(results) < len(ids):
             for out in self.step():
                 if out.request_id not in mine:
                     continue
+                out.index = mine[out.request_id]
                 if streamer:
                     streamer(out)
                 if out.finished:

@@ -137,6 +137,12 @@ class Scheduler:
         self._finish(seq, FinishReason.CANCELLED)
         return True
 
+    def fail(self, seq: Sequence, error: str) -> None:
+        """Finish a queued or running request with ``FinishReason.ERROR`` (a step failed for
+        it); its blocks are freed and the others carry on."""
+        if seq.request_id in self._unfinished:
+            self._finish(seq, FinishReason.ERROR, error)
+
     def get(self, request_id) -> Optional[Sequence]:
         return self._unfinished.get(request_id)
 
@@ -253,6 +259,11 @@ class Scheduler:
                 self._finish(seq, FinishReason.STOP, now=now)
                 continue
             seq.append_token(tok, now)
+            word = seq.ends_with_stop_word() if seq.stop_words else None
+            if word is not None:
+                seq.drop_last(len(word))
+                self._finish(seq, FinishReason.STOP, now=now)
+                continue
             if seq.num_output_tokens >= seq.max_tokens or (
                     self.max_seq_len is not None and seq.num_tokens >= self.max_seq_len):
                 self._finish(seq, FinishReason.LENGTH, now=now)

@@ -35,7 +35,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"        # max_tokens generated (or the engine's max sequence length reached)
     STOP = "stop"            # a stop id was sampled (it is not part of output_ids)
     CANCELLED = "cancelled"  # cancel(request_id)
-    ERROR = "error"          # the request can never run; Sequence.error says why
+    ERROR = "error"          # the request can never run, or a step failed for it; see error
 
 
 class Sequence:
@@ -51,6 +51,15 @@ class Sequence:
         # How to sample (runner.SamplingConfig); the scheduler never looks at it.
         self.sampling = sampling
         self.stop_ids = frozenset(int(t) for t in stop_ids)
+        # Token sequences that end the request when the output ends with one (not output).
+        self.stop_words: list[list[int]] = [list(w) for w in
+                                            (getattr(sampling, "stop_words", None) or [])]
+        # Per output token, when the sampling asks for log-probs: the chosen token's log-prob
+        # and the top N (id, log-prob) pairs (None without N). ``next_logprob`` is set by the
+        # model runner for the token about to be appended.
+        self.logprobs: list[float] = []
+        self.top_logprobs: list = []
+        self.next_logprob: Optional[tuple] = None
 
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[FinishReason] = None
@@ -119,6 +128,28 @@ class Sequence:
             self.first_token_time = now
         self.token_times.append(now)
         self.output_ids.append(int(token))
+        if self.next_logprob is not None:
+            lp, top = self.next_logprob
+            self.logprobs.append(lp)
+            self.top_logprobs.append(top)
+            self.next_logprob = None
+
+    def ends_with_stop_word(self) -> Optional[list[int]]:
+        """The stop word the output now ends with, if any."""
+        out = self.output_ids
+        for w in self.stop_words:
+            if len(out) >= len(w) and out[-len(w):] == w:
+                return w
+        return None
+
+    def drop_last(self, n: int) -> None:
+        """Remove the last ``n`` output tokens (a stop word, which is not output)."""
+        if n:
+            del self.output_ids[-n:]
+            del self.token_times[-n:]
+            if self.logprobs:
+                del self.logprobs[-n:]
+                del self.top_logprobs[-n:]
 
     # -- latency -----------------------------------------------------------------------------
     @property
