@@ -150,10 +150,8 @@ def run_engine_side(args, prompts: list, tokenizer, device: str, references=None
                                   options=runtime_options.from_args(args))
     _check_engine_limits(engine, args, max(len(p) for p in prompts))
 
-    # The one stopping rule for both paths: the model's end ids, replaced by --end_id; the
-    # sampling flags where the parser has them.
-    sampling = (cli.sampling_from_args(args, tokenizer) if hasattr(args, "repetition_penalty")
-                else None)
+    # The one stopping rule for both paths: the model's end ids (Tokenizer.end_ids); greedy.
+    sampling = None
 
     def generate(batch):
         if args.use_inflight_batching:
@@ -270,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli_compat.no_effect(p, "--no_add_special_tokens", nargs=0,
                          why="the summarize prompt builder decides BOS")
     cli_compat.add_beam_flags(p)
+    cli_compat.refuse(p, "--temperature", "--top_k", "--top_p", "--repetition_penalty",
+                      "--presence_penalty", "--frequency_penalty", "--no_repeat_ngram_size",
+                      "--min_length", "--end_id", "--pad_id", "--stop_words", "--bad_words",
+                      "--random_seed",
+                      why="summarize.py decodes greedily on both sides so that their ROUGE "
+                          "compares like with like; run.py takes the sampling controls")
     cli_compat.add_common_runtime_flags(p)
     return p
 

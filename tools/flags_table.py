@@ -93,8 +93,8 @@ SAMPLING = {"--repetition_penalty", "--presence_penalty", "--frequency_penalty",
             "--bad_words", "--random_seed"}
 SPECULATIVE = {"--speculative_decoding_mode", "--max_draft_len", "--draft_engine_dir"}
 PENDING = {
-    "run.py": SAMPLING | SPECULATIVE,
-    "summarize.py": SAMPLING | SPECULATIVE | {"--temperature", "--top_k", "--top_p"},
+    "run.py": SPECULATIVE,
+    "summarize.py": SPECULATIVE,
 }
 
 
