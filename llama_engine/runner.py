@@ -173,10 +173,15 @@ class Engine:
     @torch.inference_mode()
     def generate(self, batch_input_ids: list, max_new_tokens: int,
                  sampling: Optional[SamplingConfig] = None, end_id: Optional[int] = None,
-                 streamer: Optional[Callable[[int, list], None]] = None) -> GenerationOutput:
+                 streamer: Optional[Callable[[int, list], None]] = None,
+                 speculative=None) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` for each prompt (a static batch).
 
-        ``streamer(step, tokens)`` is called with the new token of every sequence each step."""
+        ``streamer(step, tokens)`` is called with the new token of every sequence each step.
+        ``speculative``: a ``speculative.SpeculativeConfig``; its own loop runs instead."""
+        if speculative is not None:
+            return speculative.generate(self, batch_input_ids, max_new_tokens, sampling,
+                                        end_id, streamer)
         sampling = sampling or SamplingConfig()
         self.check_limits(batch_input_ids, max_new_tokens)
         gen = None
