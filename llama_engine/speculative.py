@@ -162,10 +162,14 @@ class DraftModelProposer:
         self.row_of: dict = {}
         self.cached: dict = {}   # key -> the tokens whose K/V the draft cache holds
 
-    def _row(self, key) -> int:
+    def _row(self, key, active: set) -> int:
         if key not in self.row_of:
             if not self.free_rows:
-                raise ConfigError("more sequences than the draft engine's cache has rows")
+                # A preempted sequence may still hold a row: take one not proposing now.
+                idle = next((k for k in self.row_of if k not in active), None)
+                if idle is None:
+                    raise ConfigError("more sequences than the draft engine's cache has rows")
+                self.release(idle)
             self.row_of[key] = self.free_rows.pop()
             self.cached[key] = []
         return self.row_of[key]
@@ -184,7 +188,8 @@ class DraftModelProposer:
             return out
         if self.cache is not self.runner.cache:   # someone reallocated the draft's cache
             raise ConfigError("the draft engine's KV cache was replaced while speculating")
-        rows = [self._row(keys[i]) for i in live]
+        active = {keys[i] for i in live}
+        rows = [self._row(keys[i], active) for i in live]
         hist = [histories[i] for i in live]
         starts = [min(_common_prefix(self.cached[keys[i]], h), len(h) - 1)
                   for i, h in zip(live, hist)]

@@ -30,6 +30,8 @@ from llama_engine.runner import Engine, SamplingConfig
 from llama_engine.serving.block_manager import BlockManager
 from llama_engine.serving.scheduler import Scheduler
 from llama_engine.serving.sequence import FinishReason, Sequence
+from llama_engine.serving.speculation import SpeculativeStepper
+from llama_engine.speculative import SpeculativeConfig
 
 DEFAULT_MAX_NUM_TOKENS = 8192  # TensorRT-LLM's default token budget per step
 
@@ -60,7 +62,8 @@ class LLMEngine:
     and by ``max_kv_cache_tokens`` (a cap on CUDA, the size on the CPU). ``scheduler_policy``:
     ``max_utilization`` (preempt when the cache runs out) or ``guaranteed_no_evict``
     (scheduler.py). ``options`` (options.RuntimeOptions): run-time choices, applied when the
-    engine is loaded here; ``options.cuda_graphs=False`` decodes eagerly."""
+    engine is loaded here; ``options.cuda_graphs=False`` decodes eagerly. ``speculative``
+    (speculative.SpeculativeConfig): speculative decoding in small all-decode steps."""
 
     def __init__(self, engine: Union[Engine, str], max_batch_size: Optional[int] = None,
                  max_num_tokens: Optional[int] = None,
@@ -68,7 +71,8 @@ class LLMEngine:
                  max_kv_cache_tokens: Optional[int] = None, cuda_graphs: bool = True,
                  device: Optional[str] = None, dtype: Optional[str] = None,
                  scheduler_policy: str = "max_utilization",
-                 options: Optional[RuntimeOptions] = None):
+                 options: Optional[RuntimeOptions] = None,
+                 speculative: Optional[SpeculativeConfig] = None):
         if isinstance(engine, str):
             engine = Engine.from_dir(engine, device=device, dtype=dtype, options=options)
         if options is not None:
@@ -88,6 +92,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_batch_size, max_num_tokens,
                                    max_input_len=b.max_input_len, max_output_len=b.max_output_len,
                                    max_seq_len=b.max_seq_len, policy=scheduler_policy)
+        # Speculative decoding (serving/speculation.py): small all-decode steps verify
+        # proposals instead of decoding one token.
+        self.speculation = SpeculativeStepper(self, speculative) if speculative else None
         self._ids = itertools.count()
         self._reported: dict = {}   # request_id -> output tokens already returned by step()
         self.num_steps = 0
@@ -139,8 +146,11 @@ class LLMEngine:
         finished (cancelled and never-fitting requests included)."""
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
-        tokens = self.runner.execute(out)  # the sampled ids come back to the host: synced
-        self.scheduler.update(out, tokens)
+        if self.speculation is not None and self.speculation.applies(out):
+            self.speculation.step(out)
+        else:
+            tokens = self.runner.execute(out)  # the sampled ids come back to the host: synced
+            self.scheduler.update(out, tokens)
         self.num_steps += 1
         if out.seqs:
             kind = "decode" if out.is_decode else "mixed"
@@ -157,6 +167,8 @@ class LLMEngine:
                 self._report(seq, False, results)
         for seq in finished:
             self.runner.release(seq)
+            if self.speculation is not None:
+                self.speculation.release(seq)
             self._report(seq, True, results)
             self._reported.pop(seq.request_id, None)
         return results
