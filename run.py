@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="override the engine's float dtype (e.g. fp32 for an fp16 engine on CPU)")
     runtime_options.add_arguments(p)
+    cli.add_speculative_args(p)
     return p
 
 
@@ -72,15 +73,18 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
 
 
 def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=None,
-                      stop_ids=(), scheduler_policy: str = "max_utilization"):
-    """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput."""
+                      stop_ids=(), scheduler_policy: str = "max_utilization",
+                      speculative=None):
+    """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput.
+    ``speculative``: a speculative.SpeculativeConfig (None: plain decoding)."""
     import time
 
     from llama_engine.runner import GenerationOutput
     from llama_engine.serving import LLMEngine
     llm = getattr(engine, "_llm_engine", None)
     if llm is None:  # one per engine: it owns the paged KV cache and the CUDA graphs
-        llm = engine._llm_engine = LLMEngine(engine, scheduler_policy=scheduler_policy)
+        llm = engine._llm_engine = LLMEngine(engine, scheduler_policy=scheduler_policy,
+                                             speculative=speculative)
     t0 = time.perf_counter()
     seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids)
     for s in seqs:
@@ -108,6 +112,9 @@ def _main(args) -> int:
     batch_ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
     options = runtime_options.from_args(args, cuda_graphs=not args.no_cuda_graphs)
     engine, _ = load_runner(args.engine_dir, device, dtype, options=options)
+    from llama_engine import speculative
+    spec = speculative.config_from_args(args, engine)
+    spec_kw = {"speculative": spec} if spec is not None else {}
     from llama_engine import parallel
     parallel.quiet_non_main_ranks()  # torchrun: every rank computes the same tokens; rank 0 prints
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -118,9 +125,9 @@ def _main(args) -> int:
         if args.use_inflight_batching:
             return generate_inflight(engine, batch_ids, args.max_output_len, sampling,
                                      stop_ids=tokenizer.end_ids,
-                                     scheduler_policy=args.scheduler_policy)
+                                     scheduler_policy=args.scheduler_policy, **spec_kw)
         return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_id,
-                               streamer=streamer)
+                               streamer=streamer, **spec_kw)
 
     streamer = None
     if args.streaming:

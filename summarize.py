@@ -121,13 +121,17 @@ def run_engine_side(args, prompts: list, tokenizer, device: str) -> SideResult:
     engine, backend = load_runner(args.engine_dir, device, None,
                                   options=runtime_options.from_args(args))
     _check_engine_limits(engine, args, max(len(p) for p in prompts))
+    from llama_engine import speculative
+    spec = speculative.config_from_args(args, engine)
+    spec_kw = {"speculative": spec} if spec is not None else {}
 
     def generate(batch):
         if args.use_inflight_batching:
             out = generate_inflight(engine, batch, args.output_len, stop_ids=tokenizer.end_ids,
-                                    scheduler_policy=args.scheduler_policy)
+                                    scheduler_policy=args.scheduler_policy, **spec_kw)
         else:
-            out = engine.generate(batch, max_new_tokens=args.output_len, end_id=tokenizer.eos_id)
+            out = engine.generate(batch, max_new_tokens=args.output_len, end_id=tokenizer.eos_id,
+                                  **spec_kw)
         return [strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
 
     generate(prompts[:1])                                   # warm-up, untimed
@@ -203,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("max_utilization", "guaranteed_no_evict"),
                    help="with --use_inflight_batching: see run.py --help")
     runtime_options.add_arguments(p)
+    cli.add_speculative_args(p)
     return p
 
 
