@@ -354,3 +354,19 @@ def test_draft_engine_must_be_separate(tiny_engine):
     spec = SpeculativeConfig("draft_tokens_external", 2, tiny_engine)
     with pytest.raises(ConfigError, match="separate Engine"):
         tiny_engine.generate(_prompts(1), 4, speculative=spec)
+
+
+def test_benchmark_speculative_section_on_cpu(tmp_path):
+    """benchmark.py --speculative's flow (a CPU dry run on the tiny model): a decode step and
+    verify steps of k+1 = 2..9 timed, tokens/s projected from an acceptance file."""
+    import benchmark
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"prompt_lookup": {"4": {"pooled_tokens_per_step": 2.0}}}))
+    out = tmp_path / "b.json"
+    assert benchmark.main(["--device", "cpu", "--model_config", "tiny", "--speculative",
+                           "--modes", "fp16", "--spec_context", "32", "--out_json", str(out),
+                           "--spec_acceptance", str(acc)]) == 0
+    r = json.loads(out.read_text())["speculative"]["fp16"]
+    assert sorted(map(int, r["verify_ms"])) == list(range(2, 10))
+    assert r["decode_ms"] > 0 and set(r["projected_tok_s"]) == {"4"}
+    assert r["projected_tok_s"]["4"] == pytest.approx(2.0 * 1e3 / r["verify_ms"]["5"])
