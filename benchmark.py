@@ -6,6 +6,7 @@
     python benchmark.py --model_config llama-7b --profile --modes fp16,int4
     python benchmark.py --serving [--poisson_rates 8,16]             # inflight batching
     python benchmark.py --serving --http [--poisson_rates 8,16]      # the same over HTTP
+    python benchmark.py --model_config llama-7b --speculative --modes fp16,int4  # verify steps
     torchrun --nproc_per_node 2 benchmark.py --model_config llama-13b --section tp
 
 Random weights with LLaMA-7B shapes are built in GPU memory (as TensorRT-LLM's builder does
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 
 from benchmarks import http_load, latency, options, report, serving
+from benchmarks import speculative as spec_bench
 from benchmarks.modes import ABLATION, MODES
 from benchmarks.weights import Weights
 from llama_engine import parallel
@@ -70,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --serving --http: uniform (1000x128/128 HTTP vs direct), prefix "
                         "(500 requests sharing a 1024-token prefix, caching off vs on)")
     add_prefix_caching_arg(p)
+    p.add_argument("--speculative", action="store_true",
+                   help="batch 1: a decode step against verify steps of k+1 = 2..9 tokens "
+                        "(CUDA graphs), with tokens/s projected from --spec_acceptance")
+    p.add_argument("--spec_context", type=int, default=512,
+                   help="with --speculative: tokens cached before the timed steps")
+    p.add_argument("--spec_acceptance", default="assets/spec_acceptance.json",
+                   help="with --speculative: tools/spec_acceptance.py's JSON (tokens/step)")
     p.add_argument("--tp_allreduce", default=None, choices=options.TP_ALLREDUCE_CHOICES,
                    help="under torchrun: the all-reduce (default: the engine's, auto)")
     p.add_argument("--pdl", default=None, choices=tuple(options.PDL_CHOICES),
@@ -104,6 +113,8 @@ def validate(a, world: int) -> Optional[str]:
         return ("under torchrun benchmark.py runs the latency grid, --profile (rank 0 traced) "
                 "and --serving (random weights); not --ablation, --memory, --engine_dir or "
                 "--poisson_rates (arrivals by each rank's clock would diverge)")
+    if a.speculative and (world > 1 or a.serving or a.ablation or a.engine_dir):
+        return "--speculative runs alone, on one GPU, on random weights (--model_config)"
     if a.serving and "," in a.modes:
         return "--serving runs one mode (--modes fp16|int8|int4|int8kv|...)"
     if (a.http or a.enable_prefix_caching) and not a.serving:
@@ -209,6 +220,12 @@ def main(argv=None) -> int:
                               "torch": torch.__version__}}
     if a.serving:
         return run_serving(a, results["meta"], engine_kw)
+    if a.speculative:
+        results["speculative"] = spec_bench.run_speculative(
+            a.model_config, csv(a.modes), a.device, engine_kw, a.spec_context,
+            a.spec_acceptance)
+        save(a, results)
+        return 0
     if a.memory:
         return run_memory(a, results, engine_kw)
     return run_latency(a, results, engine_kw)

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the engine's float dtype (e.g. fp32 for an fp16 engine on CPU)")
     runtime_options.add_arguments(p)
     add_trtllm_run_flags(p)
+    cli.add_speculative_args(p)
     return p
 
 
@@ -112,8 +113,9 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
 
 def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=None,
                       stop_ids=(), scheduler_policy: str = "max_utilization", streamer=None,
-                      enable_prefix_caching: bool = False):
-    """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput."""
+                      enable_prefix_caching: bool = False, speculative=None):
+    """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput.
+    ``speculative``: a speculative.SpeculativeConfig (None: plain decoding)."""
     import time
 
     from llama_engine.runner import GenerationOutput
@@ -121,7 +123,8 @@ def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=Non
     llm = getattr(engine, "_llm_engine", None)
     if llm is None:  # one per engine: it owns the paged KV cache and the CUDA graphs
         llm = engine._llm_engine = LLMEngine(engine, scheduler_policy=scheduler_policy,
-                                             enable_prefix_caching=enable_prefix_caching)
+                                             enable_prefix_caching=enable_prefix_caching,
+                                             speculative=speculative)
     t0 = time.perf_counter()
     seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids,
                         streamer=streamer)
@@ -167,6 +170,9 @@ def _main(args) -> int:
                      for p in prompts]
     options = runtime_options.from_args(args, cuda_graphs=not args.no_cuda_graphs)
     engine, _ = load_runner(args.engine_dir, device, dtype, options=options)
+    from llama_engine import speculative
+    spec = speculative.config_from_args(args, engine)
+    spec_kw = {"speculative": spec} if spec is not None else {}
     from llama_engine import parallel
     parallel.quiet_non_main_ranks()  # torchrun: every rank computes the same tokens; rank 0 prints
     # The one stopping rule (static, inflight, TensorRT-LLM): the model's end ids
@@ -179,11 +185,11 @@ def _main(args) -> int:
             return generate_inflight(engine, batch_ids, args.max_output_len, sampling,
                                      stop_ids=end_ids, scheduler_policy=args.scheduler_policy,
                                      streamer=stream.request_output if stream else None,
-                                     enable_prefix_caching=args.enable_prefix_caching)
+                                     enable_prefix_caching=args.enable_prefix_caching, **spec_kw)
         if args.enable_prefix_caching:
             raise ConfigError("--enable_prefix_caching needs --use_inflight_batching")
         return engine.generate(batch_ids, args.max_output_len, sampling, end_id=end_ids,
-                               streamer=stream.step if stream else None)
+                               streamer=stream.step if stream else None, **spec_kw)
 
     if args.num_runs > 1:
         once()  # warm-up: CUDA graphs, Triton autotuning

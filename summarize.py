@@ -149,6 +149,9 @@ def run_engine_side(args, prompts: list, tokenizer, device: str, references=None
     engine, backend = load_runner(args.engine_dir, device, None,
                                   options=runtime_options.from_args(args))
     _check_engine_limits(engine, args, max(len(p) for p in prompts))
+    from llama_engine import speculative
+    spec = speculative.config_from_args(args, engine)
+    spec_kw = {"speculative": spec} if spec is not None else {}
 
     # The one stopping rule for both paths: the model's end ids (Tokenizer.end_ids); greedy.
     sampling = None
@@ -158,10 +161,10 @@ def run_engine_side(args, prompts: list, tokenizer, device: str, references=None
             out = generate_inflight(engine, batch, args.output_len, sampling,
                                     stop_ids=tokenizer.end_ids,
                                     scheduler_policy=args.scheduler_policy,
-                                    enable_prefix_caching=args.enable_prefix_caching)
+                                    enable_prefix_caching=args.enable_prefix_caching, **spec_kw)
         else:
             out = engine.generate(batch, max_new_tokens=args.output_len, sampling=sampling,
-                                  end_id=tokenizer.end_ids)
+                                  end_id=tokenizer.end_ids, **spec_kw)
         return [strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
 
     generate(prompts[:1])                                   # warm-up, untimed
@@ -275,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                       why="summarize.py decodes greedily on both sides so that their ROUGE "
                           "compares like with like; run.py takes the sampling controls")
     cli_compat.add_common_runtime_flags(p)
+    cli.add_speculative_args(p)
     return p
 
 

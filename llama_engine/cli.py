@@ -208,6 +208,23 @@ def add_prefix_caching_arg(parser) -> None:
                              "prefixes seen before (only the rest of a prompt is prefilled)")
 
 
+def add_speculative_args(parser) -> None:
+    """Speculative decoding (llama_engine/speculative.py), TensorRT-LLM's flag names;
+    ``speculative.config_from_args`` turns them into a config."""
+    g = parser.add_argument_group("speculative decoding")
+    g.add_argument("--speculative_decoding_mode", default=None,
+                   choices=("prompt_lookup", "draft_tokens_external"),
+                   help="propose tokens from the prompt and output so far (prompt_lookup) or "
+                        "with a draft engine (draft_tokens_external); verify them in one step")
+    g.add_argument("--max_draft_len", type=positive_int, default=4,
+                   help="tokens proposed per step (k)")
+    g.add_argument("--draft_engine_dir", default=None,
+                   help="the draft engine (same tokenizer) for draft_tokens_external")
+    g.add_argument("--speculative_max_batch_size", type=positive_int, default=8,
+                   help="inflight batching: decode steps of more sequences run without "
+                        "speculation")
+
+
 # -- dtypes ---------------------------------------------------------------------------------
 def parse_dtype(name: str) -> str:
     """'fp16' / 'float16' / ... -> 'float16' (ConfigError for unknown names)."""

@@ -341,14 +341,21 @@ class ModelRunner:
     def _replay(self, seqs: list[Sequence]) -> torch.Tensor:
         """All-decode step from the graph of the smallest bucket >= len(seqs).
         -> logits [len(seqs), V] (a view of the graph's output: use before the next replay)."""
-        b = len(seqs)
         pos = [q.num_computed_tokens for q in seqs]
         # Normally the last sampled token; the last token of a prompt chunk in a recompute.
         tok = [q.token_ids(p, p + 1)[0] for q, p in zip(seqs, pos)]
+        return self._replay_rows(tok, pos, [q.block_table for q in seqs])
+
+    def _replay_rows(self, tok: list, pos: list, tables: list) -> torch.Tensor:
+        """Rows of one query token each (token, position, block table) from the decode graph
+        of the smallest bucket >= len(tok). -> logits [len(tok), V] (a view)."""
+        b = len(tok)
         graphs = self._serving_graphs
         rows = graphs.rows(b)
         rows["positions"].copy_(torch.tensor(pos, dtype=torch.int64), non_blocking=True)
-        rows["block_tables"].copy_(self._block_tables(seqs, self.max_blocks_per_seq))
+        width = self.max_blocks_per_seq
+        rows["block_tables"].copy_(torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                                dtype=torch.int32, device=self.device))
         slots = slots_for(rows["block_tables"], torch.arange(b, device=self.device),
                           rows["positions"], self.block_size)
         inputs = dict(tokens=torch.tensor(tok, dtype=torch.int64),
@@ -391,12 +398,8 @@ class ModelRunner:
                    seq.request_id if cfg.seed is not None else None)
             groups.setdefault(key, (cfg, seq, []))[2].append(r)
         for cfg, seq, group in groups.values():
-            gen = None
-            if cfg.seed is not None:
-                gen = self._generators.get(seq.request_id)
-                if gen is None:
-                    gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-                    self._generators[seq.request_id] = gen
+            gen = self.generator(seq)
+            if gen is not None:
                 self._gen_before[seq.request_id] = gen.get_state()  # for rewind()
             idx = torch.tensor(group, device=self.device)
             next_ids[idx] = sample(logits[idx], cfg, gen)
@@ -441,9 +444,88 @@ class ModelRunner:
             self._controls.release(seq.request_id)
         seq.next_logprob = None
 
+    def generator(self, seq: Sequence) -> Optional[torch.Generator]:
+        """The generator of a seeded request (made on first use), None for the others."""
+        cfg = seq.sampling
+        if cfg is None or cfg.seed is None:
+            return None
+        gen = self._generators.get(seq.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+            self._generators[seq.request_id] = gen
+        return gen
+
     def release(self, seq: Sequence) -> None:
         """Forget per-request state (the sampler's generator, the controls' device state) of
         a finished request."""
         self._generators.pop(seq.request_id, None)
         if self._controls is not None:
             self._controls.release(seq.request_id)
+
+    # -- speculative decoding (llama_engine/speculative.py) ------------------------------------
+    # A verify step runs each sequence's last token and its proposed tokens over the cached
+    # prefix and returns logits at every position. Query row i of a sequence attends to
+    # context + i + 1 tokens: causality is a per-row context length, so the step is a decode
+    # step over one row per (sequence, position) with the sequence's block table repeated; the
+    # decode kernel and the decode CUDA graphs (captured per row count) serve it unchanged.
+    @torch.inference_mode()
+    def verify(self, tokens: torch.Tensor, context_lens: torch.Tensor,
+               block_tables: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Static batch: tokens int64[B, K1] (each row's last sampled token, then its
+        proposals) at positions ``context_lens[b] + i``; ``context_lens`` is not changed.
+        -> fp32 logits [B, K1, V]."""
+        b, k1 = tokens.shape
+        ctx = (context_lens.to(torch.int32)[:, None]
+               + torch.arange(k1, dtype=torch.int32, device=tokens.device)).reshape(-1)
+        logits = self.decode(tokens.reshape(-1), ctx, block_tables.repeat_interleave(k1, 0),
+                             cache)
+        return logits.view(b, k1, -1)
+
+    @torch.inference_mode()
+    def extend(self, token_lists: list, starts: list, block_tables: torch.Tensor,
+               cache: KVCache) -> torch.Tensor:
+        """Each sequence's ``token_lists[b]`` at positions ``starts[b]..`` over its cached
+        prefix (a draft model catching up). -> fp32 logits of each one's last token [B, V]."""
+        dev = self.device
+        lens = [len(t) for t in token_lists]
+        tokens = torch.tensor([t for ts in token_lists for t in ts], dtype=torch.int64,
+                              device=dev)
+        positions = torch.tensor([p for s, n in zip(starts, lens) for p in range(s, s + n)],
+                                 dtype=torch.int64, device=dev)
+        seq_index = torch.repeat_interleave(torch.arange(len(lens), device=dev),
+                                            torch.tensor(lens, device=dev))
+        ctx = [s + n for s, n in zip(starts, lens)]
+        return self.forward(tokens, positions, seq_index, block_tables, lens, ctx,
+                            all(n == 1 for n in lens), last_token_indices(lens, dev), cache)
+
+    @torch.inference_mode()
+    def verify_serving(self, seqs: list[Sequence], drafts: list) -> list[torch.Tensor]:
+        """Inflight batching: each sequence's last token and ``drafts[i]`` at positions
+        ``num_computed_tokens..`` (blocks already allocated). A step of up to
+        ``max_batch_size`` rows replays a decode graph. -> per sequence fp32 logits
+        [1 + len(drafts[i]), V]."""
+        tok, pos, tables, counts = [], [], [], []
+        for seq, draft in zip(seqs, drafts):
+            p0 = seq.num_computed_tokens
+            ids = seq.token_ids(p0, p0 + 1) + list(draft)
+            tok += ids
+            pos += range(p0, p0 + len(ids))
+            tables += [seq.block_table] * len(ids)
+            counts.append(len(ids))
+        if self._serving_graphs is not None and len(tok) <= self.max_batch_size:
+            logits = self._replay_rows(tok, pos, tables).clone()
+        else:
+            dev, n = self.device, len(tok)
+            width = max(len(t) for t in tables)
+            bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                              device=dev)
+            positions = torch.tensor(pos, dtype=torch.int64, device=dev)
+            meta = AttentionMeta(
+                positions=positions,
+                slot_mapping=slots_for(bt, torch.arange(n, device=dev), positions,
+                                       self.block_size),
+                block_tables=bt, context_lens=(positions + 1).to(torch.int32),
+                query_lens=[1] * n, is_decode=True)
+            logits = self.model(torch.tensor(tok, dtype=torch.int64, device=dev), meta,
+                                self.cache)
+        return list(torch.split(logits, counts))

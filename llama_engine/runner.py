@@ -194,13 +194,18 @@ class Engine:
     def generate(self, batch_input_ids: list, max_new_tokens: int,
                  sampling: Optional[SamplingConfig] = None,
                  end_id: Union[int, Sequence[int], None] = None,
-                 streamer: Optional[Callable[[int, list], None]] = None) -> GenerationOutput:
+                 streamer: Optional[Callable[[int, list], None]] = None,
+                 speculative=None) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` for each prompt (a static batch).
 
         ``end_id``: the model's end ids (``Tokenizer.end_ids``; one int or several);
         ``sampling.end_id`` replaces them and ``sampling.stop_words`` end a row too (the
         one stopping rule, ``sampling.cut_at_stop``). ``streamer(step, tokens)`` is called
-        with the new token of every sequence each step."""
+        with the new token of every sequence each step. ``speculative``: a
+        ``speculative.SpeculativeConfig``; its own loop runs instead."""
+        if speculative is not None:
+            return speculative.generate(self, batch_input_ids, max_new_tokens, sampling,
+                                        end_id, streamer)
         sampling = sampling or SamplingConfig()
         batch_input_ids = self.check_request(batch_input_ids, max_new_tokens, sampling)
         default_ends = [] if end_id is None else (

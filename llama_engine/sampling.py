@@ -208,6 +208,12 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig,
     """logits fp32 [B, V] -> token ids int64 [B]."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, cfg), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits fp32 [B, V] -> the distribution ``sample`` draws from (temperature, top-k,
+    top-p applied) [B, V]; speculative decoding's rejection rule needs it explicitly."""
     logits = logits / max(cfg.temperature, 1e-5)
     if cfg.top_k > 1:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -219,7 +225,7 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig,
         drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig):

@@ -92,10 +92,7 @@ SAMPLING = {"--repetition_penalty", "--presence_penalty", "--frequency_penalty",
             "--no_repeat_ngram_size", "--min_length", "--end_id", "--pad_id", "--stop_words",
             "--bad_words", "--random_seed"}
 SPECULATIVE = {"--speculative_decoding_mode", "--max_draft_len", "--draft_engine_dir"}
-PENDING = {
-    "run.py": SPECULATIVE,
-    "summarize.py": SPECULATIVE,
-}
+PENDING: dict = {}
 
 
 def _flags(text: str) -> list:

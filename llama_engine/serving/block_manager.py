@@ -204,6 +204,18 @@ class BlockManager:
         for keys in self._seq_keys.values():
             keys.clear()
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep only the blocks covering ``seq``'s first ``num_tokens`` slots (speculative
+        decoding rolls back the slots of rejected proposals); the rest are dropped as in
+        ``free``."""
+        keep = cdiv(num_tokens, self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            assert self.ref_counts[block] > 0, f"double free of block {block}"
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self._free.append(block)
+
     # -- addressing --------------------------------------------------------------------------
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache slots of ``seq``'s tokens at positions [start, end)."""

@@ -35,6 +35,8 @@ from llama_engine.serving.block_manager import BlockManager
 from llama_engine.sampling import check_token_ids, held_back
 from llama_engine.serving.scheduler import Scheduler, SchedulerOutput
 from llama_engine.serving.sequence import FinishReason, Sequence
+from llama_engine.serving.speculation import SpeculativeStepper
+from llama_engine.speculative import SpeculativeConfig
 
 DEFAULT_MAX_NUM_TOKENS = 8192  # TensorRT-LLM's default token budget per step
 
@@ -67,7 +69,8 @@ class LLMEngine:
     ``max_utilization`` (preempt when the cache runs out) or ``guaranteed_no_evict``
     (scheduler.py). ``options`` (options.RuntimeOptions): run-time choices, applied when the
     engine is loaded here; ``options.cuda_graphs=False`` decodes eagerly. ``enable_prefix_caching``: reuse the
-    KV blocks of prompt prefixes seen before (serving/block_manager.py)."""
+    KV blocks of prompt prefixes seen before (serving/block_manager.py). ``speculative``
+    (speculative.SpeculativeConfig): speculative decoding in small all-decode steps."""
 
     def __init__(self, engine: Union[Engine, str], max_batch_size: Optional[int] = None,
                  max_num_tokens: Optional[int] = None,
@@ -76,7 +79,8 @@ class LLMEngine:
                  device: Optional[str] = None, dtype: Optional[str] = None,
                  scheduler_policy: str = "max_utilization",
                  options: Optional[RuntimeOptions] = None,
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False,
+                 speculative: Optional[SpeculativeConfig] = None):
         if isinstance(engine, str):
             engine = Engine.from_dir(engine, device=device, dtype=dtype, options=options)
         if options is not None:
@@ -97,6 +101,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_batch_size, max_num_tokens,
                                    max_input_len=b.max_input_len, max_output_len=b.max_output_len,
                                    max_seq_len=b.max_seq_len, policy=scheduler_policy)
+        # Speculative decoding (serving/speculation.py): small all-decode steps verify
+        # proposals instead of decoding one token.
+        self.speculation = SpeculativeStepper(self, speculative) if speculative else None
         self._ids = itertools.count()
         self._reported: dict = {}   # request_id -> output tokens already returned by step()
         self.num_steps = 0
@@ -170,11 +177,14 @@ class LLMEngine:
         finished (cancelled and never-fitting requests included)."""
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
-        try:
-            tokens = self.runner.execute(out)  # the sampled ids come back to the host: synced
-        except Exception as e:  # noqa: BLE001 - isolated below, re-raised if no request's own
-            tokens = self._isolate(out, e)
-        self.scheduler.update(out, tokens)
+        if self.speculation is not None and self.speculation.applies(out):
+            self.speculation.step(out)
+        else:
+            try:
+                tokens = self.runner.execute(out)  # the sampled ids come back to the host: synced
+            except Exception as e:  # noqa: BLE001 - isolated below, re-raised if no request's own
+                tokens = self._isolate(out, e)
+            self.scheduler.update(out, tokens)
         self.num_steps += 1
         if out.seqs:
             kind = "decode" if out.is_decode else "mixed"
@@ -191,6 +201,8 @@ class LLMEngine:
                 self._report(seq, False, results)
         for seq in finished:
             self.runner.release(seq)
+            if self.speculation is not None:
+                self.speculation.release(seq)
             self._report(seq, True, results)
             self._reported.pop(seq.request_id, None)
         return results

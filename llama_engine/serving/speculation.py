@@ -1,0 +1,102 @@
+"""Speculative decoding under inflight batching: one verify step for a batch of decodes.
+
+``LLMEngine.step`` hands an all-decode step of at most ``SpeculativeConfig.max_batch_size``
+sequences to ``SpeculativeStepper.step`` instead of the runner's ``execute``; larger batches
+decode plainly (there a step is no longer bound by reading the weights, so verifying extra
+tokens would cost throughput). Per sequence: a proposal (``llama_engine.speculative``) of at
+most what its ``max_tokens`` leaves, extra KV blocks only when free (never preempting for a
+proposal), one ``ModelRunner.verify_serving`` forward for the whole batch, the acceptance
+rule, then the accepted tokens fed to the scheduler one position at a time (its ``update``,
+so stop ids, lengths and finishing work as in a plain step) and the blocks past the
+accepted tokens given back (``BlockManager.truncate``).
+"""
+from __future__ import annotations
+
+from llama_engine.serving.scheduler import SchedulerOutput
+from llama_engine.serving.sequence import SequenceStatus
+from llama_engine.speculative import SpeculativeConfig, accept, make_proposer
+
+
+class SpeculativeStepper:
+    """Speculation for one ``LLMEngine`` (its runner, scheduler and block manager)."""
+
+    def __init__(self, llm, config: SpeculativeConfig):
+        self.llm, self.config = llm, config
+        b = llm.engine.config.build
+        self.max_seq_len = b.max_seq_len
+        self.proposer = make_proposer(config, llm.engine, llm.scheduler.max_batch_size,
+                                      b.max_seq_len)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Verify steps summed over their sequences, draft tokens proposed and accepted,
+        tokens gained; steps that were too large to speculate."""
+        self.stats = {"seq_steps": 0, "proposed": 0, "accepted": 0, "emitted": 0,
+                      "verify_steps": 0, "plain_steps": 0}
+
+    @property
+    def tokens_per_step(self) -> float:
+        s = self.stats
+        return s["emitted"] / s["seq_steps"] if s["seq_steps"] else 0.0
+
+    def applies(self, out: SchedulerOutput) -> bool:
+        # Requests with logits processors or log-probs decode plainly (the acceptance rules
+        # see the raw distribution only).
+        ok = (out.is_decode and 0 < len(out.seqs) <= self.config.max_batch_size
+              and not any(s.sampling.has_controls or s.sampling.logprobs for s in out.seqs))
+        if out.is_decode and not ok:
+            self.stats["plain_steps"] += 1
+        return ok
+
+    def step(self, out: SchedulerOutput) -> None:
+        """Compute ``out`` (all decodes) with proposals and account for it in the scheduler."""
+        runner, bm = self.llm.runner, self.llm.block_manager
+        seqs = out.seqs
+        kmax = [max(0, min(self.config.max_draft_len, s.max_tokens - s.num_output_tokens - 1,
+                           self.max_seq_len - s.num_tokens)) for s in seqs]
+        gens = [runner.generator(s) for s in seqs]
+        props = self.proposer.propose([s.request_id for s in seqs],
+                                      [s.prompt_ids + s.output_ids for s in seqs], kmax,
+                                      [s.sampling for s in seqs], gens)
+        drafts, qs = [], []
+        for s, (d, q) in zip(seqs, props):
+            need = s.num_computed_tokens + 1 + len(d)
+            if d and not bm.can_allocate(s, need):
+                d, q = [], None
+            if d:
+                bm.allocate(s, need)
+            drafts.append(d)
+            qs.append(q)
+        logits = runner.verify_serving(seqs, drafts)
+        new = [accept(d, lg, q, s.sampling, g)
+               for s, d, lg, q, g in zip(seqs, drafts, logits, qs, gens)]
+        st = self.stats
+        st["verify_steps"] += 1
+        for d, n in zip(drafts, new):
+            st["seq_steps"] += 1
+            st["proposed"] += len(d)
+            st["accepted"] += len(n) - 1
+            st["emitted"] += len(n)
+        self._apply(seqs, new)
+
+    def _apply(self, seqs: list, new: list) -> None:
+        """Feed position j of every sequence's new tokens to the scheduler as a one-token
+        step: each advances ``num_computed_tokens`` by one (the previous token's K/V, written
+        by the verify step) and appends, stops or finishes exactly as a plain step does."""
+        sched = self.llm.scheduler
+        for j in range(max(len(n) for n in new)):
+            part = SchedulerOutput(is_decode=True)
+            toks = []
+            for s, n in zip(seqs, new):
+                if j < len(n):
+                    part.seqs.append(s)
+                    part.num_new_tokens.append(1)
+                    part.sample.append(True)
+                    toks.append(n[j])
+            sched.update(part, toks)
+        for s in seqs:
+            if s.status is SequenceStatus.RUNNING:
+                self.llm.block_manager.truncate(s, s.num_computed_tokens)
+
+    def release(self, seq) -> None:
+        self.proposer.release(seq.request_id)
