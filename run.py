@@ -104,7 +104,8 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
     from llama_engine.runner import Engine
     options = options or RuntimeOptions(cuda_graphs=cuda_graphs)
     engine = Engine.from_dir(engine_dir, device=device, dtype=dtype, options=options)
-    if engine.device.type == "cpu" and engine.dtype in (torch.float16, torch.bfloat16):
+    if (str(getattr(engine, "device", "")) == "cpu"
+            and getattr(engine, "dtype", None) in (torch.float16, torch.bfloat16)):
         print(f"note: {engine_dir} is a {str(engine.dtype).replace('torch.', '')} engine on "
               "the CPU, where half precision runs ~5x slower than float32: pass --dtype fp32 "
               "(or build with --dtype float32)", file=sys.stderr)
