@@ -490,7 +490,8 @@ _FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
 def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
                         act_stats: Optional[dict] = None, kv_stats: Optional[dict] = None,
                         progress: bool = True, dtype: Optional[str | torch.dtype] = None,
-                        pre_quant_scales: Optional[dict] = None):
+                        pre_quant_scales: Optional[dict] = None,
+                        int4_clips: Optional[dict] = None):
     """Quantize unified float tensors as ``quant`` says -> (tensors, report).
 
     ``act_stats``: {linear prefix: max|x| per input channel [K]} from ``smoothquant.py``
@@ -501,9 +502,10 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
     tensor([max|k|, max|v|]) -> ``kv_cache_scaling_factor`` only. Required for an INT8 KV
     cache unless the tensors already carry the scales (passed through). ``dtype``: the model
     dtype for float tensors and weight-only scales (default: that of the input weights).
-    ``pre_quant_scales``: {linear prefix: s [K]} (AWQ, ``awq.py``): the weights are already
-    scaled by s, the input must be multiplied by s (``prequant_scaling_factor``). The input
-    dict is not modified.
+    ``pre_quant_scales``: {linear prefix: p [K]} (AWQ, ``awq.py``): the weights are already
+    scaled by 1/p, the input is multiplied by p (``prequant_scaling_factor``). ``int4_clips``:
+    {linear prefix: [N, K/G] range factors} (AWQ's clipping search; zero-point int4 only).
+    The input dict is not modified.
 
     ``report`` = {"tensors": {prefix: {"algo", "max_abs_err", "rel_err"}}, "worst_rel_err",
     "mean_rel_err", "kv_scales": {...}} (rel_err: ||W - dequant||_F / ||W||_F)."""
@@ -552,7 +554,7 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
             scale_dtype = dtype or w.dtype
             new, deq = _quantize_linear(w, quant, scale_dtype,
                                         None if act_stats is None else act_stats.get(prefix),
-                                        prefix)
+                                        prefix, (int4_clips or {}).get(prefix))
             if pre_quant_scales and prefix in pre_quant_scales:
                 new["prequant_scaling_factor"] = pre_quant_scales[prefix].to(scale_dtype)
             for suffix, t in new.items():
@@ -614,7 +616,8 @@ def _linear_prefixes(args: ModelArgs) -> list[str]:
 
 
 def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dtype,
-                     x_max: Optional[torch.Tensor], prefix: str):
+                     x_max: Optional[torch.Tensor], prefix: str,
+                     clip: Optional[torch.Tensor] = None):
     """-> ({suffix: tensor} of the linear, dequantized float32 weight for the report)."""
     algo = quant.quant_algo
     if quant.int4_zero_point:
@@ -622,7 +625,7 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
         if g and w.shape[1] % g:
             raise ConfigError(f"group size {g} does not divide the input width of "
                               f"{prefix}.weight {list(w.shape)}")
-        p, s, z, _ = quantize_int4_zp(w, g, scale_dtype)
+        p, s, z, _ = quantize_int4_zp(w, g, scale_dtype, clip)
         new = {"weight": p, "weights_scaling_factor": s, "zero": z}
         if algo != W4A16_GPTQ:
             new["prequant_scaling_factor"] = torch.ones(w.shape[1], dtype=scale_dtype,

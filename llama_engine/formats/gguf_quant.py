@@ -82,6 +82,13 @@ def load_gguf_linears(path: str, args: ModelArgs, hf_sd: dict, dtype: torch.dtyp
     from gguf import GGUFReader
     reader = GGUFReader(path)
     by_name = {t.name: t for t in reader.tensors}
+    linears = set(GGUF_OF_HF.values())
+    for t in reader.tensors:  # every type checked before any work
+        if t.name.startswith("blk.") and t.name.split(".")[2] in linears \
+                and t.tensor_type.name not in KEPT:
+            raise ConfigError(f"{path}: {t.name} is {t.tensor_type.name}; "
+                              f"--keep_gguf_quantization keeps {' / '.join(KEPT)} linears "
+                              "only (drop the flag to dequantize)")
 
     def get(mod: str):
         i = int(mod.split(".")[2])

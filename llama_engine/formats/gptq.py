@@ -30,7 +30,7 @@ def pack_gptq_weight(u: torch.Tensor) -> torch.Tensor:
     k, n = u.shape
     if k % 8:
         raise ConfigError(f"GPTQ packing needs K a multiple of 8, got {k}")
-    return pack_int32(u.reshape(k // 8, 8, n).transpose(1, 2)).contiguous()
+    return pack_int32(u.reshape(k // 8, 8, n).transpose(1, 2)).squeeze(-1).contiguous()
 
 
 def unpack_gptq_weight(p: torch.Tensor) -> torch.Tensor:
