@@ -45,7 +45,7 @@ def decode_blocks(raw: np.ndarray, kind: str, n: int, k: int):
     """Raw GGUF rows (uint8 [N, bytes]) of a Q4_0 / Q4_1 tensor [N, K] -> (u uint8 [N, K],
     d float32 [N, K/32], m float32 [N, K/32] or None)."""
     size = {"Q4_0": 18, "Q4_1": 20}[kind]
-    b = torch.from_numpy(np.ascontiguousarray(raw)).reshape(n, k // BLOCK, size)
+    b = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(n, k // BLOCK, size)
     d = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
     m = None
     off = 2
