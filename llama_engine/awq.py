@@ -13,7 +13,8 @@ What is implemented (and what is not):
 * Folding as TensorRT-LLM folds: into the preceding RMSNorm gain where there is one (q/k/v,
   gate/up: gain / s, weights * s); otherwise (o_proj, down_proj) as its
   ``prequant_scaling_factor`` = 1 / s, multiplied into the input at run time.
-* The clipping search (the paper's auto-clip), for zero-point formats: per weight group a
+* The clipping search (the paper's auto-clip), for zero-point formats whose group size divides
+  the input width: per weight group a
   shrink factor of the [min, max] range on a grid, minimising that group's contribution to the
   output error on the calibration tokens.
 * Not implemented: the block-by-block pass with quantized earlier blocks (all inputs are
@@ -161,7 +162,7 @@ def apply_awq(tensors: dict, args: ModelArgs, quant: QuantConfig, x_mean: dict, 
             for p, w in zip(prefixes, ws):
                 scaled = w.float() * s
                 out[p + ".weight"] = scaled.to(dtype)
-                if clip and zero:
+                if clip and zero and w.shape[1] % (g or w.shape[1]) == 0:
                     clips[p] = search_clip(scaled, x_rows[key] / s, g)
                 report[p] = rep
             if norm is not None:

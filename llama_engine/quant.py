@@ -457,21 +457,23 @@ def _int4_zero_or_awq(args: ModelArgs, precision: str, group_size: Optional[int]
     if g == 0 and precision == "int4_awq" and not has_zero_point:
         raise ConfigError("int4_awq is group-wise; give --group_size 32, 64 or 128 (or add "
                           "--has_zero_point for per-channel scales and zeros)")
-    _check_int4_widths(args, g)
+    _check_int4_widths(args, g, partial_last_group=True)
     if precision == "int4_gptq":
         return QuantConfig(quant_algo=W4A16_GPTQ, group_size=g, has_zero_point=True)
     return QuantConfig(quant_algo=W4A16_GROUPWISE, group_size=g, has_zero_point=has_zero_point,
                        pre_quant_scale=precision == "int4_awq")
 
 
-def _check_int4_widths(args: ModelArgs, group_size: int) -> None:
-    """Every int4 linear's input width must be even, and a multiple of the group size."""
+def _check_int4_widths(args: ModelArgs, group_size: int, partial_last_group: bool = False
+                       ) -> None:
+    """Every int4 linear's input width must be even, and a multiple of the group size (the
+    zero-point format allows a narrower last group: ``partial_last_group``)."""
     quant = QuantConfig()  # default exclusions (lm_head)
     for prefix in linear_prefixes(args):
         if is_excluded(prefix, quant):
             continue
         n, k = linear_shape(args, prefix)
-        if group_size and k % group_size:
+        if group_size and k % group_size and not partial_last_group:
             ok = [g for g in GROUP_SIZES if k % g == 0]
             hint = f"use --group_size {ok[-1]}" if ok else "use --group_size 0 (per channel)"
             raise ConfigError(f"--group_size {group_size} does not divide the input width of "
@@ -622,9 +624,6 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
     algo = quant.quant_algo
     if quant.int4_zero_point:
         g = quant.group_size
-        if g and w.shape[1] % g:
-            raise ConfigError(f"group size {g} does not divide the input width of "
-                              f"{prefix}.weight {list(w.shape)}")
         p, s, z, _ = quantize_int4_zp(w, g, scale_dtype, clip)
         new = {"weight": p, "weights_scaling_factor": s, "zero": z}
         if algo != W4A16_GPTQ:

@@ -6,7 +6,10 @@ nibble), ``weights_scaling_factor`` s and ``zero`` z [K/G, N] in the model dtype
 
     w[n, k] = q[n, k] * s[k // G, n] + z[k // G, n]
 
-G is 32, 64 or 128, or K (per output channel; QuantConfig.group_size 0). The additive zero
+G is 32, 64 or 128, or K (per output channel; QuantConfig.group_size 0). When G does not
+divide K (SmolLM2's 576 with G = 128) the last group is narrower: ceil(K/G) groups, exactly
+what TensorRT-LLM's rule of zero-padding K to a multiple of G computes (the padded inputs are
+zero); the tensors are [ceil(K/G), N]. The additive zero
 (not an integer zero point) holds every asymmetric family exactly or to one rounding of the
 model dtype: AutoAWQ / GPTQ's integer zero zp on unsigned codes u = q + 8 gives
 z = (8 - zp) * s; GGUF Q4_1's block minimum m gives z = m + 8 d. The symmetric format
@@ -37,7 +40,8 @@ def quantize_int4_zp(w: torch.Tensor, group_size: int = 128,
                      clip: Optional[torch.Tensor] = None):
     """w[N, K] float -> (packed int8 [N, K/2], scales [K/G, N], zeros [K/G, N], max_abs_err).
 
-    ``group_size`` 0 is per output channel (G = K). ``clip`` [N, K/G] (optional, in (0, 1]):
+    ``group_size`` 0 is per output channel (G = K); a G not dividing K gives a narrower last
+    group. ``clip`` [N, ceil(K/G)] (optional, in (0, 1]):
     shrink each group's range by that factor before rounding (AWQ's clipping search)."""
     if w.dim() != 2 or not w.is_floating_point():
         raise ConfigError(f"quantize_int4_zp: expected a float [N, K] weight, got {w.dtype} "
@@ -46,11 +50,14 @@ def quantize_int4_zp(w: torch.Tensor, group_size: int = 128,
     if k % 2:
         raise ConfigError(f"int4 packing needs an even input width, got K={k}")
     g = int(group_size) or k
-    if k % g:
-        raise ConfigError(f"group size {group_size} does not divide K={k}")
+    ng = -(-k // g)
     dtype = scale_dtype or w.dtype
     w32 = w.float() if w.dtype != torch.float64 else w
-    wg = w32.reshape(n, k // g, g)
+    wp = w32
+    if k % g:  # pad the last group with its own first column: its min and max stay
+        pad = w32[:, (ng - 1) * g:(ng - 1) * g + 1].expand(n, ng * g - k)
+        wp = torch.cat([w32, pad], dim=1)
+    wg = wp.reshape(n, ng, g)
     hi = wg.amax(dim=2).clamp_min(0)
     lo = wg.amin(dim=2).clamp_max(0)
     if clip is not None:
@@ -60,7 +67,7 @@ def quantize_int4_zp(w: torch.Tensor, group_size: int = 128,
     s = torch.where(s > 0, s, torch.ones_like(s))          # fp16 underflow -> 1
     z = (lo + 8 * s.to(lo.dtype)).to(dtype)
     q = torch.round((wg - z.to(wg.dtype)[..., None]) / s.to(wg.dtype)[..., None])
-    q = q.clamp_(-8, 7).to(torch.int8).reshape(n, k)
+    q = q.clamp_(-8, 7).to(torch.int8).reshape(n, ng * g)[:, :k].contiguous()
     packed = K.pack_int4(q)
     s_t, z_t = s.t().contiguous(), z.t().contiguous()
     err = ((dequantize_w4_zp(packed, s_t, z_t, g, w32.dtype) - w32).abs().max().item()
@@ -85,9 +92,9 @@ class WeightOnlyInt4ZeroLinear(nn.Module):
         self.group_size = int(group_size) or k
         self.per_channel = self.group_size == k
         self.algo = algo
-        shape = (k // self.group_size, n) if k % self.group_size == 0 else None
+        shape = (-(-k // self.group_size), n)
         for what, t in (("scales", scales), ("zeros", zeros)):
-            if shape is None or t.numel() != shape[0] * shape[1]:
+            if t.numel() != shape[0] * shape[1]:
                 raise ConfigError(f"int4 with zeros: {what} {tuple(t.shape)} do not fit weight "
                                   f"[N={n}, K={k}] with group size {group_size}")
         if packed.dtype != torch.int8:

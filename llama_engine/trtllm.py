@@ -281,7 +281,7 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
     if algo in (W8A16, W4A16):
         _weight_only_from_trtllm(out, args, algo, fdt, trt_excludes)
     elif algo in (W4A16_GROUPWISE, W4A16_GPTQ):
-        int4_group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need)
+        int4_group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need, args)
     elif quant.is_smooth_quant:
         _sq_from_trtllm(out, args, quant)
     if quant.int8_kv_cache:

@@ -20,6 +20,7 @@ import torch
 
 from .config import W4A16_GPTQ, ConfigError, ModelArgs, QuantConfig
 from .kernels.reference import pack_int4_ref, unpack_int4_ref
+from .names import linear_shape
 
 
 def _pack_along_n(q: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,11 @@ def int4_group_to_trtllm(out: dict, prefixes: list, quant: QuantConfig, fdt: tor
         w = need(out, p + ".weight")
         if w.is_floating_point():
             continue
-        out[p + ".weight"] = _pack_along_n(unpack_int4_ref(w))
+        q = unpack_int4_ref(w)
+        g = quant.group_size
+        if g and q.shape[1] % g:  # TensorRT-LLM's rule: K zero-padded to a multiple of G
+            q = torch.nn.functional.pad(q, (0, -q.shape[1] % g))
+        out[p + ".weight"] = _pack_along_n(q)
         out[p + ".weights_scaling_factor"] = need(out, p + ".weights_scaling_factor") \
             .t().contiguous().to(fdt)
         z = out.pop(p + ".zero", None)
@@ -60,8 +65,9 @@ def int4_group_to_trtllm(out: dict, prefixes: list, quant: QuantConfig, fdt: tor
 
 
 def int4_group_from_trtllm(out: dict, prefixes: list, quant: QuantConfig, fdt: torch.dtype,
-                           need) -> None:
-    """TensorRT-LLM -> ours, in place on ``out``."""
+                           need, args: ModelArgs) -> None:
+    """TensorRT-LLM -> ours, in place on ``out``; a K that TensorRT-LLM zero-padded to a
+    multiple of G is cut back to the architecture's width (our narrower last group)."""
     for p in prefixes:
         w = need(out, p + ".weight")
         if w.is_floating_point():
@@ -69,17 +75,22 @@ def int4_group_from_trtllm(out: dict, prefixes: list, quant: QuantConfig, fdt: t
         if w.dtype not in (torch.int8, torch.uint8):
             raise ConfigError(f"{p}.weight: {quant.quant_algo} expects packed int8, got "
                               f"{w.dtype}")
-        half_n, k = w.shape
+        half_n, k_stored = w.shape
         n = 2 * half_n
+        k = linear_shape(args, p)[1]
         g = quant.group_size or k
-        if k % g:
+        if k_stored != k and k_stored != -(-k // g) * g:
+            raise ConfigError(f"{p}.weight has K={k_stored}; the architecture says {k} "
+                              f"(zero-padded to a multiple of {g}: {-(-k // g) * g})")
+        if k % g and not quant.int4_zero_point:
             raise ConfigError(f"{p}: group size {g} does not divide K={k}")
-        out[p + ".weight"] = pack_int4_ref(_unpack_along_n(w))          # [N, K/2]
+        ng = -(-k // g)
+        out[p + ".weight"] = pack_int4_ref(_unpack_along_n(w)[:, :k].contiguous())  # [N, K/2]
         for name in ("weights_scaling_factor",) + (("zero",) if quant.int4_zero_point else ()):
             t = need(out, f"{p}.{name}")
-            if tuple(t.shape) != (n, k // g):
+            if tuple(t.shape) != (n, ng):
                 raise ConfigError(f"{p}.{name} has shape {tuple(t.shape)}, expected "
-                                  f"{(n, k // g)} (group size {quant.group_size})")
+                                  f"{(n, ng)} (group size {quant.group_size})")
             out[f"{p}.{name}"] = t.t().contiguous().to(fdt)               # [K/G, N]
         if quant.quant_algo != W4A16_GPTQ:
             pq = out.get(p + ".prequant_scaling_factor")

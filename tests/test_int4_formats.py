@@ -111,9 +111,13 @@ def test_zero_point_reproduces_an_asymmetric_grid_exactly():
     assert err == 0.0
 
 
-def test_group_size_must_divide_width():
+def test_group_size_must_divide_width_of_the_symmetric_format():
+    from llama_engine.quant import quantize_int4
     with pytest.raises(ConfigError, match="group size 64 does not divide K=96"):
-        quantize_int4_zp(torch.randn(4, 96), 64)
+        quantize_int4(torch.randn(4, 96), 64)
+    with pytest.raises(ConfigError, match=r"--group_size 64 does not divide .*mlp.proj"):
+        validate_quant_flags(ModelArgs.from_preset("tiny"), use_weight_only=True,
+                             weight_only_precision="int4", group_size=64)
 
 
 def _zp_case(N, K, G, seed=0, dtype=torch.float32):
@@ -367,3 +371,34 @@ def test_gguf_q4_1_kept_equals_dequantized_fp32_engine(smollm2_gguf, tmp_path):
     a, b = _logits(tmp_path / "f", prompts), _logits(tmp_path / "k", prompts)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_group_not_dividing_width_has_a_narrower_last_group():
+    """SmolLM2's K = 576 with G = 128: five groups, the last 64 wide (TensorRT-LLM zero-pads
+    K to 640, which computes the same); kernel, reference and export agree."""
+    torch.manual_seed(1)
+    w = torch.randn(24, 576) * 0.05
+    p, s, z, err = quantize_int4_zp(w, 128, torch.float32)
+    assert s.shape == z.shape == (5, 24)
+    deq = dequantize_w4_zp(p, s, z, 128)
+    assert ((deq - w).abs() <= s.t().repeat_interleave(128, 1)[:, :576] / 2 + 1e-6).all()
+    x = torch.randn(3, 576)
+    ref = linear_w4a16_zp_ref(x, p, s, z, 128)
+    assert torch.allclose(ref, x @ deq.t(), atol=1e-5)
+    if interpreter_on():
+        out = linear_w4a16_zp(x, p, s, z, 128, impl="triton",
+                              _cfg=SkinnyCfg("dot", 16, 128, 1))
+        assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_trtllm_round_trip_pads_and_cuts_k():
+    args = ModelArgs(vocab_size=64, hidden_size=96, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=64)
+    quant = validate_quant_flags(args, use_weight_only=True, weight_only_precision="int4",
+                                 group_size=64, has_zero_point=True)
+    tensors, _ = quantize_checkpoint(_tiny_float_tensors(args), args, quant, progress=False)
+    cfg, trt = to_trtllm(tensors, args, quant, "float32")
+    assert trt["transformer.layers.0.attention.qkv.weight"].shape == (144, 128)   # K 96 -> 128
+    _, _, back = from_trtllm(json.loads(json.dumps(cfg)), trt)
+    for name, t in tensors.items():
+        assert torch.equal(back[name], t), name

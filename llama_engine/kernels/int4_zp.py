@@ -3,7 +3,8 @@
 Format (``quant_int4.py`` makes it, docs/design.md): packed int8 [N, K/2] signed codes q in
 [-8, 7] (the symmetric format's packing: element 2j in the low nibble), ``scales`` and ``zeros``
 [K/G, N] in the model dtype; w[n, k] = q[n, k] * scales[k // G, n] + zeros[k // G, n]
-(TensorRT-LLM's W4A16_GPTQ / zero-point W4A16_AWQ arithmetic). Per channel: G = K.
+(TensorRT-LLM's W4A16_GPTQ / zero-point W4A16_AWQ arithmetic). Per channel: G = K. A G not
+dividing K has ceil(K/G) groups, the last one narrower (TensorRT-LLM's zero padding of K).
 
 Paths (``impl`` as every linear op, ``common.py``): on CUDA, Triton's skinny kernel
 (``int4_zp_kernels.py``) for M <= SKINNY_MAX_M, dequantize + cuBLAS above (prefill); on the
@@ -49,13 +50,14 @@ def _geometry(k_in: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
     if k_in != K:
         raise ConfigError(f"linear_w4a16_zp: input K={k_in} but packed weight holds K={K}")
     G = int(group_size) if group_size else K
-    if G <= 0 or K % G:
-        raise ConfigError(f"linear_w4a16_zp: group_size {group_size} must divide K={K}")
+    if G <= 0:
+        raise ConfigError(f"linear_w4a16_zp: group_size {group_size} must be positive")
+    ng = -(-K // G)               # a G not dividing K: the last group is narrower
     for what, t in (("scales", scales), ("zeros", zeros)):
-        if t.numel() != (K // G) * N:
+        if t.numel() != ng * N:
             raise ConfigError(f"linear_w4a16_zp: {what} shape {tuple(t.shape)} is not "
-                              f"[K/G, N] = [{K // G}, {N}]")
-    return N, K, G, scales.reshape(K // G, N), zeros.reshape(K // G, N)
+                              f"[ceil(K/G), N] = [{ng}, {N}]")
+    return N, K, G, scales.reshape(ng, N), zeros.reshape(ng, N)
 
 
 def dequantize_w4_zp(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -65,8 +67,8 @@ def dequantize_w4_zp(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     N, K, G, s, z = _geometry(2 * qweight.shape[1], qweight, scales, zeros, group_size)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     q = unpack_int4_ref(qweight).to(acc)
-    s_full = s.to(acc).repeat_interleave(G, dim=0).t()
-    z_full = z.to(acc).repeat_interleave(G, dim=0).t()
+    s_full = s.to(acc).repeat_interleave(G, dim=0)[:K].t()
+    z_full = z.to(acc).repeat_interleave(G, dim=0)[:K].t()
     return (q * s_full + z_full).to(dtype)
 
 
