@@ -402,3 +402,22 @@ def test_trtllm_round_trip_pads_and_cuts_k():
     _, _, back = from_trtllm(json.loads(json.dumps(cfg)), trt)
     for name, t in tensors.items():
         assert torch.equal(back[name], t), name
+
+
+def test_llama7b_weight_bytes_g128_with_zeros_under_028x_fp16():
+    """Issue 18's size target: packed codes + fp16 scales + fp16 zeros of LLaMA-7B's linears
+    at g128 are <= 0.28x their fp16 bytes (measured on the tensors the quantizer writes)."""
+    from llama_engine.names import linear_prefixes, linear_shape
+    args = ModelArgs.from_preset("llama-7b")
+    q = QuantConfig(quant_algo=W4A16_AWQ, group_size=128, has_zero_point=True)
+    fp16 = packed = 0
+    for prefix in linear_prefixes(args):
+        if prefix == "lm_head":
+            continue
+        n, k = linear_shape(args, prefix)
+        fp16 += 2 * n * k
+        # the tensors' sizes, from a small stand-in with the same K / G ratio per row
+        p, s, z, _ = quantize_int4_zp(torch.randn(2, k, dtype=torch.float16), q.group_size)
+        per_row = p.numel() * p.element_size() + (s.numel() + z.numel()) * 2
+        packed += per_row // 2 * n
+    assert packed / fp16 <= 0.28, packed / fp16
