@@ -421,3 +421,24 @@ def test_llama7b_weight_bytes_g128_with_zeros_under_028x_fp16():
         per_row = p.numel() * p.element_size() + (s.numel() + z.numel()) * 2
         packed += per_row // 2 * n
     assert packed / fp16 <= 0.28, packed / fp16
+
+
+def test_awq_against_autoawq_reference_packer():
+    """Where AutoAWQ imports (its sdist, `pip download autoawq`, is pure Python for these two
+    functions): its own packer (WQLinear_GEMM.from_linear) and dequantizer agree with ours."""
+    gemm = pytest.importorskip("awq.modules.linear.gemm",
+                               reason="AutoAWQ is not installed (reference loader unavailable)")
+    packing = pytest.importorskip("awq.utils.packing_utils", reason="AutoAWQ is not installed")
+    torch.manual_seed(0)
+    K, N, G = 128, 64, 32
+    lin = torch.nn.Linear(K, N, bias=False)
+    wg = lin.weight.data.reshape(N, K // G, G)
+    s = ((wg.amax(2) - wg.amin(2)).clamp(min=1e-5) / 15)
+    z = (-torch.round(wg.amin(2) / s)).clamp(0, 15)
+    ref = gemm.WQLinear_GEMM.from_linear(lin, 4, G, False, scales=s.t().contiguous().half(),
+                                         zeros=z.t().contiguous())
+    assert torch.equal(fawq.pack_awq(fawq.unpack_awq(ref.qweight)), ref.qweight)
+    q, ss, zz = fawq.awq_linear(ref.qweight, ref.qzeros, ref.scales, G)
+    mine = dequantize_w4_zp(pack_int4_ref(q), ss.float(), zz, G)
+    theirs = packing.dequantize_gemm(ref.qweight, ref.qzeros, ref.scales, 4, G).float()
+    assert torch.allclose(mine, theirs.t(), rtol=0, atol=1e-3 * float(s.max()))  # theirs: fp16
