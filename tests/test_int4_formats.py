@@ -441,4 +441,4 @@ def test_awq_against_autoawq_reference_packer():
     q, ss, zz = fawq.awq_linear(ref.qweight, ref.qzeros, ref.scales, G)
     mine = dequantize_w4_zp(pack_int4_ref(q), ss.float(), zz, G)
     theirs = packing.dequantize_gemm(ref.qweight, ref.qzeros, ref.scales, 4, G).float()
-    assert torch.allclose(mine, theirs.t(), rtol=0, atol=1e-3 * float(s.max()))  # theirs: fp16
+    assert torch.allclose(mine, theirs.t(), rtol=1e-3, atol=1e-6)   # theirs is in fp16
