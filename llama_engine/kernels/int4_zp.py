@@ -12,6 +12,14 @@ CPU the reference; ``impl="triton"`` on CPU tensors runs the kernel in the inter
 Launch configs are data (``SKINNY_CONFIGS``: per M bucket, the largest bucket >= M), not code;
 they are starting points, not tuned on a GPU yet (tools/gpu_linear_sweep.py measures them).
 
+Toward the floor (not measured yet; ``tools/gpu_int4_zp_bench.py`` measures it): the zero
+point adds 2 bytes per group and output (g128: +1.6% of the weight bytes) and one FMA per
+group, so this kernel should read like the symmetric one. The weight stays in the layout the
+checkpoint holds ([N, K/2], packed along K), which the symmetric kernels already stream at
+0.9-2.0 TB/s; the next step measured against it would be a build-time re-arrangement for the
+kernel (scales and zeros interleaved [K/G, N, 2] so one load fetches both, and 16-byte
+K-major tiles per thread for M = 1), kept only if it beats this layout on the GPU.
+
 Imports: ``common``, ``partial``, ``reference``, ``tuning`` (SkinnyCfg), ``int4_zp_kernels``.
 """
 from __future__ import annotations
