@@ -65,9 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     cli_compat.add_log_level(p)
     q = p.add_argument_group("quantization")
     q.add_argument("--use_weight_only", action="store_true")
-    q.add_argument("--weight_only_precision", default="int8", choices=("int8", "int4"))
+    q.add_argument("--weight_only_precision", default="int8",
+                   choices=("int8", "int4", "int4_awq", "int4_gptq"),
+                   help="int4_awq / int4_gptq: TensorRT-LLM's W4A16_AWQ / W4A16_GPTQ layouts; "
+                        "from random weights speed-only (AWQ calibration: hf_llama_convert.py)")
     q.add_argument("--group_size", type=int, default=None,
                    help="int4 group size (128 default; 64, 32; 0 = per channel)")
+    # -- int4 formats (issue 18): one block --
+    q.add_argument("--has_zero_point", action="store_true",
+                   help="int4 / int4_awq with zero points (asymmetric; TensorRT-LLM's "
+                        "QuantConfig.has_zero_point); --group_size 0 = per channel")
+    q.add_argument("--keep_gguf_quantization", action="store_true",
+                   help="with --gguf_file: keep its Q4_0 / Q4_1 linears as they are (int4 "
+                        "group 32 with zeros) instead of dequantizing them")
+    # -- end int4 formats --
     q.add_argument("--use_smooth_quant", action="store_true",
                    help="W8A8 SmoothQuant; needs --ckpt_dir from hf_llama_convert.py -sq "
                         "(random weights: synthetic calibration, speed-only)")
@@ -236,6 +247,36 @@ def load_float_tensors(a: argparse.Namespace):
     return model_args, hf_to_unified(cast_float(sd, a.dtype), model_args), info
 
 
+def load_gguf_kept(a: argparse.Namespace):
+    """--gguf_file F --keep_gguf_quantization -> (ModelArgs, QuantConfig, unified tensors with
+    the file's Q4_0 / Q4_1 linears as int4 with zeros, source info)."""
+    import torch
+    import weight
+    from llama_engine.builder import cast_float
+    from llama_engine.formats.gguf_quant import load_gguf_linears
+    if not a.gguf_file:
+        raise ConfigError("--keep_gguf_quantization applies to --gguf_file")
+    model_args, sd, info = weight.load_source(gguf_file=a.gguf_file)
+    quant, tensors = load_gguf_linears(a.gguf_file, model_args, cast_float(sd, a.dtype),
+                                       getattr(torch, a.dtype))
+    info["quantization"] = "GGUF Q4 blocks kept (int4 group 32 with zeros)"
+    return model_args, quant, tensors, info
+
+
+def _check_int4_source(a: argparse.Namespace, random_source: bool) -> None:
+    """AWQ needs calibration and GPTQ its own checkpoint: from real float weights, say where."""
+    if not a.use_weight_only or random_source:
+        return
+    if a.weight_only_precision == "int4_awq":
+        raise ConfigError("--weight_only_precision int4_awq needs AWQ calibration: run "
+                          "hf_llama_convert.py -i MODEL -o CKPT_DIR --use_weight_only "
+                          "--weight_only_precision int4_awq, then build --ckpt_dir CKPT_DIR")
+    if a.weight_only_precision == "int4_gptq":
+        raise ConfigError("--weight_only_precision int4_gptq: GPTQ itself is not run here; "
+                          "convert a GPTQ checkpoint (hf_llama_convert.py -i GPTQ_DIR -o "
+                          "CKPT_DIR) and build --ckpt_dir CKPT_DIR")
+
+
 def resolve_quant(a: argparse.Namespace, model_args, ckpt_quant: QuantConfig,
                   has_act_stats: bool, has_kv_stats: bool) -> QuantConfig:
     """The engine's QuantConfig from the flags and what the checkpoint already holds.
@@ -249,7 +290,7 @@ def resolve_quant(a: argparse.Namespace, model_args, ckpt_quant: QuantConfig,
         weight_only_precision=a.weight_only_precision, group_size=a.group_size,
         use_smooth_quant=a.use_smooth_quant, per_token=a.per_token, per_channel=a.per_channel,
         int8_kv_cache=a.int8_kv_cache, has_act_stats=has_act_stats, has_kv_stats=has_kv_stats,
-        ckpt_quant=ckpt_quant if quantized else None)
+        ckpt_quant=ckpt_quant if quantized else None, has_zero_point=a.has_zero_point)
     if ckpt_quant.int8_kv_cache:
         wanted.kv_cache_quant_algo = ckpt_quant.kv_cache_quant_algo
     return wanted
@@ -291,9 +332,12 @@ def build(a: argparse.Namespace) -> int:
         from llama_engine.tokenizer import find_tokenizer_source
         info = {"kind": "checkpoint", "path": os.path.abspath(a.ckpt_dir),
                 "tokenizer_dir": find_tokenizer_source(a.ckpt_dir)}
+    elif a.keep_gguf_quantization:
+        model_args, ckpt_quant, tensors, info = load_gguf_kept(a)
     else:
         model_args, tensors, info = load_float_tensors(a)
         ckpt_quant = QuantConfig()
+        _check_int4_source(a, random_source)
 
     # Scales that calibration must supply: from the checkpoint, or (random weights only)
     # from synthetic prompts, labelled speed-only. Never made up.
@@ -310,6 +354,8 @@ def build(a: argparse.Namespace) -> int:
             print("calibrating on synthetic prompts (random weights: speed-only engine)")
             calib = smoothquant.synthetic_calibration(model_args, tensors, device=a.device)
             info["calibration"] = "synthetic (speed-only)"
+        if random_source and quant.weight_only == "int4" and quant.quant_algo != "W4A16":
+            info["calibration"] = "none: round to nearest in the int4 layout (speed-only)"
         tensors, report = q.quantize_checkpoint(tensors, model_args, quant, **calib)
         if report:
             print(q.format_report(report))

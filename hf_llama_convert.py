@@ -69,9 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant: per-output-channel weight scales (default: per-tensor)")
     p.add_argument("--use_weight_only", action="store_true",
                    help="write int8/int4 weight-only weights (no calibration needed)")
-    p.add_argument("--weight_only_precision", default="int8", choices=["int8", "int4"])
+    p.add_argument("--weight_only_precision", default="int8",
+                   choices=["int8", "int4", "int4_awq", "int4_gptq"],
+                   help="int4_awq: AWQ calibration (Lin et al. 2023) into TensorRT-LLM's "
+                        "W4A16_AWQ; int4_gptq: only from a GPTQ checkpoint given as -i")
     p.add_argument("--group_size", type=int, default=None,
                    help="int4 group size: 128 (default), 64, 32, or 0 for per-channel")
+    # -- int4 formats (issue 18): one block --
+    p.add_argument("--has_zero_point", action="store_true",
+                   help="int4 / int4_awq with zero points (asymmetric scales and zeros)")
+    p.add_argument("--awq_tokens_per_prompt", type=int, default=64,
+                   help="AWQ: calibration tokens kept per prompt for the scale search")
+    p.add_argument("--no_awq_clip", action="store_true",
+                   help="AWQ: skip the clipping search (zero-point formats)")
+    # -- end int4 formats --
     p.add_argument("--calib_dataset", default=None,
                    help=f"cnn_dailymail train data: a .jsonl/.json/.parquet file or dataset "
                         f"folder; 'hub' for the HF hub's train split; 'synthetic' for random "
@@ -138,6 +149,12 @@ def convert(ns: argparse.Namespace) -> str:
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sources = [ns.in_file] if os.path.exists(ns.in_file) else []
     check_output_dir(ns.out_dir, sources, ns.force, "-o")  # before loading and calibrating
+    prequantized = _prequantized_method(ns.in_file)
+    if prequantized:
+        return _convert_prequantized(ns, prequantized, sources)
+    if ns.use_weight_only and ns.weight_only_precision == "int4_gptq":
+        raise ConfigError("--weight_only_precision int4_gptq: GPTQ itself is not run here; give "
+                          "a GPTQ checkpoint directory as -i (it is converted as it is)")
     args, hf_sd, info = _load(ns.in_file, ns.seed, device)
     if ns.dtype == "auto":  # the source's float dtype; float32 becomes float16 (TensorRT-LLM)
         src = next((str(t.dtype).replace("torch.", "") for t in hf_sd.values()
@@ -148,7 +165,8 @@ def convert(ns: argparse.Namespace) -> str:
         weight_only_precision=ns.weight_only_precision, group_size=ns.group_size,
         use_smooth_quant=ns.smoothquant is not None, per_token=ns.per_token,
         per_channel=ns.per_channel, int8_kv_cache=ns.calibrate_kv_cache,
-        has_act_stats=True, has_kv_stats=True, smoothquant_alpha=ns.smoothquant)
+        has_act_stats=True, has_kv_stats=True, smoothquant_alpha=ns.smoothquant,
+        has_zero_point=ns.has_zero_point)
     print(f"loaded {info['kind']} weights from {info['path']}: {args.num_hidden_layers} layers, "
           f"hidden {args.hidden_size}; target {quant.describe()}, {ns.dtype}", file=sys.stderr)
 
@@ -164,10 +182,25 @@ def convert(ns: argparse.Namespace) -> str:
         print(f"calibrated on {calib_info['num_prompts']} prompts "
               f"({calib_info['num_tokens']} tokens) from {calib_info['source']}", file=sys.stderr)
 
+    awq_kw = {}
+    if quant.pre_quant_scale:  # int4_awq
+        awq_kw, awq_info = _awq(ns, args, hf_sd, info, device)
+        calib_info = {**(calib_info or {}), **awq_info}
     tensors = hf_to_unified(hf_sd, args)
     del hf_sd
+    if awq_kw:
+        from llama_engine.awq import apply_awq
+        tensors, pqs, clips, rep = apply_awq(tensors, args, quant, *awq_kw["inputs"],
+                                             clip=not ns.no_awq_clip,
+                                             progress=not ns.no_progress)
+        awq_kw = {"pre_quant_scales": pqs, "int4_clips": clips}
+        gain = [r["rtn_err"] / max(r["awq_err"], 1e-30) for r in rep.values()]
+        print(f"AWQ: layer output error {sum(gain) / len(gain):.2f}x lower than round to "
+              f"nearest on the calibration tokens (mean over {len(gain)} linears)",
+              file=sys.stderr)
     tensors, report = quantize_checkpoint(tensors, args, quant, act_stats, kv_stats,
-                                          progress=not ns.no_progress, dtype=ns.dtype)
+                                          progress=not ns.no_progress, dtype=ns.dtype,
+                                          **awq_kw)
     qdict = quant.to_checkpoint_dict()
     if calib_info is not None:
         qdict["calibration"] = calib_info
@@ -176,6 +209,75 @@ def convert(ns: argparse.Namespace) -> str:
                      extra_config={"quantization": qdict}, tokenizer_src=tok_src,
                      sources=sources, force=ns.force, flag="-o")
     print(format_report(report), file=sys.stderr)
+    return ns.out_dir
+
+
+def _awq(ns: argparse.Namespace, args, hf_sd: dict, info: dict, device: str):
+    """Capture AWQ's calibration inputs from the float model -> ({"inputs": (means, rows)},
+    calibration info)."""
+    from llama_engine import awq, smoothquant as esq
+    tokenizer, dataset = _calibration_source(ns, info)
+    if tokenizer is None:
+        prompts = esq.synthetic_calibration_prompts(args.vocab_size, min(ns.calib_size, 16),
+                                                    min(ns.max_input_length, 256), ns.seed)
+        where = "synthetic (speed-only)"
+    else:
+        prompts = esq.calibration_prompts(tokenizer, dataset, ns.calib_size,
+                                          ns.max_input_length, ns.use_chat_template)
+        where = os.fspath(dataset or "cnn_dailymail 3.0.0 train (hub)")
+    dtype = getattr(torch, ns.calib_dtype) if ns.calib_dtype else (
+        torch.float32 if device == "cpu" else torch.float16)
+    model = esq.hf_model_from_state_dict(args, hf_sd, device, dtype)
+    inputs = awq.capture_inputs(model, prompts, ns.awq_tokens_per_prompt,
+                                progress=not ns.no_progress, seed=ns.seed)
+    del model
+    info_out = {"awq": {"source": where, "num_prompts": len(prompts),
+                        "tokens_per_prompt": ns.awq_tokens_per_prompt,
+                        "clip_search": not ns.no_awq_clip,
+                        "speed_only": tokenizer is None}}
+    return {"inputs": inputs}, info_out
+
+
+def _prequantized_method(in_file: str) -> Optional[str]:
+    """'awq' / 'gptq' when -i is a HF directory holding such a pre-quantized checkpoint."""
+    import json
+    cfg = os.path.join(in_file, "config.json")
+    if not (os.path.isdir(in_file) and os.path.isfile(cfg)):
+        return None
+    with open(cfg) as f:
+        qc = (json.load(f).get("quantization_config") or {})
+    method = qc.get("quant_method")
+    if method is None:
+        return None
+    if method not in ("awq", "gptq"):
+        raise ConfigError(f"{in_file}: quant_method {method!r} is not supported (awq, gptq)")
+    return method
+
+
+def _convert_prequantized(ns: argparse.Namespace, method: str, sources: list) -> str:
+    """An AutoAWQ / GPTQ directory, taken as it is (no calibration, no re-quantization)."""
+    from llama_engine.checkpoint import write_checkpoint
+    from llama_engine.formats import awq as fawq, gptq as fgptq
+    from llama_engine.tokenizer import find_tokenizer_source
+    want = {"awq": "int4_awq", "gptq": "int4_gptq"}[method]
+    if ns.smoothquant is not None or ns.calibrate_kv_cache:
+        raise ConfigError(f"-i is a pre-quantized {method.upper()} checkpoint: it converts as "
+                          "it is (no SmoothQuant or KV calibration)")
+    if ns.use_weight_only and ns.weight_only_precision != want:
+        raise ConfigError(f"-i is a {method.upper()} checkpoint; --weight_only_precision "
+                          f"{ns.weight_only_precision} does not match it ({want})")
+    load = fawq.load_awq_dir if method == "awq" else fgptq.load_gptq_dir
+    args, quant, tensors, _ = load(ns.in_file)
+    dt = getattr(torch, ns.dtype)
+    tensors = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in tensors.items()}
+    qdict = quant.to_checkpoint_dict()
+    qdict["source_format"] = method
+    write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors,
+                     extra_config={"quantization": qdict},
+                     tokenizer_src=find_tokenizer_source(ns.in_file),
+                     sources=sources, force=ns.force, flag="-o")
+    print(f"converted {method.upper()} checkpoint {ns.in_file} as it is: {quant.describe()}",
+          file=sys.stderr)
     return ns.out_dir
 
 

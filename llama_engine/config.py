@@ -312,6 +312,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 W8A16 = "W8A16"                 # int8 weight-only, per output channel
 W4A16 = "W4A16"                 # int4 weight-only, per output channel
 W4A16_GROUPWISE = "W4A16_AWQ"   # int4 weight-only, group-wise scales (RTN, pre-quant scale 1)
+W4A16_AWQ = W4A16_GROUPWISE     # the same name; with has_zero_point: asymmetric (zeros)
+W4A16_GPTQ = "W4A16_GPTQ"       # int4 weight-only, group-wise scales and zeros (GPTQ's)
+# int4 with zero points (asymmetric): w = q * scale + zero, q in [-8, 7]; group_size 0 there
+# means one scale and zero per output channel.
+ZERO_POINT_ALGOS = (W4A16_AWQ, W4A16_GPTQ)
 SQ_ALGOS = {
     # (per_channel weight scales, per_token activation scales) -> quant_algo
     (True, True): "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
@@ -339,9 +344,15 @@ class QuantConfig:
         """'int8', 'int4' or None."""
         if self.quant_algo == W8A16:
             return "int8"
-        if self.quant_algo in (W4A16, W4A16_GROUPWISE):
+        if self.quant_algo in (W4A16, W4A16_GROUPWISE, W4A16_GPTQ):
             return "int4"
         return None
+
+    @property
+    def int4_zero_point(self) -> bool:
+        """int4 with zero points (asymmetric): W4A16_GPTQ, or W4A16_AWQ with has_zero_point."""
+        return self.quant_algo in ZERO_POINT_ALGOS and (
+            self.has_zero_point or self.quant_algo == W4A16_GPTQ)
 
     @property
     def is_smooth_quant(self) -> bool:
@@ -362,12 +373,16 @@ class QuantConfig:
     @property
     def int4_group_size(self) -> Optional[int]:
         """Group size of int4 weights; None when per-channel."""
-        return self.group_size if self.quant_algo == W4A16_GROUPWISE else None
+        if self.quant_algo in ZERO_POINT_ALGOS:
+            return self.group_size or None
+        return None
 
     def describe(self) -> str:
         parts = [self.quant_algo or "no weight quantization"]
-        if self.quant_algo == W4A16_GROUPWISE:
-            parts[0] = f"W4A16 group {self.group_size}"
+        if self.quant_algo in ZERO_POINT_ALGOS:
+            kind = {W4A16_GPTQ: "GPTQ "}.get(self.quant_algo, "")
+            g = f"group {self.group_size}" if self.group_size else "per channel"
+            parts[0] = f"W4A16 {kind}{g}" + (" with zeros" if self.int4_zero_point else "")
         if self.int8_kv_cache:
             parts.append("INT8 KV cache")
         return ", ".join(parts)
@@ -389,18 +404,26 @@ class QuantConfig:
     def from_checkpoint_dict(cls, d: Optional[dict]) -> "QuantConfig":
         d = d or {}
         algo = d.get("quant_algo")
-        known = {None, W8A16, W4A16, W4A16_GROUPWISE, *SQ_ALGOS.values()}
+        known = {None, W8A16, W4A16, W4A16_GROUPWISE, W4A16_GPTQ, *SQ_ALGOS.values()}
         if algo not in known:
             raise ConfigError(f"unsupported quant_algo {algo!r}; supported: "
                               f"{sorted(a for a in known if a)}")
         kv = d.get("kv_cache_quant_algo")
         if kv not in (None, KV_INT8):
             raise ConfigError(f"unsupported kv_cache_quant_algo {kv!r} (supported: INT8)")
+        zp = bool(d.get("has_zero_point", False)) or algo == W4A16_GPTQ
+        g = d.get("group_size")
+        # Zero-point int4 may be per channel (0; GPTQ writes -1); everything else groups by 128.
+        g = (0 if g in (0, -1) else int(g or 128)) if algo in ZERO_POINT_ALGOS and zp \
+            else int(g or 128)
+        if algo in ZERO_POINT_ALGOS and g not in (0, 32, 64, 128):
+            raise ConfigError(f"{algo}: group_size {g} is not supported (32, 64, 128, or "
+                              "0 = per channel)")
         return cls(
             quant_algo=algo,
             kv_cache_quant_algo=kv,
-            group_size=int(d.get("group_size") or 128),
-            has_zero_point=bool(d.get("has_zero_point", False)),
+            group_size=g,
+            has_zero_point=zp,
             pre_quant_scale=bool(d.get("pre_quant_scale", False)),
             smoothquant_val=d.get("smoothquant_val"),
             exclude_modules=list(d.get("exclude_modules") or ["lm_head"]),

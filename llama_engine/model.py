@@ -137,7 +137,7 @@ def fuse_gate_up(gate: dict[str, torch.Tensor], up: dict[str, torch.Tensor]
             return None
         if name == "weight" or (name == "per_channel_scale" and g.dim() == 1):
             out[name] = torch.cat([g, u], dim=0)            # [N, ...] rows
-        elif name == "weights_scaling_factor" or (name == "per_channel_scale"
+        elif name in ("weights_scaling_factor", "zero") or (name == "per_channel_scale"
                                                    and g.shape[-1] > 1):
             out[name] = torch.cat([g, u], dim=-1)           # [.., N] columns
         elif torch.equal(g, u):                             # same input: shared scales

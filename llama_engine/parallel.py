@@ -532,7 +532,7 @@ def _shard_column(prefix: str, group: dict, rows, tp_size: int, rank: int,
             out[suffix] = take(t, 0)                         # [N, K] or packed [N, K/2]
         elif suffix == "per_channel_scale":
             out[suffix] = t if t.numel() == 1 else take(t, t.dim() - 1)   # [N] / [1, N]
-        elif suffix == "weights_scaling_factor":
+        elif suffix in ("weights_scaling_factor", "zero"):
             out[suffix] = take(t, 1)                         # [K/G, N]
         elif suffix in ("prequant_scaling_factor", "smoother", "act_scale"):
             out[suffix] = t                                  # input side: full input
@@ -547,7 +547,7 @@ def _shard_row(prefix: str, group: dict, tp_size: int, rank: int) -> dict:
     for suffix, t in group.items():
         if suffix == "weight":
             out[suffix] = _chunk(t, 1, tp_size, rank)       # [N, K/tp] or packed [N, K/tp/2]
-        elif suffix == "weights_scaling_factor":
+        elif suffix in ("weights_scaling_factor", "zero"):
             out[suffix] = _chunk(t, 0, tp_size, rank)       # [K/G/tp, N]
         elif suffix in ("prequant_scaling_factor", "smoother"):
             out[suffix] = _chunk(t, t.dim() - 1, tp_size, rank)   # [K] / [1, K]

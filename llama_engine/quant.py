@@ -33,16 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GROUPWISE, W8A16, ConfigError, ModelArgs,
-                     QuantConfig)
+from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16, ConfigError,
+                     ModelArgs, QuantConfig)
 from .kernels import linear as K
-from .names import KV_CHANNEL_SCALES, KV_SCALE, linear_prefixes, linear_shape
+from .names import linear_prefixes, linear_shape
+from .quant_int4 import WeightOnlyInt4ZeroLinear, quantize_int4_zp
+from .quant_kv import _kv_scales, kv_cache_scale, kv_channel_scales, quantize_kv  # noqa: F401
 from .smoothquant import smooth_unified
 
 INT8_MAX = 127
@@ -134,43 +135,6 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: Opti
     else:
         s_full = scales.float().t().repeat_interleave(group_size, dim=1)  # [N, K]
     return (q * s_full).to(dtype)
-
-
-def kv_cache_scale(max_abs_k: float, max_abs_v: float) -> torch.Tensor:
-    """One INT8 KV scale per layer (design.md): max(max|k|, max|v|)/127, float32 [1]."""
-    amax = max(float(max_abs_k), float(max_abs_v))
-    if not math.isfinite(amax):
-        raise ConfigError(f"calibrated KV maximum is not finite ({amax})")
-    return torch.tensor([amax / INT8_MAX if amax > 0 else 1.0], dtype=torch.float32)
-
-
-def kv_channel_scales(k_max: torch.Tensor, v_max: torch.Tensor, name: str = "KV"
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-(KV head, channel) INT8 KV scales from calibrated maxima ``k_max``, ``v_max``
-    ([Hkv*D] each: max |k| after RoPE and max |v| of each channel over the calibration tokens)
-    -> (k_scale, v_scale) float32 [Hkv*D] = max/127, and TensorRT-LLM's per-layer
-    ``kv_cache_scaling_factor`` float32 [1] = max(max|k|, max|v|)/127.
-
-    A channel that calibration saw only as 0 (e.g. a zeroed projection row) takes the layer's
-    scale, which holds anything the per-layer scheme holds; non-finite maxima are an error."""
-    k_max, v_max = k_max.float().reshape(-1), v_max.float().reshape(-1)
-    for what, m in (("K", k_max), ("V", v_max)):
-        if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
-            raise ConfigError(f"calibrated {what} channel maxima of {name} are not finite and "
-                              "non-negative; calibrate in float32 (--device cpu) or check "
-                              "the weights")
-    layer = kv_cache_scale(k_max.max().item() if k_max.numel() else 0.0,
-                           v_max.max().item() if v_max.numel() else 0.0)
-    out = []
-    for m in (k_max, v_max):
-        out.append(torch.where(m > 0, m / INT8_MAX, layer).to(torch.float32))
-    return out[0], out[1], layer
-
-
-def quantize_kv(x: torch.Tensor, scale) -> torch.Tensor:
-    """The INT8 KV rule (reference): round(x / scale) clamped to +-127; ``scale`` a float or
-    a tensor broadcasting against ``x`` (per (KV head, channel): [Hkv, D] for x [..., Hkv, D])."""
-    return torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +334,8 @@ def linear_class(prefix: str, quant: QuantConfig) -> type:
         return FloatLinear
     if quant.quant_algo == W8A16:
         return WeightOnlyInt8Linear
+    if quant.int4_zero_point:
+        return WeightOnlyInt4ZeroLinear
     if quant.quant_algo in (W4A16, W4A16_GROUPWISE):
         return WeightOnlyInt4Linear
     if quant.is_smooth_quant:
@@ -395,11 +361,15 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
                          per_channel: bool = False, int8_kv_cache: bool = False,
                          has_act_stats: bool = False, has_kv_stats: bool = False,
                          ckpt_quant: Optional[QuantConfig] = None,
-                         smoothquant_alpha: Optional[float] = None) -> QuantConfig:
+                         smoothquant_alpha: Optional[float] = None,
+                         has_zero_point: bool = False) -> QuantConfig:
     """Check build/convert quantization flags; return the QuantConfig they ask for.
 
     ``group_size`` None means the default (int4: 128, int8: per channel); 0 means per channel.
-    ``smoothquant_alpha`` None means 0.5. ``has_act_stats`` / ``has_kv_stats``: calibrated SmoothQuant statistics / KV scales are
+    ``weight_only_precision``: int8, int4 (round to nearest), int4_awq (AWQ's layout:
+    pre-quant scales from calibration, hf_llama_convert.py) or int4_gptq (TensorRT-LLM's
+    W4A16_GPTQ, always with zeros). ``has_zero_point``: int4 / int4_awq with zero points
+    (asymmetric). ``smoothquant_alpha`` None means 0.5. ``has_act_stats`` / ``has_kv_stats``: calibrated SmoothQuant statistics / KV scales are
     available (from calibration or a calibrated checkpoint). ``ckpt_quant``: the quantization
     of an already-quantized checkpoint being built; the flags must agree with it."""
     if use_smooth_quant and use_weight_only:
@@ -415,13 +385,18 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
     if group_size is not None and not use_weight_only:
         raise ConfigError("--group_size applies to int4 weight-only; add --use_weight_only "
                           "--weight_only_precision int4")
+    if has_zero_point and not (use_weight_only and weight_only_precision.startswith("int4")):
+        raise ConfigError("--has_zero_point applies to int4 weight-only; add --use_weight_only "
+                          "--weight_only_precision int4 (or int4_awq)")
 
     quant = QuantConfig()
     if use_weight_only:
-        if weight_only_precision not in ("int8", "int4"):
-            raise ConfigError(f"--weight_only_precision must be int8 or int4, got "
-                              f"{weight_only_precision!r}")
-        if weight_only_precision == "int8":
+        if weight_only_precision not in WEIGHT_ONLY_PRECISIONS:
+            raise ConfigError(f"--weight_only_precision must be int8 or int4 (or int4_awq, "
+                              f"int4_gptq), got {weight_only_precision!r}")
+        if weight_only_precision in ("int4_awq", "int4_gptq") or has_zero_point:
+            quant = _int4_zero_or_awq(args, weight_only_precision, group_size, has_zero_point)
+        elif weight_only_precision == "int8":
             if group_size:
                 raise ConfigError(f"int8 weight-only is per output channel; --group_size "
                                   f"{group_size} applies to int4 only (use --group_size 0 or "
@@ -453,8 +428,9 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
         quant.kv_cache_quant_algo = KV_INT8
 
     if ckpt_quant is not None and ckpt_quant.quant_algo:
-        if quant.quant_algo and (quant.quant_algo, quant.int4_group_size) != (
-                ckpt_quant.quant_algo, ckpt_quant.int4_group_size):
+        if quant.quant_algo and (quant.quant_algo, quant.int4_group_size,
+                                 quant.int4_zero_point) != (
+                ckpt_quant.quant_algo, ckpt_quant.int4_group_size, ckpt_quant.int4_zero_point):
             raise ConfigError(f"the checkpoint is already quantized as {ckpt_quant.describe()}; "
                               f"the flags ask for {quant.describe()} (drop the quantization "
                               "flags or convert again)")
@@ -468,14 +444,36 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
     return quant
 
 
-def _check_int4_widths(args: ModelArgs, group_size: int) -> None:
-    """Every int4 linear's input width must be even, and a multiple of the group size."""
+WEIGHT_ONLY_PRECISIONS = ("int8", "int4", "int4_awq", "int4_gptq")
+
+
+def _int4_zero_or_awq(args: ModelArgs, precision: str, group_size: Optional[int],
+                      has_zero_point: bool) -> QuantConfig:
+    """QuantConfig of int4_awq / int4_gptq / int4 with zeros (group 0 = per channel)."""
+    g = 128 if group_size is None else int(group_size)
+    if g not in (0,) + GROUP_SIZES:
+        raise ConfigError(f"--group_size {g} is not supported; choose 32, 64, 128, or 0 "
+                          "for per-channel int4")
+    if g == 0 and precision == "int4_awq" and not has_zero_point:
+        raise ConfigError("int4_awq is group-wise; give --group_size 32, 64 or 128 (or add "
+                          "--has_zero_point for per-channel scales and zeros)")
+    _check_int4_widths(args, g, partial_last_group=True)
+    if precision == "int4_gptq":
+        return QuantConfig(quant_algo=W4A16_GPTQ, group_size=g, has_zero_point=True)
+    return QuantConfig(quant_algo=W4A16_GROUPWISE, group_size=g, has_zero_point=has_zero_point,
+                       pre_quant_scale=precision == "int4_awq")
+
+
+def _check_int4_widths(args: ModelArgs, group_size: int, partial_last_group: bool = False
+                       ) -> None:
+    """Every int4 linear's input width must be even, and a multiple of the group size (the
+    zero-point format allows a narrower last group: ``partial_last_group``)."""
     quant = QuantConfig()  # default exclusions (lm_head)
     for prefix in linear_prefixes(args):
         if is_excluded(prefix, quant):
             continue
         n, k = linear_shape(args, prefix)
-        if group_size and k % group_size:
+        if group_size and k % group_size and not partial_last_group:
             ok = [g for g in GROUP_SIZES if k % g == 0]
             hint = f"use --group_size {ok[-1]}" if ok else "use --group_size 0 (per channel)"
             raise ConfigError(f"--group_size {group_size} does not divide the input width of "
@@ -493,7 +491,9 @@ _FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
 
 def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
                         act_stats: Optional[dict] = None, kv_stats: Optional[dict] = None,
-                        progress: bool = True, dtype: Optional[str | torch.dtype] = None):
+                        progress: bool = True, dtype: Optional[str | torch.dtype] = None,
+                        pre_quant_scales: Optional[dict] = None,
+                        int4_clips: Optional[dict] = None):
     """Quantize unified float tensors as ``quant`` says -> (tensors, report).
 
     ``act_stats``: {linear prefix: max|x| per input channel [K]} from ``smoothquant.py``
@@ -503,8 +503,11 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
     ``attention.v_cache_scale`` and ``attention.kv_cache_scaling_factor``; or the older
     tensor([max|k|, max|v|]) -> ``kv_cache_scaling_factor`` only. Required for an INT8 KV
     cache unless the tensors already carry the scales (passed through). ``dtype``: the model
-    dtype for float tensors and weight-only scales (default: that of the input weights). The
-    input dict is not modified.
+    dtype for float tensors and weight-only scales (default: that of the input weights).
+    ``pre_quant_scales``: {linear prefix: p [K]} (AWQ, ``awq.py``): the weights are already
+    scaled by 1/p, the input is multiplied by p (``prequant_scaling_factor``). ``int4_clips``:
+    {linear prefix: [N, K/G] range factors} (AWQ's clipping search; zero-point int4 only).
+    The input dict is not modified.
 
     ``report`` = {"tensors": {prefix: {"algo", "max_abs_err", "rel_err"}}, "worst_rel_err",
     "mean_rel_err", "kv_scales": {...}} (rel_err: ||W - dequant||_F / ||W||_F)."""
@@ -553,7 +556,9 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
             scale_dtype = dtype or w.dtype
             new, deq = _quantize_linear(w, quant, scale_dtype,
                                         None if act_stats is None else act_stats.get(prefix),
-                                        prefix)
+                                        prefix, (int4_clips or {}).get(prefix))
+            if pre_quant_scales and prefix in pre_quant_scales:
+                new["prequant_scaling_factor"] = pre_quant_scales[prefix].to(scale_dtype)
             for suffix, t in new.items():
                 out[f"{prefix}.{suffix}"] = t
             w32 = w.float()
@@ -613,9 +618,18 @@ def _linear_prefixes(args: ModelArgs) -> list[str]:
 
 
 def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dtype,
-                     x_max: Optional[torch.Tensor], prefix: str):
+                     x_max: Optional[torch.Tensor], prefix: str,
+                     clip: Optional[torch.Tensor] = None):
     """-> ({suffix: tensor} of the linear, dequantized float32 weight for the report)."""
     algo = quant.quant_algo
+    if quant.int4_zero_point:
+        g = quant.group_size
+        p, s, z, _ = quantize_int4_zp(w, g, scale_dtype, clip)
+        new = {"weight": p, "weights_scaling_factor": s, "zero": z}
+        if algo != W4A16_GPTQ:
+            new["prequant_scaling_factor"] = torch.ones(w.shape[1], dtype=scale_dtype,
+                                                        device=w.device)
+        return new, WeightOnlyInt4ZeroLinear(p, s, z, g).dequantized().float()
     if algo == W8A16:
         q, s, _ = quantize_int8_per_channel(w, scale_dtype)
         return {"weight": q, "per_channel_scale": s}, dequantize_int8_per_channel(q, s)
@@ -646,38 +660,3 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
                                             dtype=torch.float32)
         return new, dequantize_int8_per_channel(q, s) if s.numel() > 1 else q.float() * s.float()
     raise ConfigError(f"unsupported quant_algo {algo!r}")
-
-
-def _kv_scales(tensors: dict, args: ModelArgs, kv_stats: Optional[dict]) -> dict:
-    """-> {name: tensor} of the INT8 KV scales of every layer (docs/design.md)."""
-    names = [f"transformer.layers.{i}.attention" for i in range(args.num_hidden_layers)]
-    if kv_stats is None:
-        have = [f"{n}.{KV_SCALE}" in tensors for n in names]
-        if all(have):  # an already-calibrated checkpoint: keep its scales
-            out = {}
-            for n in names:
-                out[f"{n}.{KV_SCALE}"] = tensors[f"{n}.{KV_SCALE}"].float().reshape(1)
-                for s in KV_CHANNEL_SCALES:
-                    if f"{n}.{s}" in tensors:
-                        out[f"{n}.{s}"] = tensors[f"{n}.{s}"].float().reshape(-1)
-            return out
-        raise ConfigError("--int8_kv_cache needs calibrated scales: run hf_llama_convert.py "
-                          "--calibrate-kv-cache -i HF_DIR -o CKPT_DIR and build with "
-                          "--ckpt_dir CKPT_DIR")
-    out = {}
-    for n in names:
-        if n not in kv_stats:
-            raise ConfigError(f"KV calibration has no statistics for {n}")
-        st = torch.as_tensor(kv_stats[n]).float()
-        if st.numel() == 2:  # older statistics: per-layer maxima only
-            mk, mv = (float(x) for x in st.reshape(2))
-            out[f"{n}.{KV_SCALE}"] = kv_cache_scale(mk, mv)
-        elif st.shape == (2, args.kv_size):
-            ks, vs, layer = kv_channel_scales(st[0], st[1], n)
-            out[f"{n}.{KV_SCALE}"] = layer
-            out[f"{n}.{KV_CHANNEL_SCALES[0]}"] = ks
-            out[f"{n}.{KV_CHANNEL_SCALES[1]}"] = vs
-        else:
-            raise ConfigError(f"KV statistics of {n} have shape {tuple(st.shape)}; expected "
-                              f"[2, Hkv*D] = [2, {args.kv_size}] (or [2])")
-    return out

@@ -10,9 +10,9 @@ where the two differ:
   no portable quantized layout. We write ``weight`` = q·s in the model dtype (its builder
   quantizes non-int8 weights itself) plus our ``per_channel_scale`` [N], from which
   ``from_trtllm`` and the build hook recover our exact codes q = round(w / s);
-* W4A16_AWQ: ``weight`` int8 [N/2, K] packed along N (ours: [N, K/2] packed along K),
-  ``weights_scaling_factor`` [N, K/G] (ours: [K/G, N]), ``prequant_scaling_factor`` only when
-  ``pre_quant_scale`` is set;
+* W4A16_AWQ (with or without ``zero``) and W4A16_GPTQ: ``trtllm_int4.py`` (weight packed
+  along N, scales and zeros [N, K/G], ``prequant_scaling_factor`` only when
+  ``pre_quant_scale`` is set);
 * SmoothQuant ``_PLUGIN`` modes: qkv ``per_channel_scale`` is always [1, N]; the norm/attention/
   MLP input quantizers (``*.scale_to_int``, ``*.quantization_scaling_factor``: multipliers
   127/amax) are derived from our ``act_scale`` (= amax/127);
@@ -41,10 +41,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .config import (KV_INT8, W4A16, W4A16_GROUPWISE, W8A16, ConfigError, ModelArgs,
-                     QuantConfig)
+from .config import (KV_INT8, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16, ConfigError,
+                     ModelArgs, QuantConfig)
 from .names import is_kv_channel_scale
 from .sampling import GenerationOutput, SamplingConfig, cut_at_stop, trtllm_generate_kwargs
+from .trtllm_int4 import int4_group_from_trtllm, int4_group_to_trtllm
 
 TRTLLM_RELEASE = "1.2"  # the release line whose format this module follows
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
@@ -179,26 +180,8 @@ def to_trtllm(tensors: dict, args: ModelArgs, quant: QuantConfig, dtype: Optiona
             # non-int8 weight itself); the scale lets us recover q exactly on the way back.
             out[p + ".weight"] = (q.float() * s.float()[:, None]).to(fdt)
             out[p + ".per_channel_scale"] = s.to(fdt)
-    elif algo == W4A16_GROUPWISE:
-        if quant.has_zero_point:
-            raise ConfigError("W4A16_AWQ with zero points is not supported")
-        for p in _linear_prefixes(args):
-            w = _need(out, p + ".weight")
-            if w.is_floating_point():
-                continue
-            q = _unpack_int4_last(w)                                     # [N, K]
-            out[p + ".weight"] = _pack_int4_last(q.t()).t().contiguous()  # [N/2, K], along N
-            wsf = _need(out, p + ".weights_scaling_factor")               # [K/G, N]
-            out[p + ".weights_scaling_factor"] = wsf.t().contiguous().to(fdt)  # [N, K/G]
-            pq = out.pop(p + ".prequant_scaling_factor", None)
-            if quant.pre_quant_scale:
-                if pq is None:
-                    raise ConfigError(f"{p}.prequant_scaling_factor is missing "
-                                      "(quant.pre_quant_scale is set)")
-                out[p + ".prequant_scaling_factor"] = pq.reshape(-1).to(fdt)
-            elif pq is not None and not bool(torch.all(pq == 1)):
-                raise ConfigError(f"{p}.prequant_scaling_factor is not all ones but "
-                                  "quant.pre_quant_scale is false")
+    elif algo in (W4A16_GROUPWISE, W4A16_GPTQ):
+        int4_group_to_trtllm(out, _linear_prefixes(args), quant, fdt, _need)
     elif quant.is_smooth_quant:
         _sq_to_trtllm(out, args, quant)
 
@@ -279,7 +262,7 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
         raise ConfigError(f"checkpoint dtype {dtype!r} is not one of {sorted(_FLOAT_DTYPES)}")
     fdt = _FLOAT_DTYPES[dtype]
     qd = dict(cfg.get("quantization") or {})
-    if qd.get("has_zero_point"):
+    if qd.get("has_zero_point") and qd.get("quant_algo") not in (W4A16_GROUPWISE, W4A16_GPTQ):
         raise ConfigError(f"quantization with zero points ({qd.get('quant_algo')}) is not "
                           "supported")
     trt_excludes = list(qd.get("exclude_modules") or TRTLLM_DEFAULT_EXCLUDES)
@@ -297,8 +280,8 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
     algo = quant.quant_algo
     if algo in (W8A16, W4A16):
         _weight_only_from_trtllm(out, args, algo, fdt, trt_excludes)
-    elif algo == W4A16_GROUPWISE:
-        _awq_from_trtllm(out, args, quant, fdt)
+    elif algo in (W4A16_GROUPWISE, W4A16_GPTQ):
+        int4_group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need, args)
     elif quant.is_smooth_quant:
         _sq_from_trtllm(out, args, quant)
     if quant.int8_kv_cache:
@@ -347,27 +330,6 @@ def _weight_only_from_trtllm(out: dict, args: ModelArgs, algo: str, fdt: torch.d
             q = torch.round(w.float() / s.float()[:, None]).clamp_(lo, hi).to(torch.int8)
         out[p + ".weight"] = q if bits == 8 else _pack_int4_last(q)
         out[p + ".per_channel_scale"] = s
-
-
-def _awq_from_trtllm(out: dict, args: ModelArgs, quant: QuantConfig, fdt: torch.dtype) -> None:
-    g = quant.group_size
-    for p in _linear_prefixes(args):
-        w = _need(out, p + ".weight")
-        if w.is_floating_point():
-            continue
-        if w.dtype not in (torch.int8, torch.uint8):
-            raise ConfigError(f"{p}.weight: W4A16_AWQ expects packed int8, got {w.dtype}")
-        half_n, k = w.shape
-        q = _unpack_int4_last(w.view(torch.int8).t().contiguous()).t()  # [N, K]
-        out[p + ".weight"] = _pack_int4_last(q.contiguous())             # [N, K/2]
-        wsf = _need(out, p + ".weights_scaling_factor")
-        if tuple(wsf.shape) != (2 * half_n, k // g):
-            raise ConfigError(f"{p}.weights_scaling_factor has shape {tuple(wsf.shape)}, "
-                              f"expected {(2 * half_n, k // g)} (group size {g})")
-        out[p + ".weights_scaling_factor"] = wsf.t().contiguous().to(fdt)   # [K/G, N]
-        pq = out.get(p + ".prequant_scaling_factor")
-        out[p + ".prequant_scaling_factor"] = (torch.ones(k, dtype=fdt) if pq is None
-                                               else pq.reshape(-1).to(fdt))
 
 
 def _sq_from_trtllm(out: dict, args: ModelArgs, quant: QuantConfig) -> None:

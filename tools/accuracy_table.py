@@ -68,8 +68,30 @@ ROWS = {
     "sq": "SmoothQuant α0.5 per-token + per-channel",
     "int8_kv": "INT8 KV",
     "int8_wo_kv": "int8 WO + INT8 KV",
+    # issue 18: int4 with zero points, AWQ, the GGUF's own Q4_1 blocks
+    "gguf_q4_1": "GGUF Q4_1 kept (int4 g32 zeros)",
+    "int4_zp_g32": "int4 WO g32 zeros (RTN)",
+    "int4_zp_g64": "int4 WO g64 zeros (RTN)",
+    "int4_awq_g64": "int4 AWQ g64 zeros",
+    "int4_awq_g64_sym": "int4 AWQ g64",
+    "int4_zp_g128": "int4 WO g128 zeros (RTN)",
+    "int4_awq_g128": "int4 AWQ g128 zeros",
 }
 INT4_ROWS = ("int4_wo_pc", "int4_wo_g64")
+# issue 18's rows: key -> (build flags, hf_llama_convert flags or None)
+_ZP = ["--use_weight_only", "--weight_only_precision", "int4", "--has_zero_point"]
+_AWQ = ["--use_weight_only", "--weight_only_precision", "int4_awq"]
+INT4_ZP_ROWS = {
+    "gguf_q4_1": (["--keep_gguf_quantization"], None),
+    "int4_zp_g32": ([*_ZP, "--group_size", "32"], None),
+    "int4_zp_g64": ([*_ZP, "--group_size", "64"], None),
+    "int4_awq_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point"]),
+    "int4_awq_g64_sym": (None, [*_AWQ, "--group_size", "64"]),
+    # SmolLM2's width 576 is 4.5 groups of 128: the last group is 64 wide (as TensorRT-LLM's
+    # zero padding of K to 640 computes)
+    "int4_zp_g128": ([*_ZP, "--group_size", "128"], None),
+    "int4_awq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point"]),
+}
 
 # Issue 3's targets: ROUGE-1 drop against our fp32 engine (points) and top-1 agreement.
 TARGETS = {
@@ -78,6 +100,11 @@ TARGETS = {
     "sq": {"rouge1_drop": 1.0, "top1": 0.90},
     "int4_wo_g64": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_wo_pc": {"top1": 0.90},
+    "gguf_q4_1": {"top1": 1.0},
+    "int4_zp_g32": {"top1": 0.97},
+    "int4_awq_g64": {"rouge1_drop": 1.5, "top1": 0.90},
+    "int4_awq_g64_sym": {"rouge1_drop": 1.5, "top1": 0.90},
+    "int4_awq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
 }
 
 # Settings that make rows comparable; a JSON made with others is not resumed.
@@ -242,6 +269,12 @@ class Builder:
             ck = self._convert("kv", ["--calibrate-kv-cache"])
             wo = ["--use_weight_only", "--weight_only_precision", "int8"] if key == "int8_wo_kv" else []
             return self._build(key, ["--ckpt_dir", ck, "--dtype", qd, "--int8_kv_cache", *wo, *dev])
+        if key in INT4_ZP_ROWS:
+            flags, conv = INT4_ZP_ROWS[key]
+            if conv is None:
+                return self._build(key, ["--gguf_file", g, "--dtype", qd, *flags, *dev])
+            ck = self._convert(key, conv)
+            return self._build(key, ["--ckpt_dir", ck, "--dtype", qd, *dev])
         raise ConfigError(f"no engine for row {key}")
 
 

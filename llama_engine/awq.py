@@ -1,0 +1,174 @@
+"""AWQ calibration: activation-aware per-channel scales for int4 weight-only (Lin et al. 2023,
+"AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration",
+arXiv:2306.00978), in TensorRT-LLM's W4A16_AWQ layout.
+
+What is implemented (and what is not):
+
+* The scale search of the paper (its Sec. 3.2): for every group of linears that share one
+  input (q/k/v; gate/up; o_proj; down_proj) the input channels are scaled by
+  s = s_x ** alpha, s_x the mean |x| per channel over the calibration tokens, normalised to
+  a geometric mean of 1; alpha is searched on a grid of ``n_grid`` points in [0, 1) minimising
+  the group's output error || X W^T - (X / s) Q(W s)^T ||^2 on the calibration tokens
+  (alpha = 0 is plain round to nearest, so the search never does worse than RTN on them).
+* Folding as TensorRT-LLM folds: into the preceding RMSNorm gain where there is one (q/k/v,
+  gate/up: gain / s, weights * s); otherwise (o_proj, down_proj) as its
+  ``prequant_scaling_factor`` = 1 / s, multiplied into the input at run time.
+* The clipping search (the paper's auto-clip), for zero-point formats whose group size divides
+  the input width: per weight group a
+  shrink factor of the [min, max] range on a grid, minimising that group's contribution to the
+  output error on the calibration tokens.
+* Not implemented: the block-by-block pass with quantized earlier blocks (all inputs are
+  captured from one float forward pass), and AWQ's own kernels/packing (the result is our
+  int4 format, or AutoAWQ's through ``formats/awq.py``).
+
+Calibration inputs come from the float model through forward hooks, on the summarize prompt
+builder's prompts (``smoothquant.calibration_prompts``).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .config import ConfigError, ModelArgs, QuantConfig
+from .quant import dequantize_int4, quantize_int4
+from .quant_int4 import quantize_int4_zp
+from .kernels.int4_zp import dequantize_w4_zp
+
+# (unified linears sharing one input, HF module whose input is captured, norm to fold into)
+AWQ_GROUPS = (
+    (("attention.qkv",), "self_attn.q_proj", "input_layernorm"),
+    (("attention.dense",), "self_attn.o_proj", None),
+    (("mlp.fc", "mlp.gate"), "mlp.gate_proj", "post_layernorm"),
+    (("mlp.proj",), "mlp.down_proj", None),
+)
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))   # 1.0 .. 0.55
+
+
+def capture_inputs(model, prompts: Iterable[list[int]], tokens_per_prompt: int = 64,
+                   progress: bool = True, seed: int = 0) -> tuple[dict, dict]:
+    """Run the float HF model on ``prompts``; -> ({hf module: mean |x| per channel [K]},
+    {hf module: sampled input rows [T, K] float32}), ``tokens_per_prompt`` rows a prompt."""
+    names = [f"model.layers.{i}.{m}" for i in range(len(model.model.layers))
+             for _, m, _ in AWQ_GROUPS]
+    mods = dict(model.named_modules())
+    sums: dict = {}
+    counts: dict = {}
+    samples: dict = {n: [] for n in names}
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(module, inputs, output, key):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        sums[key] = sums.get(key, 0) + x.abs().sum(0).cpu()
+        counts[key] = counts.get(key, 0) + x.shape[0]
+        take = torch.randperm(x.shape[0], generator=gen)[:tokens_per_prompt]
+        samples[key].append(x[take.to(x.device)].cpu())
+
+    handles = [mods[n].register_forward_hook(lambda m, i, o, k=n: hook(m, i, o, k))
+               for n in names]
+    prompts = list(prompts)
+    it = prompts
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(prompts, desc="AWQ calibration", unit="prompt")
+    dev = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for p in it:
+                model(torch.tensor([p], device=dev))
+    finally:
+        for h in handles:
+            h.remove()
+    mean = {n: sums[n] / counts[n] for n in names}
+    return mean, {n: torch.cat(samples[n]) for n in names}
+
+
+def _qdq(w: torch.Tensor, group: int, zero: bool, clip: Optional[torch.Tensor] = None):
+    """Quantize then dequantize w [N, K] (float32) in the target format."""
+    if zero:
+        p, s, z, _ = quantize_int4_zp(w, group, torch.float32, clip)
+        return dequantize_w4_zp(p, s, z, group)
+    p, s, _ = quantize_int4(w, group or None, torch.float32)
+    return dequantize_int4(p, s, group or None)
+
+
+def search_scale(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, group: int,
+                 zero: bool, n_grid: int = 20) -> tuple[torch.Tensor, dict]:
+    """-> (s [K], {"alpha", "rtn_err", "awq_err"}) for weight w [N, K] (all linears sharing
+    the input, stacked) and calibration inputs x [T, K]: the paper's grid search over alpha."""
+    w = w.float()
+    x = x.float()
+    y = x @ w.t()
+    best = None
+    rtn_err = None
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = x_mean.float().clamp_min(1e-8) ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        wq = _qdq(w * s, group, zero) / s
+        err = ((x @ wq.t() - y) ** 2).mean().item()
+        if i == 0:
+            rtn_err = err
+        if best is None or err < best[0]:
+            best = (err, alpha, s)
+    return best[2], {"alpha": best[1], "rtn_err": rtn_err, "awq_err": best[0]}
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
+    """Per (row, group) shrink factor of the range [N, K/G] minimising that group's output
+    error on x [T, K] (zero-point formats; the paper's auto-clip)."""
+    n, k = w.shape
+    g = group or k
+    xg = x.float().reshape(x.shape[0], k // g, g)
+    best_err = best = None
+    for r in CLIP_RATIOS:
+        clip = torch.full((n, k // g), r)
+        e = (_qdq(w, g, True, clip) - w).reshape(n, k // g, g)
+        err = torch.einsum("tgj,ngj->tng", xg, e).pow(2).mean(0)           # [N, K/G]
+        if best is None:
+            best_err, best = err, clip
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, clip, best)
+    return best
+
+
+def apply_awq(tensors: dict, args: ModelArgs, quant: QuantConfig, x_mean: dict, x_rows: dict,
+              n_grid: int = 20, clip: bool = True, progress: bool = True
+              ) -> tuple[dict, dict, dict, dict]:
+    """Scale unified float ``tensors`` as AWQ's search says; -> (tensors, pre_quant_scales
+    {linear prefix: 1/s} for ``quantize_checkpoint``, clip factors {prefix: [N, K/G]},
+    report {prefix: {"alpha", "rtn_err", "awq_err"}}). The input dict is not modified."""
+    if not quant.weight_only == "int4":
+        raise ConfigError("AWQ applies to int4 weight-only")
+    g, zero = quant.group_size, quant.int4_zero_point
+    out = dict(tensors)
+    pqs, clips, report = {}, {}, {}
+    layers = range(args.num_hidden_layers)
+    if progress:
+        from tqdm import tqdm
+        layers = tqdm(layers, desc="AWQ scale search", unit="layer")
+    for i in layers:
+        for linears, hf_mod, norm in AWQ_GROUPS:
+            key = f"model.layers.{i}.{hf_mod}"
+            if key not in x_rows:
+                raise ConfigError(f"AWQ calibration has no inputs for {key}")
+            prefixes = [f"transformer.layers.{i}.{n}" for n in linears]
+            ws = [out[p + ".weight"] for p in prefixes]
+            dtype = ws[0].dtype
+            s, rep = search_scale(torch.cat([w.float() for w in ws]), x_rows[key], x_mean[key],
+                                  g, zero, n_grid)
+            for p, w in zip(prefixes, ws):
+                scaled = w.float() * s
+                out[p + ".weight"] = scaled.to(dtype)
+                if clip and zero and w.shape[1] % (g or w.shape[1]) == 0:
+                    clips[p] = search_clip(scaled, x_rows[key] / s, g)
+                report[p] = rep
+            if norm is not None:
+                nk = f"transformer.layers.{i}.{norm}.weight"
+                out[nk] = (out[nk].float() / s).to(out[nk].dtype)
+            else:
+                for p in prefixes:
+                    pqs[p] = (1.0 / s)
+    return out, pqs, clips, report

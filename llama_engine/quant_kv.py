@@ -1,0 +1,86 @@
+"""INT8 KV cache scales: per layer (TensorRT-LLM's ``kv_cache_scaling_factor``) and per
+(KV head, channel) (our extension), from calibrated maxima; the INT8 KV rounding rule.
+Split out of ``quant.py`` (which re-exports these names)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, ModelArgs
+from .names import KV_CHANNEL_SCALES, KV_SCALE
+
+INT8_MAX = 127
+
+
+def kv_cache_scale(max_abs_k: float, max_abs_v: float) -> torch.Tensor:
+    """One INT8 KV scale per layer (design.md): max(max|k|, max|v|)/127, float32 [1]."""
+    amax = max(float(max_abs_k), float(max_abs_v))
+    if not math.isfinite(amax):
+        raise ConfigError(f"calibrated KV maximum is not finite ({amax})")
+    return torch.tensor([amax / INT8_MAX if amax > 0 else 1.0], dtype=torch.float32)
+
+
+def kv_channel_scales(k_max: torch.Tensor, v_max: torch.Tensor, name: str = "KV"
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-(KV head, channel) INT8 KV scales from calibrated maxima ``k_max``, ``v_max``
+    ([Hkv*D] each: max |k| after RoPE and max |v| of each channel over the calibration tokens)
+    -> (k_scale, v_scale) float32 [Hkv*D] = max/127, and TensorRT-LLM's per-layer
+    ``kv_cache_scaling_factor`` float32 [1] = max(max|k|, max|v|)/127.
+
+    A channel that calibration saw only as 0 (e.g. a zeroed projection row) takes the layer's
+    scale, which holds anything the per-layer scheme holds; non-finite maxima are an error."""
+    k_max, v_max = k_max.float().reshape(-1), v_max.float().reshape(-1)
+    for what, m in (("K", k_max), ("V", v_max)):
+        if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+            raise ConfigError(f"calibrated {what} channel maxima of {name} are not finite and "
+                              "non-negative; calibrate in float32 (--device cpu) or check "
+                              "the weights")
+    layer = kv_cache_scale(k_max.max().item() if k_max.numel() else 0.0,
+                           v_max.max().item() if v_max.numel() else 0.0)
+    out = []
+    for m in (k_max, v_max):
+        out.append(torch.where(m > 0, m / INT8_MAX, layer).to(torch.float32))
+    return out[0], out[1], layer
+
+
+def quantize_kv(x: torch.Tensor, scale) -> torch.Tensor:
+    """The INT8 KV rule (reference): round(x / scale) clamped to +-127; ``scale`` a float or
+    a tensor broadcasting against ``x`` (per (KV head, channel): [Hkv, D] for x [..., Hkv, D])."""
+    return torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def _kv_scales(tensors: dict, args: ModelArgs, kv_stats: Optional[dict]) -> dict:
+    """-> {name: tensor} of the INT8 KV scales of every layer (docs/design.md)."""
+    names = [f"transformer.layers.{i}.attention" for i in range(args.num_hidden_layers)]
+    if kv_stats is None:
+        have = [f"{n}.{KV_SCALE}" in tensors for n in names]
+        if all(have):  # an already-calibrated checkpoint: keep its scales
+            out = {}
+            for n in names:
+                out[f"{n}.{KV_SCALE}"] = tensors[f"{n}.{KV_SCALE}"].float().reshape(1)
+                for s in KV_CHANNEL_SCALES:
+                    if f"{n}.{s}" in tensors:
+                        out[f"{n}.{s}"] = tensors[f"{n}.{s}"].float().reshape(-1)
+            return out
+        raise ConfigError("--int8_kv_cache needs calibrated scales: run hf_llama_convert.py "
+                          "--calibrate-kv-cache -i HF_DIR -o CKPT_DIR and build with "
+                          "--ckpt_dir CKPT_DIR")
+    out = {}
+    for n in names:
+        if n not in kv_stats:
+            raise ConfigError(f"KV calibration has no statistics for {n}")
+        st = torch.as_tensor(kv_stats[n]).float()
+        if st.numel() == 2:  # older statistics: per-layer maxima only
+            mk, mv = (float(x) for x in st.reshape(2))
+            out[f"{n}.{KV_SCALE}"] = kv_cache_scale(mk, mv)
+        elif st.shape == (2, args.kv_size):
+            ks, vs, layer = kv_channel_scales(st[0], st[1], n)
+            out[f"{n}.{KV_SCALE}"] = layer
+            out[f"{n}.{KV_CHANNEL_SCALES[0]}"] = ks
+            out[f"{n}.{KV_CHANNEL_SCALES[1]}"] = vs
+        else:
+            raise ConfigError(f"KV statistics of {n} have shape {tuple(st.shape)}; expected "
+                              f"[2, Hkv*D] = [2, {args.kv_size}] (or [2])")
+    return out
