@@ -215,6 +215,8 @@ def convert(ns: argparse.Namespace) -> str:
 def _awq(ns: argparse.Namespace, args, hf_sd: dict, info: dict, device: str):
     """Capture AWQ's calibration inputs from the float model -> ({"inputs": (means, rows)},
     calibration info)."""
+    import torch
+
     from llama_engine import awq, smoothquant as esq
     tokenizer, dataset = _calibration_source(ns, info)
     if tokenizer is None:
@@ -256,6 +258,8 @@ def _prequantized_method(in_file: str) -> Optional[str]:
 
 def _convert_prequantized(ns: argparse.Namespace, method: str, sources: list) -> str:
     """An AutoAWQ / GPTQ directory, taken as it is (no calibration, no re-quantization)."""
+    import torch
+
     from llama_engine.checkpoint import write_checkpoint
     from llama_engine.formats import awq as fawq, gptq as fgptq
     from llama_engine.tokenizer import find_tokenizer_source
