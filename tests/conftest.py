@@ -88,6 +88,18 @@ def smollm2_gguf() -> str:
     return p
 
 
+@pytest.fixture(scope="session")
+def smol_engine(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 as a float64 engine (exactly HF's arithmetic on the CPU), built once per test
+    session: batch 2, input 512, output 64. Files that need other limits build their own."""
+    import build
+    out = tmp_path_factory.mktemp("smol") / "engine_fp64"
+    assert build.main(["--gguf_file", smollm2_gguf, "--dtype", "float64", "--output_dir",
+                       str(out), "--max_batch_size", "2", "--max_input_len", "512",
+                       "--max_output_len", "64"]) == 0
+    return out
+
+
 def make_tiny_hf(path: Path, num_kv_heads: int = 2, tie: bool = False, seed: int = 0,
                  vocab_size: int = 256, dtype=None) -> Path:
     """A tiny random LlamaForCausalLM saved with save_pretrained (safetensors)."""

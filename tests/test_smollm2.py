@@ -16,15 +16,6 @@ import run_hf
 import summarize
 
 
-@pytest.fixture(scope="module")
-def smol_engine(smollm2_gguf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / "engine_fp64"
-    rc = build.main(["--gguf_file", smollm2_gguf, "--dtype", "float64", "--output_dir", str(out),
-                     "--max_batch_size", "2", "--max_input_len", "512", "--max_output_len", "64"])
-    assert rc == 0
-    return out
-
-
 def test_engine_summaries_equal_hf_float64(smol_engine, smollm2_gguf, shared_data, tmp_path,
                                           capsys):
     out_json = tmp_path / "sum.json"

@@ -294,16 +294,6 @@ def test_block_manager_truncate():
 
 
 # -- SmolLM2 and the scripts ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smol_engine(smollm2_gguf, tmp_path_factory):
-    import build
-    out = tmp_path_factory.mktemp("smol_spec") / "engine_fp64"
-    rc = build.main(["--gguf_file", smollm2_gguf, "--dtype", "float64", "--output_dir", str(out),
-                     "--max_batch_size", "2", "--max_input_len", "512", "--max_output_len", "64"])
-    assert rc == 0
-    return out
-
-
 @pytest.mark.parametrize("extra", [[], ["--use_inflight_batching"]], ids=["static", "inflight"])
 def test_smollm2_summaries_equal_with_prompt_lookup(smol_engine, shared_data, tmp_path, extra):
     """Real articles, chat template, float64: the same summaries token for token."""
