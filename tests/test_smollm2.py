@@ -10,7 +10,6 @@ import re
 
 import pytest
 
-import build
 import run
 import run_hf
 import summarize
