@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
 
 # 1. Data first, so that a missing dataset is reported before minutes of work. The hub
-#    lookup (no file given, no ../shared) is bounded: offline it fails within seconds.
-CHOICE=$(HF_HUB_ETAG_TIMEOUT=10 HF_HUB_DOWNLOAD_TIMEOUT=30 timeout 180 \
+#    lookup (no file given, no ../shared) is bounded: offline it gives up in about 25 s.
+CHOICE=$(HF_HUB_VERBOSITY=error HF_DATASETS_VERBOSITY=error HF_HUB_ETAG_TIMEOUT=10 \
+         HF_HUB_DOWNLOAD_TIMEOUT=30 timeout 180 \
          python tools/quickstart_data.py "${1:-}") || { rc=$?; [ $rc = 2 ] && exit 2; CHOICE=skip; }
 case $CHOICE in
   path\ *) SUMMARIZE_DATA=(--dataset_path "${CHOICE#path }") ;;
