@@ -1,6 +1,6 @@
 """Shared fixtures: repo paths, the shared data folder, SmolLM2, tiny random HF models; the
 markers (every test gets one: ``unit``, ``interp``, ``dist``, ``e2e`` or ``gpu``, by its file
-unless it names one itself); Triton's interpreter switched on when the machine has no CUDA
+unless it names one itself; a test that loads SmolLM2 is ``e2e``); Triton's interpreter switched on when the machine has no CUDA
 device.
 
 Triton decides whether it interprets when a kernel is decorated (at import), so the variable
@@ -49,8 +49,12 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if not any(item.get_closest_marker(m) for m in MARKERS):
-            item.add_marker(getattr(pytest.mark, FILE_MARKERS.get(item.path.name, "unit")))
+        if any(item.get_closest_marker(m) for m in MARKERS):
+            continue
+        mark = FILE_MARKERS.get(item.path.name, "unit")
+        if mark == "unit" and "smollm2_gguf" in getattr(item, "fixturenames", ()):
+            mark = "e2e"            # a real model: not a fast unit test, whatever its file
+        item.add_marker(getattr(pytest.mark, mark))
 
 
 def interpreter_on() -> bool:
