@@ -31,7 +31,7 @@ slots a peer has yet to read. Flags only grow; "reached" is a wrap-safe signed d
 
 PyTorch ships a one-shot all-reduce (``torch.ops.symm_mem.one_shot_all_reduce``) for fp32 and
 bf16 only; the engine runs fp16, hence this kernel. Used by ``llama_engine.parallel``
-(``LLAMA_ENGINE_TP_ALLREDUCE``). On a GPU the flags use PTX ``st.release.sys`` /
+(``RuntimeOptions.tp_allreduce``). On a GPU the flags use PTX ``st.release.sys`` /
 ``ld.acquire.sys``; under ``TRITON_INTERPRET=1`` (no inline assembly) the same steps use
 Triton atomics, and the CPU tests run one rank with its flags, or two ranks without the waits
 and with the peer's slots filled by the test.
