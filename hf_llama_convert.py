@@ -133,6 +133,9 @@ def _load(in_file: str, seed: int, device: str):
         return load_source(model_dir=in_file)
     if os.path.exists(in_file) and not in_file.endswith(".json"):
         raise ConfigError(f"-i {in_file}: not a model directory, .gguf file or preset")
+    if not os.path.exists(in_file) and (os.sep in in_file or in_file.endswith((".gguf", ".json"))):
+        raise ConfigError(f"model source {in_file} does not exist (a model directory, .gguf file, "
+                          "config.json or preset name)")
     # A preset name or config.json: random weights (fp32 on CPU; fp16 on GPU to fit 7B).
     dtype = "float32" if device == "cpu" else "float16"
     return load_source(model_config=in_file, dtype=dtype, seed=seed, device=device)

@@ -179,3 +179,18 @@ def test_tokenizer_symlink_leaving_source_is_refused(tmp_path):
                                           r"to .*secret.txt, outside .*src; refusing to copy it"):
         save_tokenizer(str(src), str(out))
     assert not (out / "tokenizer.json").exists()
+
+
+def test_converters_name_a_missing_source(tmp_path, capsys):
+    """A path that does not exist is reported as missing, not as an unknown preset."""
+    import convert_checkpoint
+    import hf_llama_convert
+    missing = str(tmp_path / "no_such_model")
+    assert hf_llama_convert.main(["-i", missing, "-o", str(tmp_path / "ck")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: model source {missing} does not exist (a model directory, .gguf file, "
+        "config.json or preset name)")
+    assert convert_checkpoint.main(["--model_dir", missing, "--output_dir",
+                                    str(tmp_path / "ck2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "ck2").exists()
