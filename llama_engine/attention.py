@@ -41,7 +41,7 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int,
                    scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """First ``length`` cached tokens of one sequence. -> [length, Hkv, D] in ``dtype``.
 
-    ``scale``: an int8 cache's dequantization scales, float32 [Hkv, D] (per KV head and
+    ``scale``: an int8 / FP8 cache's dequantization scales, float32 [Hkv, D] (per KV head and
     channel; a float is accepted too), or None for a float cache."""
     block_size = cache.shape[2]
     n = (length + block_size - 1) // block_size
@@ -93,8 +93,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
                     softmax_scale: float) -> torch.Tensor:
     """q[N,H,D], k/v[N,Hkv,D] of the new tokens -> attention output [N,H,D].
 
-    Writes the new K/V into the cache first (quantizing when the cache is int8). ``kv_scale``
-    (int8 caches): ``(k_scale, v_scale)`` float32 [Hkv, D] as ``KVCache.layer`` gives them
+    Writes the new K/V into the cache first (quantizing when the cache is int8 or FP8).
+    ``kv_scale`` (int8 / FP8 caches): ``(k_scale, v_scale)`` float32 [Hkv, D] as ``KVCache.layer`` gives them
     (or one float for both), else None."""
     ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scale)
     if meta.is_decode:
@@ -104,7 +104,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     ctx, nd, starts = plan.ctx, plan.num_decode, plan.starts
     outs = []
     ks = vs = None
-    if k_cache.dtype == torch.int8:
+    if ops.is_quant_kv(k_cache.dtype):
         ks, vs = ops.kv_scale_tensors(kv_scale, k_cache.shape[1], k_cache.shape[3],
                                       k_cache.device)
     if nd:

@@ -325,6 +325,9 @@ SQ_ALGOS = {
     (False, False): "W8A8_SQ_PER_TENSOR_PLUGIN",
 }
 KV_INT8 = "INT8"
+KV_FP8 = "FP8"                  # FP8 E4M3 KV cache (TensorRT-LLM's kv_cache_quant_algo FP8)
+# kv_cache_quant_algo -> the cache's storage name (torch dtype: kv_cache.QUANT_CACHE_DTYPES)
+KV_CACHE_DTYPES = {KV_INT8: "int8", KV_FP8: "fp8"}
 
 
 @dataclass
@@ -371,6 +374,15 @@ class QuantConfig:
         return self.kv_cache_quant_algo == KV_INT8
 
     @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_quant_algo == KV_FP8
+
+    @property
+    def kv_cache_dtype(self) -> Optional[str]:
+        """'int8', 'fp8' (a quantized cache with calibrated scales) or None (model dtype)."""
+        return KV_CACHE_DTYPES.get(self.kv_cache_quant_algo)
+
+    @property
     def int4_group_size(self) -> Optional[int]:
         """Group size of int4 weights; None when per-channel."""
         if self.quant_algo in ZERO_POINT_ALGOS:
@@ -383,8 +395,8 @@ class QuantConfig:
             kind = {W4A16_GPTQ: "GPTQ "}.get(self.quant_algo, "")
             g = f"group {self.group_size}" if self.group_size else "per channel"
             parts[0] = f"W4A16 {kind}{g}" + (" with zeros" if self.int4_zero_point else "")
-        if self.int8_kv_cache:
-            parts.append("INT8 KV cache")
+        if self.kv_cache_dtype:
+            parts.append(f"{self.kv_cache_quant_algo} KV cache")
         return ", ".join(parts)
 
     def to_checkpoint_dict(self) -> dict:
@@ -409,8 +421,9 @@ class QuantConfig:
             raise ConfigError(f"unsupported quant_algo {algo!r}; supported: "
                               f"{sorted(a for a in known if a)}")
         kv = d.get("kv_cache_quant_algo")
-        if kv not in (None, KV_INT8):
-            raise ConfigError(f"unsupported kv_cache_quant_algo {kv!r} (supported: INT8)")
+        if kv is not None and kv not in KV_CACHE_DTYPES:
+            raise ConfigError(f"unsupported kv_cache_quant_algo {kv!r} (supported: "
+                              f"{', '.join(KV_CACHE_DTYPES)})")
         zp = bool(d.get("has_zero_point", False)) or algo == W4A16_GPTQ
         g = d.get("group_size")
         # Zero-point int4 may be per channel (0; GPTQ writes -1); everything else groups by 128.

@@ -259,15 +259,16 @@ class Transformer(nn.Module):
 def kv_scales_from_checkpoint(args: ModelArgs, quant: QuantConfig,
                               tensors: dict[str, torch.Tensor]
                               ) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """INT8 KV scales per layer: (k_scale, v_scale) float32 [Hkv, D] on the tensors' device, or
-    None for a float cache. Never invents a scale.
+    """INT8 / FP8 KV scales per layer: (k_scale, v_scale) float32 [Hkv, D] on the tensors'
+    device, or None for a float cache. Never invents a scale.
 
     Uses our per-(KV head, channel) ``attention.k_cache_scale`` / ``v_cache_scale`` when the
     checkpoint has them, else TensorRT-LLM's per-layer ``kv_cache_scaling_factor`` for every
     channel of K and V (older checkpoints, TensorRT-LLM's own). ``args`` is the architecture
     the tensors are for (a rank's local one under tensor parallelism)."""
-    if not quant.int8_kv_cache:
+    if not quant.kv_cache_dtype:
         return None
+    kind = quant.kv_cache_quant_algo  # INT8 or FP8: the same scale tensors
     hkv, d = args.num_key_value_heads, args.head_dim
     scales = []
     for i in range(args.num_hidden_layers):
@@ -275,7 +276,7 @@ def kv_scales_from_checkpoint(args: ModelArgs, quant: QuantConfig,
         kn, vn = (p + s for s in names.KV_CHANNEL_SCALES)
         if kn in tensors or vn in tensors:
             if kn not in tensors or vn not in tensors:
-                raise ConfigError(f"checkpoint has only one of {kn} and {vn}; per-channel INT8 "
+                raise ConfigError(f"checkpoint has only one of {kn} and {vn}; per-channel {kind} "
                                   "KV scales come in pairs (re-run hf_llama_convert.py "
                                   "--calibrate-kv-cache)")
             pair = []
@@ -288,7 +289,7 @@ def kv_scales_from_checkpoint(args: ModelArgs, quant: QuantConfig,
         else:
             name = p + names.KV_SCALE
             if name not in tensors:
-                raise ConfigError(f"INT8 KV cache needs calibrated scales but {name} is "
+                raise ConfigError(f"{kind} KV cache needs calibrated scales but {name} is "
                                   "missing; run hf_llama_convert.py --calibrate-kv-cache")
             s = tensors[name].float().reshape(-1)[:1].reshape(1, 1).expand(hkv, d)
             pair = [s.contiguous(), s.contiguous()]  # TensorRT-LLM's: one scale for K and V
@@ -296,7 +297,7 @@ def kv_scales_from_checkpoint(args: ModelArgs, quant: QuantConfig,
         for n, t in zip((kn, vn), pair):
             # one host check at load time (a zero scale would divide by zero when quantizing)
             if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
-                raise ConfigError(f"{n} holds a zero, negative or non-finite INT8 KV scale; "
+                raise ConfigError(f"{n} holds a zero, negative or non-finite {kind} KV scale; "
                                   "re-calibrate (hf_llama_convert.py --calibrate-kv-cache)")
         scales.append((pair[0], pair[1]))
     return scales

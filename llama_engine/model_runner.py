@@ -31,7 +31,8 @@ from . import parallel
 from .attention import AttentionMeta, last_token_indices
 from .config import ConfigError, EngineConfig
 from .cuda_graphs import CudaGraphs, graph_buckets
-from .kv_cache import KVCache, slots_for
+from .kernels import ops
+from .kv_cache import KVCache, quant_cache_dtype, slots_for
 from .logits_processors import Controls
 from .sampling import SamplingConfig, sample, token_logprobs
 from .serving.block_manager import cdiv
@@ -49,6 +50,10 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model, device, kv_scales: Optional[list] = None):
         self.config, self.model, self.device = config, model, torch.device(device)
         self.kv_scales = kv_scales
+        # storage of a cache with scales: int8 or FP8 (QuantConfig.kv_cache_quant_algo)
+        self.kv_quant_dtype = quant_cache_dtype(config.quant.kv_cache_dtype)
+        if kv_scales is not None and config.quant.fp8_kv_cache:
+            ops.check_fp8_kv_device(self.device)  # engine load: one line on a pre-Ada GPU
         self.dtype = model.embed.weight.dtype
         self.block_size = config.build.tokens_per_block
         self.cache: Optional[KVCache] = None
@@ -71,7 +76,7 @@ class ModelRunner:
         self.invalidate_graphs()
         self.cache = KVCache(a.num_hidden_layers, num_blocks, self.block_size,
                              a.num_key_value_heads, a.head_dim, self.dtype, self.device,
-                             self.kv_scales)
+                             self.kv_scales, self.kv_quant_dtype)
         return self.cache
 
     def ensure_cache(self, num_blocks: int) -> KVCache:
@@ -242,7 +247,8 @@ class ModelRunner:
         n = min(self.max_num_tokens, self.model.max_positions)
         blocks = cdiv(n, self.block_size)
         scratch = KVCache(a.num_hidden_layers, blocks, self.block_size, a.num_key_value_heads,
-                          a.head_dim, self.dtype, self.device, self.kv_scales)
+                          a.head_dim, self.dtype, self.device, self.kv_scales,
+                          self.kv_quant_dtype)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)

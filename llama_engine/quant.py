@@ -40,6 +40,7 @@ from torch import nn
 
 from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16, ConfigError,
                      ModelArgs, QuantConfig)
+from .config import KV_FP8
 from .kernels import linear as K
 from .names import linear_prefixes, linear_shape
 from .quant_int4 import WeightOnlyInt4ZeroLinear, quantize_int4_zp
@@ -359,7 +360,7 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
                          weight_only_precision: str = "int8", group_size: Optional[int] = None,
                          use_smooth_quant: bool = False, per_token: bool = False,
                          per_channel: bool = False, int8_kv_cache: bool = False,
-                         has_act_stats: bool = False, has_kv_stats: bool = False,
+                         fp8_kv_cache: bool = False, has_act_stats: bool = False, has_kv_stats: bool = False,
                          ckpt_quant: Optional[QuantConfig] = None,
                          smoothquant_alpha: Optional[float] = None,
                          has_zero_point: bool = False) -> QuantConfig:
@@ -420,12 +421,16 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
         quant.quant_algo = SQ_ALGOS[(bool(per_channel), bool(per_token))]
         quant.smoothquant_val = (DEFAULT_SQ_ALPHA if smoothquant_alpha is None
                                  else float(smoothquant_alpha))
-    if int8_kv_cache:
+    if int8_kv_cache and fp8_kv_cache:
+        raise ConfigError("--int8_kv_cache and --fp8_kv_cache are two KV cache formats; "
+                          "choose one")
+    if int8_kv_cache or fp8_kv_cache:
+        flag = "--int8_kv_cache" if int8_kv_cache else "--fp8_kv_cache"
         if not has_kv_stats:
-            raise ConfigError("--int8_kv_cache needs calibrated scales: run hf_llama_convert.py "
+            raise ConfigError(f"{flag} needs calibrated scales: run hf_llama_convert.py "
                               "--calibrate-kv-cache -i HF_DIR -o CKPT_DIR and build with "
                               "--ckpt_dir CKPT_DIR")
-        quant.kv_cache_quant_algo = KV_INT8
+        quant.kv_cache_quant_algo = KV_INT8 if int8_kv_cache else KV_FP8
 
     if ckpt_quant is not None and ckpt_quant.quant_algo:
         if quant.quant_algo and (quant.quant_algo, quant.int4_group_size,
@@ -519,7 +524,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
         # (KV / SmoothQuant scales) already present keep theirs.
         out = {k: (v.to(dtype) if v.is_floating_point() and k.endswith(".weight") else v)
                for k, v in out.items()}
-    report: dict = {"quant": quant.describe(), "tensors": {}}
+    report: dict = {"quant": quant.describe(), "tensors": {},
+                    "kv_algo": quant.kv_cache_quant_algo}
 
     if quant.is_smooth_quant:
         if act_stats is None:
@@ -572,8 +578,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
             report["worst_rel_err"] = max(rels)
             report["mean_rel_err"] = sum(rels) / len(rels)
 
-    if quant.int8_kv_cache:
-        out.update(_kv_scales(tensors, args, kv_stats))
+    if quant.kv_cache_dtype:
+        out.update(_kv_scales(tensors, args, kv_stats, quant.kv_cache_quant_algo))
         report["kv_scales"] = {k: v.item() for k, v in out.items()
                                if k.endswith("kv_cache_scaling_factor")}
         chan = {k: v for k, v in out.items() if k.endswith(".k_cache_scale")
@@ -602,7 +608,7 @@ def format_report(report: dict) -> str:
     kv = report.get("kv_scales") or {}
     if kv:
         vals = list(kv.values())
-        lines.append(f"  INT8 KV scales for {len(vals)} layers: {min(vals):.4g} .. "
+        lines.append(f"  {report.get('kv_algo') or 'INT8'} KV scales for {len(vals)} layers: {min(vals):.4g} .. "
                      f"{max(vals):.4g}")
     ch = report.get("kv_channel_scales")
     if ch:

@@ -25,15 +25,15 @@ from . import tuning
 from .common import HAS_TRITON, IMPLS as _IMPLS, INTERPRET as _INTERPRET, next_pow2
 from .common import use_triton as _use_triton
 from .pdl import launch_kw
-from .reference import (decode_attention_ref, kv_scale_tensors, prefill_attention_ref,
-                        apply_rope_ref, rope_write_kv_ref, write_kv_ref)
+from .reference import (decode_attention_ref, is_quant_kv, kv_scale_tensors,
+                        prefill_attention_ref, apply_rope_ref, rope_write_kv_ref, write_kv_ref)
 
 if HAS_TRITON:
     from .attn_kernels import (_decode_attn_kernel, _decode_merge_kernel, _rope_kv_kernel)
 
 __all__ = ["apply_rope", "write_kv", "rope_write_kv", "decode_attention",
            "rope_decode_attention", "prefill_attention", "prefill_attention_batch",
-           "kv_scale_tensors"]
+           "kv_scale_tensors", "is_quant_kv", "check_fp8_kv_device"]
 
 _LOG2E = 1.4426950408889634
 
@@ -90,8 +90,21 @@ def _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale):
                           f"cache {tuple(k_cache.shape)}")
     if slot_mapping.shape[0] != k.shape[0]:
         raise ConfigError(f"write_kv: {slot_mapping.shape[0]} slots for {k.shape[0]} tokens")
-    if k_cache.dtype == torch.int8 and kv_scale is None:
-        raise ConfigError("int8 KV cache needs kv_scale")
+    if is_quant_kv(k_cache.dtype) and kv_scale is None:
+        raise ConfigError(f"{k_cache.dtype} KV cache needs kv_scale")
+
+
+def check_fp8_kv_device(device) -> None:
+    """FP8 KV caches need FP8 conversions in hardware: CUDA compute capability >= 8.9 (Ada,
+    Hopper); the CPU emulates them with torch's float8 dtypes. One-line ``ConfigError``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    cc = torch.cuda.get_device_capability(device)
+    if cc < (8, 9):
+        raise ConfigError(f"FP8 KV cache needs a GPU with compute capability >= 8.9 (Ada, "
+                          f"Hopper); {torch.cuda.get_device_name(device)} is {cc[0]}.{cc[1]}: "
+                          "use the INT8 KV cache (--int8_kv_cache) or none")
 
 
 def _heads_contig(x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +129,7 @@ def _launch_rope_kv(q, k, v, positions, cos, sin, q_out, k_out, k_cache, v_cache
     slots = slot_mapping if slot_mapping is not None else pos
     kc = k_cache if k_cache is not None else k
     vc = v_cache if v_cache is not None else k
-    quant = write_cache and kc.dtype == torch.int8
+    quant = write_cache and is_quant_kv(kc.dtype)
     ks = vs = k  # unread unless QUANT
     if quant:
         ks, vs = kv_scale_tensors(kv_scale, Hkv, D, kc.device)
@@ -129,6 +142,7 @@ def _launch_rope_kv(q, k, v, positions, cos, sin, q_out, k_out, k_cache, v_cache
         kc.stride(0) if write_cache else 0, vc.stride(0) if write_cache else 0,
         H=H, HKV=Hkv, HALF=half,
         ROPE=rope, DO_Q=do_q, STORE_K=store_k, WRITE_CACHE=write_cache, QUANT=quant,
+        FP8=quant and kc.dtype == torch.float8_e4m3fn,
         BLOCK_H=bh, BLOCK_HK=bhk, BLOCK_HALF=next_pow2(half), BLOCK_SIZE=block_size,
         # warps by the larger of the q and k/v head counts: write_kv alone (H = 1) moves
         # Hkv x D values too, and int8 quantizes each (one warp took 23 us at LLaMA-7B, H100)
@@ -158,7 +172,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              impl: str = "auto") -> None:
     """Scatter k/v [N,Hkv,D] into the paged caches at ``slot_mapping`` (in place; -1 skips).
 
-    int8 caches quantize with ``kv_scale`` (see ``kv_scale_tensors``)."""
+    int8 / FP8 caches quantize with ``kv_scale`` (see ``kv_scale_tensors``)."""
     _check_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     if not _use_triton(impl, k, v, k_cache, v_cache, slot_mapping):
         return write_kv_ref(k, v, k_cache, v_cache, slot_mapping, kv_scale)
@@ -241,8 +255,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      impl: str = "auto", _rope=None, _cfg=None) -> torch.Tensor:
     """One new query token per sequence over its paged KV cache.
 
-    q [B,H,D]; caches [num_blocks, Hkv, block_size, D] (model dtype, or int8 with
-    ``kv_scale``: a float, or (k_scale, v_scale) per (KV head, channel), see
+    q [B,H,D]; caches [num_blocks, Hkv, block_size, D] (model dtype, or int8 / float8_e4m3fn
+    with ``kv_scale``: a float, or (k_scale, v_scale) per (KV head, channel), see
     ``kv_scale_tensors``); block_tables int32 [B, max_blocks]; context_lens int32 [B] (tokens in the
     cache, this step's included). ``max_context_len`` (optional host int, an upper bound)
     only tunes the split; without it the bound is ``max_blocks * block_size``.
@@ -257,9 +271,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                           f"{tuple(k_cache.shape)} (H must be a multiple of Hkv)")
     if block_tables.shape[0] != B or context_lens.shape[0] != B:
         raise ConfigError("decode_attention: block_tables/context_lens batch != q batch")
-    quant = k_cache.dtype == torch.int8
+    quant = is_quant_kv(k_cache.dtype)
     if quant and kv_scale is None:
-        raise ConfigError("int8 KV cache needs kv_scale")
+        raise ConfigError(f"{k_cache.dtype} KV cache needs kv_scale")
     if not _use_triton(impl, q, k_cache, v_cache, block_tables, context_lens):
         return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens,
                                     softmax_scale, kv_scale)
@@ -278,6 +292,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     G = H // hkv
     use_dot = G >= cfg["dot_min_group"]
     g_pad = max(16, next_pow2(G)) if use_dot else next_pow2(G)
+    # the "_int8" launch parameters serve both 1-byte caches (int8 and FP8: same bytes a tile)
     block_n = cfg["block_n_int8"] if quant else cfg["block_n"]
     if q.dtype == torch.float32 and not quant:
         block_n = min(block_n, 32)  # fp32 tiles are twice the bytes
@@ -316,8 +331,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         kn, vn, pos, slots, cos, sin, kn.stride(0), vn.stride(0), s_cos,
         G=G, G_PAD=g_pad, HKV=hkv, D=D, BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLIT=split,
         USE_DOT=use_dot, IEEE=q.dtype == torch.float32,
-        MAGIC=use_dot and quant and q.dtype == torch.float16 and cfg["int8_magic"],
-        QUANT=quant, ROPE=_rope is not None,
+        MAGIC=use_dot and k_cache.dtype == torch.int8 and q.dtype == torch.float16
+        and cfg["int8_magic"],
+        QUANT=quant, FP8=k_cache.dtype == torch.float8_e4m3fn, ROPE=_rope is not None,
         NUM_STAGES=cfg["num_stages_int8" if quant else "num_stages"],
         INTERPRET=_INTERPRET, num_warps=cfg["num_warps_int8" if quant else "num_warps"],
         **launch_kw(q))

@@ -6,8 +6,10 @@ Decode attention is flash-decoding (Dao et al., "Flash-Decoding for long-context
 2023) over a vLLM-style paged cache (Kwon et al., "PagedAttention", 2023): the context of each
 sequence is cut into partitions handled by separate programs, each of which serves all query
 heads of one KV head (GQA: K/V are loaded once per group), followed by a small merge kernel.
-INT8 KV scales cost nothing here: ``q . (k_q * ks) = (q * ks) . k_q`` scales the query row
-once per program, and ``sum_t p_t (v_q,t * vs) = vs * sum_t p_t v_q,t`` scales the output once.
+INT8 / FP8 KV scales cost nothing here: ``q . (k_q * ks) = (q * ks) . k_q`` scales the query
+row once per program, and ``sum_t p_t (v_q,t * vs) = vs * sum_t p_t v_q,t`` scales the output
+once. The two quantized caches share every switch (``QUANT``); ``FP8`` only picks the rounding
+rule of the writes (and the int8-only bit tricks stay off).
 
 Imports: ``common``, ``pdl``.
 """
@@ -29,6 +31,30 @@ if HAS_TRITON:
         return y.to(tl.int8)
 
     @triton.jit
+    def _quant_fp8(x, scale):
+        # x, scale: fp32 -> float8_e4m3fn: the correctly rounded x / scale, clamped to +-448,
+        # rounded to 3 mantissa bits (to nearest even) in fp32 arithmetic before the
+        # conversion, so the conversion itself is exact: the same bits on the GPU and in the
+        # interpreter (whose fp8 conversion does not round to nearest even), and as torch's
+        # x.to(float8_e4m3fn). Rounding: add and subtract 1.5 * 2^(e+20), whose ulp is the
+        # fp8 step 2^(e-3) of |y|'s binade e (at least 2^-9: fp8 subnormals below 2^-6);
+        # the sign goes back on by its bit (so -0 stays -0, as torch gives).
+        y = tl.math.div_rn(x, scale)
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        bits = y.to(tl.int32, bitcast=True)
+        e = tl.maximum((bits >> 23) & 0xFF, 121)
+        c = ((e + 20) << 23 | 0x400000).to(tl.float32, bitcast=True)
+        r = ((tl.abs(y) + c) - c).to(tl.int32, bitcast=True) | (bits & -2147483648)
+        return r.to(tl.float32, bitcast=True).to(tl.float8e4nv)
+
+    @triton.jit
+    def _quant_kv(x, scale, FP8: tl.constexpr):
+        if FP8:
+            return _quant_fp8(x, scale)
+        else:
+            return _quant_int8(x, scale)
+
+    @triton.jit
     def _rot(x, xp, c, ss):
         # One rotate-half RoPE output in fp32: x * cos + partner * (+-sin), with the FMA
         # written out (left to the compiler, the two kernels contracted it differently and
@@ -41,7 +67,7 @@ if HAS_TRITON:
                         sq_n, sk_n, sv_n, s_cos, skc_b, svc_b,
                         H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
                         ROPE: tl.constexpr, DO_Q: tl.constexpr, STORE_K: tl.constexpr,
-                        WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr,
+                        WRITE_CACHE: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
                         BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                         PDL: tl.constexpr):
@@ -49,7 +75,7 @@ if HAS_TRITON:
         # k/v heads into the paged cache. Head vectors are handled as two halves [x1 | x2].
         # Rows of q/k/v are [heads, D] with D contiguous (strided token rows allowed); q/k
         # outputs are contiguous; caches are [blocks, HKV, BLOCK_SIZE, D] with a free block
-        # stride; int8 scales KS/VS are fp32 [HKV, D]. Few runtime arguments keep the host-side
+        # stride; int8 / FP8 scales KS/VS are fp32 [HKV, D]. Few runtime arguments keep the host-side
         # launch cost down.
         wait_then_release(PDL)
         D: tl.constexpr = 2 * HALF
@@ -100,10 +126,10 @@ if HAS_TRITON:
                 ks2 = tl.load(KS + sp + HALF, mask=mk, other=1.0)
                 vs1 = tl.load(VS + sp, mask=mk, other=1.0)
                 vs2 = tl.load(VS + sp + HALF, mask=mk, other=1.0)
-                tl.store(kc, _quant_int8(k1, ks1), mask=mw)
-                tl.store(kc + HALF, _quant_int8(k2, ks2), mask=mw)
-                tl.store(vc, _quant_int8(v1, vs1), mask=mw)
-                tl.store(vc + HALF, _quant_int8(v2, vs2), mask=mw)
+                tl.store(kc, _quant_kv(k1, ks1, FP8), mask=mw)
+                tl.store(kc + HALF, _quant_kv(k2, ks2, FP8), mask=mw)
+                tl.store(vc, _quant_kv(v1, vs1, FP8), mask=mw)
+                tl.store(vc + HALF, _quant_kv(v2, vs2, FP8), mask=mw)
             else:
                 tl.store(kc, k1.to(KC.dtype.element_ty), mask=mw)
                 tl.store(kc + HALF, k2.to(KC.dtype.element_ty), mask=mw)
@@ -137,7 +163,8 @@ if HAS_TRITON:
             # q.(k + 1152) = q.k + qshift; the V shift is removed once at the end.
             s = tl.dot(q, tl.trans(_i8_to_f16_shifted(k))) - qshift[:, None]
         elif USE_DOT:
-            # int8 values are exact in fp16/bf16; their scales are folded into q and o
+            # int8 and fp8 e4m3 values are exact in fp16/bf16; their scales are folded into q
+            # and o
             if IEEE:
                 s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
             else:
@@ -172,7 +199,8 @@ if HAS_TRITON:
                             G: tl.constexpr, G_PAD: tl.constexpr, HKV: tl.constexpr,
                             D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-                            MAGIC: tl.constexpr, QUANT: tl.constexpr, ROPE: tl.constexpr,
+                            MAGIC: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr,
+                            ROPE: tl.constexpr,
                             NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
                             PDL: tl.constexpr):
         # grid = (B, Hkv, splits). Program (b, g, sp) attends the G query heads of KV head g of
@@ -181,7 +209,8 @@ if HAS_TRITON:
         # Layouts: q [B, H, D] (row stride sq_b), out [B, H, D] contiguous, caches
         # [blocks, HKV, BLOCK_SIZE, D] (block stride skc_b/svc_b), workspace WS (fp32) =
         # partial outputs [B, H, splits, D], then row maxima m and sums l [B, H, splits].
-        # int8 caches (QUANT): KS/VS are the fp32 [HKV, D] dequantization scales.
+        # int8 / FP8 caches (QUANT; FP8 picks the write's rounding): KS/VS are the fp32
+        # [HKV, D] dequantization scales.
         # ROPE: rope_write_kv fused in front (decode: the new token is the last of its
         # context). Q is then the unrotated q; KN / VN [B, HKV, D] (row strides skn_b / svn_b)
         # the new token's k and v; POS / SLOT its position and cache slot (-1: none);
@@ -230,9 +259,9 @@ if HAS_TRITON:
                 blk = slot // BLOCK_SIZE
                 if QUANT:
                     tl.store(KC + blk * skc_b + inner,
-                             _quant_int8(kr, tl.load(KS + g.to(tl.int64) * D + d)))
+                             _quant_kv(kr, tl.load(KS + g.to(tl.int64) * D + d), FP8))
                     tl.store(VC + blk * svc_b + inner,
-                             _quant_int8(vr, tl.load(VS + g.to(tl.int64) * D + d)))
+                             _quant_kv(vr, tl.load(VS + g.to(tl.int64) * D + d), FP8))
                 else:
                     tl.store(KC + blk * skc_b + inner, kr.to(KC.dtype.element_ty))
                     tl.store(VC + blk * svc_b + inner, vr.to(VC.dtype.element_ty))

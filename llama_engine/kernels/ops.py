@@ -8,6 +8,7 @@ A layer output may be a ``PartialSum`` (``partial.py``): hand it to the next op.
 """
 from __future__ import annotations
 
+from .attn import check_fp8_kv_device, is_quant_kv
 from .attn import (apply_rope, decode_attention, kv_scale_tensors,
                    prefill_attention, prefill_attention_batch, rope_decode_attention,
                    rope_write_kv, write_kv)
@@ -22,3 +23,4 @@ __all__ = ["PartialSum", "add_rms_norm", "apply_rope", "decode_attention", "kv_s
            "pack_int4", "prefill_attention", "prefill_attention_batch", "quantize_per_tensor",
            "quantize_per_token", "rms_norm", "rope_decode_attention", "rope_write_kv", "silu_mul",
            "unpack_int4", "write_kv"]
+__all__ += ["check_fp8_kv_device", "is_quant_kv"]

@@ -10,12 +10,15 @@ Conventions (docs/design.md):
   SwiGLU's ``silu(gate) * up`` as HF computes it (silu rounded to the model dtype).
 * RoPE in the rotate-half (GPT-NeoX / HF) layout: for ``x = [x1, x2]`` (halves of the head),
   ``out = [x1*cos - x2*sin, x2*cos + x1*sin]``; ``cos``/``sin`` are ``[max_pos, D/2]`` tables.
-* Paged KV cache per layer: ``[num_blocks, Hkv, block_size, D]``, model dtype or int8; token
+* Paged KV cache per layer: ``[num_blocks, Hkv, block_size, D]``, model dtype, int8 or FP8; token
   slot ``= block * block_size + offset``; slot ``-1`` is padding and is not written. INT8 KV:
   ``q = clamp(round(x / s), -127, 127)``, ``x ~= q * s``, with static calibrated scales per
   (KV head, channel), separately for K and V (``kv_scale = (k_scale, v_scale)``, each float32
   ``[Hkv, D]``); TensorRT-LLM's single per-layer scale is the special case of constant
-  vectors (a plain float ``kv_scale`` is accepted and expanded).
+  vectors (a plain float ``kv_scale`` is accepted and expanded). FP8 KV (``float8_e4m3fn``
+  caches) is the same with another rounding rule: ``q = fp8(clamp(x / s, -448, 448))``
+  (round to nearest even), ``x ~= float(q) * s``; both are "quantized caches"
+  (``QUANT_KV_DTYPES``) and take the same scales and switches everywhere.
 
 The input checks here (one-line ``ConfigError``) are shared with the dispatching ops.
 
@@ -35,6 +38,15 @@ from ..config import ConfigError
 # q = 0), so the scale can be divided by as well as multiplied by.
 AMAX_EPS = 1e-8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Quantized KV-cache storage dtypes (1 byte a value, dequantized with per-layer scales).
+QUANT_KV_DTYPES = (torch.int8, torch.float8_e4m3fn)
+INT8_KV_MAX = 127.0
+FP8_E4M3_MAX = 448.0   # largest finite float8_e4m3fn
+
+
+def is_quant_kv(dtype: torch.dtype) -> bool:
+    """A KV cache of this dtype holds quantized values (int8 or FP8) with scales."""
+    return dtype in QUANT_KV_DTYPES
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -238,7 +250,7 @@ def kv_scale_tensors(kv_scale, hkv: int, head_dim: int, device=None
     or a pair ``(k_scale, v_scale)``, each a float or a tensor of ``Hkv*D`` values (scale of
     KV head h, channel d at ``h*D + d``)."""
     if kv_scale is None:
-        raise ConfigError("int8 KV cache needs kv_scale")
+        raise ConfigError("a quantized (int8 / FP8) KV cache needs kv_scale")
     if isinstance(kv_scale, (tuple, list)):
         if len(kv_scale) != 2:
             raise ConfigError(f"kv_scale pair must be (k_scale, v_scale), got {len(kv_scale)} "
@@ -265,11 +277,17 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return _rotate_ref(q, c, s), _rotate_ref(k, c, s)
 
 
-def quantize_kv_ref(x: torch.Tensor, kv_scale) -> torch.Tensor:
-    """x [..., Hkv, D] -> int8; ``kv_scale`` a float or a tensor broadcasting to [Hkv, D].
+def quantize_kv_ref(x: torch.Tensor, kv_scale, dtype: torch.dtype = torch.int8
+                    ) -> torch.Tensor:
+    """x [..., Hkv, D] -> ``dtype`` (int8 or float8_e4m3fn); ``kv_scale`` a float or a tensor
+    broadcasting to [Hkv, D].
 
-    An IEEE fp32 division, as the write kernel does (``div_rn``), so both round alike."""
-    return torch.round(x.float() / kv_scale).clamp_(-127, 127).to(torch.int8)
+    An IEEE fp32 division, as the write kernel does (``div_rn``), so both round alike; FP8
+    clamps to +-448 then rounds to nearest even (torch's conversion; the kernel's too)."""
+    y = x.float() / kv_scale
+    if dtype == torch.float8_e4m3fn:
+        return y.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return torch.round(y).clamp_(-INT8_KV_MAX, INT8_KV_MAX).to(torch.int8)
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -280,11 +298,11 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     slots = slot_mapping[keep]
     blk, off = slots // bs, slots % bs
     scales = (None, None)
-    if k_cache.dtype == torch.int8:
+    if is_quant_kv(k_cache.dtype):
         scales = kv_scale_tensors(kv_scale, k.shape[1], k.shape[2], k.device)
     for src, cache, scale in ((k[keep], k_cache, scales[0]), (v[keep], v_cache, scales[1])):
-        if cache.dtype == torch.int8:
-            src = quantize_kv_ref(src, scale)  # [n, Hkv, D] / [Hkv, D]
+        if is_quant_kv(cache.dtype):
+            src = quantize_kv_ref(src, scale, cache.dtype)  # [n, Hkv, D] / [Hkv, D]
         cache[blk, :, off] = src.to(cache.dtype)  # [n, Hkv, D] into [blk, :, off, :]
 
 
@@ -300,7 +318,8 @@ def gather_kv_ref(cache: torch.Tensor, block_tables: torch.Tensor, context_lens:
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense fp32 ``[B, Hkv, Lmax, D]`` view of a paged cache and the ``[B, Lmax]`` valid mask.
 
-    ``kv_scale``: this cache's dequantization scale (int8): a float, or ``Hkv*D`` values."""
+    ``kv_scale``: this cache's dequantization scale (int8 / FP8): a float, or ``Hkv*D``
+    values."""
     bs = cache.shape[2]
     lmax = max(int(context_lens.max().item()), 1) if context_lens.numel() else 1
     t = torch.arange(lmax, device=cache.device)
@@ -310,7 +329,7 @@ def gather_kv_ref(cache: torch.Tensor, block_tables: torch.Tensor, context_lens:
     blk = torch.where(valid, blk, torch.zeros_like(blk)).clamp_(0, cache.shape[0] - 1)
     x = cache[blk, :, (t % bs)[None, :].expand_as(blk)]  # [B, Lmax, Hkv, D]
     x = x.to(dtype)
-    if cache.dtype == torch.int8:
+    if is_quant_kv(cache.dtype):
         x = x * _one_kv_scale(kv_scale, cache.shape[1], cache.shape[3], cache.device,
                               "KV").to(dtype)  # per (head, channel): [Hkv, D]
     return x.permute(0, 2, 1, 3), valid
@@ -325,7 +344,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if B == 0:
         return torch.empty_like(q)
     ks = vs = None
-    if k_cache.dtype == torch.int8:
+    if is_quant_kv(k_cache.dtype):
         ks, vs = kv_scale_tensors(kv_scale, hkv, D, k_cache.device)
     k, valid = gather_kv_ref(k_cache, block_tables, context_lens, ks, _acc(q))
     v, _ = gather_kv_ref(v_cache, block_tables, context_lens, vs, _acc(q))
