@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--int8_kv_cache", action="store_true",
                    help="INT8 KV cache; needs calibrated scales (--ckpt_dir from "
                         "hf_llama_convert.py --calibrate-kv-cache; random weights: synthetic)")
+    q.add_argument("--fp8_kv_cache", action="store_true",
+                   help="FP8 (E4M3) KV cache, TensorRT-LLM v0.5's name; calibrated scales as "
+                        "--int8_kv_cache (a checkpoint's INT8 scales are rescaled, max/448); "
+                        "needs compute capability >= 8.9 on CUDA")
     k = p.add_argument_group("kernels and batching (TensorRT-LLM flag names)")
     k.add_argument("--use_gpt_attention_plugin", "--gpt_attention_plugin",
                    dest="use_gpt_attention_plugin", nargs="?", const="auto", default="auto",
@@ -164,7 +168,7 @@ def add_trtllm_build_flags(p) -> None:
                        "--use_weight_only"),
                       ("--per_group", "no AWQ/GPTQ group-wise weights; --group_size sets "
                        "our int4 groups"),
-                      ("--enable_fp8", "no FP8"), ("--fp8_kv_cache", "no FP8"),
+                      ("--enable_fp8", "no FP8"),
                       ("--quantized_fp8_model_path", "no FP8"),
                       ("--rotary_scaling", "no RoPE scaling"),
                       ("--visualize", "no network export"),
@@ -282,16 +286,18 @@ def resolve_quant(a: argparse.Namespace, model_args, ckpt_quant: QuantConfig,
     """The engine's QuantConfig from the flags and what the checkpoint already holds.
 
     A quantized checkpoint keeps its weights (flags, if given, must agree with them); its
-    INT8 KV scales are used when the checkpoint says so or ``--int8_kv_cache`` asks."""
+    KV scales are used when the checkpoint says so or ``--int8_kv_cache`` / ``--fp8_kv_cache``
+    asks (the flag picks the format; without one the checkpoint's stays)."""
     from llama_engine import quant as q
-    quantized = bool(ckpt_quant.quant_algo or ckpt_quant.int8_kv_cache)
+    quantized = bool(ckpt_quant.quant_algo or ckpt_quant.kv_cache_dtype)
     wanted = q.validate_quant_flags(
         model_args, use_weight_only=a.use_weight_only,
         weight_only_precision=a.weight_only_precision, group_size=a.group_size,
         use_smooth_quant=a.use_smooth_quant, per_token=a.per_token, per_channel=a.per_channel,
         int8_kv_cache=a.int8_kv_cache, has_act_stats=has_act_stats, has_kv_stats=has_kv_stats,
-        ckpt_quant=ckpt_quant if quantized else None, has_zero_point=a.has_zero_point)
-    if ckpt_quant.int8_kv_cache:
+        ckpt_quant=ckpt_quant if quantized else None, has_zero_point=a.has_zero_point,
+        fp8_kv_cache=a.fp8_kv_cache)
+    if ckpt_quant.kv_cache_dtype and not wanted.kv_cache_dtype:
         wanted.kv_cache_quant_algo = ckpt_quant.kv_cache_quant_algo
     return wanted
 
@@ -341,15 +347,20 @@ def build(a: argparse.Namespace) -> int:
 
     # Scales that calibration must supply: from the checkpoint, or (random weights only)
     # from synthetic prompts, labelled speed-only. Never made up.
-    has_kv = ckpt_quant.int8_kv_cache
+    has_kv = bool(ckpt_quant.kv_cache_dtype)
     quant = resolve_quant(a, model_args, ckpt_quant, has_act_stats=random_source,
                           has_kv_stats=has_kv or random_source)
+    if has_kv and quant.kv_cache_dtype and quant.kv_cache_quant_algo != \
+            ckpt_quant.kv_cache_quant_algo:  # INT8 scales -> FP8 (or back): max/qmax again
+        from llama_engine.quant_kv import rescale_kv_scales
+        tensors = rescale_kv_scales(tensors, ckpt_quant.kv_cache_quant_algo,
+                                    quant.kv_cache_quant_algo)
     if a.tp_size > 1:
         from llama_engine import parallel
         parallel.check_tp(model_args, quant, a.tp_size)  # before any quantization work
-    if quant.quant_algo != ckpt_quant.quant_algo or (quant.int8_kv_cache and not has_kv):
+    if quant.quant_algo != ckpt_quant.quant_algo or (quant.kv_cache_dtype and not has_kv):
         calib = {}
-        if random_source and (quant.is_smooth_quant or (quant.int8_kv_cache and not has_kv)):
+        if random_source and (quant.is_smooth_quant or (quant.kv_cache_dtype and not has_kv)):
             import smoothquant
             print("calibrating on synthetic prompts (random weights: speed-only engine)")
             calib = smoothquant.synthetic_calibration(model_args, tensors, device=a.device)

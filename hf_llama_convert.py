@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-kv", "--calibrate-kv-cache", "--calibrate_kv_cache",
                    dest="calibrate_kv_cache", action="store_true",
                    help="calibrate INT8 KV cache scales (kv_cache_quant_algo INT8)")
+    p.add_argument("--kv_cache_dtype", choices=("int8", "fp8"), default=None,
+                   help="calibrated KV cache scales for this cache (TensorRT-LLM quantize.py's "
+                        "name): int8 = --calibrate-kv-cache, fp8 = FP8 E4M3 "
+                        "(kv_cache_quant_algo FP8, scales max/448)")
     p.add_argument("--per_token", action="store_true",
                    help="SmoothQuant: dynamic per-token activation scales (default: static "
                         "per-tensor)")
@@ -163,11 +167,17 @@ def convert(ns: argparse.Namespace) -> str:
         src = next((str(t.dtype).replace("torch.", "") for t in hf_sd.values()
                     if t.is_floating_point()), "float16")
         ns.dtype = "float16" if src in ("float32", "float64") else src
+    if ns.kv_cache_dtype == "int8":
+        ns.calibrate_kv_cache = True
+    elif ns.kv_cache_dtype == "fp8" and ns.calibrate_kv_cache:
+        raise ConfigError("--calibrate-kv-cache is the INT8 KV cache; --kv_cache_dtype fp8 "
+                          "asks for FP8: choose one")
     quant = validate_quant_flags(
         args, use_weight_only=ns.use_weight_only,
         weight_only_precision=ns.weight_only_precision, group_size=ns.group_size,
         use_smooth_quant=ns.smoothquant is not None, per_token=ns.per_token,
         per_channel=ns.per_channel, int8_kv_cache=ns.calibrate_kv_cache,
+        fp8_kv_cache=ns.kv_cache_dtype == "fp8",
         has_act_stats=True, has_kv_stats=True, smoothquant_alpha=ns.smoothquant,
         has_zero_point=ns.has_zero_point)
     print(f"loaded {info['kind']} weights from {info['path']}: {args.num_hidden_layers} layers, "
@@ -175,12 +185,13 @@ def convert(ns: argparse.Namespace) -> str:
 
     act_stats = kv_stats = None
     calib_info = None
-    if quant.is_smooth_quant or quant.int8_kv_cache:
+    if quant.is_smooth_quant or quant.kv_cache_dtype:
         tokenizer, dataset = _calibration_source(ns, info)
         calib_dtype = getattr(torch, ns.calib_dtype) if ns.calib_dtype else None
         act_stats, kv_stats, calib_info = sq.calibrate_source(
             args, hf_sd, tokenizer, dataset, ns.calib_size, ns.max_input_length,
-            ns.use_chat_template, device=device, dtype=calib_dtype, kv=quant.int8_kv_cache,
+            ns.use_chat_template, device=device, dtype=calib_dtype,
+            kv=bool(quant.kv_cache_dtype),
             progress=not ns.no_progress, seed=ns.seed)
         print(f"calibrated on {calib_info['num_prompts']} prompts "
               f"({calib_info['num_tokens']} tokens) from {calib_info['source']}", file=sys.stderr)

@@ -9,6 +9,7 @@ MODES = {
     "int4": ({"use_weight_only": True, "weight_only_precision": "int4", "group_size": 128},
              "int4 weight-only g128"),
     "int8kv": ({"int8_kv_cache": True}, "fp16 + INT8 KV cache"),
+    "fp16_fp8kv": ({"fp8_kv_cache": True}, "fp16 + FP8 KV cache (E4M3, CC >= 8.9)"),
     "int4_int8kv": ({"use_weight_only": True, "weight_only_precision": "int4", "group_size": 128,
                      "int8_kv_cache": True}, "int4 g128 + INT8 KV"),
     "sq": ({"use_smooth_quant": True, "per_token": True, "per_channel": True},

@@ -44,7 +44,7 @@ def bytes_per_decode_step(engine, batch: int, context: int) -> int:
         w += t.numel() * t.element_size()
     a = engine.config.model
     kv = batch * context * 2 * a.num_hidden_layers * a.kv_size * (
-        1 if engine.config.quant.int8_kv_cache else engine.model.embed.weight.element_size())
+        1 if engine.config.quant.kv_cache_dtype else engine.model.embed.weight.element_size())
     return w + kv
 
 

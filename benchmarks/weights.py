@@ -38,9 +38,9 @@ class Weights:
     def engine(self, mode: str, max_batch: int, max_input: int, max_output: int) -> Engine:
         quant = quant_config(mode, self.args)
         tensors = self.tensors
-        if quant.quant_algo or quant.int8_kv_cache:
+        if quant.quant_algo or quant.kv_cache_dtype:
             calib = {}
-            if quant.is_smooth_quant or quant.int8_kv_cache:
+            if quant.is_smooth_quant or quant.kv_cache_dtype:
                 calib = smoothquant.synthetic_calibration(self.args, self.tensors,
                                                           device=self.device)
             tensors, _ = q.quantize_checkpoint(self.tensors, self.args, quant, progress=False,

@@ -60,7 +60,7 @@ def _check_shapes(config: EngineConfig, tensors: dict, where: str) -> None:
         if quantized:
             shape = (shape[0], shape[1] // packed)
         _expect(tensors, name, shape, where, _field_of(name))
-    if quant.int8_kv_cache:
+    if quant.kv_cache_dtype:
         for i in range(args.num_hidden_layers):
             for s in ckpt.KV_CHANNEL_SCALES:
                 name = f"{ckpt.layer_prefix(i)}attention.{s}"

@@ -188,11 +188,11 @@ def to_trtllm(tensors: dict, args: ModelArgs, quant: QuantConfig, dtype: Optiona
     for name in [k for k in out if k.endswith(".kv_cache_rcp_scaling_factor")]:
         del out[name]  # TensorRT-LLM derives it (preprocess_weights)
     for name in [k for k in out if is_kv_channel_scale(k)]:
-        if extensions and quant.int8_kv_cache:
+        if extensions and quant.kv_cache_dtype:
             out[name] = out[name].float().reshape(-1)
         else:
             del out[name]  # ours, not TensorRT-LLM's: never in an export
-    if quant.int8_kv_cache:
+    if quant.kv_cache_dtype:  # INT8 or FP8: one float32 [1] dequant scale a layer
         for i in range(args.num_hidden_layers):
             n = f"transformer.layers.{i}.attention.kv_cache_scaling_factor"
             out[n] = _need(out, n).float().reshape(1)
@@ -250,7 +250,7 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
     """TensorRT-LLM ``config.json`` dict + tensors -> (ModelArgs, QuantConfig, canonical tensors).
 
     Reads checkpoints written by ``to_trtllm`` bit-exactly, and TensorRT-LLM's own LLaMA
-    checkpoints (fp16/bf16/fp32, W8A8 SmoothQuant ``_PLUGIN`` modes, INT8 KV, ModelOpt
+    checkpoints (fp16/bf16/fp32, W8A8 SmoothQuant ``_PLUGIN`` modes, INT8 / FP8 KV, ModelOpt
     W4A16_AWQ). TensorRT-LLM-written W8A16/W4A16 (GPU-specific preprocessed int8) are refused."""
     cfg = dict(config)
     scaling = cfg.get("rotary_scaling")
@@ -284,7 +284,7 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
         int4_group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need, args)
     elif quant.is_smooth_quant:
         _sq_from_trtllm(out, args, quant)
-    if quant.int8_kv_cache:
+    if quant.kv_cache_dtype:  # INT8 or FP8: one float32 [1] dequant scale a layer
         for i in range(args.num_hidden_layers):
             n = f"transformer.layers.{i}.attention.kv_cache_scaling_factor"
             out[n] = _need(out, n).float().reshape(1)
