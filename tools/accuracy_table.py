@@ -68,6 +68,7 @@ ROWS = {
     "sq": "SmoothQuant α0.5 per-token + per-channel",
     "int8_kv": "INT8 KV",
     "int8_wo_kv": "int8 WO + INT8 KV",
+    "fp8_kv": "FP8 KV (E4M3)",  # issue 19: the INT8 row's calibrated maxima, /448
     # issue 18: int4 with zero points, AWQ, the GGUF's own Q4_1 blocks
     "gguf_q4_1": "GGUF Q4_1 kept (int4 g32 zeros)",
     "int4_zp_g32": "int4 WO g32 zeros (RTN)",
@@ -97,6 +98,7 @@ INT4_ZP_ROWS = {
 TARGETS = {
     "int8_wo": {"rouge1_drop": 0.5, "top1": 0.97},
     "int8_kv": {"rouge1_drop": 0.5, "top1": 0.97},
+    "fp8_kv": {"rouge1_drop": 0.5, "top1": 0.97},  # issue 19
     "sq": {"rouge1_drop": 1.0, "top1": 0.90},
     "int4_wo_g64": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_wo_pc": {"top1": 0.90},
@@ -269,6 +271,9 @@ class Builder:
             ck = self._convert("kv", ["--calibrate-kv-cache"])
             wo = ["--use_weight_only", "--weight_only_precision", "int8"] if key == "int8_wo_kv" else []
             return self._build(key, ["--ckpt_dir", ck, "--dtype", qd, "--int8_kv_cache", *wo, *dev])
+        if key == "fp8_kv":  # the INT8 row's checkpoint: its scales rescaled to max/448
+            ck = self._convert("kv", ["--calibrate-kv-cache"])
+            return self._build(key, ["--ckpt_dir", ck, "--dtype", qd, "--fp8_kv_cache", *dev])
         if key in INT4_ZP_ROWS:
             flags, conv = INT4_ZP_ROWS[key]
             if conv is None:

@@ -77,6 +77,8 @@ max_input_length output_dir"""
 V05_HF_CONVERT = """-i --in-file -o --out-dir -tp --tensor-parallelism -p --processes -kv
 --calibrate-kv-cache -sq --smoothquant --model -t --storage-type --multi-query-mode
 --dataset-cache-dir"""
+# TensorRT-LLM's examples/quantization/quantize.py (the flags our converter takes from it)
+QUANTIZE = """kv_cache_dtype"""
 CONVERT = """model_dir meta_ckpt_dir tp_size pp_size moe_tp_size cp_size moe_ep_size dtype
 vocab_size n_positions n_layer n_head n_kv_head n_embd inter_size multiple_of
 ffn_dim_multiplier rms_norm_eps use_weight_only disable_weight_only_quant_plugin
@@ -107,7 +109,8 @@ SOURCES = {
     "summarize.py": [("v0.5 summarize.py", _flags(V05_SUMMARIZE)),
                      ("summarize.py", _flags(SUMMARIZE)), ("utils.py", _flags(UTILS))],
     "run_hf.py": [],
-    "hf_llama_convert.py": [("v0.5 hf_llama_convert.py", _flags(V05_HF_CONVERT))],
+    "hf_llama_convert.py": [("v0.5 hf_llama_convert.py", _flags(V05_HF_CONVERT)),
+                            ("quantize.py", _flags(QUANTIZE))],
     "convert_checkpoint.py": [("convert_checkpoint.py", _flags(CONVERT))],
 }
 
