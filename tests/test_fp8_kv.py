@@ -25,8 +25,12 @@ from llama_engine.runner import Engine
 FP8 = torch.float8_e4m3fn
 LIMITS = ["--max_batch_size", "2", "--max_input_len", "64", "--max_output_len", "16"]
 IDS = list(range(3, 50))
-needs_interp = pytest.mark.skipif(not interpreter_on(), reason="the kernel checks run under "
-                                  "TRITON_INTERPRET=1 (conftest.py sets it without a GPU)")
+# The kernel checks run the Triton kernels under TRITON_INTERPRET=1 (conftest.py sets it
+# without a GPU) or, on a GPU (compute capability >= 8.9), the compiled kernels.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_interp = pytest.mark.skipif(not (interpreter_on() or torch.cuda.is_available()),
+                                  reason="needs TRITON_INTERPRET=1 (conftest.py sets it "
+                                  "without a GPU) or a GPU")
 
 
 def _rel(a, b):
@@ -106,23 +110,26 @@ def test_fp8_write_and_decode_kernels_match_reference(dtype):
     seq = torch.cat([torch.full((c,), i) for i, c in enumerate(ctx)])
     pos = torch.cat([torch.arange(c) for c in ctx])
     slots = bt[seq, pos // bs].long() * bs + pos % bs
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    k, v, q, bt, slots = (t.to(DEV) for t in (k, v, q, bt, slots))
+    scales = tuple(t.to(DEV) for t in scales)
     caches = {}
     for impl in ("triton", "torch"):
-        kc = torch.zeros(nblk, hkv, bs, D, dtype=FP8)
+        kc = torch.zeros(nblk, hkv, bs, D, dtype=FP8, device=DEV)
         vc = torch.zeros_like(kc)
         attn.write_kv(k, v, kc, vc, slots, scales, impl=impl)
         caches[impl] = (kc, vc)
     for a, b in zip(caches["triton"], caches["torch"]):
         assert a.view(torch.uint8).equal(b.view(torch.uint8))  # the same bits
     kc, vc = caches["triton"]
-    q = torch.randn(B, H, D, generator=g).to(dtype)
-    cl = torch.tensor(ctx, dtype=torch.int32)
+    cl = torch.tensor(ctx, dtype=torch.int32, device=DEV)
     sm = 1 / math.sqrt(D)
     out = attn.decode_attention(q, kc, vc, bt, cl, sm, scales, impl="triton")
     ref = attn.decode_attention(q, kc, vc, bt, cl, sm, scales, impl="torch")
     assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
     # against attention over the unquantized K/V: FP8's 3 mantissa bits
-    fk, fv = torch.zeros(nblk, hkv, bs, D, dtype=dtype), torch.zeros(nblk, hkv, bs, D, dtype=dtype)
+    fk = torch.zeros(nblk, hkv, bs, D, dtype=dtype, device=DEV)
+    fv = torch.zeros_like(fk)
     attn.write_kv(k, v, fk, fv, slots, impl="torch")
     exact = attn.decode_attention(q, fk, fv, bt, cl, sm, impl="torch")
     assert _rel(ref, exact) < 0.05
@@ -146,6 +153,9 @@ def test_fp8_fused_rope_decode_equals_rope_write_then_decode():
     pos = torch.tensor(ctx) - 1
     slots = bt[torch.arange(B), pos // bs].long() * bs + pos % bs
     cl = torch.tensor(ctx, dtype=torch.int32)
+    q, k, v, pos, slots, cl, bt, cos, sin, kc0, vc0 = (
+        t.to(DEV) for t in (q, k, v, pos, slots, cl, bt, cos, sin, kc0, vc0))
+    scale = (scale[0].to(DEV), scale[1])
     outs, caches = [], []
     for fused in (True, False):
         kc, vc = kc0.clone(), vc0.clone()
@@ -162,8 +172,11 @@ def test_fp8_fused_rope_decode_equals_rope_write_then_decode():
         assert a.view(torch.uint8).equal(b.view(torch.uint8))
     ref_kc, ref_vc = kc0.clone(), vc0.clone()
     attn.rope_write_kv(q, k, v, pos, cos, sin, ref_kc, ref_vc, slots, scale, impl="torch")
-    assert ref_kc.view(torch.uint8).equal(caches[0][0].view(torch.uint8))
     assert ref_vc.view(torch.uint8).equal(caches[0][1].view(torch.uint8))
+    # the rotated k: the kernel's RoPE uses an FMA, which on a GPU may move an fp32 value by an
+    # ulp and so a code by one fp8 step; the interpreter matches torch bit for bit
+    diff = ref_kc.view(torch.uint8) != caches[0][0].view(torch.uint8)
+    assert int(diff.sum()) == 0 if DEV == "cpu" else int(diff.sum()) <= 2
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["static", "paged"])
