@@ -403,7 +403,8 @@ def run_section(weights: Weights, modes: list, batches: list, input_lens: list,
                 output_lens: list, group: int = 128, compile_prefill: bool = False,
                 save=lambda rows: None) -> dict:
     """For every (mode, batch, input, output): gpt-fast's harness and our engine's same mode
-    on the same weights and prompts, back to back. -> {row key: {"gptfast", "ours",
+    on the same weights and prompts, back to back; ``group`` is both sides' int4 group size.
+    -> {row key: {"gptfast", "ours",
     "ours_speedup", token agreement}}; each row is passed to ``save`` as measured."""
     dev = weights.device
     on_gpu = torch.device(dev).type == "cuda"
@@ -422,7 +423,7 @@ def run_section(weights: Weights, modes: list, batches: list, input_lens: list,
                     del model
                     torch._dynamo.reset()
                     free_memory(dev)
-                    eng = weights.engine(mode, B, max(I, 8), max(O, 8))
+                    eng = weights.engine(mode, B, max(I, 8), max(O, 8), group_size=group)
                     eng.enable_cuda_graphs()
                     ours = time_engine(eng, B, I, O)
                     ours_tokens = eng.generate(prompts, O).output_ids
