@@ -85,10 +85,6 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return (g + zeros.float()[..., None]).reshape(n, k)
 
 
-def _int4_cpu_ops() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-
-
 def _nibbles(q: torch.Tensor, high_first: bool) -> torch.Tensor:
     """int32 [N, K] in 0..15 -> uint8 [N, K/2], two values a byte (the CUDA packer's input)."""
     a, b = q[:, 0::2], q[:, 1::2]
@@ -110,7 +106,8 @@ def _cuda_high_nibble_first(device: str) -> bool:
         got = torch.ops.aten._weight_int4pack_mm(eye, packed, g, sz)   # [k, n] = W^T
         if torch.equal(got.float().t(), q.float()):
             return high_first
-    raise RuntimeError("torch's int4 packer matches neither nibble order")
+    raise RuntimeError("torch's _convert_weight_to_int4pack + _weight_int4pack_mm did not give "
+                       "back a known int4 matrix with either nibble order (scale 1, zero 8)")
 
 
 def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
