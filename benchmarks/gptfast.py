@@ -30,6 +30,7 @@ back to back on the same random weights and prompts (benchmark.py --gptfast).
 from __future__ import annotations
 
 import functools
+import itertools
 import statistics
 import time
 from typing import Optional
@@ -396,45 +397,61 @@ def agreement(a: list, b: list) -> dict:
     return {"token_agreement": same / max(total, 1), "common_prefix": prefix}
 
 
+def _time_gptfast(weights: Weights, mode: str, prompts: list, output_len: int, group: int,
+                  compile_prefill: bool) -> dict:
+    """gpt-fast's side of a row; a failure (a compile error, a kernel refusing a shape) is
+    reported in the row, not fatal, so that the other rows and our side still run."""
+    dev = weights.device
+    try:
+        model = from_unified(weights.tensors, weights.args, mode, group)
+        gen = Generator(model, compile=torch.device(dev).type == "cuda",
+                        compile_prefill=compile_prefill)
+        r = time_generator(gen, prompts, output_len)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).splitlines()[0] if str(e) else ""
+        r = {"error": f"{type(e).__name__}: {first}"[:300]}
+        print(f"gpt-fast {mode} failed: {r['error']}", flush=True)
+    model = gen = None
+    torch._dynamo.reset()
+    free_memory(dev)
+    r["label"] = f"gpt-fast {mode}" + (f" g{group}" if mode == "int4" else "")
+    return r
+
+
+def measure_row(weights: Weights, mode: str, batch: int, input_len: int, output_len: int,
+                group: int, compile_prefill: bool) -> dict:
+    """gpt-fast's harness, then our engine's same mode, on the same weights and prompts."""
+    prompts = random_prompts(batch, input_len, weights.args.vocab_size)
+    g = _time_gptfast(weights, mode, prompts, output_len, group, compile_prefill)
+    eng = weights.engine(mode, batch, max(input_len, 8), max(output_len, 8), group_size=group)
+    eng.enable_cuda_graphs()
+    ours = time_engine(eng, batch, input_len, output_len)
+    ours_tokens = eng.generate(prompts, output_len).output_ids
+    del eng
+    free_memory(weights.device)
+    row = {"gptfast": g, "ours": ours}
+    if "error" not in g:
+        row["ours_speedup"] = g["latency_s"] / ours["latency_s"]
+        row.update(agreement(ours_tokens, g.pop("tokens")))
+    return row
+
+
 def run_section(weights: Weights, modes: list, batches: list, input_lens: list,
                 output_lens: list, group: int = 128, compile_prefill: bool = False,
                 save=lambda rows: None) -> dict:
-    """For every (mode, batch, input, output): gpt-fast's harness and our engine's same mode
-    on the same weights and prompts, back to back; ``group`` is both sides' int4 group size.
-    -> {row key: {"gptfast", "ours",
-    "ours_speedup", token agreement}}; each row is passed to ``save`` as measured."""
-    dev = weights.device
-    on_gpu = torch.device(dev).type == "cuda"
+    """``measure_row`` for every (mode, batch, input, output); ``group`` is both sides' int4
+    group size. -> {row key: {"gptfast", "ours", "ours_speedup", "token_agreement",
+    "common_prefix"}}; each row is passed to ``save`` as it is measured."""
     rows = {}
-    for mode in modes:
-        for B in batches:
-            for I in input_lens:
-                for O in output_lens:
-                    key = f"{mode} b{B} i{I} o{O}"
-                    if weights.name != "llama-7b":
-                        key = f"{weights.name} {key}"
-                    prompts = random_prompts(B, I, weights.args.vocab_size)
-                    model = from_unified(weights.tensors, weights.args, mode, group)
-                    g = time_generator(Generator(model, compile=on_gpu,
-                                                 compile_prefill=compile_prefill), prompts, O)
-                    del model
-                    torch._dynamo.reset()
-                    free_memory(dev)
-                    eng = weights.engine(mode, B, max(I, 8), max(O, 8), group_size=group)
-                    eng.enable_cuda_graphs()
-                    ours = time_engine(eng, B, I, O)
-                    ours_tokens = eng.generate(prompts, O).output_ids
-                    del eng
-                    free_memory(dev)
-                    g_tokens = g.pop("tokens")
-                    g["label"] = f"gpt-fast {mode}" + (f" g{group}" if mode == "int4" else "")
-                    row = {"gptfast": g, "ours": ours,
-                           "ours_speedup": g["latency_s"] / ours["latency_s"],
-                           **agreement(ours_tokens, g_tokens)}
-                    print(key, {k: (round(v, 4) if isinstance(v, float) else v)
-                                for k, v in row.items() if k not in ("gptfast", "ours")},
-                          f"gpt-fast {g['latency_s']:.4f} s, ours {ours['latency_s']:.4f} s",
-                          flush=True)
-                    rows[key] = row
-                    save({key: row})
+    for mode, B, I, O in itertools.product(modes, batches, input_lens, output_lens):
+        key = f"{mode} b{B} i{I} o{O}"
+        if weights.name != "llama-7b":
+            key = f"{weights.name} {key}"
+        row = measure_row(weights, mode, B, I, O, group, compile_prefill)
+        g, o = row["gptfast"], row["ours"]
+        print(key, f"gpt-fast {g.get('latency_s', float('nan')):.4f} s, ours "
+              f"{o['latency_s']:.4f} s,", {k: v for k, v in row.items()
+                                          if k not in ("gptfast", "ours")}, flush=True)
+        rows[key] = row
+        save({key: row})
     return rows

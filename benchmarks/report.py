@@ -218,6 +218,10 @@ def gptfast_markdown(res: dict) -> list:
            "|---|---|---|---|---|---|---|"]
     for k, r in rows.items():
         g, o = r["gptfast"], r["ours"]
+        if "error" in g:
+            out.append(f"| {k} | failed: {g['error'][:120]} / {o['latency_s']:.3f} | - | - / "
+                       f"{1e3 * o['prefill_s']:.1f} | - / {o['decode_tok_s']:.0f} | - | - |")
+            continue
         out.append(f"| {k} | {g['latency_s']:.3f} / {o['latency_s']:.3f} | "
                    f"{r['ours_speedup']:.2f}x | {1e3 * g['prefill_s']:.1f} / "
                    f"{1e3 * o['prefill_s']:.1f} | {g['decode_tok_s']:.0f} / "

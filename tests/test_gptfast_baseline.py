@@ -172,6 +172,20 @@ def test_benchmark_gptfast_section_on_cpu(tmp_path, capsys):
     assert "### Against gpt-fast" in md and "| tiny int4 b1 i8 o6 |" in md
 
 
+def test_a_failing_gptfast_side_is_reported_in_its_row(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("inductor fell over\nsecond line")
+    monkeypatch.setattr(gf, "time_generator", broken)
+    out = tmp_path / "b.json"
+    assert benchmark.main(["--device", "cpu", "--model_config", "tiny", "--gptfast", "fp16",
+                           "--output_len", "3", "--out_json", str(out),
+                           "--assets", str(tmp_path)]) == 0
+    r = json.loads(out.read_text())["gptfast"]["tiny fp16 b1 i8 o3"]
+    assert r["gptfast"]["error"] == "RuntimeError: inductor fell over"
+    assert r["ours"]["latency_s"] > 0 and "ours_speedup" not in r
+    assert "| tiny fp16 b1 i8 o3 | failed: RuntimeError" in (tmp_path / "benchmark.md").read_text()
+
+
 @pytest.mark.parametrize("flags,msg", [
     (["--gptfast", "fp16,sq"], "--gptfast: unknown sq"),
     (["--gptfast", "--ablation"], "--gptfast runs alone"),
