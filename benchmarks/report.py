@@ -211,8 +211,8 @@ def gptfast_markdown(res: dict) -> list:
     how = (f"decode under torch.compile reduce-overhead, prefill {pre}"
            if meta.get("compiled", True) else "not compiled: a CPU dry run")
     out = ["", f"### Against gpt-fast (its design rebuilt in benchmarks/gptfast.py: {how}; "
-           f"int4 g{meta.get('int4_group', 128)} on both sides, gpt-fast's in bfloat16 "
-           "through tinygemm)", "",
+           f"int4 g{meta.get('int4_group', 128)} on both sides, gpt-fast's through torch's "
+           "tinygemm op, in bfloat16 on the GPU)", "",
            "| run | latency (s) gpt-fast / ours | ours faster | prefill (ms) gpt-fast / ours |"
            " decode tok/s gpt-fast / ours | gpt-fast compile (s) | equal greedy tokens |",
            "|---|---|---|---|---|---|---|"]
