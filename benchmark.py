@@ -7,6 +7,7 @@
     python benchmark.py --serving [--poisson_rates 8,16]             # inflight batching
     python benchmark.py --serving --http [--poisson_rates 8,16]      # the same over HTTP
     python benchmark.py --model_config llama-7b --speculative --modes fp16,int4  # verify steps
+    python benchmark.py --gptfast                       # gpt-fast's design, same weights, 8/50
     torchrun --nproc_per_node 2 benchmark.py --model_config llama-13b --section tp
 
 Random weights with LLaMA-7B shapes are built in GPU memory (as TensorRT-LLM's builder does
@@ -29,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from benchmarks import http_load, latency, options, report, serving
+from benchmarks import gptfast, http_load, latency, options, report, serving
 from benchmarks import speculative as spec_bench
 from benchmarks.modes import ABLATION, MODES
 from benchmarks.weights import Weights
@@ -79,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --speculative: tokens cached before the timed steps")
     p.add_argument("--spec_acceptance", default="assets/spec_acceptance.json",
                    help="with --speculative: tools/spec_acceptance.py's JSON (tokens/step)")
+    p.add_argument("--gptfast", nargs="?", const=",".join(gptfast.MODES), default=None,
+                   metavar="MODES",
+                   help="gpt-fast's design (benchmarks/gptfast.py: static cache, compiled "
+                        "decode) and our engine, each mode back to back on the same weights "
+                        "and prompts, over --batch/--input_len/--output_len (default modes: "
+                        "fp16,int8,int4)")
+    p.add_argument("--gptfast_group", type=int, default=128, choices=gptfast.INT4_GROUPS,
+                   help="with --gptfast: gpt-fast's int4 group size")
+    p.add_argument("--gptfast_compile_prefill", action="store_true",
+                   help="with --gptfast: compile gpt-fast's prefill too (its optional "
+                        "--compile_prefill; off by default there)")
     p.add_argument("--tp_allreduce", default=None, choices=options.TP_ALLREDUCE_CHOICES,
                    help="under torchrun: the all-reduce (default: the engine's, auto)")
     p.add_argument("--pdl", default=None, choices=tuple(options.PDL_CHOICES),
@@ -115,6 +127,11 @@ def validate(a, world: int) -> Optional[str]:
                 "--poisson_rates (arrivals by each rank's clock would diverge)")
     if a.speculative and (world > 1 or a.serving or a.ablation or a.engine_dir):
         return "--speculative runs alone, on one GPU, on random weights (--model_config)"
+    if a.gptfast and (world > 1 or a.serving or a.speculative or a.ablation or a.engine_dir
+                      or a.profile or a.memory):
+        return "--gptfast runs alone, on one GPU, on random weights (--model_config)"
+    if (a.gptfast_compile_prefill or a.gptfast_group != 128) and not a.gptfast:
+        return "--gptfast_group and --gptfast_compile_prefill go with --gptfast"
     if a.serving and "," in a.modes:
         return "--serving runs one mode (--modes fp16|int8|int4|int8kv|...)"
     if (a.http or a.enable_prefix_caching) and not a.serving:
@@ -132,6 +149,8 @@ def validate(a, world: int) -> Optional[str]:
         checks.append(("--modes", a.modes, str, tuple(MODES)))
     if a.only:
         checks.append(("--only", a.only, str, tuple(ABLATION)))
+    if a.gptfast:
+        checks.append(("--gptfast", a.gptfast, str, gptfast.MODES))
     if a.poisson_rates:
         checks.append(("--poisson_rates", a.poisson_rates, float, None))
     for check in checks:
@@ -175,6 +194,20 @@ def run_memory(a, results: dict, engine_kw: dict) -> int:
     print(json.dumps(r), flush=True)
     results["memory"] = {a.memory: r}
     save(a, results)
+    return 0
+
+
+def run_gptfast(a, results: dict, engine_kw: dict) -> int:
+    """gpt-fast's harness against our engine, mode by mode, into the "gptfast" section."""
+    weights = Weights(a.model_config, a.device, engine_kw=engine_kw)
+    results["meta"]["gptfast"] = {"int4_group": a.gptfast_group,
+                                  "compile_prefill": a.gptfast_compile_prefill,
+                                  "compiled": a.device == "cuda", "model": a.model_config}
+    results["gptfast"] = gptfast.run_section(
+        weights, csv(a.gptfast), csv(a.batch, int), csv(a.input_len, int),
+        csv(a.output_len, int), a.gptfast_group, a.gptfast_compile_prefill,
+        save=lambda rows: save(a, {"meta": results["meta"], "gptfast": rows}))
+    write_report(a, save(a, results))
     return 0
 
 
@@ -228,6 +261,8 @@ def main(argv=None) -> int:
         return 0
     if a.memory:
         return run_memory(a, results, engine_kw)
+    if a.gptfast:
+        return run_gptfast(a, results, engine_kw)
     return run_latency(a, results, engine_kw)
 
 

@@ -7,6 +7,7 @@
     roofline.py   bytes a decode step reads, read bandwidth: the floor a mode can reach
     latency.py    timed generate calls (engine, HF), the ablation rows, the latency grid, memory
     profiling.py  GPU time per kernel category from a torch.profiler trace
+    gptfast.py    gpt-fast's design rebuilt on the same weights: the --gptfast baseline
     serving.py    inflight-batching load: uniform, cnn-shaped, mixed, HF baseline, Poisson
     report.py     results JSON (merged section by section), markdown tables
     plots.py      assets/benchmark.png and assets/serving.png

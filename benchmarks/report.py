@@ -4,7 +4,8 @@ No torch and no engine: tools and tests use it on any machine.
 
 Schema: {"meta": {gpu, date, torch, read_TBps, ablation_model, ...}, "ablation": {row: ...},
 "<grid section>": {row: time_engine row}, "profile": {...}, "memory": {mode: ...},
-"serving": {scenario key: ..., "poisson": {rate: ...}}}."""
+"serving": {scenario key: ..., "poisson": {rate: ...}}, "gptfast": {row: {"gptfast": ...,
+"ours": ..., "ours_speedup", "token_agreement", "common_prefix"}}}."""
 from __future__ import annotations
 
 import json
@@ -199,10 +200,40 @@ def serving_markdown(res: dict) -> list:
     return out + _serving_notes(serving) + _poisson_table(serving.get("poisson") or {})
 
 
+def gptfast_markdown(res: dict) -> list:
+    """benchmark.py --gptfast: gpt-fast's design against our engine, the same mode, weights and
+    prompts in the same process (benchmarks/gptfast.py)."""
+    rows = res.get("gptfast") or {}
+    if not rows:
+        return []
+    meta = (res.get("meta") or {}).get("gptfast") or {}
+    pre = "compiled" if meta.get("compile_prefill") else "eager"
+    how = (f"decode under torch.compile reduce-overhead, prefill {pre}"
+           if meta.get("compiled", True) else "not compiled: a CPU dry run")
+    out = ["", f"### Against gpt-fast (its design rebuilt in benchmarks/gptfast.py: {how}; "
+           f"int4 g{meta.get('int4_group', 128)} on both sides, gpt-fast's through torch's "
+           "tinygemm op, in bfloat16 on the GPU)", "",
+           "| run | latency (s) gpt-fast / ours | ours faster | prefill (ms) gpt-fast / ours |"
+           " decode tok/s gpt-fast / ours | gpt-fast compile (s) | equal greedy tokens |",
+           "|---|---|---|---|---|---|---|"]
+    for k, r in rows.items():
+        g, o = r["gptfast"], r["ours"]
+        if "error" in g:
+            out.append(f"| {k} | failed: {g['error'][:120]} / {o['latency_s']:.3f} | - | - / "
+                       f"{1e3 * o['prefill_s']:.1f} | - / {o['decode_tok_s']:.0f} | - | - |")
+            continue
+        out.append(f"| {k} | {g['latency_s']:.3f} / {o['latency_s']:.3f} | "
+                   f"{r['ours_speedup']:.2f}x | {1e3 * g['prefill_s']:.1f} / "
+                   f"{1e3 * o['prefill_s']:.1f} | {g['decode_tok_s']:.0f} / "
+                   f"{o['decode_tok_s']:.0f} | {g.get('compile_s', NAN):.0f} | "
+                   f"{100 * r['token_agreement']:.0f}% (first {r['common_prefix']}) |")
+    return out
+
+
 def sections_markdown(res: dict) -> str:
     """The non-ablation sections as small tables."""
     return "\n".join(latency_markdown(res) + memory_markdown(res) + profile_markdown(res)
-                     + serving_markdown(res))
+                     + serving_markdown(res) + gptfast_markdown(res))
 
 
 def markdown(res: dict) -> str:

@@ -16,10 +16,12 @@ from llama_engine.runner import Engine
 from .modes import MODES
 
 
-def quant_config(mode: str, args: ModelArgs) -> QuantConfig:
+def quant_config(mode: str, args: ModelArgs, group_size: int | None = None) -> QuantConfig:
     """The QuantConfig build.py makes for ``mode``'s flags from unquantized weights (calibration
-    statistics are synthetic, so they count as present)."""
+    statistics are synthetic, so they count as present); ``group_size`` replaces the mode's."""
     flags, _ = MODES[mode]
+    if group_size is not None and "group_size" in flags:
+        flags = {**flags, "group_size": group_size}
     return q.validate_quant_flags(args, **flags, has_act_stats=True, has_kv_stats=True)
 
 
@@ -35,8 +37,9 @@ class Weights:
         sd = weight.random_weights(self.args, dtype, seed=seed, device=device)
         self.tensors = hf_to_unified(sd, self.args)
 
-    def engine(self, mode: str, max_batch: int, max_input: int, max_output: int) -> Engine:
-        quant = quant_config(mode, self.args)
+    def engine(self, mode: str, max_batch: int, max_input: int, max_output: int,
+               group_size: int | None = None) -> Engine:
+        quant = quant_config(mode, self.args, group_size)
         tensors = self.tensors
         if quant.quant_algo or quant.kv_cache_dtype:
             calib = {}
