@@ -231,3 +231,23 @@ def test_prefill_step_has_no_host_sync(mode, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
     with pytest.raises(AssertionError, match="host sync"):
         r.model(x["tokens"], meta, cache)
+
+
+# -- benchmark.py --prefill (a dry run of the flow on the CPU) ---------------------------------
+def test_benchmark_prefill_rows(tmp_path, monkeypatch):
+    import json
+
+    import benchmark
+    from benchmarks import latency
+    monkeypatch.setattr(latency, "PREFILL_SHAPES", [(1, 8), (2, 16)])
+    rc = benchmark.main(["--device", "cpu", "--model_config", "tiny", "--prefill", "--modes",
+                         "fp16,int8", "--out_json", str(tmp_path / "b.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["prefill"]
+    assert set(rows) == {f"prefill {m} b{b} i{n}" for m in ("fp16", "int8")
+                         for b, n in ((1, 8), (2, 16))}
+    for key, r in rows.items():
+        assert r["graphs"]["prefill_ms"] > 0 and r["eager"]["prefill_ms"] > 0 and r["speedup"] > 0
+        assert ("e2e_o50_graphs" in r) == (" b1 " in key)
+    assert "runs alone" in benchmark.validate(benchmark.build_parser().parse_args(
+        ["--device", "cpu", "--prefill", "--serving"]), 1)
