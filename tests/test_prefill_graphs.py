@@ -27,37 +27,42 @@ from llama_engine.kv_cache import static_block_tables
 BLOCK = 4
 
 
-def _engine(dtype="float64", quant=None, mode=None):
+def build_engine(dtype="float64", mode=None, args=None, device="cpu", group_size=32):
+    """A random-weight engine (block size 4, batch 4, input 48): float, or one of
+    benchmark.py's modes quantized as it does (int4 with ``group_size``). tests/test_gpu.py
+    builds its engines here too."""
     import weight
     from llama_engine import checkpoint as ckpt
     from llama_engine.config import BuildConfig, EngineConfig, ModelArgs, PRESETS, QuantConfig
     from llama_engine.runner import Engine
-    args = ModelArgs(**PRESETS["tiny"])
+    args = args or ModelArgs(**PRESETS["tiny"])
     build = BuildConfig(max_batch_size=4, max_input_len=48, max_output_len=16,
                         tokens_per_block=BLOCK, use_inflight_batching=True,
                         paged_kv_cache=True)
     sd = weight.random_weights(args, dtype, seed=0)
+    sd = {k: (v * 4 if v.dim() == 2 else v) for k, v in sd.items()}
     tensors = ckpt.hf_to_unified(sd, args)
-    if mode is not None:  # a mode of benchmark.py's, quantized as it does (groups of 32)
+    quant = QuantConfig()
+    if mode is not None:
         import smoothquant
         from benchmarks.modes import MODES
         from llama_engine import quant as q
         flags = dict(MODES[mode][0])
         if "group_size" in flags:
-            flags["group_size"] = 32
+            flags["group_size"] = group_size
         quant = q.validate_quant_flags(args, **flags, has_act_stats=True, has_kv_stats=True)
         calib = {}
         if quant.is_smooth_quant or quant.int8_kv_cache:
             calib = smoothquant.synthetic_calibration(args, tensors, device="cpu")
         if quant.quant_algo or quant.int8_kv_cache:
             tensors, _ = q.quantize_checkpoint(tensors, args, quant, progress=False, **calib)
-        cfg = EngineConfig(model=args, quant=quant, build=build, dtype=dtype)
-        return Engine.from_tensors(cfg, tensors, "cpu")
-    sd = weight.random_weights(args, dtype, seed=0)
-    sd = {k: (v * 4 if v.dim() == 2 else v) for k, v in sd.items()}
-    cfg = EngineConfig(model=args, quant=quant or QuantConfig(), build=build, dtype=dtype)
+    cfg = EngineConfig(model=args, quant=quant, build=build, dtype=dtype)
     torch.set_num_threads(1)
-    return Engine.from_tensors(cfg, ckpt.hf_to_unified(sd, args), "cpu")
+    return Engine.from_tensors(cfg, tensors, device)
+
+
+def _engine(dtype="float64", mode=None):
+    return build_engine(dtype, mode)
 
 
 @pytest.fixture(scope="module")
