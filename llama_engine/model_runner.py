@@ -582,8 +582,8 @@ class ModelRunner:
                               device=dev)
         positions = torch.tensor([p for s, n in zip(starts, lens) for p in range(s, s + n)],
                                  dtype=torch.int64, device=dev)
-        seq_index = torch.repeat_interleave(torch.arange(len(lens), device=dev),
-                                            torch.tensor(lens, device=dev))
+        seq_index = torch.tensor([b for b, n in enumerate(lens) for _ in range(n)],
+                                 device=dev)   # (no repeat_interleave: it would sync)
         ctx = [s + n for s, n in zip(starts, lens)]
         return self.forward(tokens, positions, seq_index, block_tables, lens, ctx,
                             all(n == 1 for n in lens), last_token_indices(lens, dev), cache)
