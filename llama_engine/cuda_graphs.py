@@ -13,8 +13,8 @@ returned are a view of the graph's output, overwritten by the next replay.
 
 ``PrefillGraphs`` (prefills of prompts with no cached prefix): every prompt of the batch is
 padded at its end to one bucket length L (a power of two, ``prefill_bucket``), so the step is
-a [batch, L] block whatever the prompts' lengths; one graph per (batch, L), each with its own
-small buffers (tokens, prompt lengths, the first block-table columns). The step computes
+a [batch, L] block whatever the prompts' lengths; one graph per (batch, L) (captured when a
+shape comes a second time), each with its own small buffers (tokens, prompt lengths, the first block-table columns). The step computes
 positions, cache slots (-1 for padding: it never writes the cache) and the rows to project to
 logits from the lengths inside the graph. ``pad_prefill`` is the host side, shared with the
 eager run of the same step on the CPU (where the padding logic is tested).
@@ -148,20 +148,27 @@ def pad_prefill(token_lists: list, block_tables: torch.Tensor, L: int, batch: in
 
 class PrefillGraphs:
     """Graphs of the padded prefill ``step(inputs) -> logits [batch, V]`` keyed (batch, L),
-    captured on first use; each over its own buffers (``pad_prefill``'s shapes)."""
+    each over its own buffers (``pad_prefill``'s shapes). A shape is captured the second time
+    it is seen: the first prefill of a shape runs eagerly (``run`` says None), so a one-off
+    prefill (run.py's one prompt) costs no capture, and its kernels are compiled by then."""
 
     def __init__(self, step: Callable[[dict], torch.Tensor], pool, device, warmup: int):
         self.step, self.pool, self.device, self.warmup = step, pool, device, warmup
         self.graphs: dict[tuple, tuple] = {}   # (batch, L) -> (buffers, graph, logits)
+        self.seen: set = set()                 # shapes run once, eagerly
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def run(self, inputs: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """Copy ``inputs`` into the (batch, L) graph's buffers and replay it (capturing it
         first, its warm-up runs being real steps on these inputs). -> logits [batch, V] (a
-        view, overwritten by the next replay of this graph)."""
+        view, overwritten by the next replay of this graph); None the first time a shape is
+        seen (the caller runs the step eagerly)."""
         batch = inputs["lens"].shape[0]
         key = (batch, inputs["tokens"].shape[0] // batch)
         entry = self.graphs.get(key)
         if entry is None:
+            if key not in self.seen:
+                self.seen.add(key)
+                return None
             bufs = {k: v.to(self.device, copy=True) for k, v in inputs.items()}
             graph, logits = _capture(self.step, bufs, self.pool, self.warmup)
             self.graphs[key] = entry = (bufs, graph, logits)

@@ -48,7 +48,7 @@ from .serving.sequence import Sequence
 log = logging.getLogger(__name__)
 STATIC_GRAPH_WARMUP = 2     # warm-up runs before a static-batch capture (Triton compiles)
 SERVING_GRAPH_WARMUP = 1
-PREFILL_GRAPH_WARMUP = 2    # a new (batch, L) shape compiles / tunes its Triton kernels
+PREFILL_GRAPH_WARMUP = 1    # (the shape's first, eager prefill compiled its kernels)
 
 
 class ModelRunner:
@@ -145,8 +145,8 @@ class ModelRunner:
         """Prompts with no cached prefix, each padded to ``L`` tokens, as ``batch`` rows
         (default: one per prompt; extra rows are empty). -> fp32 logits of each prompt's last
         token [len(token_lists), V]. With ``graphs`` on CUDA (and the runner's cache) it
-        replays the (batch, L) graph (captured on first use); otherwise it runs the same step
-        eagerly. Padding writes nothing to the cache."""
+        replays the (batch, L) graph (captured when the shape comes a second time); otherwise
+        it runs the same step eagerly. Padding writes nothing to the cache."""
         b = len(token_lists)
         x = pad_prefill(token_lists, block_tables, L, batch or b, self.block_size)
         if graphs and self.device.type == "cuda" and cache is self.cache:
@@ -154,7 +154,9 @@ class ModelRunner:
                 self._prefill_graphs = PrefillGraphs(
                     lambda inp: self._prefill_step(inp, self.cache), self._graph_pool(),
                     self.device, PREFILL_GRAPH_WARMUP)
-            return self._prefill_graphs.run(x)[:b]
+            logits = self._prefill_graphs.run(x)
+            if logits is not None:
+                return logits[:b]
         x = {k: v.to(self.device) for k, v in x.items()}
         return self._prefill_step(x, cache)[:b]
 

@@ -134,7 +134,10 @@ def test_prefill_graph_equals_eager_on_gpu(mode):
     padded_k = [t.clone() for t in cache.k]
     fresh()
     r.enable_cuda_graphs()
-    graph = r.prefill(prompts, cache, bt).clone()
+    first = r.prefill(prompts, cache, bt).clone()           # a shape's first prefill: eager
+    assert not r._prefill_graphs.graphs and torch.equal(first, padded)
+    fresh()
+    graph = r.prefill(prompts, cache, bt).clone()           # its second: captured, replayed
     assert list(r._prefill_graphs.graphs) == [(3, 16)]
     assert torch.equal(graph, padded), (graph - padded).abs().max()
     for a, b in zip(cache.k, padded_k):
@@ -169,7 +172,8 @@ def test_inflight_prefill_graphs_on_gpu():
     for limit in (0, 512):
         eng.runner.prefill_graph_max_tokens = limit
         llm = LLMEngine(eng, max_num_tokens=64, max_kv_cache_tokens=4 * 128)
-        outs[limit] = [s.output_ids for s in llm.generate(prompts, 8)]
+        # twice: a step shape's first prefill runs eagerly, the second is captured
+        outs[limit] = [[s.output_ids for s in llm.generate(prompts, 8)] for _ in range(2)]
         if limit:
             assert llm.runner._prefill_graphs is not None and llm.runner._prefill_graphs.graphs
-    assert outs[0] == outs[512]
+    assert outs[0][0] == outs[0][1] == outs[512][0] == outs[512][1]

@@ -256,3 +256,36 @@ def test_benchmark_prefill_rows(tmp_path, monkeypatch):
         assert ("e2e_o50_graphs" in r) == (" b1 " in key)
     assert "runs alone" in benchmark.validate(benchmark.build_parser().parse_args(
         ["--device", "cpu", "--prefill", "--serving"]), 1)
+
+
+def test_prefill_graphs_capture_a_shape_seen_twice(monkeypatch):
+    """PrefillGraphs' bookkeeping with the capture faked (CUDA-free): a shape's first run is
+    left to the caller (None), its second captures over copies of the inputs, later runs copy
+    their inputs into those buffers and replay; another shape has its own graph."""
+    from llama_engine import cuda_graphs as cg
+    captured = []
+
+    class FakeGraph:
+        def __init__(self, step, bufs):
+            self.step, self.bufs, self.out = step, bufs, torch.zeros(bufs["lens"].shape[0])
+
+        def replay(self):
+            self.out.copy_(self.step(self.bufs))
+
+    def fake_capture(step, inputs, pool, warmup, restore=None):
+        captured.append({k: v.clone() for k, v in inputs.items()})
+        g = FakeGraph(step, inputs)
+        return g, g.out
+
+    monkeypatch.setattr(cg, "_capture", fake_capture)
+    step = lambda x: x["tokens"].view(x["lens"].shape[0], -1).sum(1).double()  # noqa: E731
+    pg = cg.PrefillGraphs(step, None, "cpu", 1)
+    bt = torch.zeros(4, 4, dtype=torch.int32)
+    x1 = pad_prefill([[1, 2], [3]], bt, 8, 2, BLOCK)
+    assert pg.run(x1) is None and not captured             # first sight: eager
+    assert pg.run(x1).tolist() == [3.0, 3.0] and len(captured) == 1
+    x2 = pad_prefill([[5, 5, 5], [1]], bt, 8, 2, BLOCK)
+    assert pg.run(x2).tolist() == [15.0, 1.0] and len(captured) == 1   # replayed, new inputs
+    x3 = pad_prefill([[1] * 9], bt, 16, 1, BLOCK)
+    assert pg.run(x3) is None and pg.run(x3).tolist() == [9.0]
+    assert sorted(pg.graphs) == [(1, 16), (2, 8)]
