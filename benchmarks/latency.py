@@ -259,11 +259,14 @@ def run_prefill(weights: Weights, modes: list, save: Callable[[dict], None],
     eagerly; at batch 1 also end to end (``time_engine``, 50 new tokens) with prefill graphs
     on and off (decode graphs on both times). Each row passed to ``save`` as measured."""
     out: dict = {}
+    shapes = shapes or PREFILL_SHAPES
     for mode in modes:
-        for batch, n in shapes or PREFILL_SHAPES:
-            eng = weights.engine(mode, batch, max(n, 8), 64)
-            eng.enable_cuda_graphs()
-            runner = eng.runner
+        # one engine per mode for every shape (quantizing LLaMA-7B takes a while)
+        eng = weights.engine(mode, max(b for b, _ in shapes), max(max(n for _, n in shapes), 8),
+                             64)
+        eng.enable_cuda_graphs()
+        runner = eng.runner
+        for batch, n in shapes:
             reps = 20 if batch * n <= 512 else 5
             row: dict = {"label": MODES[mode][1]}
             for graphs in (True, False):
@@ -279,6 +282,6 @@ def run_prefill(weights: Weights, modes: list, save: Callable[[dict], None],
             print(key, json.dumps(row), flush=True)
             out[key] = row
             save({"prefill": {key: row}})
-            del eng, runner
-            free_memory(weights.device)
+        del eng, runner
+        free_memory(weights.device)
     return out
