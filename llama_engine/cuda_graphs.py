@@ -21,9 +21,12 @@ eager run of the same step on the CPU (where the padding logic is tested).
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 PREFILL_MIN_LEN = 8   # shortest prefill bucket: a 1..8-token prompt runs as 8 tokens
 
@@ -156,6 +159,7 @@ class PrefillGraphs:
         self.step, self.pool, self.device, self.warmup = step, pool, device, warmup
         self.graphs: dict[tuple, tuple] = {}   # (batch, L) -> (buffers, graph, logits)
         self.seen: set = set()                 # shapes run once, eagerly
+        self.failed = False                    # a capture failed: every prefill eager
 
     def run(self, inputs: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """Copy ``inputs`` into the (batch, L) graph's buffers and replay it (capturing it
@@ -169,8 +173,16 @@ class PrefillGraphs:
             if key not in self.seen:
                 self.seen.add(key)
                 return None
+            if self.failed:
+                return None
             bufs = {k: v.to(self.device, copy=True) for k, v in inputs.items()}
-            graph, logits = _capture(self.step, bufs, self.pool, self.warmup)
+            try:
+                graph, logits = _capture(self.step, bufs, self.pool, self.warmup)
+            except Exception as e:  # noqa: BLE001 - any capture problem means: run eagerly
+                log.warning("prefill CUDA graph capture failed (%s: %s); prefilling eagerly",
+                            type(e).__name__, e)
+                self.failed = True
+                return None
             self.graphs[key] = entry = (bufs, graph, logits)
         else:
             for name, t in inputs.items():

@@ -289,3 +289,18 @@ def test_prefill_graphs_capture_a_shape_seen_twice(monkeypatch):
     x3 = pad_prefill([[1] * 9], bt, 16, 1, BLOCK)
     assert pg.run(x3) is None and pg.run(x3).tolist() == [9.0]
     assert sorted(pg.graphs) == [(1, 16), (2, 8)]
+
+
+def test_prefill_graph_capture_failure_falls_back_to_eager(monkeypatch, caplog):
+    from llama_engine import cuda_graphs as cg
+
+    def broken(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cg, "_capture", broken)
+    pg = cg.PrefillGraphs(lambda x: x["lens"], None, "cpu", 1)
+    x = pad_prefill([[1, 2]], torch.zeros(1, 2, dtype=torch.int32), 8, 1, BLOCK)
+    assert pg.run(x) is None and pg.run(x) is None and pg.failed
+    assert "prefilling eagerly" in caplog.text
+    assert pg.run(pad_prefill([[1] * 9], torch.zeros(1, 4, dtype=torch.int32), 16, 1,
+                              BLOCK)) is None
