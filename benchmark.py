@@ -8,6 +8,7 @@
     python benchmark.py --serving --http [--poisson_rates 8,16]      # the same over HTTP
     python benchmark.py --model_config llama-7b --speculative --modes fp16,int4  # verify steps
     python benchmark.py --gptfast                       # gpt-fast's design, same weights, 8/50
+    python benchmark.py --prefill --modes fp16,int8,int4,int4_zp,sq,int8kv  # prefill graphs
     torchrun --nproc_per_node 2 benchmark.py --model_config llama-13b --section tp
 
 Random weights with LLaMA-7B shapes are built in GPU memory (as TensorRT-LLM's builder does
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptfast_compile_prefill", action="store_true",
                    help="with --gptfast: compile gpt-fast's prefill too (its optional "
                         "--compile_prefill; off by default there)")
+    p.add_argument("--prefill", action="store_true",
+                   help="prefill latency per --modes at batch 1 x 8 and 64 x 128 tokens, CUDA "
+                        "graphs on and off (and batch-1 end to end, 50 new tokens)")
     p.add_argument("--tp_allreduce", default=None, choices=options.TP_ALLREDUCE_CHOICES,
                    help="under torchrun: the all-reduce (default: the engine's, auto)")
     p.add_argument("--pdl", default=None, choices=tuple(options.PDL_CHOICES),
@@ -132,6 +136,8 @@ def validate(a, world: int) -> Optional[str]:
         return "--gptfast runs alone, on one GPU, on random weights (--model_config)"
     if (a.gptfast_compile_prefill or a.gptfast_group != 128) and not a.gptfast:
         return "--gptfast_group and --gptfast_compile_prefill go with --gptfast"
+    if a.prefill and (world > 1 or a.serving or a.ablation or a.engine_dir or a.speculative):
+        return "--prefill runs alone, on one GPU, on random weights (--model_config)"
     if a.serving and "," in a.modes:
         return "--serving runs one mode (--modes fp16|int8|int4|int8kv|...)"
     if (a.http or a.enable_prefix_caching) and not a.serving:
@@ -263,6 +269,12 @@ def main(argv=None) -> int:
         return run_memory(a, results, engine_kw)
     if a.gptfast:
         return run_gptfast(a, results, engine_kw)
+    if a.prefill:
+        w = Weights(a.model_config, a.device, engine_kw=engine_kw)
+        results["prefill"] = latency.run_prefill(w, csv(a.modes),
+                                                 lambda new: save(a, new))
+        save(a, results)
+        return 0
     return run_latency(a, results, engine_kw)
 
 

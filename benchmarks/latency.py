@@ -1,6 +1,7 @@
 """Timed generate calls: our engine (latency, prefill, decode tokens/s) and Hugging Face
 (eager, static cache + compile) on the same weights; the ablation rows, the latency grid and
-the peak-memory measurement built from them.
+the peak-memory measurement built from them; prefill latency per mode with CUDA graphs on and
+off (``run_prefill``).
 
 Decode tokens/s exclude the prefill; end-to-end latency includes it. Each figure is the median
 of ``reps`` calls after a warm-up call (CUDA graphs captured, kernels compiled)."""
@@ -15,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from llama_engine import parallel
+from llama_engine.kv_cache import static_block_tables
 
 from . import profiling, roofline
 from .device import free_memory, peak_gib, random_prompts, reset_peak, sync
@@ -212,3 +214,74 @@ def measure_memory(model_config: str, mode: str, device: str, engine_kw: dict,
     return {"mode": mode, "context": context,
             "weight_gib": roofline.weight_bytes(eng, False) / 2**30,
             "peak_mem_gib": peak_gib(device)}
+
+
+# -- prefill latency, CUDA graphs on and off -------------------------------------------------
+PREFILL_SHAPES = [(1, 8), (64, 128)]   # (batch, prompt tokens): the issue's two targets
+
+
+def time_prefill(engine, batch: int, input_len: int, reps: int) -> dict:
+    """Median wall time of ``runner.prefill`` (device synchronised before and after) of
+    ``batch`` random prompts of ``input_len`` tokens, after two warm-up calls (the first runs
+    eagerly and compiles kernels, the second captures the shape's graph where graphs are on),
+    with their times and the device memory they added (the capture's pool)."""
+    dev = engine.device
+    runner = engine.runner
+    prompts = random_prompts(batch, input_len, engine.config.model.vocab_size)
+    cache = engine.kv_cache(batch, input_len + 8)
+    bt = static_block_tables(batch, input_len + 8, engine.block_size, dev)
+    cuda = dev.type == "cuda"
+    sync(dev)
+    mem0 = torch.cuda.memory_reserved() if cuda else 0
+    warm = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        runner.prefill(prompts, cache, bt)
+        sync(dev)
+        warm.append(1e3 * (time.perf_counter() - t0))
+    mem1 = torch.cuda.memory_reserved() if cuda else 0
+    times = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        runner.prefill(prompts, cache, bt)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return {"prefill_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+            "first_call_ms": warm[0], "second_call_ms": warm[1],
+            "warmup_reserved_mib": (mem1 - mem0) / 2**20}
+
+
+def run_prefill(weights: Weights, modes: list, save: Callable[[dict], None],
+                shapes: Optional[list] = None) -> dict:
+    """Per mode and (batch, tokens) shape: the prefill with CUDA graphs (every prefill of
+    the shape replayed from a graph: ``prefill_graph_max_tokens`` raised to the shape) and
+    eagerly; at batch 1 also end to end (``time_engine``, 50 new tokens) with prefill graphs
+    on and off (decode graphs on both times). Each row passed to ``save`` as measured."""
+    out: dict = {}
+    shapes = shapes or PREFILL_SHAPES
+    for mode in modes:
+        # one engine per mode for every shape (quantizing LLaMA-7B takes a while)
+        eng = weights.engine(mode, max(b for b, _ in shapes), max(max(n for _, n in shapes), 8),
+                             64)
+        eng.enable_cuda_graphs()
+        runner = eng.runner
+        for batch, n in shapes:
+            reps = 20 if batch * n <= 512 else 5
+            row: dict = {"label": MODES[mode][1]}
+            for graphs in (True, False):
+                runner.prefill_graph_max_tokens = batch * max(n, 8) if graphs else 0
+                runner.invalidate_graphs()
+                r = time_prefill(eng, batch, n, reps)
+                row["graphs" if graphs else "eager"] = r
+                if batch == 1:
+                    row["e2e_o50_" + ("graphs" if graphs else "eager")] = time_engine(
+                        eng, 1, n, 50)
+            row["speedup"] = row["eager"]["prefill_ms"] / row["graphs"]["prefill_ms"]
+            key = f"prefill {mode} b{batch} i{n}"
+            print(key, json.dumps(row), flush=True)
+            out[key] = row
+            save({"prefill": {key: row}})
+        del eng, runner
+        free_memory(weights.device)
+    return out

@@ -8,6 +8,8 @@ MODES = {
     "int8": ({"use_weight_only": True, "weight_only_precision": "int8"}, "int8 weight-only"),
     "int4": ({"use_weight_only": True, "weight_only_precision": "int4", "group_size": 128},
              "int4 weight-only g128"),
+    "int4_zp": ({"use_weight_only": True, "weight_only_precision": "int4", "group_size": 128,
+                 "has_zero_point": True}, "int4 weight-only g128 with zeros (AWQ's format)"),
     "int8kv": ({"int8_kv_cache": True}, "fp16 + INT8 KV cache"),
     "fp16_fp8kv": ({"fp8_kv_cache": True}, "fp16 + FP8 KV cache (E4M3, CC >= 8.9)"),
     "int4_int8kv": ({"use_weight_only": True, "weight_only_precision": "int4", "group_size": 128,

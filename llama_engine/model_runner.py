@@ -1,18 +1,24 @@
 """The model runner: the one object that runs the network (nano-vllm's ``ModelRunner``).
 
 It owns the model, the paged ``KVCache``, the ``AttentionMeta`` of every step, the CUDA graphs
-of decode steps (``cuda_graphs.CudaGraphs``) and sampling. Two ways of scheduling run on it:
+of decode steps (``cuda_graphs.CudaGraphs``) and of short prefills
+(``cuda_graphs.PrefillGraphs``) and sampling. Two ways of scheduling run on it:
 
 * the static batch (``runner.Engine.generate``): ``prefill`` of every prompt, then
   ``decode`` one token per sequence; each sequence owns a fixed block range
   (``kv_cache.static_block_tables``); on CUDA a decode of B sequences replays a graph captured
   for exactly B (and the block-table width), computing positions, slots and the context
-  lengths' advance inside the graph;
+  lengths' advance inside the graph; a prefill of B prompts whose bucket (each padded to the
+  same power-of-two length L) has at most ``prefill_graph_max_tokens`` tokens replays a graph
+  captured for (B, L) (``prefill_padded``; its padding writes nothing to the cache);
 * inflight batching (``serving.LLMEngine``): ``setup_serving`` sizes the shared cache and
   captures a graph per bucket (``cuda_graphs.graph_buckets``); ``execute`` turns a
   ``SchedulerOutput`` into one flat batch (prefill chunks and decodes together, vLLM's layout)
   and samples each due sequence; an all-decode step replays the smallest bucket >= B, its
-  padding rows writing nothing (slot -1) and reading one cached token.
+  padding rows writing nothing (slot -1) and reading one cached token. A step made only of
+  prompts' first chunks (no cached prefix, no decodes) within ``prefill_graph_max_tokens``
+  replays a prefill graph (batch padded to a power of two); other mixed steps, chunks over a
+  cached prefix included, run eagerly.
 
 Cache size in serving (TensorRT-LLM's knobs): on CUDA a fraction
 (``kv_cache_free_gpu_memory_fraction``) of the memory still free once the weights are loaded
@@ -30,7 +36,8 @@ import torch
 from . import parallel
 from .attention import AttentionMeta, last_token_indices
 from .config import ConfigError, EngineConfig
-from .cuda_graphs import CudaGraphs, graph_buckets
+from .cuda_graphs import (CudaGraphs, PrefillGraphs, graph_buckets, pad_prefill,
+                          prefill_batch_bucket, prefill_bucket)
 from .kernels import ops
 from .kv_cache import KVCache, quant_cache_dtype, slots_for
 from .logits_processors import Controls
@@ -42,6 +49,7 @@ from .serving.sequence import Sequence
 log = logging.getLogger(__name__)
 STATIC_GRAPH_WARMUP = 2     # warm-up runs before a static-batch capture (Triton compiles)
 SERVING_GRAPH_WARMUP = 1
+PREFILL_GRAPH_WARMUP = 1    # (the shape's first, eager prefill compiled its kernels)
 
 
 class ModelRunner:
@@ -60,6 +68,11 @@ class ModelRunner:
         self.cuda_graphs = False            # static batch: replay decode steps (CUDA only)
         self._static_graphs: dict[int, CudaGraphs] = {}   # block-table width -> graphs
         self._serving_graphs: Optional[CudaGraphs] = None
+        # Prefills of at most this many (padded) tokens replay CUDA graphs where decode does
+        # (options.RuntimeOptions.prefill_graph_max_tokens; 0: always eager).
+        self.prefill_graph_max_tokens = 0
+        self._prefill_graphs: Optional[PrefillGraphs] = None
+        self._serving_prefill_graphs = False
         self._pool = None
         self._generators: dict = {}         # request_id -> torch.Generator (seeded requests)
         self._controls: Optional[Controls] = None  # inflight requests' control state
@@ -110,16 +123,69 @@ class ModelRunner:
     # -- the static batch -------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, batch_input_ids: list, cache: KVCache, block_tables: torch.Tensor):
-        """All prompt tokens of the batch; -> fp32 logits of each prompt's last token [B, V]."""
-        dev = self.device
+        """All prompt tokens of the batch; -> fp32 logits of each prompt's last token [B, V].
+        On CUDA with graphs on, a batch within ``prefill_graph_max_tokens`` once padded
+        replays a prefill graph; otherwise one eager flat batch."""
         lens = [len(p) for p in batch_input_ids]
+        if self.cuda_graphs and cache is self.cache:   # (cuda_graphs: only on CUDA, or a test)
+            L = prefill_bucket(lens, len(lens), self.prefill_graph_max_tokens,
+                               self.model.max_positions)
+            if L is not None:
+                return self.prefill_padded(batch_input_ids, cache, block_tables, L,
+                                           graphs=True)
+        dev = self.device
         tokens = torch.tensor([t for p in batch_input_ids for t in p], dtype=torch.int64,
                               device=dev)
-        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        seq_index = torch.repeat_interleave(torch.arange(len(lens), device=dev),
-                                            torch.tensor(lens, device=dev))
+        # Positions and owners built on the host: repeat_interleave with a tensor of counts
+        # waits for the device to learn its output size.
+        positions = torch.tensor([i for n in lens for i in range(n)], device=dev)
+        seq_index = torch.tensor([b for b, n in enumerate(lens) for _ in range(n)],
+                                 device=dev)
         return self.forward(tokens, positions, seq_index, block_tables, lens, lens, False,
                             last_token_indices(lens, dev), cache)
+
+    def prefill_padded(self, token_lists: list, cache: KVCache, block_tables: torch.Tensor,
+                       L: int, batch: Optional[int] = None,
+                       graphs: bool = False) -> torch.Tensor:
+        """Prompts with no cached prefix, each padded to ``L`` tokens, as ``batch`` rows
+        (default: one per prompt; extra rows are empty). -> fp32 logits of each prompt's last
+        token [len(token_lists), V]. With ``graphs`` on CUDA (and the runner's cache) it
+        replays the (batch, L) graph (captured when the shape comes a second time); otherwise
+        it runs the same step eagerly. Padding writes nothing to the cache."""
+        b = len(token_lists)
+        x = pad_prefill(token_lists, block_tables, L, batch or b, self.block_size)
+        if graphs and self.device.type == "cuda" and cache is self.cache:
+            if self._prefill_graphs is None:
+                self._prefill_graphs = PrefillGraphs(
+                    lambda inp: self._prefill_step(inp, self.cache), self._graph_pool(),
+                    self.device, PREFILL_GRAPH_WARMUP)
+            logits = self._prefill_graphs.run(x)
+            if logits is not None:
+                return logits[:b]
+        x = {k: v.to(self.device) for k, v in x.items()}
+        return self._prefill_step(x, cache)[:b]
+
+    def _prefill_step(self, x: dict, cache: KVCache) -> torch.Tensor:
+        """The padded prefill step (``cuda_graphs.pad_prefill``'s inputs): positions, slots
+        (-1 past each prompt's length) and logit rows come from the lengths on the device,
+        so the step has no host work that depends on the prompts and can be captured."""
+        tokens, lens, bt = x["tokens"], x["lens"], x["block_tables"]
+        batch = lens.shape[0]
+        L = tokens.shape[0] // batch
+        dev = tokens.device
+        pos = torch.arange(L, device=dev).expand(batch, L)
+        positions = pos.reshape(-1)
+        seq_index = torch.arange(batch, device=dev)[:, None].expand(batch, L).reshape(-1)
+        valid = (pos < lens[:, None]).reshape(-1)
+        slots = slots_for(bt, seq_index, positions, self.block_size).masked_fill(~valid, -1)
+        last = (torch.arange(batch, device=dev) * L
+                + (lens.to(torch.int64) - 1).clamp_min(0))
+        meta = AttentionMeta(
+            positions=positions, slot_mapping=slots, block_tables=bt,
+            context_lens=torch.full((batch,), L, dtype=torch.int32, device=dev),
+            query_lens=[L] * batch, is_decode=False, logits_indices=last,
+            context_lens_host=[L] * batch)
+        return self.model(tokens, meta, cache)
 
     @torch.inference_mode()
     def forward_all(self, input_ids: list, cache: KVCache, block_tables: torch.Tensor):
@@ -174,13 +240,15 @@ class ModelRunner:
         return logits
 
     def enable_cuda_graphs(self) -> None:
-        """Replay static-batch decode steps from CUDA graphs (one per batch size); CUDA only."""
+        """Replay static-batch decode steps from CUDA graphs (one per batch size), and
+        prefills within ``prefill_graph_max_tokens`` (one per batch and bucket); CUDA only."""
         self.cuda_graphs = self.device.type == "cuda"
 
     def invalidate_graphs(self) -> None:
         """Forget every captured graph (they keep the cache and the launches they captured)."""
         self._static_graphs.clear()
         self._serving_graphs = None
+        self._prefill_graphs = None
 
     def _graph_pool(self):
         if self._pool is None:
@@ -204,6 +272,7 @@ class ModelRunner:
         self.max_blocks_per_seq = cdiv(max_seq_len, self.block_size)
         self.cache = None  # a static batch's cache, if any: its memory is the new cache's
         self.invalidate_graphs()
+        self._serving_prefill_graphs = cuda_graphs and self.device.type == "cuda"
         self.allocate_cache(self._kv_cache_blocks(kv_cache_free_gpu_memory_fraction,
                                                   max_kv_cache_tokens))
         if cuda_graphs and self.device.type == "cuda":
@@ -281,7 +350,10 @@ class ModelRunner:
             if len(rows) < len(out.seqs):
                 logits = logits[rows]  # the graph made logits for every sequence
         else:
-            logits = self._forward(out, rows)
+            logits = (self._padded_prefill(out, rows, graphs=True)
+                      if self._serving_prefill_graphs else None)
+            if logits is None:
+                logits = self._forward(out, rows)
         if not rows:
             return [None] * len(out.seqs)
         tokens = self.sample_rows(logits, [out.seqs[i] for i in rows])
@@ -293,6 +365,26 @@ class ModelRunner:
     def _block_tables(self, seqs: list[Sequence], width: int) -> torch.Tensor:
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    def _padded_prefill(self, out: SchedulerOutput, rows: list[int],
+                        graphs: bool) -> Optional[torch.Tensor]:
+        """A step of prompts' first chunks only (no cached prefix, no decodes) within
+        ``prefill_graph_max_tokens`` once padded (rows to a power of two, each chunk to the
+        bucket length): run as ``prefill_padded`` (a graph with ``graphs``). -> logits
+        [len(rows), V], or None for any other step."""
+        if out.is_decode or self.prefill_graph_max_tokens <= 0 or any(
+                s.num_computed_tokens for s in out.seqs):
+            return None
+        n = list(out.num_new_tokens)
+        batch = prefill_batch_bucket(len(n), self.max_batch_size)
+        L = prefill_bucket(n, batch, self.prefill_graph_max_tokens, self.model.max_positions)
+        if L is None:
+            return None
+        lists = [s.token_ids(0, k) for s, k in zip(out.seqs, n)]
+        width = max(len(s.block_table) for s in out.seqs)
+        logits = self.prefill_padded(lists, self.cache, self._block_tables(out.seqs, width),
+                                     L, batch, graphs=graphs)
+        return logits if len(rows) == len(n) else logits[rows]
 
     def _forward(self, out: SchedulerOutput, rows: list[int]) -> torch.Tensor:
         """The eager path (any mix of prefill chunks and decodes). -> logits [len(rows), V]."""
@@ -498,8 +590,8 @@ class ModelRunner:
                               device=dev)
         positions = torch.tensor([p for s, n in zip(starts, lens) for p in range(s, s + n)],
                                  dtype=torch.int64, device=dev)
-        seq_index = torch.repeat_interleave(torch.arange(len(lens), device=dev),
-                                            torch.tensor(lens, device=dev))
+        seq_index = torch.tensor([b for b, n in enumerate(lens) for _ in range(n)],
+                                 device=dev)   # (no repeat_interleave: it would sync)
         ctx = [s + n for s, n in zip(starts, lens)]
         return self.forward(tokens, positions, seq_index, block_tables, lens, ctx,
                             all(n == 1 for n in lens), last_token_indices(lens, dev), cache)

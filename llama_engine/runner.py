@@ -128,6 +128,7 @@ class Engine:
         kv_scales = kv_scales_from_checkpoint(config.model, config.quant, tensors)
         engine = cls(config, model, device, engine_dir, kv_scales)
         engine.tp_rank, engine.tp_size = tp_rank, tp_size
+        engine.runner.prefill_graph_max_tokens = opts.prefill_graph_max_tokens
         if options is not None and options.cuda_graphs:
             engine.enable_cuda_graphs()
         return engine

@@ -81,3 +81,99 @@ def test_attention_kernels_on_gpu(attn_rows, op):
         bad += [f"B={r['B']} ctx={r['ctx']} {r['kv_dtype']}: not bit-equal" for r in rows
                 if not (r["out_equal"] and r["k_equal"] and r["v_equal"])]
     assert not bad, bad
+
+
+# -- prefill CUDA graphs (llama_engine/cuda_graphs.py PrefillGraphs) ---------------------------
+PREFILL_MODES = ["fp16", "int8", "int4", "int4_zp", "int8kv", "int4_int8kv", "sq"]
+
+
+def _gpu_args():
+    from llama_engine.config import ModelArgs
+    # head dim 64 (the Triton kernels want a power of two), widths divisible by 128 (int4 g128)
+    return ModelArgs(vocab_size=512, hidden_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
+                     max_position_embeddings=512, norm_epsilon=1e-6)
+
+
+@pytest.mark.parametrize("mode", PREFILL_MODES)
+def test_prefill_graph_equals_eager_on_gpu(mode):
+    """Every mode's padded prefill step runs under torch.cuda.set_sync_debug_mode("error")
+    (no host sync), is captured (a synchronizing kernel path would fail the capture), and its
+    replay gives the eager padded step's logits and cache bit for bit, the unpadded eager
+    prefill's within fp16 rounding; padding writes no cache slot; a second replay with other
+    prompts of the same bucket takes its new inputs."""
+    from test_prefill_graphs import BLOCK, build_engine
+
+    from llama_engine.cuda_graphs import pad_prefill
+    from llama_engine.kv_cache import static_block_tables
+    eng = build_engine("float16", mode, _gpu_args(), "cuda", group_size=128)
+    r = eng.runner
+    r.prefill_graph_max_tokens = 512
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 8, 13]
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in lens]
+    cache = eng.kv_cache(3, 40)
+    bt = static_block_tables(3, 40, BLOCK, "cuda")
+
+    def fresh():
+        for t in cache.k + cache.v:
+            t.fill_(7)
+
+    fresh()
+    eager = r.prefill(prompts, cache, bt).clone()          # graphs off: unpadded, eager
+    ref_k = [t.clone() for t in cache.k]
+    fresh()
+    x = {k: v.cuda() for k, v in pad_prefill(prompts, bt, 16, 3, BLOCK).items()}
+    r._prefill_step(x, cache)                               # compile, then the checked run
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        padded = r._prefill_step(x, cache).clone()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    padded_k = [t.clone() for t in cache.k]
+    fresh()
+    r.enable_cuda_graphs()
+    first = r.prefill(prompts, cache, bt).clone()           # a shape's first prefill: eager
+    assert not r._prefill_graphs.graphs and torch.equal(first, padded)
+    fresh()
+    graph = r.prefill(prompts, cache, bt).clone()           # its second: captured, replayed
+    assert list(r._prefill_graphs.graphs) == [(3, 16)]
+    assert torch.equal(graph, padded), (graph - padded).abs().max()
+    for a, b in zip(cache.k, padded_k):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(graph, eager, atol=5e-2, rtol=5e-2)
+    real = torch.zeros(cache.k[0].shape[0], BLOCK, dtype=torch.bool, device="cuda")
+    for b, n in enumerate(lens):
+        for p in range(n):
+            real[int(bt[b, p // BLOCK]), p % BLOCK] = True
+    for a, e in zip(cache.k, ref_k):
+        kv = a.permute(0, 2, 1, 3)
+        assert bool((kv[~real] == 7).all())                 # padding wrote nothing
+        torch.testing.assert_close(kv[real].float(), e.permute(0, 2, 1, 3)[real].float(),
+                                   atol=5e-2, rtol=5e-2)
+    other = [list(reversed(p)) for p in prompts]
+    again = r.prefill(other, cache, bt).clone()
+    r.cuda_graphs = False
+    fresh()
+    x2 = {k: v.cuda() for k, v in pad_prefill(other, bt, 16, 3, BLOCK).items()}
+    assert torch.equal(again, r._prefill_step(x2, cache))
+
+
+def test_inflight_prefill_graphs_on_gpu():
+    """LLMEngine (float32) with prefill graphs on and off: the same greedy tokens."""
+    from test_prefill_graphs import build_engine
+
+    from llama_engine.serving import LLMEngine
+    eng = build_engine("float32", None, _gpu_args(), "cuda")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 17, 6, 30, 9)]
+    outs = {}
+    for limit in (0, 512):
+        eng.runner.prefill_graph_max_tokens = limit
+        llm = LLMEngine(eng, max_num_tokens=64, max_kv_cache_tokens=4 * 128)
+        # twice: a step shape's first prefill runs eagerly, the second is captured
+        outs[limit] = [[s.output_ids for s in llm.generate(prompts, 8)] for _ in range(2)]
+        if limit:
+            assert llm.runner._prefill_graphs is not None and llm.runner._prefill_graphs.graphs
+    assert outs[0][0] == outs[0][1] == outs[512][0] == outs[512][1]
