@@ -286,13 +286,12 @@ def test_metrics_parse_with_prometheus_parser(server):
 
 
 def teacher_forced(server, prompt_ids, n):
-    """Greedy continuation of ``prompt_ids`` by n teacher-forced forwards, and the
-    log-softmax of every position of prompt + continuation (the engine's own numbers: fp32
+    """Greedy continuation of ``prompt_ids`` (the static engine, its own cache), and the
+    teacher-forced log-softmax of every position of prompt + continuation (the engine's own numbers: fp32
     logits of the float64 model, so values agree to fp32's rounding of a log-softmax)."""
     import torch
-    eng, ids = server.llm.engine, list(prompt_ids)
-    for _ in range(n):
-        ids.append(int(eng.forward_logits(ids)[-1].argmax()))
+    eng = server.llm.engine
+    ids = list(prompt_ids) + eng.generate([list(prompt_ids)], n).output_ids[0]
     lsm = torch.log_softmax(eng.forward_logits(ids).float(), -1)
     return ids[len(prompt_ids):], lsm[len(prompt_ids) - 1:-1]
 
@@ -346,7 +345,7 @@ def test_logprobs_equal_engine_log_softmax(server):
 
 def test_logprobs_with_stop_string_n_and_echo(server):
     c = server.client
-    kw = dict(model="smol", prompt=PROMPTS[0], max_tokens=MAX_OUT, temperature=0,
+    kw = dict(model="smol", prompt=PROMPTS[0], max_tokens=8, temperature=0,
               extra_body={"ignore_eos": True})
     full = c.completions.create(logprobs=0, **kw).choices[0]
     stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]

@@ -23,13 +23,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_engine.serving.block_manager import cdiv
+from llama_engine.text_stream import IncrementalText
 
 from .logprobs import TokenText, shape
 from .loop import EngineLoop, Event, Handle, Overloaded
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body,
                        to_sampling)
-from .text import TextStream
 
 FINISH = {"length": "length", "stop": "stop", "cancelled": "abort", "error": "error"}
 
@@ -217,7 +217,8 @@ class _Run:
                  kind: str, num_prompt: int, logprobs: bool = False,
                  echo: Optional[str] = None):
         self.state, self.handles, self.events, self.kind = state, handles, events, kind
-        self.streams = [TextStream(state.tokenizer, stops, offsets=logprobs) for _ in handles]
+        self.streams = [IncrementalText(state.tokenizer, stops, offsets=logprobs)
+                        for _ in handles]
         self.echo = echo
         # With log-probs, per choice: (id, log-prob, top) of every token received, and the
         # entries (with their text offsets) already released with their text.
