@@ -378,6 +378,17 @@ def test_openai_client_extras(server):
                                             stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 3
     assert all(ck.usage is None for ck in chunks[:-1])
+    assert c.models.retrieve("smol").id == "smol"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-9")
+    # several prompts in one request: choice j*n+i is prompt j's i-th, each as if alone
+    two = c.completions.create(model="smol", prompt=PROMPTS[3:5], max_tokens=3, n=2,
+                               temperature=0)
+    alone = [c.completions.create(model="smol", prompt=p, max_tokens=3,
+                                  temperature=0).choices[0].text for p in PROMPTS[3:5]]
+    assert [(ch.index, ch.text) for ch in two.choices] == [
+        (0, alone[0]), (1, alone[0]), (2, alone[1]), (3, alone[1])]
+    assert two.usage.prompt_tokens == sum(len(server.tok.encode(p)) for p in PROMPTS[3:5])
     with httpx.Client(timeout=60) as h:
         chat = server.base + "/v1/chat/completions"
         base = {"model": "smol", "messages": messages, "max_tokens": 3}

@@ -1,8 +1,9 @@
 """The HTTP side: a FastAPI (ASGI) app answering the OpenAI API over an ``EngineLoop``.
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat
-template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Streaming
-is server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. Handlers only
+Endpoints: ``POST /v1/completions`` (one prompt or a list), ``POST /v1/chat/completions``
+(the tokenizer's chat template), ``GET /v1/models`` (and ``/v1/models/{id}``), ``GET
+/health``, ``GET /metrics`` (Prometheus text). Streaming is server-sent events in OpenAI's
+chunk format, ending with ``data: [DONE]``. Handlers only
 await queues, so the event loop never waits on a model step; a client that goes away cancels
 its request (its KV blocks are freed by the engine thread). Every error is OpenAI's JSON error
 body (protocol.py) with the HTTP status: 400 bad request, 404 unknown model or route, 413
@@ -31,6 +32,7 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body,
                        to_sampling)
 
+MAX_PROMPTS = 64
 FINISH = {"length": "length", "stop": "stop", "cancelled": "abort", "error": "error"}
 
 
@@ -100,22 +102,27 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created,
+                "owned_by": "llama_engine", "max_model_len": state.max_seq_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": state.created,
-             "owned_by": "llama_engine", "max_model_len": state.max_seq_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        _check_model(state, name)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         _check_model(state, req.model)
         req.check_supported()
-        ids = _prompt_ids(state, req.prompt)
-        echo = None
-        if req.echo:
-            p = req.prompt[0] if isinstance(req.prompt, list) and req.prompt and \
-                isinstance(req.prompt[0], (str, list)) else req.prompt
-            echo = p if isinstance(p, str) else state.tokenizer.decode(p)
+        prompts = _prompts(req.prompt)
+        ids = [_prompt_ids(state, p) for p in prompts]
+        echo = [p if isinstance(p, str) else state.tokenizer.decode(p)
+                for p in prompts] if req.echo else None
         return await _serve(state, request, req, ids, "completion", req.logprobs,
                             req.max_tokens, echo)
 
@@ -135,7 +142,7 @@ def create_app(state: ServerState) -> FastAPI:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
-        return await _serve(state, request, req, ids, "chat", logprobs, max_tokens)
+        return await _serve(state, request, req, [ids], "chat", logprobs, max_tokens)
 
     return app
 
@@ -146,12 +153,17 @@ def _check_model(state: ServerState, name: Optional[str]) -> None:
                        f"{state.model_name!r}", param="model", code="model_not_found")
 
 
-def _prompt_ids(state: ServerState, prompt) -> list[int]:
+def _prompts(prompt) -> list:
+    """A completions ``prompt`` as a list of prompts (text or token ids): OpenAI takes one
+    or a list of several."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, "one prompt per request (send several requests, or use n)",
-                           param="prompt")
-        prompt = prompt[0]
+        if len(prompt) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+        return list(prompt)
+    return [prompt]
+
+
+def _prompt_ids(state: ServerState, prompt) -> list[int]:
     if isinstance(prompt, str):
         return state.tokenizer.encode(prompt, add_bos=True)
     vocab = state.tokenizer.vocab_size
@@ -184,25 +196,29 @@ def _max_tokens(state: ServerState, n_prompt: int, max_tokens: Optional[int],
     return max_tokens
 
 
-async def _serve(state: ServerState, request: Request, req, ids: list, kind: str,
+async def _serve(state: ServerState, request: Request, req, prompts: list, kind: str,
                  logprobs: Optional[int], max_tokens: Optional[int],
-                 echo: Optional[str] = None):
+                 echo: Optional[list] = None):
+    """``prompts``: token ids of each prompt; choice ``j * n + i`` is prompt j's i-th."""
     stops = req.stop_strings()
-    max_tokens = _max_tokens(state, len(ids), max_tokens,
-                             "messages" if kind == "chat" else "prompt")
+    limits = [_max_tokens(state, len(ids), max_tokens,
+                          "messages" if kind == "chat" else "prompt") for ids in prompts]
     samplings = [to_sampling(req, logprobs, i) for i in range(req.n)]
     stop_ids = tuple(req.stop_token_ids) + (() if req.ignore_eos
                                             else tuple(state.tokenizer.end_ids))
     events: asyncio.Queue = asyncio.Queue()
     aloop = asyncio.get_running_loop()
-    handles = [Handle(ids, s, max_tokens, stop_ids, i, events, aloop)
+    handles = [Handle(ids, s, limit, stop_ids, j * req.n + i, events, aloop)
+               for j, (ids, limit) in enumerate(zip(prompts, limits))
                for i, s in enumerate(samplings)]
+    echo = [e for e in echo for _ in range(req.n)] if echo else None
     try:
         state.loop.submit(handles)
     except Overloaded as e:
         raise APIError(503, f"server overloaded: {e}", "server_overloaded",
                        code="overloaded") from e
-    run = _Run(state, handles, events, stops, kind, len(ids), logprobs is not None, echo)
+    run = _Run(state, handles, events, stops, kind, sum(map(len, prompts)),
+               logprobs is not None, echo)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(run.sse(include_usage), media_type="text/event-stream",
@@ -211,15 +227,15 @@ async def _serve(state: ServerState, request: Request, req, ids: list, kind: str
 
 
 class _Run:
-    """One HTTP request's n engine requests, turned into OpenAI responses."""
+    """One HTTP request's engine requests (n per prompt), turned into OpenAI responses."""
 
     def __init__(self, state: ServerState, handles: list, events: asyncio.Queue, stops: list,
                  kind: str, num_prompt: int, logprobs: bool = False,
-                 echo: Optional[str] = None):
+                 echo: Optional[list] = None):
         self.state, self.handles, self.events, self.kind = state, handles, events, kind
         self.streams = [IncrementalText(state.tokenizer, stops, offsets=logprobs)
                         for _ in handles]
-        self.echo = echo
+        self.echo = echo            # per choice: its prompt's text (completions' echo)
         # With log-probs, per choice: (id, log-prob, top) of every token received, and the
         # entries (with their text offsets) already released with their text.
         self.lp_in: Optional[list] = [[] for _ in handles] if logprobs else None
@@ -299,7 +315,8 @@ class _Run:
                        for i, (t, r) in enumerate(zip(texts, self.reasons))]
             obj = "chat.completion"
         else:
-            choices = [{"index": i, "text": (self.echo or "") + t, "logprobs": lps[i],
+            choices = [{"index": i, "text": (self.echo[i] if self.echo else "") + t,
+                        "logprobs": lps[i],
                         "finish_reason": r}
                        for i, (t, r) in enumerate(zip(texts, self.reasons))]
             obj = "text_completion"
@@ -331,7 +348,7 @@ class _Run:
                     yield self._chunk(i, None, None, role=True)
             elif self.echo:
                 for i in range(len(self.handles)):
-                    yield self._chunk(i, self.echo, None)
+                    yield self._chunk(i, self.echo[i], None)
             while self.pending:
                 # Everything queued goes out in one write: a busy event loop sends fewer,
                 # fuller chunks instead of falling behind.
