@@ -162,9 +162,14 @@ class EngineLoop:
         if getattr(h.sampling, "logprobs", None) is not None:
             # new_token_ids are output_ids[num_sent:num_sent + len(new)] (RequestOutput);
             # the sequence keeps a log-prob for each output id.
-            start = h.num_sent
-            lps = [(t, seq.logprobs[start + k], seq.top_logprobs[start + k])
-                   for k, t in enumerate(new)]
+            # (A token without one, which no path makes today, reads as -inf rather than
+            # stopping this thread.)
+            start, n = h.num_sent, len(new)
+            vals = seq.logprobs[start:start + n]
+            tops = seq.top_logprobs[start:start + n]
+            vals += [float("-inf")] * (n - len(vals))
+            tops += [None] * (n - len(tops))
+            lps = list(zip(new, vals, tops))
         h.num_sent += len(new)
         return Event(h.index, new, out.finished, reason, out.error, seq.num_prompt_tokens, lps)
 
