@@ -225,6 +225,7 @@ def run_http(weights, parts: set, num_requests: int, rates: Optional[list] = Non
              save=None) -> dict:
     """The HTTP scenarios (``parts`` of PARTS; ``rates`` given: the Poisson sweep alone) on
     one fp16 engine of ``weights`` (benchmarks.weights.Weights)."""
+    from .device import free_memory
     eng = weights.engine("fp16", MAX_BATCH, 2048, 512)
     vocab = weights.args.vocab_size
     shape = Shape(cpu=str(eng.device).startswith("cpu"))
@@ -243,6 +244,7 @@ def run_http(weights, parts: set, num_requests: int, rates: Optional[list] = Non
               f"TTFT p50 {h.get('ttft_p50_s', float('nan')):.3f} s, p99 "
               f"{h.get('ttft_p99_s', float('nan')):.3f} s; {h['failed']} failed", flush=True)
         save(out)
+    free_memory(eng.device)    # the last part's KV cache, before the next sizes its own
     if "prefix" in parts:
         r = run_prefix(eng, vocab, min(500, num_requests), shape)
         name = f"prefix_{shape.prefix}"
@@ -251,6 +253,7 @@ def run_http(weights, parts: set, num_requests: int, rates: Optional[list] = Non
         print(f"HTTP prefix reuse: throughput {r['throughput_ratio']:.2f}x (target >= 2), "
               f"mean TTFT {r['mean_ttft_ratio']:.2f}x (target <= 0.5)", flush=True)
         save(out)
+    free_memory(eng.device)
     if "poisson" in parts:
         out["poisson"] = run_poisson_http(eng, vocab, list(rates or DEFAULT_RATES),
                                           min(num_requests, POISSON_REQUESTS), shape)
