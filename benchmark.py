@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", action="store_true",
                    help="with --serving: through serve.py's HTTP server with streaming clients "
                         "(benchmarks/http_load.py), against LLMEngine directly")
-    p.add_argument("--http_parts", default="uniform,prefix",
+    p.add_argument("--http_parts", default="uniform,prefix,poisson",
                    help="with --serving --http: uniform (1000x128/128 HTTP vs direct), prefix "
-                        "(500 requests sharing a 1024-token prefix, caching off vs on)")
+                        "(500 requests sharing a 1024-token prefix, caching off vs on), poisson "
+                        "(Poisson arrivals at 8,16,32,64/s unless --poisson_rates; the plot)")
     add_prefix_caching_arg(p)
     p.add_argument("--speculative", action="store_true",
                    help="batch 1: a decode step against verify steps of k+1 = 2..9 tokens "
@@ -150,7 +151,8 @@ def validate(a, world: int) -> Optional[str]:
         return f"--memory: unknown mode {a.memory} (one of {', '.join(MODES)})"
     checks = [("--batch", a.batch, int, None),
               ("--input_len", a.input_len, int, None), ("--output_len", a.output_len, int, None),
-              ("--serving_parts", a.serving_parts, str, serving.PARTS)]
+              ("--serving_parts", a.serving_parts, str, serving.PARTS),
+              ("--http_parts", a.http_parts, str, http_load.PARTS)]
     if not a.engine_dir:  # with an engine dir, --modes only names the rows
         checks.append(("--modes", a.modes, str, tuple(MODES)))
     if a.only:

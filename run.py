@@ -196,7 +196,8 @@ def _main(args) -> int:
         once()  # warm-up: CUDA graphs, Triton autotuning
     latencies = []
     for i in range(args.num_runs):
-        stream = TextStream(tokenizer, batch_ids, tokenizer.end_ids) if (
+        stream = TextStream(tokenizer, batch_ids, sampling.end_ids(end_ids),
+                            stop_words=sampling.stop_words) if (
             args.streaming and i == 0) else None
         if device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -8,8 +8,16 @@ share the server's GIL), against ``LLMEngine`` driven directly in the same run.
 * ``prefix``: 500 requests sharing a 1,024-token prefix with 64 distinct tokens each, 128 out,
   over HTTP with ``--enable_prefix_caching`` off and on (target: >= 2x throughput, <= 0.5x
   mean TTFT).
-* ``poisson`` (with ``--poisson_rates``): 128/128 requests arriving as a Poisson process over
-  HTTP, written in the shape of ``serving.run_serving_poisson`` (same table and plot).
+* ``poisson``: 128/128 requests arriving as a Poisson process over HTTP at each rate
+  (``--poisson_rates``, else ``DEFAULT_RATES``; at most ``POISSON_REQUESTS`` per rate), written
+  in the shape of ``serving.run_serving_poisson`` (the same table and throughput-versus-latency
+  plot).
+
+Results are rows the serving table prints as they are (``uniform_128_128_http``,
+``uniform_128_128_direct``, ``prefix_1024_no_reuse_http``, ``prefix_1024_reuse_http``: output
+tok/s, TTFT p50 / p99, ...), the ratios against the targets (``http_vs_direct``,
+``http_prefix_ratios``) and ``poisson``. On the CPU (``--device cpu --model_config tiny``) the
+same flow dry-runs with short prompts and outputs (``Shape.cpu``).
 
 Prompts are sent as token ids; ``ignore_eos`` keeps every output at full length. The server
 detokenizes with SmolLM2's tokenizer when it is fetched, else with ``IdTokenizer`` (ids as
@@ -36,6 +44,17 @@ from typing import Optional
 from llama_engine.serving.llm_engine import LLMEngine, latency_stats, percentile
 
 MAX_BATCH = 256
+DEFAULT_RATES = (8.0, 16.0, 32.0, 64.0)
+POISSON_REQUESTS = 256
+
+
+class Shape:
+    """Request lengths: the issue's on a GPU, a few tokens on the CPU's dry run."""
+
+    def __init__(self, cpu: bool):
+        self.input, self.output = (16, 8) if cpu else (128, 128)
+        self.prefix, self.suffix = (64, 8) if cpu else (1024, 64)
+        self.warmup = 4 if cpu else 64
 
 
 class IdTokenizer:
@@ -134,21 +153,22 @@ def _llm(eng, prefix_caching: bool = False) -> LLMEngine:
                      enable_prefix_caching=prefix_caching)
 
 
-def run_uniform(eng, vocab: int, num_requests: int, seed: int = 0) -> dict:
+def run_uniform(eng, vocab: int, num_requests: int, shape: Shape, seed: int = 0) -> dict:
     from .device import random_prompts, sync
-    prompts = random_prompts(num_requests, 128, vocab, seed=seed)
+    prompts = random_prompts(num_requests, shape.input, vocab, seed=seed)
     llm = _llm(eng)
-    llm.generate(prompts[:64], 8)                                # warm-up
+    llm.generate(prompts[:shape.warmup], 8)                      # warm-up
     sync(eng.device)
-    direct = latency_stats(llm.generate(prompts, 128))
+    direct = latency_stats(llm.generate(prompts, shape.output))
     srv = LiveServer(llm, vocab)
     try:
-        drive(srv.url, prompts[:64], 8)                          # warm-up over HTTP
-        http = summarize(drive(srv.url, prompts, 128))
+        drive(srv.url, prompts[:shape.warmup], 8)                # warm-up over HTTP
+        http = summarize(drive(srv.url, prompts, shape.output))
     finally:
         srv.close()
-    return {"num_requests": num_requests, "tokenizer": srv.tokenizer, "direct": direct,
-            "http": http, "http_vs_direct": http["tokens_per_s"] / direct["tokens_per_s"]}
+    http["tokenizer"] = srv.tokenizer
+    return {"direct": direct, "http": http,
+            "http_vs_direct": http["tokens_per_s"] / direct["tokens_per_s"]}
 
 
 def prefix_prompts(n: int, vocab: int, prefix_len: int = 1024, suffix_len: int = 64) -> list:
@@ -157,16 +177,18 @@ def prefix_prompts(n: int, vocab: int, prefix_len: int = 1024, suffix_len: int =
     return [prefix + [rng.randrange(3, vocab) for _ in range(suffix_len)] for _ in range(n)]
 
 
-def run_prefix(eng, vocab: int, num_requests: int = 500) -> dict:
+def run_prefix(eng, vocab: int, num_requests: int, shape: Shape) -> dict:
     from .device import free_memory
-    prompts = prefix_prompts(num_requests, vocab)
-    out = {"num_requests": num_requests, "prefix": 1024, "suffix": 64, "output": 128}
+    prompts = prefix_prompts(num_requests, vocab, shape.prefix, shape.suffix)
+    out = {"num_requests": num_requests, "prefix": shape.prefix, "suffix": shape.suffix,
+           "output": shape.output}
     for on in (False, True):
         llm = _llm(eng, prefix_caching=on)
-        llm.generate([p[:-64] + p[-64:][::-1] for p in prompts[:8]], 4)  # warm-up (caches the prefix)
+        # warm-up (with caching on, it caches the prefix)
+        llm.generate([p[:-shape.suffix] + p[-shape.suffix:][::-1] for p in prompts[:8]], 4)
         srv = LiveServer(llm, vocab)
         try:
-            row = summarize(drive(srv.url, prompts, 128))
+            row = summarize(drive(srv.url, prompts, shape.output))
         finally:
             srv.close()
         row["prefix_hit_rate"] = llm.block_manager.prefix_hit_rate
@@ -179,41 +201,62 @@ def run_prefix(eng, vocab: int, num_requests: int = 500) -> dict:
     return out
 
 
-def run_poisson_http(eng, vocab: int, rates: list, num_requests: int) -> dict:
+def run_poisson_http(eng, vocab: int, rates: list, num_requests: int, shape: Shape) -> dict:
     from .device import random_prompts
     llm = _llm(eng)
-    prompts = random_prompts(num_requests, 128, vocab, seed=2)
-    llm.generate(prompts[:32], 8)
+    prompts = random_prompts(num_requests, shape.input, vocab, seed=2)
+    llm.generate(prompts[:shape.warmup], 8)
     srv = LiveServer(llm, vocab)
     out = {}
     try:
         for r in rates:
             out[f"{r:g}/s"] = {"rate_per_s": r, "via": "http",
-                               **summarize(drive(srv.url, prompts, 128, rate=r))}
+                               **summarize(drive(srv.url, prompts, shape.output, rate=r))}
             print("poisson_http", json.dumps(out[f"{r:g}/s"]), flush=True)
     finally:
         srv.close()
     return out
 
 
+PARTS = ("uniform", "prefix", "poisson")
+
+
 def run_http(weights, parts: set, num_requests: int, rates: Optional[list] = None,
              save=None) -> dict:
-    """The HTTP scenarios on one fp16 engine of ``weights`` (benchmarks.weights.Weights)."""
+    """The HTTP scenarios (``parts`` of PARTS; ``rates`` given: the Poisson sweep alone) on
+    one fp16 engine of ``weights`` (benchmarks.weights.Weights)."""
+    from .device import free_memory
     eng = weights.engine("fp16", MAX_BATCH, 2048, 512)
     vocab = weights.args.vocab_size
+    shape = Shape(cpu=str(eng.device).startswith("cpu"))
     save = save or (lambda _: None)
     out: dict = {}
     if rates:
-        out["poisson"] = run_poisson_http(eng, vocab, rates, num_requests)
-        save(out)
-        return out
+        parts = {"poisson"}
     if "uniform" in parts:
-        out["http_uniform_128_128"] = run_uniform(eng, vocab, num_requests)
-        print("http_uniform", json.dumps(out["http_uniform_128_128"]), flush=True)
+        r = run_uniform(eng, vocab, num_requests, shape)
+        name = f"uniform_{shape.input}_{shape.output}"
+        out.update({f"{name}_http": r["http"], f"{name}_direct": r["direct"],
+                    "http_vs_direct": r["http_vs_direct"]})
+        h = r["http"]
+        print(f"HTTP {num_requests} x {shape.input}/{shape.output}: {h['tokens_per_s']:.0f} "
+              f"tok/s, {r['http_vs_direct']:.3f} of LLMEngine directly (target >= 0.95); "
+              f"TTFT p50 {h.get('ttft_p50_s', float('nan')):.3f} s, p99 "
+              f"{h.get('ttft_p99_s', float('nan')):.3f} s; {h['failed']} failed", flush=True)
         save(out)
+    free_memory(eng.device)    # the last part's KV cache, before the next sizes its own
     if "prefix" in parts:
-        out["http_prefix_reuse"] = run_prefix(eng, vocab, min(500, num_requests))
-        print("http_prefix", json.dumps(out["http_prefix_reuse"]), flush=True)
+        r = run_prefix(eng, vocab, min(500, num_requests), shape)
+        name = f"prefix_{shape.prefix}"
+        out.update({f"{name}_no_reuse_http": r.pop("no_reuse"),
+                    f"{name}_reuse_http": r.pop("reuse"), "http_prefix_ratios": r})
+        print(f"HTTP prefix reuse: throughput {r['throughput_ratio']:.2f}x (target >= 2), "
+              f"mean TTFT {r['mean_ttft_ratio']:.2f}x (target <= 0.5)", flush=True)
+        save(out)
+    free_memory(eng.device)
+    if "poisson" in parts:
+        out["poisson"] = run_poisson_http(eng, vocab, list(rates or DEFAULT_RATES),
+                                          min(num_requests, POISSON_REQUESTS), shape)
         save(out)
     return out
 

@@ -164,6 +164,15 @@ def _serving_notes(serving: dict) -> list:
     if "uniform_vs_hf" in serving:
         out.append(f"Ours (uniform_128_128) / HF batch 32 in the same call: "
                    f"{serving['uniform_vs_hf']:.2f}x.")
+    if "http_vs_direct" in serving:
+        out.append(f"HTTP / LLMEngine directly (the uniform rows, same call): "
+                   f"{serving['http_vs_direct']:.3f} (target >= 0.95).")
+    pr = serving.get("http_prefix_ratios")
+    if pr:
+        out.append(f"Prefix reuse over HTTP ({pr['num_requests']} requests, a "
+                   f"{pr['prefix']}-token shared prefix + {pr['suffix']}, {pr['output']} out): "
+                   f"throughput {pr['throughput_ratio']:.2f}x (target >= 2), mean TTFT "
+                   f"{pr['mean_ttft_ratio']:.2f}x (target <= 0.5) of no reuse.")
     hm = serving.get("hf_batch32_mixed")
     if hm:
         out.append(f"HF padded static batch of the first 32 mixed requests: "

@@ -283,3 +283,123 @@ def test_metrics_parse_with_prometheus_parser(server):
     assert val["llama_engine_time_to_first_token_seconds_count"] > 0
     # The long prompt's second time found its full blocks cached.
     assert 0 < val["llama_engine_prefix_cache_hit_rate"] <= 1
+
+
+def teacher_forced(server, prompt_ids, n):
+    """Greedy continuation of ``prompt_ids`` (the static engine, its own cache), and the
+    teacher-forced log-softmax of every position of prompt + continuation (the engine's own numbers: fp32
+    logits of the float64 model, so values agree to fp32's rounding of a log-softmax)."""
+    import torch
+    eng = server.llm.engine
+    ids = list(prompt_ids) + eng.generate([list(prompt_ids)], n).output_ids[0]
+    lsm = torch.log_softmax(eng.forward_logits(ids).float(), -1)
+    return ids[len(prompt_ids):], lsm[len(prompt_ids) - 1:-1]
+
+
+def test_logprobs_equal_engine_log_softmax(server):
+    c, tok, n = server.client, server.tok, 6
+    prompt = PROMPTS[2]
+    want_ids, lsm = teacher_forced(server, tok.encode(prompt), n)
+    want_text = tok.decode(want_ids)
+    kw = dict(model="smol", max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+    # /v1/completions: logprobs=3
+    r = c.completions.create(prompt=prompt, logprobs=3, **kw)
+    ch = r.choices[0]
+    assert ch.text == want_text
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n
+    for k, t in enumerate(want_ids):
+        assert abs(lp.token_logprobs[k] - float(lsm[k, t])) < 1e-5, k
+        top = lsm[k].topk(3)
+        assert sorted(lp.top_logprobs[k].values(), reverse=True)[:3] == pytest.approx(
+            top.values.tolist(), abs=1e-5)
+        assert lp.tokens[k] in lp.top_logprobs[k]         # greedy: the chosen one is top
+    assert "".join(lp.tokens) == want_text
+    assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(n)]
+    # streamed: the chunks carry the same entries, each with its own text
+    chunks = list(c.completions.create(prompt=prompt, logprobs=3, stream=True, **kw))
+    got = [x for ck in chunks for ch in ck.choices if ch.logprobs for x in
+           zip(ch.logprobs.tokens, ch.logprobs.token_logprobs, ch.logprobs.text_offset)]
+    assert got == list(zip(lp.tokens, lp.token_logprobs, lp.text_offset))
+    for ck in chunks:
+        for ch in ck.choices:
+            if ch.logprobs:
+                assert ch.text == "".join(ch.logprobs.tokens)
+    # /v1/chat/completions: logprobs + top_logprobs, streaming and not
+    messages = [{"role": "user", "content": "Name a colour."}]
+    want_ids, lsm = teacher_forced(server, tok.encode_chat(messages), n)
+    r = c.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **kw)
+    content = r.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx(
+        [float(lsm[k, t]) for k, t in enumerate(want_ids)], abs=1e-5)
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == e.logprob
+               for e in content)
+    assert bytes(b for e in content for b in e.bytes).decode() == \
+        r.choices[0].message.content == tok.decode(want_ids)
+    streamed = [e for ck in c.chat.completions.create(messages=messages, logprobs=True,
+                                                      top_logprobs=2, stream=True, **kw)
+                for ch in ck.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    wait_idle(server)
+
+
+def test_logprobs_with_stop_string_n_and_echo(server):
+    c = server.client
+    kw = dict(model="smol", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+              extra_body={"ignore_eos": True})
+    full = c.completions.create(logprobs=0, **kw).choices[0]
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    cut = full.text[:full.text.find(stop)]
+    r = c.completions.create(logprobs=0, stop=[stop], n=2, **kw)
+    assert [ch.index for ch in r.choices] == [0, 1]
+    for ch in r.choices:
+        assert ch.text == cut and ch.finish_reason == "stop"
+        # the tokens whose text starts before the cut, and their values unchanged
+        k = len(ch.logprobs.tokens)
+        assert ch.logprobs.token_logprobs == full.logprobs.token_logprobs[:k]
+        assert ch.logprobs.text_offset[-1] < len(cut) <= len("".join(ch.logprobs.tokens))
+    assert r.usage.completion_tokens >= 2 * k
+    echo = c.completions.create(echo=True, **kw).choices[0].text
+    assert echo == PROMPTS[0] + full.text
+    streamed, _ = stream_text(c.completions.create(echo=True, stream=True, **kw))
+    assert streamed == echo
+    wait_idle(server)
+
+
+def test_openai_client_extras(server):
+    c = server.client
+    messages = [{"role": "user", "content": "Say hi."}]
+    r = c.chat.completions.create(model="smol", messages=messages, max_completion_tokens=3,
+                                  temperature=0, user="someone",
+                                  response_format={"type": "text"}, tool_choice="none")
+    assert r.usage.completion_tokens <= 3
+    chunks = list(c.chat.completions.create(model="smol", messages=messages, max_tokens=3,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 3
+    assert all(ck.usage is None for ck in chunks[:-1])
+    assert c.models.retrieve("smol").id == "smol"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-9")
+    # several prompts in one request: choice j*n+i is prompt j's i-th, each as if alone
+    two = c.completions.create(model="smol", prompt=PROMPTS[3:5], max_tokens=3, n=2,
+                               temperature=0)
+    alone = [c.completions.create(model="smol", prompt=p, max_tokens=3,
+                                  temperature=0).choices[0].text for p in PROMPTS[3:5]]
+    assert [(ch.index, ch.text) for ch in two.choices] == [
+        (0, alone[0]), (1, alone[0]), (2, alone[1]), (3, alone[1])]
+    assert two.usage.prompt_tokens == sum(len(server.tok.encode(p)) for p in PROMPTS[3:5])
+    with httpx.Client(timeout=60) as h:
+        chat = server.base + "/v1/chat/completions"
+        base = {"model": "smol", "messages": messages, "max_tokens": 3}
+        for field, value in (("tools", [{"type": "function", "function": {"name": "f"}}]),
+                             ("response_format", {"type": "json_object"}),
+                             ("logit_bias", {"5": 10}), ("top_logprobs", 2)):
+            err = error_of(h.post(chat, json={**base, field: value}), 400)
+            assert err["param"] == field and field in err["message"], err
+        comp = server.base + "/v1/completions"
+        base = {"model": "smol", "prompt": "Hi", "max_tokens": 3}
+        for extra, field in (({"echo": True, "logprobs": 1}, "echo"), ({"suffix": "x"},
+                                                                       "suffix")):
+            assert error_of(h.post(comp, json={**base, **extra}), 400)["param"] == field
+    wait_idle(server)

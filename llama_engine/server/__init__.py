@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP server over the inflight-batching ``LLMEngine`` (``serve.py``).
 
-``protocol`` (request bodies, errors, the OpenAI -> SamplingConfig mapping), ``text``
-(incremental detokenization, stop strings), ``loop`` (the engine thread), ``metrics``
-(Prometheus), ``app`` (the FastAPI routes) and ``build_server`` here, which wires them:
+``protocol`` (request bodies, errors, the OpenAI -> SamplingConfig mapping), ``logprobs``
+(OpenAI's log-prob shapes, token bytes), ``loop`` (the engine thread), ``metrics``
+(Prometheus), ``app`` (the FastAPI routes; text streams are ``text_stream.IncrementalText``)
+and ``build_server`` here, which wires them:
 
     server = build_server(llm, tokenizer, "smollm2")      # -> (app, EngineLoop)
 

@@ -1,8 +1,9 @@
 """The HTTP side: a FastAPI (ASGI) app answering the OpenAI API over an ``EngineLoop``.
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat
-template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Streaming
-is server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. Handlers only
+Endpoints: ``POST /v1/completions`` (one prompt or a list), ``POST /v1/chat/completions``
+(the tokenizer's chat template), ``GET /v1/models`` (and ``/v1/models/{id}``), ``GET
+/health``, ``GET /metrics`` (Prometheus text). Streaming is server-sent events in OpenAI's
+chunk format, ending with ``data: [DONE]``. Handlers only
 await queues, so the event loop never waits on a model step; a client that goes away cancels
 its request (its KV blocks are freed by the engine thread). Every error is OpenAI's JSON error
 body (protocol.py) with the HTTP status: 400 bad request, 404 unknown model or route, 413
@@ -23,13 +24,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_engine.serving.block_manager import cdiv
+from llama_engine.text_stream import IncrementalText
 
+from .logprobs import TokenText, shape
 from .loop import EngineLoop, Event, Handle, Overloaded
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body,
                        to_sampling)
-from .text import TextStream
 
+MAX_PROMPTS = 64
 FINISH = {"length": "length", "stop": "stop", "cancelled": "abort", "error": "error"}
 
 
@@ -47,6 +50,7 @@ class ServerState:
     num_blocks: int
     block_size: int
     created: int = 0
+    token_text: Optional[TokenText] = None
 
     @classmethod
     def for_engine(cls, loop: EngineLoop, tokenizer, model_name: str,
@@ -54,7 +58,8 @@ class ServerState:
         b = loop.llm.engine.config.build
         bm = loop.llm.block_manager
         return cls(loop, tokenizer, model_name, metrics, b.max_input_len, b.max_output_len,
-                   b.max_seq_len, bm.num_blocks, bm.block_size, int(time.time()))
+                   b.max_seq_len, bm.num_blocks, bm.block_size, int(time.time()),
+                   TokenText(tokenizer))
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -97,25 +102,34 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created,
+                "owned_by": "llama_engine", "max_model_len": state.max_seq_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": state.created,
-             "owned_by": "llama_engine", "max_model_len": state.max_seq_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        _check_model(state, name)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         _check_model(state, req.model)
-        if req.echo or req.suffix:
-            raise APIError(400, "echo and suffix are not supported by this engine",
-                           param="echo" if req.echo else "suffix")
-        ids = _prompt_ids(state, req.prompt)
+        req.check_supported()
+        prompts = _prompts(req.prompt)
+        ids = [_prompt_ids(state, p) for p in prompts]
+        echo = [p if isinstance(p, str) else state.tokenizer.decode(p)
+                for p in prompts] if req.echo else None
         return await _serve(state, request, req, ids, "completion", req.logprobs,
-                            req.max_tokens)
+                            req.max_tokens, echo)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         _check_model(state, req.model)
+        req.check_supported()
         tok = state.tokenizer
         if not tok.has_chat_template:
             raise APIError(400, f"the tokenizer ({tok.source}) has no chat template",
@@ -128,7 +142,7 @@ def create_app(state: ServerState) -> FastAPI:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
-        return await _serve(state, request, req, ids, "chat", logprobs, max_tokens)
+        return await _serve(state, request, req, [ids], "chat", logprobs, max_tokens)
 
     return app
 
@@ -139,12 +153,17 @@ def _check_model(state: ServerState, name: Optional[str]) -> None:
                        f"{state.model_name!r}", param="model", code="model_not_found")
 
 
-def _prompt_ids(state: ServerState, prompt) -> list[int]:
+def _prompts(prompt) -> list:
+    """A completions ``prompt`` as a list of prompts (text or token ids): OpenAI takes one
+    or a list of several."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, "one prompt per request (send several requests, or use n)",
-                           param="prompt")
-        prompt = prompt[0]
+        if len(prompt) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+        return list(prompt)
+    return [prompt]
+
+
+def _prompt_ids(state: ServerState, prompt) -> list[int]:
     if isinstance(prompt, str):
         return state.tokenizer.encode(prompt, add_bos=True)
     vocab = state.tokenizer.vocab_size
@@ -177,28 +196,29 @@ def _max_tokens(state: ServerState, n_prompt: int, max_tokens: Optional[int],
     return max_tokens
 
 
-async def _serve(state: ServerState, request: Request, req, ids: list, kind: str,
-                 logprobs: Optional[int], max_tokens: Optional[int]):
+async def _serve(state: ServerState, request: Request, req, prompts: list, kind: str,
+                 logprobs: Optional[int], max_tokens: Optional[int],
+                 echo: Optional[list] = None):
+    """``prompts``: token ids of each prompt; choice ``j * n + i`` is prompt j's i-th."""
     stops = req.stop_strings()
-    max_tokens = _max_tokens(state, len(ids), max_tokens,
-                             "messages" if kind == "chat" else "prompt")
+    limits = [_max_tokens(state, len(ids), max_tokens,
+                          "messages" if kind == "chat" else "prompt") for ids in prompts]
     samplings = [to_sampling(req, logprobs, i) for i in range(req.n)]
-    if logprobs is not None:
-        # SamplingConfig takes it, but nothing in a RequestOutput carries the values yet.
-        raise APIError(400, "logprobs is not supported by this engine", param="logprobs",
-                       code="unsupported_parameter")
     stop_ids = tuple(req.stop_token_ids) + (() if req.ignore_eos
                                             else tuple(state.tokenizer.end_ids))
     events: asyncio.Queue = asyncio.Queue()
     aloop = asyncio.get_running_loop()
-    handles = [Handle(ids, s, max_tokens, stop_ids, i, events, aloop)
+    handles = [Handle(ids, s, limit, stop_ids, j * req.n + i, events, aloop)
+               for j, (ids, limit) in enumerate(zip(prompts, limits))
                for i, s in enumerate(samplings)]
+    echo = [e for e in echo for _ in range(req.n)] if echo else None
     try:
         state.loop.submit(handles)
     except Overloaded as e:
         raise APIError(503, f"server overloaded: {e}", "server_overloaded",
                        code="overloaded") from e
-    run = _Run(state, handles, events, stops, kind, len(ids))
+    run = _Run(state, handles, events, stops, kind, sum(map(len, prompts)),
+               logprobs is not None, echo)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(run.sse(include_usage), media_type="text/event-stream",
@@ -207,12 +227,19 @@ async def _serve(state: ServerState, request: Request, req, ids: list, kind: str
 
 
 class _Run:
-    """One HTTP request's n engine requests, turned into OpenAI responses."""
+    """One HTTP request's engine requests (n per prompt), turned into OpenAI responses."""
 
     def __init__(self, state: ServerState, handles: list, events: asyncio.Queue, stops: list,
-                 kind: str, num_prompt: int):
+                 kind: str, num_prompt: int, logprobs: bool = False,
+                 echo: Optional[list] = None):
         self.state, self.handles, self.events, self.kind = state, handles, events, kind
-        self.streams = [TextStream(state.tokenizer, stops) for _ in handles]
+        self.streams = [IncrementalText(state.tokenizer, stops, offsets=logprobs)
+                        for _ in handles]
+        self.echo = echo            # per choice: its prompt's text (completions' echo)
+        # With log-probs, per choice: (id, log-prob, top) of every token received, and the
+        # entries (with their text offsets) already released with their text.
+        self.lp_in: Optional[list] = [[] for _ in handles] if logprobs else None
+        self.lp_out: Optional[list] = [[] for _ in handles] if logprobs else None
         self.counts = [0] * len(handles)
         self.reasons: list[Optional[str]] = [None] * len(handles)
         self.num_prompt = num_prompt
@@ -223,16 +250,19 @@ class _Run:
         for h in self.handles:
             self.state.loop.cancel(h)
 
-    def apply(self, ev: Event) -> tuple[str, Optional[str]]:
-        """An event -> (new text, finish reason if this choice ended now)."""
+    def apply(self, ev: Event) -> tuple[str, Optional[str], Optional[list]]:
+        """An event -> (new text, finish reason if this choice ended now, the log-prob
+        entries going out with that text: None without log-probs)."""
         i = ev.index
         if self.reasons[i] is not None:
-            return "", None              # already ended (a stop string): later news is moot
+            return "", None, None        # already ended (a stop string): later news is moot
         if ev.error:
             self.reasons[i] = "error"
             raise APIError(400, ev.error, code="request_refused")
         s = self.streams[i]
         self.counts[i] += len(ev.token_ids)
+        if self.lp_in is not None:
+            self.lp_in[i].extend(ev.logprobs or ())
         text = s.push(ev.token_ids)
         if s.stopped:
             self.state.loop.cancel(self.handles[i])
@@ -240,7 +270,19 @@ class _Run:
         elif ev.finished:
             text += s.finish()
             self.reasons[i] = FINISH.get(ev.finish_reason, ev.finish_reason)
-        return text, self.reasons[i]
+        return text, self.reasons[i], self._released(i)
+
+    def _released(self, i: int) -> Optional[list]:
+        if self.lp_in is None:
+            return None
+        s, start = self.streams[i], len(self.lp_out[i])
+        end = min(s.released(start), len(self.lp_in[i]))
+        new = [(*self.lp_in[i][k], s.offsets[k]) for k in range(start, end)]
+        self.lp_out[i].extend(new)
+        return new
+
+    def _logprobs(self, entries: Optional[list]):
+        return shape(self.kind, entries, self.state.token_text)
 
     @property
     def pending(self) -> bool:
@@ -265,27 +307,32 @@ class _Run:
         finally:
             self.cancel_all()
         texts = [s.output_text for s in self.streams]
+        lps = [self._logprobs(self.lp_out[i] if self.lp_out else None)
+               for i in range(len(texts))]
         if self.kind == "chat":
             choices = [{"index": i, "message": {"role": "assistant", "content": t},
-                        "logprobs": None, "finish_reason": r}
+                        "logprobs": lps[i], "finish_reason": r}
                        for i, (t, r) in enumerate(zip(texts, self.reasons))]
             obj = "chat.completion"
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+            choices = [{"index": i, "text": (self.echo[i] if self.echo else "") + t,
+                        "logprobs": lps[i],
+                        "finish_reason": r}
                        for i, (t, r) in enumerate(zip(texts, self.reasons))]
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created,
                 "model": self.state.model_name, "choices": choices, "usage": self.usage()}
 
     def _chunk(self, i: int, text: Optional[str], reason: Optional[str],
-               role: bool = False) -> str:
+               role: bool = False, lps: Optional[list] = None) -> str:
+        lp = self._logprobs(lps) if lps is not None else None
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else (
                 {"content": text} if text else {})
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}
             obj = "text_completion"
         return self._sse({"id": self.id, "object": obj, "created": self.created,
                           "model": self.state.model_name, "choices": [choice]})
@@ -299,6 +346,9 @@ class _Run:
             if self.kind == "chat":
                 for i in range(len(self.handles)):
                     yield self._chunk(i, None, None, role=True)
+            elif self.echo:
+                for i in range(len(self.handles)):
+                    yield self._chunk(i, self.echo[i], None)
             while self.pending:
                 # Everything queued goes out in one write: a busy event loop sends fewer,
                 # fuller chunks instead of falling behind.
@@ -308,12 +358,12 @@ class _Run:
                 out = []
                 for ev in evs:
                     try:
-                        text, reason = self.apply(ev)
+                        text, reason, lps = self.apply(ev)
                     except APIError as e:
                         out.append(self._sse(e.body()))
                         continue
-                    if text or reason:
-                        out.append(self._chunk(ev.index, text, reason))
+                    if text or reason or lps:
+                        out.append(self._chunk(ev.index, text, reason, lps=lps))
                 if out:
                     yield "".join(out)
             if include_usage:

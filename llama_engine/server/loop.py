@@ -36,6 +36,9 @@ class Event:
     finish_reason: Optional[str] = None   # "length", "stop", "cancelled", "error"
     error: Optional[str] = None
     num_prompt_tokens: int = 0
+    # Per new token when the request asked for log-probs: (id, log-prob, [(id, log-prob)]
+    # top N or None).
+    logprobs: Optional[list] = None
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Handle:
     request_id: Optional[int] = None      # the LLMEngine's id, set by the engine thread
     cancelled: bool = False
     done: bool = False
+    num_sent: int = 0                     # output tokens already posted
     extra: dict = field(default_factory=dict)
 
     def post(self, ev: Event) -> None:
@@ -141,9 +145,7 @@ class EngineLoop:
                     self._retire(h)
                     if self.metrics is not None:
                         self.metrics.observe_finished(out.sequence, reason)
-                posts.setdefault(h.loop, []).append(
-                    (h, Event(h.index, list(out.new_token_ids), out.finished, reason,
-                              out.error, out.sequence.num_prompt_tokens)))
+                posts.setdefault(h.loop, []).append((h, self._event(h, out, reason)))
             for aloop, items in posts.items():
                 try:
                     aloop.call_soon_threadsafe(_deliver, items)
@@ -151,6 +153,25 @@ class EngineLoop:
                     pass
             if self.metrics is not None:
                 self.metrics.observe_step(self.llm, new_tokens)
+
+    @staticmethod
+    def _event(h: Handle, out, reason: Optional[str]) -> Event:
+        new = list(out.new_token_ids)
+        lps = None
+        seq = out.sequence
+        if getattr(h.sampling, "logprobs", None) is not None:
+            # new_token_ids are output_ids[num_sent:num_sent + len(new)] (RequestOutput);
+            # the sequence keeps a log-prob for each output id.
+            # (A token without one, which no path makes today, reads as -inf rather than
+            # stopping this thread.)
+            start, n = h.num_sent, len(new)
+            vals = seq.logprobs[start:start + n]
+            tops = seq.top_logprobs[start:start + n]
+            vals += [float("-inf")] * (n - len(vals))
+            tops += [None] * (n - len(tops))
+            lps = list(zip(new, vals, tops))
+        h.num_sent += len(new)
+        return Event(h.index, new, out.finished, reason, out.error, seq.num_prompt_tokens, lps)
 
     def _drain(self, block: bool) -> None:
         try:

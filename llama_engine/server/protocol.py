@@ -61,7 +61,19 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     min_tokens: int = Field(0, ge=0)
-    user: Optional[str] = None
+    user: Optional[str] = None                        # accepted and ignored
+    logit_bias: Optional[dict[str, float]] = None
+
+    def check_supported(self) -> None:
+        """A 400 naming the first field set to something this engine does not do (a client
+        must not get an answer that silently ignored it)."""
+        for name, value in self._unsupported():
+            if value:
+                raise APIError(400, f"{name} is not supported by this engine", param=name,
+                               code="unsupported_parameter")
+
+    def _unsupported(self) -> list:
+        return [("logit_bias", self.logit_bias)]
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -78,6 +90,13 @@ class CompletionRequest(_Common):
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1)
+
+    def _unsupported(self) -> list:
+        # echo with logprobs would need the prompt's log-probs, which no step computes.
+        return super()._unsupported() + [
+            ("suffix", self.suffix), ("best_of", self.best_of not in (None, self.n)),
+            ("echo", self.echo and self.logprobs is not None)]
 
 
 class ChatMessage(BaseModel):
@@ -102,6 +121,24 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    response_format: Optional[dict] = None
+    tools: Optional[list] = None
+    tool_choice: Union[str, dict, None] = None
+    functions: Optional[list] = None
+    function_call: Union[str, dict, None] = None
+    parallel_tool_calls: Optional[bool] = None        # accepted: meaningless without tools
+
+    def check_supported(self) -> None:
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        super().check_supported()
+
+    def _unsupported(self) -> list:
+        fmt = (self.response_format or {}).get("type", "text")
+        return super()._unsupported() + [
+            ("response_format", fmt != "text"), ("tools", self.tools),
+            ("tool_choice", self.tool_choice not in (None, "none", "auto")),
+            ("functions", self.functions), ("function_call", self.function_call)]
 
 
 # OpenAI parameter -> (SamplingConfig field, neutral value meaning "off").

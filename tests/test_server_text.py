@@ -1,0 +1,76 @@
+"""The one incremental detokenizer (``text_stream.IncrementalText``) and run.py's
+``--streaming`` printer on it: streamed text ends exactly where the final output ends, with
+stop words (token ids, the engines' one stopping rule) held back until they cannot be one and
+never shown once complete; log-prob offsets released with their text. A byte tokenizer makes
+multi-byte characters span tokens; run.py on SmolLM2 checks it end to end."""
+from __future__ import annotations
+
+import io
+import re
+
+from llama_engine.sampling import cut_at_stop
+from llama_engine.text_stream import IncrementalText, TextStream
+
+
+class ByteTok:
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def ids_of(text):
+    return list(text.encode())
+
+
+def test_printer_holds_back_stop_words_and_never_shows_them():
+    text = "café, then: STOP and more"
+    stops = [ids_of("STOP"), ids_of(": X")]        # ": X" starts like ": S" then fails
+    want_ids, stopped = cut_at_stop(ids_of(text), [], stops)
+    assert stopped
+    buf = io.StringIO()
+    s = TextStream(ByteTok(), [[0]], end_ids=[], file=buf, stop_words=stops)
+    seen = []
+    for step, t in enumerate(ids_of(text)):
+        s.step(step, [t])
+        seen.append(buf.getvalue())
+        assert "S" not in buf.getvalue() and "\ufffd" not in buf.getvalue()
+    s.close()
+    assert buf.getvalue() == bytes(want_ids).decode() + "\n" == "café, then: \n"
+    # ": " was held while it could still become ": X", then shown once "S" broke it
+    at = len(ids_of("café, then:"))
+    assert seen[at - 1].endswith("then") and seen[at + 1].endswith("then: ")
+
+
+def test_printer_flushes_a_held_prefix_at_the_end_and_stops_at_end_ids():
+    for tokens, stops, want in ((ids_of("abc ST"), [ids_of("STOP")], "abc ST"),
+                                (ids_of("ab") + [0] + ids_of("cd"), [], "ab")):
+        buf = io.StringIO()
+        s = TextStream(ByteTok(), [[0], [1]], end_ids=[0], file=buf, stop_words=stops)
+        for step, t in enumerate(tokens):
+            s.step(step, [t, 65])
+        s.close()
+        first = "".join(re.findall(r"^\[Text 0\] (.*)$", buf.getvalue(), re.M))
+        assert first == want
+
+
+def test_incremental_text_offsets_release_with_their_text():
+    text = "aé b"
+    s = IncrementalText(ByteTok(), stop=[" b"], offsets=True)
+    out = s.push(ids_of(text)[:3])          # "a", then the two bytes of "é"
+    assert out == "a" and s.offsets == [0, 1, 1] and s.released() == 1
+    out += s.push(ids_of(text)[3:])
+    assert out == "aé" and s.stopped and s.released() == 3   # " b" cut: its bytes held
+
+
+def test_run_streaming_ends_where_the_output_ends(smol_engine, capsys):
+    import run
+    base = ["--engine_dir", str(smol_engine), "--max_output_len", "12", "--input_text",
+            "Once upon a time", "--streaming"]
+    assert run.main(base) == 0
+    final = capsys.readouterr().out.split('Output: "', 1)[1].split('"\n', 1)[0]
+    word = final.split()[len(final.split()) // 2]              # a word from the middle
+    for extra in ([], ["--use_inflight_batching"]):
+        assert run.main(base + ["--stop_words", " " + word] + extra) == 0
+        out = capsys.readouterr().out
+        streamed, rest = out.split("\nInput: ", 1)
+        cut = rest.split('Output: "', 1)[1].split('"\n', 1)[0]
+        assert streamed == cut and len(cut) < len(final), (extra, streamed, cut)
