@@ -42,6 +42,7 @@ from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A1
                      ModelArgs, QuantConfig)
 from .kernels import linear as K
 from .names import linear_prefixes, linear_shape
+from .quant_fp8 import Fp8Linear, check_fp8_flags, fp8_quant_config, quantize_fp8_linear
 from .quant_int4 import WeightOnlyInt4ZeroLinear, quantize_int4_zp
 from .quant_kv import _kv_scales, kv_cache_scale, kv_channel_scales, quantize_kv  # noqa: F401
 from .smoothquant import smooth_unified
@@ -340,6 +341,8 @@ def linear_class(prefix: str, quant: QuantConfig) -> type:
         return WeightOnlyInt4Linear
     if quant.is_smooth_quant:
         return SmoothQuantLinear
+    if quant.is_fp8:
+        return Fp8Linear
     raise ConfigError(f"unsupported quant_algo {quant.quant_algo!r}")
 
 
@@ -362,7 +365,8 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
                          has_act_stats: bool = False, has_kv_stats: bool = False,
                          ckpt_quant: Optional[QuantConfig] = None,
                          smoothquant_alpha: Optional[float] = None,
-                         has_zero_point: bool = False) -> QuantConfig:
+                         has_zero_point: bool = False, fp8: Optional[tuple] = None
+                         ) -> QuantConfig:
     """Check build/convert quantization flags; return the QuantConfig they ask for.
 
     ``group_size`` None means the default (int4: 128, int8: per channel); 0 means per channel.
@@ -371,7 +375,11 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
     W4A16_GPTQ, always with zeros). ``has_zero_point``: int4 / int4_awq with zero points
     (asymmetric). ``smoothquant_alpha`` None means 0.5. ``has_act_stats`` / ``has_kv_stats``: calibrated SmoothQuant statistics / KV scales are
     available (from calibration or a calibrated checkpoint). ``ckpt_quant``: the quantization
-    of an already-quantized checkpoint being built; the flags must agree with it."""
+    of an already-quantized checkpoint being built; the flags must agree with it. ``fp8``:
+    (per_channel, dynamic_act) for FP8 W8A8 (quant_fp8.py), None for no FP8."""
+    if fp8 is not None:
+        check_fp8_flags(use_weight_only, use_smooth_quant, per_token, per_channel,
+                        has_zero_point, group_size)
     if use_smooth_quant and use_weight_only:
         raise ConfigError("--use_smooth_quant cannot be combined with --use_weight_only: "
                           "SmoothQuant already quantizes the weights to int8 (TensorRT-LLM "
@@ -420,6 +428,11 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
         quant.quant_algo = SQ_ALGOS[(bool(per_channel), bool(per_token))]
         quant.smoothquant_val = (DEFAULT_SQ_ALPHA if smoothquant_alpha is None
                                  else float(smoothquant_alpha))
+    if fp8 is not None:
+        if not fp8[1] and not has_act_stats and ckpt_quant is None:
+            raise ConfigError("FP8 with static activation scales needs calibration: run "
+                              "hf_llama_convert.py --qformat fp8 (or add --fp8_dynamic_act)")
+        quant = fp8_quant_config(*fp8)
     if int8_kv_cache:
         if not has_kv_stats:
             raise ConfigError("--int8_kv_cache needs calibrated scales: run hf_llama_convert.py "
@@ -429,8 +442,9 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
 
     if ckpt_quant is not None and ckpt_quant.quant_algo:
         if quant.quant_algo and (quant.quant_algo, quant.int4_group_size,
-                                 quant.int4_zero_point) != (
-                ckpt_quant.quant_algo, ckpt_quant.int4_group_size, ckpt_quant.int4_zero_point):
+                                 quant.int4_zero_point, quant.describe()) != (
+                ckpt_quant.quant_algo, ckpt_quant.int4_group_size, ckpt_quant.int4_zero_point,
+                ckpt_quant.describe()):
             raise ConfigError(f"the checkpoint is already quantized as {ckpt_quant.describe()}; "
                               f"the flags ask for {quant.describe()} (drop the quantization "
                               "flags or convert again)")
@@ -645,6 +659,8 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
         ones = torch.ones(w.shape[1], dtype=scale_dtype, device=w.device)
         return ({"weight": p, "weights_scaling_factor": s, "prequant_scaling_factor": ones},
                 dequantize_int4(p, s, g))
+    if quant.is_fp8:
+        return quantize_fp8_linear(w, quant, x_max, prefix)
     if quant.is_smooth_quant:
         if quant.sq_per_channel:
             q, s, _ = quantize_int8_per_channel(w, torch.float32)
