@@ -42,7 +42,7 @@ from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A1
                      ModelArgs, QuantConfig)
 from .kernels import linear as K
 from .names import linear_prefixes, linear_shape
-from .quant_fp8 import Fp8Linear, check_fp8_flags, fp8_quant_config, quantize_fp8_linear
+from .quant_fp8 import Fp8Linear, fp8_from_flags, quantize_fp8_linear
 from .quant_int4 import WeightOnlyInt4ZeroLinear, quantize_int4_zp
 from .quant_kv import _kv_scales, kv_cache_scale, kv_channel_scales, quantize_kv  # noqa: F401
 from .smoothquant import smooth_unified
@@ -365,8 +365,7 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
                          has_act_stats: bool = False, has_kv_stats: bool = False,
                          ckpt_quant: Optional[QuantConfig] = None,
                          smoothquant_alpha: Optional[float] = None,
-                         has_zero_point: bool = False, fp8: Optional[tuple] = None
-                         ) -> QuantConfig:
+                         has_zero_point: bool = False, fp8=None) -> QuantConfig:
     """Check build/convert quantization flags; return the QuantConfig they ask for.
 
     ``group_size`` None means the default (int4: 128, int8: per channel); 0 means per channel.
@@ -377,9 +376,9 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
     available (from calibration or a calibrated checkpoint). ``ckpt_quant``: the quantization
     of an already-quantized checkpoint being built; the flags must agree with it. ``fp8``:
     (per_channel, dynamic_act) for FP8 W8A8 (quant_fp8.py), None for no FP8."""
-    if fp8 is not None:
-        check_fp8_flags(use_weight_only, use_smooth_quant, per_token, per_channel,
-                        has_zero_point, group_size)
+    fp8q = fp8 and fp8_from_flags(fp8, has_act_stats or ckpt_quant is not None, use_weight_only,
+                                  use_smooth_quant, per_token, per_channel, has_zero_point,
+                                  group_size)
     if use_smooth_quant and use_weight_only:
         raise ConfigError("--use_smooth_quant cannot be combined with --use_weight_only: "
                           "SmoothQuant already quantizes the weights to int8 (TensorRT-LLM "
@@ -397,7 +396,7 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
         raise ConfigError("--has_zero_point applies to int4 weight-only; add --use_weight_only "
                           "--weight_only_precision int4 (or int4_awq)")
 
-    quant = QuantConfig()
+    quant = fp8q or QuantConfig()
     if use_weight_only:
         if weight_only_precision not in WEIGHT_ONLY_PRECISIONS:
             raise ConfigError(f"--weight_only_precision must be int8 or int4 (or int4_awq, "
@@ -428,11 +427,6 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
         quant.quant_algo = SQ_ALGOS[(bool(per_channel), bool(per_token))]
         quant.smoothquant_val = (DEFAULT_SQ_ALPHA if smoothquant_alpha is None
                                  else float(smoothquant_alpha))
-    if fp8 is not None:
-        if not fp8[1] and not has_act_stats and ckpt_quant is None:
-            raise ConfigError("FP8 with static activation scales needs calibration: run "
-                              "hf_llama_convert.py --qformat fp8 (or add --fp8_dynamic_act)")
-        quant = fp8_quant_config(*fp8)
     if int8_kv_cache:
         if not has_kv_stats:
             raise ConfigError("--int8_kv_cache needs calibrated scales: run hf_llama_convert.py "
@@ -442,9 +436,9 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
 
     if ckpt_quant is not None and ckpt_quant.quant_algo:
         if quant.quant_algo and (quant.quant_algo, quant.int4_group_size,
-                                 quant.int4_zero_point, quant.describe()) != (
+                                 quant.int4_zero_point, quant.fp8_per_channel) != (
                 ckpt_quant.quant_algo, ckpt_quant.int4_group_size, ckpt_quant.int4_zero_point,
-                ckpt_quant.describe()):
+                ckpt_quant.fp8_per_channel) or quant.fp8_dynamic_act != ckpt_quant.fp8_dynamic_act:
             raise ConfigError(f"the checkpoint is already quantized as {ckpt_quant.describe()}; "
                               f"the flags ask for {quant.describe()} (drop the quantization "
                               "flags or convert again)")

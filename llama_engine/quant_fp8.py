@@ -31,7 +31,7 @@ from .kernels.fp8 import E4M3_MAX, FP8_DTYPE, fp8_supported
 from .kernels.ops import linear_fp8
 
 __all__ = ["E4M3_MAX", "FP8_DTYPE", "Fp8Linear", "quantize_fp8", "dequantize_fp8",
-           "fp8_quant_config", "quantize_fp8_linear", "check_fp8_flags", "act_scale_from_amax"]
+           "fp8_quant_config", "quantize_fp8_linear", "fp8_from_flags", "act_scale_from_amax"]
 
 AMAX_EPS = 1e-12
 
@@ -152,10 +152,13 @@ def fp8_quant_config(per_channel: bool = False, dynamic_act: bool = False) -> Qu
     return QuantConfig(quant_algo=algo, fp8_per_channel=per_channel, fp8_dynamic_act=dynamic_act)
 
 
-def check_fp8_flags(use_weight_only: bool = False, use_smooth_quant: bool = False,
-                    per_token: bool = False, per_channel: bool = False,
-                    has_zero_point: bool = False, group_size=None) -> None:
-    """FP8 quantizes weights and activations itself: every other weight mode is refused."""
+def fp8_from_flags(fp8: tuple, calibrated: bool, use_weight_only: bool = False,
+                   use_smooth_quant: bool = False, per_token: bool = False,
+                   per_channel: bool = False, has_zero_point: bool = False,
+                   group_size=None) -> QuantConfig:
+    """``fp8`` = (per_channel, dynamic_act) -> QuantConfig. FP8 quantizes weights and
+    activations itself: every other weight mode is refused; static activation scales need
+    ``calibrated`` statistics (or an already-quantized checkpoint)."""
     if use_smooth_quant:
         raise ConfigError("FP8 cannot be combined with SmoothQuant: FP8 already quantizes "
                           "weights and activations (drop --use_smooth_quant / -sq)")
@@ -165,6 +168,10 @@ def check_fp8_flags(use_weight_only: bool = False, use_smooth_quant: bool = Fals
     if per_token or per_channel:
         raise ConfigError("--per_token / --per_channel are SmoothQuant's; for FP8 use "
                           "--fp8_per_channel / --fp8_dynamic_act")
+    if not fp8[1] and not calibrated:
+        raise ConfigError("FP8 with static activation scales needs calibration: run "
+                          "hf_llama_convert.py --qformat fp8 (or add --fp8_dynamic_act)")
+    return fp8_quant_config(*fp8)
 
 
 def quantize_fp8_linear(w: torch.Tensor, quant: QuantConfig, x_max: Optional[torch.Tensor],

@@ -185,8 +185,7 @@ def to_trtllm(tensors: dict, args: ModelArgs, quant: QuantConfig, dtype: Optiona
         int4_group_to_trtllm(out, _linear_prefixes(args), quant, fdt, _need)
     elif quant.is_smooth_quant:
         _sq_to_trtllm(out, args, quant)
-    elif quant.is_fp8:
-        fp8_to_trtllm(out, _linear_prefixes(args), quant, qdict, _need, extensions)
+    fp8_to_trtllm(out, _linear_prefixes(args), quant, qdict, _need, extensions)  # FP8 only
 
     for name in [k for k in out if k.endswith(".kv_cache_rcp_scaling_factor")]:
         del out[name]  # TensorRT-LLM derives it (preprocess_weights)
@@ -287,8 +286,7 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
         int4_group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need, args)
     elif quant.is_smooth_quant:
         _sq_from_trtllm(out, args, quant)
-    elif quant.is_fp8:
-        fp8_from_trtllm(out, _linear_prefixes(args), quant, _need)
+    fp8_from_trtllm(out, _linear_prefixes(args), quant, _need)  # FP8 only
     if quant.int8_kv_cache:
         for i in range(args.num_hidden_layers):
             n = f"transformer.layers.{i}.attention.kv_cache_scaling_factor"

@@ -67,7 +67,10 @@ def fp8_to_trtllm(out: dict, prefixes: list, quant: QuantConfig, qdict: dict, ne
                   extensions: bool = False) -> None:
     """Ours -> TensorRT-LLM, in place on ``out`` (tensors) and ``qdict`` (its quantization).
     ``extensions`` (our own checkpoints): our mixed combinations are kept (quant_algo FP8 plus
-    our two fields); without it (an export for TensorRT-LLM) they are refused."""
+    our two fields); without it (an export for TensorRT-LLM) they are refused. No-op
+    unless ``quant`` is FP8."""
+    if not quant.is_fp8:
+        return
     if extensions and trtllm_fp8_algo_or_none(quant) is None:
         for p in prefixes:
             _check(out, p, quant, need)
@@ -90,7 +93,10 @@ def trtllm_fp8_algo_or_none(quant: QuantConfig):
 
 def fp8_from_trtllm(out: dict, prefixes: list, quant: QuantConfig, need) -> None:
     """TensorRT-LLM -> ours, in place. FP8_PER_CHANNEL_PER_TOKEN sets both FP8 fields; FP8
-    keeps what the checkpoint's quantization dict says (our extension; default: neither)."""
+    keeps what the checkpoint's quantization dict says (our extension; default: neither).
+    No-op unless ``quant`` is FP8."""
+    if not quant.is_fp8:
+        return
     if quant.quant_algo == FP8_PCPT:
         quant.fp8_per_channel = quant.fp8_dynamic_act = True
     for p in prefixes:

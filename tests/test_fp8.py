@@ -102,7 +102,7 @@ def test_fused_gate_up_per_tensor_scales_become_per_row():
 # Triton kernels in the interpreter
 # --------------------------------------------------------------------------------------------
 needs_interp = pytest.mark.skipif(not interpreter_on(),
-                                  reason="needs TRITON_INTERPRET=1 (conftest sets it without a GPU)")
+                                  reason="needs TRITON_INTERPRET=1 (conftest sets it, no GPU)")
 
 
 def _exact_acts(m, k, seed, dynamic):
