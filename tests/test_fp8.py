@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, interpreter_on
 from llama_engine.config import FP8, FP8_PCPT, ConfigError, ModelArgs, QuantConfig
-from llama_engine.formats.fp8_hf import fp8_hf_scheme, fp8_hf_to_unified, pack_fp8_hf
+from llama_engine.formats.fp8_hf import fp8_hf_scheme, pack_fp8_hf
 from llama_engine.kernels import fp8 as kf
 from llama_engine.kernels.tuning import SkinnyCfg
 from llama_engine.quant import make_linear, quantize_checkpoint, validate_quant_flags
