@@ -360,3 +360,26 @@ def test_build_random_fp8_engine_runs(tmp_path):
     assert json.dumps(cfg).count("speed-only") >= 1
     ids = Engine.from_dir(str(out)).generate([[1, 2, 3]], max_new_tokens=4).output_ids
     assert len(ids[0]) == 4
+
+
+@pytest.mark.parametrize("per_channel,dynamic", [(False, False), (True, True)])
+def test_tensor_parallel_shards_compute_the_same(per_channel, dynamic):
+    """Column-parallel qkv: shards' outputs concatenate to the whole; row-parallel dense:
+    shards' outputs sum to it (FP8 per-tensor scales replicate)."""
+    from llama_engine import parallel
+    args, quant, tensors = _fp8_ckpt(per_channel, dynamic)
+    shards = [parallel.shard_checkpoint(tensors, args, quant, 2, r) for r in range(2)]
+
+    def lin(t, p):
+        return make_linear(p, {k.rsplit(".", 1)[1]: v for k, v in t.items()
+                               if k.startswith(p + ".")}, quant)
+    x = _w(3, args.hidden_size, seed=7, scale=1.0).float()
+    dense = "transformer.layers.0.attention.dense"
+    full = lin(tensors, dense)(x)
+    parts = [lin(s, dense)(x[:, r * 32:(r + 1) * 32]) for r, s in enumerate(shards)]
+    if dynamic:   # per-token scales of half rows differ from the whole row's: close, not equal
+        assert torch.allclose(parts[0] + parts[1], full, rtol=0.1, atol=0.05)
+    else:
+        assert torch.allclose(parts[0] + parts[1], full, rtol=1e-5, atol=1e-6)
+    fc = "transformer.layers.0.mlp.fc"
+    assert torch.equal(torch.cat([lin(s, fc)(x) for s in shards], dim=-1), lin(tensors, fc)(x))
