@@ -435,10 +435,10 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
         quant.kv_cache_quant_algo = KV_INT8
 
     if ckpt_quant is not None and ckpt_quant.quant_algo:
-        if quant.quant_algo and (quant.quant_algo, quant.int4_group_size,
-                                 quant.int4_zero_point, quant.fp8_per_channel) != (
-                ckpt_quant.quant_algo, ckpt_quant.int4_group_size, ckpt_quant.int4_zero_point,
-                ckpt_quant.fp8_per_channel) or quant.fp8_dynamic_act != ckpt_quant.fp8_dynamic_act:
+        def form(c):
+            return c.quant_algo, c.int4_group_size, c.int4_zero_point, c.fp8_per_channel, \
+                c.fp8_dynamic_act
+        if quant.quant_algo and form(quant) != form(ckpt_quant):
             raise ConfigError(f"the checkpoint is already quantized as {ckpt_quant.describe()}; "
                               f"the flags ask for {quant.describe()} (drop the quantization "
                               "flags or convert again)")

@@ -383,3 +383,46 @@ def test_tensor_parallel_shards_compute_the_same(per_channel, dynamic):
         assert torch.allclose(parts[0] + parts[1], full, rtol=1e-5, atol=1e-6)
     fc = "transformer.layers.0.mlp.fc"
     assert torch.equal(torch.cat([lin(s, fc)(x) for s in shards], dim=-1), lin(tensors, fc)(x))
+
+
+def test_convert_qformat_fp8_then_build_and_hf_fp8_dir(tiny_hf_factory, tmp_path):
+    """hf_llama_convert.py --qformat fp8 (calibrated, synthetic prompts: no tokenizer here) ->
+    build --ckpt_dir -> run; and a packed HF FP8 directory converted as it is gives the same
+    greedy tokens as the float engine on the same weights, within FP8's rounding."""
+    import build
+    import hf_llama_convert
+    from safetensors.torch import save_file
+
+    from llama_engine.runner import Engine
+    from weight import load_hf
+    src = tiny_hf_factory()
+    ck = tmp_path / "ck"
+    assert hf_llama_convert.main(["-i", str(src), "-o", str(ck), "--qformat", "fp8",
+                                  "--calib_dataset", "synthetic", "--calib_size", "4",
+                                  "--max_input_length", "16", "--dtype", "float32",
+                                  "--no_progress", "--device", "cpu"]) == 0
+    cfg = json.loads((ck / "config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] == FP8
+    eng = tmp_path / "eng"
+    lim = ["--max_batch_size", "1", "--max_input_len", "16", "--max_output_len", "4"]
+    assert build.main(["--ckpt_dir", str(ck), "--output_dir", str(eng), *lim]) == 0
+    assert len(Engine.from_dir(str(eng)).generate([[5, 6, 7]], 4).output_ids[0]) == 4
+    # a HF FP8 checkpoint (compressed-tensors, dynamic) made by the packer, converted as it is
+    args, hf = load_hf(str(src))
+    qc, packed = pack_fp8_hf(hf, per_channel=True)
+    d = tmp_path / "hf_fp8"
+    d.mkdir()
+    save_file({k: v.contiguous() for k, v in packed.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                               "quantization_config": qc}))
+    ck2, eng2 = tmp_path / "ck2", tmp_path / "eng2"
+    assert hf_llama_convert.main(["-i", str(d), "-o", str(ck2), "--dtype", "float32"]) == 0
+    assert build.main(["--ckpt_dir", str(ck2), "--output_dir", str(eng2), *lim]) == 0
+    q = json.loads((eng2 / "config.json").read_text())["quantization"]
+    assert q["quant_algo"] == FP8_PCPT, q
+    out = Engine.from_dir(str(eng2)).generate([[5, 6, 7]], 4).output_ids[0]
+    eng_f = tmp_path / "eng_f"
+    assert build.main(["--model_dir", str(src), "--dtype", "float32", "--output_dir",
+                       str(eng_f), *lim]) == 0
+    ref = Engine.from_dir(str(eng_f)).generate([[5, 6, 7]], 4).output_ids[0]
+    assert out[0] == ref[0]          # first greedy token: random tiny weights, FP8 rounding
