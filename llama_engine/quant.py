@@ -12,6 +12,7 @@ tensors and layouts of each mode):
   or per tensor) times int8 activations (dynamic per token or static per tensor), after the
   smoothing done by ``llama_engine/smoothquant.py``.
 * INT8 KV cache  - one scale per layer for K and V, from calibrated max |k|, |v|.
+* ``FP8`` / ``FP8_PER_CHANNEL_PER_TOKEN`` - E4M3 weights and activations (``quant_fp8.py``).
 
 Every quantizer returns its own error (max |w - dequant(q)|) so exports can report it; the
 rounding bound is scale/2 per element (no clipping: the scale is taken from the max |w|).

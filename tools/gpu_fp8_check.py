@@ -8,7 +8,8 @@
 2. kernels on LLaMA-7B's linears at M = 1, 16, 64, 512: fp16 cuBLAS, the FP8 Triton GEMV
    (forced at every M), ``torch._scaled_mm``, what ``impl="auto"`` picks, and the activation
    quantizer fused (one Triton kernel) vs torch ops; GB/s of weight bytes and TFLOP/s;
-3. ``--sweep``: GEMV launch candidates at M = 1 and 16 (fill ``kernels/fp8.GEMV_CONFIGS``).
+3. ``--sweep``: 36 GEMV launch candidates at M = 1 (fma) and 16 (dot) on the qkv and down
+   shapes (fill ``kernels/fp8.GEMV_CONFIGS`` with the winners).
 
     python tools/gpu_fp8_check.py [--json $OUT/fp8_check.json] [--sweep]
 
@@ -122,11 +123,11 @@ def kernel_table(Ms=(1, 16, 64, 512), sweep: bool = False, verbose: bool = True)
                     print(f"{name:<8} M={M:<4} {path:<24} {ms * 1e3:9.1f} us  "
                           f"{r['weight_GBps']:7.0f} GB/s  {r['TFLOPs']:6.1f} TFLOP/s  "
                           f"err {err:.1e}{'' if r['ok'] else '  FAIL'}")
-            if sweep and M in (1, 16):
+            if sweep and M in (1, 16) and name in ("qkv", "down"):
                 best = None
-                for c in [SkinnyCfg(k, bn, bk, sk, nw, ns) for k in ("fma", "dot")
-                          for bn in (16, 32, 64, 128) for bk in (128, 256, 512)
-                          for sk in (1, 2, 4) for nw in (4, 8) for ns in (2, 4)]:
+                kernel = "fma" if M == 1 else "dot"
+                for c in [SkinnyCfg(kernel, bn, bk, sk, nw, 3) for bn in (32, 64, 128)
+                          for bk in (128, 256) for sk in (1, 2, 4) for nw in (4, 8)]:
                     try:
                         ms = time_graph(lambda i: kf.linear_fp8(x, wq[i], ws[i], impl="triton",
                                                                 _cfg=c), n_copies)
