@@ -101,8 +101,13 @@ def test_fused_gate_up_per_tensor_scales_become_per_row():
 # --------------------------------------------------------------------------------------------
 # Triton kernels in the interpreter
 # --------------------------------------------------------------------------------------------
-needs_interp = pytest.mark.skipif(not interpreter_on(),
-                                  reason="needs TRITON_INTERPRET=1 (conftest sets it, no GPU)")
+_interp_on = pytest.mark.skipif(not interpreter_on(),
+                                reason="needs TRITON_INTERPRET=1 (conftest sets it, no GPU)")
+
+
+def needs_interp(fn):
+    """Interpreter tests: the ``interp`` marker (conftest) and a skip that says why."""
+    return pytest.mark.interp(_interp_on(fn))
 
 
 def _exact_acts(m, k, seed, dynamic):
