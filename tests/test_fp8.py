@@ -431,3 +431,14 @@ def test_convert_qformat_fp8_then_build_and_hf_fp8_dir(tiny_hf_factory, tmp_path
                        str(eng_f), *lim]) == 0
     ref = Engine.from_dir(str(eng_f)).generate([[5, 6, 7]], 4).output_ids[0]
     assert out[0] == ref[0]          # first greedy token: random tiny weights, FP8 rounding
+
+
+def test_convert_checkpoint_use_fp8_rowwise(tiny_hf_factory, tmp_path):
+    """TensorRT-LLM's convert_checkpoint.py names: --use_fp8_rowwise is per-channel weights and
+    per-token activations (no calibration)."""
+    import convert_checkpoint
+    out = tmp_path / "ck"
+    assert convert_checkpoint.main(["--model_dir", str(tiny_hf_factory()), "--output_dir",
+                                    str(out), "--use_fp8_rowwise", "--dtype", "float32"]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["quant_algo"] == FP8_PCPT
