@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 (E4M3) KV cache, TensorRT-LLM v0.5's name; calibrated scales as "
                         "--int8_kv_cache (a checkpoint's INT8 scales are rescaled, max/448); "
                         "needs compute capability >= 8.9 on CUDA")
+    q.add_argument("--enable_fp8", action="store_true",
+                   help="FP8 E4M3 weights and activations (TensorRT-LLM's FP8; Ada/Hopper GPUs; "
+                        "static activation scales from a calibrated --ckpt_dir, random "
+                        "weights: synthetic calibration, speed-only)")
+    q.add_argument("--fp8_per_channel", action="store_true",
+                   help="FP8: one weight scale per output channel (default: per tensor)")
+    q.add_argument("--fp8_dynamic_act", action="store_true",
+                   help="FP8: activation scales per token at run time (default: static, "
+                        "calibrated per tensor)")
     k = p.add_argument_group("kernels and batching (TensorRT-LLM flag names)")
     k.add_argument("--use_gpt_attention_plugin", "--gpt_attention_plugin",
                    dest="use_gpt_attention_plugin", nargs="?", const="auto", default="auto",
@@ -168,7 +177,6 @@ def add_trtllm_build_flags(p) -> None:
                        "--use_weight_only"),
                       ("--per_group", "no AWQ/GPTQ group-wise weights; --group_size sets "
                        "our int4 groups"),
-                      ("--enable_fp8", "no FP8"),
                       ("--quantized_fp8_model_path", "no FP8"),
                       ("--rotary_scaling", "no RoPE scaling"),
                       ("--visualize", "no network export"),
@@ -296,10 +304,19 @@ def resolve_quant(a: argparse.Namespace, model_args, ckpt_quant: QuantConfig,
         use_smooth_quant=a.use_smooth_quant, per_token=a.per_token, per_channel=a.per_channel,
         int8_kv_cache=a.int8_kv_cache, has_act_stats=has_act_stats, has_kv_stats=has_kv_stats,
         ckpt_quant=ckpt_quant if quantized else None, has_zero_point=a.has_zero_point,
-        fp8_kv_cache=a.fp8_kv_cache)
+        fp8_kv_cache=a.fp8_kv_cache, fp8=fp8_flags(a))
     if ckpt_quant.kv_cache_dtype and not wanted.kv_cache_dtype:
         wanted.kv_cache_quant_algo = ckpt_quant.kv_cache_quant_algo
     return wanted
+
+
+def fp8_flags(a: argparse.Namespace):
+    """(per_channel, dynamic_act) when --enable_fp8, else None (the FP8 options need it)."""
+    if not a.enable_fp8:
+        if a.fp8_per_channel or a.fp8_dynamic_act:
+            raise ConfigError("--fp8_per_channel / --fp8_dynamic_act need --enable_fp8")
+        return None
+    return (a.fp8_per_channel, a.fp8_dynamic_act)
 
 
 def sources_of(a: argparse.Namespace) -> list:
@@ -360,11 +377,14 @@ def build(a: argparse.Namespace) -> int:
         parallel.check_tp(model_args, quant, a.tp_size)  # before any quantization work
     if quant.quant_algo != ckpt_quant.quant_algo or (quant.kv_cache_dtype and not has_kv):
         calib = {}
-        if random_source and (quant.is_smooth_quant or (quant.kv_cache_dtype and not has_kv)):
+        if random_source and (quant.is_smooth_quant or (quant.kv_cache_dtype and not has_kv)
+                              or (quant.is_fp8 and not quant.fp8_dynamic_act)):
             import smoothquant
             print("calibrating on synthetic prompts (random weights: speed-only engine)")
             calib = smoothquant.synthetic_calibration(model_args, tensors, device=a.device)
             info["calibration"] = "synthetic (speed-only)"
+        if random_source and quant.is_fp8 and quant.fp8_dynamic_act:
+            info["calibration"] = "none: per-token activation scales (speed-only)"
         if random_source and quant.weight_only == "int4" and quant.quant_algo != "W4A16":
             info["calibration"] = "none: round to nearest in the int4 layout (speed-only)"
         tensors, report = q.quantize_checkpoint(tensors, model_args, quant, **calib)

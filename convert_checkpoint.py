@@ -85,9 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                                ("--embedding_sharding_dim", (0,), "split by vocabulary")):
         g.add_argument(name, type=int, default=allowed[0], action=cli_compat.OnlyValues,
                        allowed=allowed, why=why, help=f"{allowed[0]} only ({why})")
+    p.add_argument("--use_fp8", action="store_true",
+                   help="FP8 E4M3 weights (per tensor) and static activation scales calibrated "
+                        "on --calib_dataset (quant_algo FP8)")
+    p.add_argument("--use_fp8_rowwise", action="store_true",
+                   help="FP8 with per-channel weight and per-token activation scales "
+                        "(FP8_PER_CHANNEL_PER_TOKEN)")
     for name, why in (("--use_qserve", "no QServe W4A8"), ("--fp8_kv_cache", "no FP8"),
-                      ("--use_fp8", "no FP8"), ("--use_nvfp4", "no NVFP4"),
-                      ("--use_fp8_rowwise", "no FP8"),
+                      ("--use_nvfp4", "no NVFP4"),
                       ("--use_meta_fp8_rowwise_recipe", "no FP8"),
                       ("--quant_ckpt_path", "no GPTQ/AWQ checkpoints"),
                       ("--per_group", "no GPTQ/AWQ group-wise weights (--group_size sets "
@@ -107,13 +112,16 @@ def to_convert_namespace(a: argparse.Namespace) -> argparse.Namespace:
         calib = "hub"
     return argparse.Namespace(
         in_file=a.model_dir or a.meta_ckpt_dir, out_dir=a.output_dir, force=a.force,
-        smoothquant=a.smoothquant, calibrate_kv_cache=a.int8_kv_cache,
+        smoothquant=a.smoothquant, calibrate_kv_cache=a.int8_kv_cache, kv_cache_dtype=None,
         per_token=a.per_token, per_channel=a.per_channel, use_weight_only=a.use_weight_only,
         weight_only_precision=a.weight_only_precision, group_size=a.group_size,
         calib_dataset=calib, calib_size=a.calib_size, max_input_length=a.calib_max_seq_length,
         use_chat_template=False, dtype=a.dtype,
         device="cpu" if a.load_model_on_cpu else a.device, calib_dtype=None, seed=0,
-        no_progress=False, tp_size=a.tp_size, log_level=a.log_level)
+        no_progress=False, tp_size=a.tp_size, log_level=a.log_level,
+        has_zero_point=False, awq_tokens_per_prompt=64, no_awq_clip=False,
+        qformat="fp8" if (a.use_fp8 or a.use_fp8_rowwise) else None,
+        fp8_per_channel=a.use_fp8_rowwise, fp8_dynamic_act=a.use_fp8_rowwise)
 
 
 def main(argv: Optional[list] = None) -> int:

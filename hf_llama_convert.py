@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_awq_clip", action="store_true",
                    help="AWQ: skip the clipping search (zero-point formats)")
     # -- end int4 formats --
+    p.add_argument("--qformat", default=None, choices=["fp8"],
+                   help="fp8: FP8 E4M3 weights and activations (TensorRT-LLM quantize.py's name; "
+                        "static activation scales calibrated on --calib_dataset)")
+    p.add_argument("--fp8_per_channel", action="store_true",
+                   help="FP8: one weight scale per output channel (default: per tensor)")
+    p.add_argument("--fp8_dynamic_act", action="store_true",
+                   help="FP8: per-token activation scales at run time (no calibration)")
     p.add_argument("--calib_dataset", default=None,
                    help=f"cnn_dailymail train data: a .jsonl/.json/.parquet file or dataset "
                         f"folder; 'hub' for the HF hub's train split; 'synthetic' for random "
@@ -179,13 +186,14 @@ def convert(ns: argparse.Namespace) -> str:
         per_channel=ns.per_channel, int8_kv_cache=ns.calibrate_kv_cache,
         fp8_kv_cache=ns.kv_cache_dtype == "fp8",
         has_act_stats=True, has_kv_stats=True, smoothquant_alpha=ns.smoothquant,
-        has_zero_point=ns.has_zero_point)
+        has_zero_point=ns.has_zero_point, fp8=_fp8_flags(ns))
     print(f"loaded {info['kind']} weights from {info['path']}: {args.num_hidden_layers} layers, "
           f"hidden {args.hidden_size}; target {quant.describe()}, {ns.dtype}", file=sys.stderr)
 
     act_stats = kv_stats = None
     calib_info = None
-    if quant.is_smooth_quant or quant.kv_cache_dtype:
+    if quant.is_smooth_quant or quant.kv_cache_dtype or (quant.is_fp8
+                                                         and not quant.fp8_dynamic_act):
         tokenizer, dataset = _calibration_source(ns, info)
         calib_dtype = getattr(torch, ns.calib_dtype) if ns.calib_dtype else None
         act_stats, kv_stats, calib_info = sq.calibrate_source(
@@ -254,6 +262,15 @@ def _awq(ns: argparse.Namespace, args, hf_sd: dict, info: dict, device: str):
     return {"inputs": inputs}, info_out
 
 
+def _fp8_flags(ns: argparse.Namespace):
+    """(per_channel, dynamic_act) for --qformat fp8, else None."""
+    if getattr(ns, "qformat", None) != "fp8":
+        if getattr(ns, "fp8_per_channel", False) or getattr(ns, "fp8_dynamic_act", False):
+            raise ConfigError("--fp8_per_channel / --fp8_dynamic_act need --qformat fp8")
+        return None
+    return (ns.fp8_per_channel, ns.fp8_dynamic_act)
+
+
 def _prequantized_method(in_file: str) -> Optional[str]:
     """'awq' / 'gptq' when -i is a HF directory holding such a pre-quantized checkpoint."""
     import json
@@ -265,8 +282,9 @@ def _prequantized_method(in_file: str) -> Optional[str]:
     method = qc.get("quant_method")
     if method is None:
         return None
-    if method not in ("awq", "gptq"):
-        raise ConfigError(f"{in_file}: quant_method {method!r} is not supported (awq, gptq)")
+    if method not in ("awq", "gptq", "fp8", "compressed-tensors"):
+        raise ConfigError(f"{in_file}: quant_method {method!r} is not supported (awq, gptq, "
+                          "fp8, compressed-tensors FP8)")
     return method
 
 
@@ -277,6 +295,8 @@ def _convert_prequantized(ns: argparse.Namespace, method: str, sources: list) ->
     from llama_engine.checkpoint import write_checkpoint
     from llama_engine.formats import awq as fawq, gptq as fgptq
     from llama_engine.tokenizer import find_tokenizer_source
+    if method in ("fp8", "compressed-tensors"):
+        return _convert_fp8_hf(ns, method, sources)
     want = {"awq": "int4_awq", "gptq": "int4_gptq"}[method]
     if ns.smoothquant is not None or ns.calibrate_kv_cache:
         raise ConfigError(f"-i is a pre-quantized {method.upper()} checkpoint: it converts as "
@@ -295,6 +315,31 @@ def _convert_prequantized(ns: argparse.Namespace, method: str, sources: list) ->
                      tokenizer_src=find_tokenizer_source(ns.in_file),
                      sources=sources, force=ns.force, flag="-o")
     print(f"converted {method.upper()} checkpoint {ns.in_file} as it is: {quant.describe()}",
+          file=sys.stderr)
+    return ns.out_dir
+
+
+def _convert_fp8_hf(ns: argparse.Namespace, method: str, sources: list) -> str:
+    """A Hugging Face FP8 checkpoint (compressed-tensors / quant_method fp8), as it is."""
+    import torch
+
+    from llama_engine.checkpoint import write_checkpoint
+    from llama_engine.formats.fp8_hf import FP8_SCALE_NAMES, load_fp8_hf_dir
+    from llama_engine.tokenizer import find_tokenizer_source
+    if ns.smoothquant is not None or ns.calibrate_kv_cache or ns.use_weight_only:
+        raise ConfigError(f"-i is an FP8 checkpoint ({method}): it converts as it is (no "
+                          "SmoothQuant, weight-only or INT8 KV calibration)")
+    args, quant, tensors = load_fp8_hf_dir(ns.in_file)
+    dt = getattr(torch, ns.dtype)
+    tensors = {k: (v.to(dt) if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
+                   and not k.endswith(FP8_SCALE_NAMES) else v) for k, v in tensors.items()}
+    qdict = quant.to_checkpoint_dict()
+    qdict["source_format"] = method
+    write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors,
+                     extra_config={"quantization": qdict},
+                     tokenizer_src=find_tokenizer_source(ns.in_file),
+                     sources=sources, force=ns.force, flag="-o")
+    print(f"converted FP8 checkpoint {ns.in_file} ({method}) as it is: {quant.describe()}",
           file=sys.stderr)
     return ns.out_dir
 

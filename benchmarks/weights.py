@@ -43,7 +43,8 @@ class Weights:
         tensors = self.tensors
         if quant.quant_algo or quant.kv_cache_dtype:
             calib = {}
-            if quant.is_smooth_quant or quant.kv_cache_dtype:
+            if quant.is_smooth_quant or quant.kv_cache_dtype or (quant.is_fp8 and
+                                                                 not quant.fp8_dynamic_act):
                 calib = smoothquant.synthetic_calibration(self.args, self.tensors,
                                                           device=self.device)
             tensors, _ = q.quantize_checkpoint(self.tensors, self.args, quant, progress=False,

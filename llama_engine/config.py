@@ -328,6 +328,13 @@ KV_INT8 = "INT8"
 KV_FP8 = "FP8"                  # FP8 E4M3 KV cache (TensorRT-LLM's kv_cache_quant_algo FP8)
 # kv_cache_quant_algo -> the cache's storage name (torch dtype: kv_cache.QUANT_CACHE_DTYPES)
 KV_CACHE_DTYPES = {KV_INT8: "int8", KV_FP8: "fp8"}
+# FP8 E4M3 weights and activations (quant_fp8.py). TensorRT-LLM's two names: FP8 = one weight
+# scale per tensor, static per-tensor activations; FP8_PER_CHANNEL_PER_TOKEN = per output
+# channel weight scales, dynamic per-token activations. QuantConfig.fp8_per_channel /
+# fp8_dynamic_act choose the other two combinations (ours; stored with quant_algo FP8).
+FP8 = "FP8"
+FP8_PCPT = "FP8_PER_CHANNEL_PER_TOKEN"
+FP8_ALGOS = (FP8, FP8_PCPT)
 
 
 @dataclass
@@ -341,6 +348,14 @@ class QuantConfig:
     pre_quant_scale: bool = False
     smoothquant_val: Optional[float] = None  # the alpha used, for the record
     exclude_modules: list = field(default_factory=lambda: ["lm_head"])
+    # FP8 (quant_algo FP8 / FP8_PER_CHANNEL_PER_TOKEN) only: weight scale per output channel
+    # instead of per tensor; activation scale per token at run time instead of calibrated.
+    fp8_per_channel: bool = False
+    fp8_dynamic_act: bool = False
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.quant_algo in FP8_ALGOS
 
     @property
     def weight_only(self) -> Optional[str]:
@@ -395,6 +410,9 @@ class QuantConfig:
             kind = {W4A16_GPTQ: "GPTQ "}.get(self.quant_algo, "")
             g = f"group {self.group_size}" if self.group_size else "per channel"
             parts[0] = f"W4A16 {kind}{g}" + (" with zeros" if self.int4_zero_point else "")
+        if self.is_fp8:
+            parts[0] = (f"FP8 W8A8 (weights per {'channel' if self.fp8_per_channel else 'tensor'}"
+                        f", activations {'per token' if self.fp8_dynamic_act else 'static'})")
         if self.kv_cache_dtype:
             parts.append(f"{self.kv_cache_quant_algo} KV cache")
         return ", ".join(parts)
@@ -410,13 +428,15 @@ class QuantConfig:
         }
         if self.smoothquant_val is not None:
             d["smoothquant_val"] = self.smoothquant_val
+        if self.is_fp8:
+            d["fp8_per_channel"], d["fp8_dynamic_act"] = self.fp8_per_channel, self.fp8_dynamic_act
         return d
 
     @classmethod
     def from_checkpoint_dict(cls, d: Optional[dict]) -> "QuantConfig":
         d = d or {}
         algo = d.get("quant_algo")
-        known = {None, W8A16, W4A16, W4A16_GROUPWISE, W4A16_GPTQ, *SQ_ALGOS.values()}
+        known = {None, W8A16, W4A16, W4A16_GROUPWISE, W4A16_GPTQ, *SQ_ALGOS.values(), *FP8_ALGOS}
         if algo not in known:
             raise ConfigError(f"unsupported quant_algo {algo!r}; supported: "
                               f"{sorted(a for a in known if a)}")
@@ -440,6 +460,8 @@ class QuantConfig:
             pre_quant_scale=bool(d.get("pre_quant_scale", False)),
             smoothquant_val=d.get("smoothquant_val"),
             exclude_modules=list(d.get("exclude_modules") or ["lm_head"]),
+            fp8_per_channel=bool(d.get("fp8_per_channel", algo == FP8_PCPT)),
+            fp8_dynamic_act=bool(d.get("fp8_dynamic_act", algo == FP8_PCPT)),
         )
 
 

@@ -508,6 +508,10 @@ def _chunk(t: torch.Tensor, dim: int, tp_size: int, rank: int) -> torch.Tensor:
     return t.chunk(tp_size, dim=dim)[rank].contiguous()
 
 
+# FP8 (quant_fp8.py): one-value weight / activation scales hold for every shard.
+FP8_REPLICATED = ("weights_scaling_factor", "activation_scaling_factor")
+
+
 def _pad_rows(t: torch.Tensor, dim: int, n: int, value: float) -> torch.Tensor:
     """Pad dim ``dim`` of ``t`` to ``n`` with ``value`` (vocabulary padding)."""
     if t.shape[dim] >= n:
@@ -530,6 +534,8 @@ def _shard_column(prefix: str, group: dict, rows, tp_size: int, rank: int,
     for suffix, t in group.items():
         if suffix == "weight":
             out[suffix] = take(t, 0)                         # [N, K] or packed [N, K/2]
+        elif suffix in FP8_REPLICATED and t.numel() == 1:
+            out[suffix] = t                                  # FP8 per-tensor scales
         elif suffix == "per_channel_scale":
             out[suffix] = t if t.numel() == 1 else take(t, t.dim() - 1)   # [N] / [1, N]
         elif suffix in ("weights_scaling_factor", "zero"):
@@ -547,6 +553,8 @@ def _shard_row(prefix: str, group: dict, tp_size: int, rank: int) -> dict:
     for suffix, t in group.items():
         if suffix == "weight":
             out[suffix] = _chunk(t, 1, tp_size, rank)       # [N, K/tp] or packed [N, K/tp/2]
+        elif suffix in FP8_REPLICATED and t.numel() == 1:
+            out[suffix] = t                                  # FP8 per-tensor scales
         elif suffix in ("weights_scaling_factor", "zero"):
             out[suffix] = _chunk(t, 0, tp_size, rank)       # [K/G/tp, N]
         elif suffix in ("prequant_scaling_factor", "smoother"):

@@ -12,6 +12,7 @@ tensors and layouts of each mode):
   or per tensor) times int8 activations (dynamic per token or static per tensor), after the
   smoothing done by ``llama_engine/smoothquant.py``.
 * INT8 KV cache  - one scale per layer for K and V, from calibrated max |k|, |v|.
+* ``FP8`` / ``FP8_PER_CHANNEL_PER_TOKEN`` - E4M3 weights and activations (``quant_fp8.py``).
 
 Every quantizer returns its own error (max |w - dequant(q)|) so exports can report it; the
 rounding bound is scale/2 per element (no clipping: the scale is taken from the max |w|).
@@ -43,6 +44,7 @@ from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A1
 from .config import KV_FP8
 from .kernels import linear as K
 from .names import linear_prefixes, linear_shape
+from .quant_fp8 import Fp8Linear, fp8_from_flags, quantize_fp8_linear
 from .quant_int4 import WeightOnlyInt4ZeroLinear, quantize_int4_zp
 from .quant_kv import _kv_scales, kv_cache_scale, kv_channel_scales, quantize_kv  # noqa: F401
 from .smoothquant import smooth_unified
@@ -341,6 +343,8 @@ def linear_class(prefix: str, quant: QuantConfig) -> type:
         return WeightOnlyInt4Linear
     if quant.is_smooth_quant:
         return SmoothQuantLinear
+    if quant.is_fp8:
+        return Fp8Linear
     raise ConfigError(f"unsupported quant_algo {quant.quant_algo!r}")
 
 
@@ -363,7 +367,7 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
                          fp8_kv_cache: bool = False, has_act_stats: bool = False, has_kv_stats: bool = False,
                          ckpt_quant: Optional[QuantConfig] = None,
                          smoothquant_alpha: Optional[float] = None,
-                         has_zero_point: bool = False) -> QuantConfig:
+                         has_zero_point: bool = False, fp8=None) -> QuantConfig:
     """Check build/convert quantization flags; return the QuantConfig they ask for.
 
     ``group_size`` None means the default (int4: 128, int8: per channel); 0 means per channel.
@@ -372,7 +376,11 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
     W4A16_GPTQ, always with zeros). ``has_zero_point``: int4 / int4_awq with zero points
     (asymmetric). ``smoothquant_alpha`` None means 0.5. ``has_act_stats`` / ``has_kv_stats``: calibrated SmoothQuant statistics / KV scales are
     available (from calibration or a calibrated checkpoint). ``ckpt_quant``: the quantization
-    of an already-quantized checkpoint being built; the flags must agree with it."""
+    of an already-quantized checkpoint being built; the flags must agree with it. ``fp8``:
+    (per_channel, dynamic_act) for FP8 W8A8 (quant_fp8.py), None for no FP8."""
+    fp8q = fp8 and fp8_from_flags(fp8, has_act_stats or ckpt_quant is not None, use_weight_only,
+                                  use_smooth_quant, per_token, per_channel, has_zero_point,
+                                  group_size)
     if use_smooth_quant and use_weight_only:
         raise ConfigError("--use_smooth_quant cannot be combined with --use_weight_only: "
                           "SmoothQuant already quantizes the weights to int8 (TensorRT-LLM "
@@ -390,7 +398,7 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
         raise ConfigError("--has_zero_point applies to int4 weight-only; add --use_weight_only "
                           "--weight_only_precision int4 (or int4_awq)")
 
-    quant = QuantConfig()
+    quant = fp8q or QuantConfig()
     if use_weight_only:
         if weight_only_precision not in WEIGHT_ONLY_PRECISIONS:
             raise ConfigError(f"--weight_only_precision must be int8 or int4 (or int4_awq, "
@@ -433,9 +441,10 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
         quant.kv_cache_quant_algo = KV_INT8 if int8_kv_cache else KV_FP8
 
     if ckpt_quant is not None and ckpt_quant.quant_algo:
-        if quant.quant_algo and (quant.quant_algo, quant.int4_group_size,
-                                 quant.int4_zero_point) != (
-                ckpt_quant.quant_algo, ckpt_quant.int4_group_size, ckpt_quant.int4_zero_point):
+        def form(c):
+            return c.quant_algo, c.int4_group_size, c.int4_zero_point, c.fp8_per_channel, \
+                c.fp8_dynamic_act
+        if quant.quant_algo and form(quant) != form(ckpt_quant):
             raise ConfigError(f"the checkpoint is already quantized as {ckpt_quant.describe()}; "
                               f"the flags ask for {quant.describe()} (drop the quantization "
                               "flags or convert again)")
@@ -651,6 +660,8 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
         ones = torch.ones(w.shape[1], dtype=scale_dtype, device=w.device)
         return ({"weight": p, "weights_scaling_factor": s, "prequant_scaling_factor": ones},
                 dequantize_int4(p, s, g))
+    if quant.is_fp8:
+        return quantize_fp8_linear(w, quant, x_max, prefix)
     if quant.is_smooth_quant:
         if quant.sq_per_channel:
             q, s, _ = quantize_int8_per_channel(w, torch.float32)

@@ -45,6 +45,7 @@ from .config import (KV_INT8, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16, ConfigE
                      ModelArgs, QuantConfig)
 from .names import is_kv_channel_scale
 from .sampling import GenerationOutput, SamplingConfig, cut_at_stop, trtllm_generate_kwargs
+from .trtllm_fp8 import fp8_from_trtllm, fp8_to_trtllm
 from .trtllm_int4 import int4_group_from_trtllm, int4_group_to_trtllm
 
 TRTLLM_RELEASE = "1.2"  # the release line whose format this module follows
@@ -184,6 +185,7 @@ def to_trtllm(tensors: dict, args: ModelArgs, quant: QuantConfig, dtype: Optiona
         int4_group_to_trtllm(out, _linear_prefixes(args), quant, fdt, _need)
     elif quant.is_smooth_quant:
         _sq_to_trtllm(out, args, quant)
+    fp8_to_trtllm(out, _linear_prefixes(args), quant, qdict, _need, extensions)  # FP8 only
 
     for name in [k for k in out if k.endswith(".kv_cache_rcp_scaling_factor")]:
         del out[name]  # TensorRT-LLM derives it (preprocess_weights)
@@ -284,6 +286,7 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
         int4_group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need, args)
     elif quant.is_smooth_quant:
         _sq_from_trtllm(out, args, quant)
+    fp8_from_trtllm(out, _linear_prefixes(args), quant, _need)  # FP8 only
     if quant.kv_cache_dtype:  # INT8 or FP8: one float32 [1] dequant scale a layer
         for i in range(args.num_hidden_layers):
             n = f"transformer.layers.{i}.attention.kv_cache_scaling_factor"

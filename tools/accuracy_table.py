@@ -77,6 +77,9 @@ ROWS = {
     "int4_awq_g64_sym": "int4 AWQ g64",
     "int4_zp_g128": "int4 WO g128 zeros (RTN)",
     "int4_awq_g128": "int4 AWQ g128 zeros",
+    # issue 19: FP8 E4M3 W8A8 (CPU: the exact emulation with torch's float8 dtypes)
+    "fp8": "FP8 W8A8 per-tensor, static (calibrated)",
+    "fp8_pcpt": "FP8 W8A8 per-channel, per-token",
 }
 INT4_ROWS = ("int4_wo_pc", "int4_wo_g64")
 # issue 18's rows: key -> (build flags, hf_llama_convert flags or None)
@@ -93,6 +96,11 @@ INT4_ZP_ROWS = {
     "int4_zp_g128": ([*_ZP, "--group_size", "128"], None),
     "int4_awq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point"]),
 }
+# issue 19's rows: key -> (build flags, hf_llama_convert flags or None)
+FP8_ROWS = {
+    "fp8": (None, ["--qformat", "fp8"]),
+    "fp8_pcpt": (["--enable_fp8", "--fp8_per_channel", "--fp8_dynamic_act"], None),
+}
 
 # Issue 3's targets: ROUGE-1 drop against our fp32 engine (points) and top-1 agreement.
 TARGETS = {
@@ -107,6 +115,8 @@ TARGETS = {
     "int4_awq_g64": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_awq_g64_sym": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_awq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
+    "fp8": {"rouge1_drop": 0.5, "top1": 0.97},
+    "fp8_pcpt": {"rouge1_drop": 0.5, "top1": 0.97},
 }
 
 # Settings that make rows comparable; a JSON made with others is not resumed.
@@ -274,8 +284,8 @@ class Builder:
         if key == "fp8_kv":  # the INT8 row's checkpoint: its scales rescaled to max/448
             ck = self._convert("kv", ["--calibrate-kv-cache"])
             return self._build(key, ["--ckpt_dir", ck, "--dtype", qd, "--fp8_kv_cache", *dev])
-        if key in INT4_ZP_ROWS:
-            flags, conv = INT4_ZP_ROWS[key]
+        if key in INT4_ZP_ROWS or key in FP8_ROWS:
+            flags, conv = {**INT4_ZP_ROWS, **FP8_ROWS}[key]
             if conv is None:
                 return self._build(key, ["--gguf_file", g, "--dtype", qd, *flags, *dev])
             ck = self._convert(key, conv)
