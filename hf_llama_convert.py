@@ -45,6 +45,11 @@ def default_calib_dataset() -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+def _sq_alpha(text: str):
+    """-sq's value: 'auto' (per-layer alpha search) or a number in [0, 1]."""
+    return "auto" if text == "auto" else cli.unit_interval(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--in-file", "--in_file", dest="in_file", required=True,
@@ -56,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace -o even when it holds something else (never the source "
                         "or the current directory)")
-    p.add_argument("-sq", "--smoothquant", type=float, default=None, metavar="ALPHA",
-                   help="SmoothQuant with migration strength ALPHA in [0, 1] (0.5 is a good "
-                        "first try); writes W8A8 int8 weights")
+    p.add_argument("-sq", "--smoothquant", type=_sq_alpha, default=None, metavar="ALPHA",
+                   help="SmoothQuant with migration strength ALPHA in [0, 1], or 'auto': per "
+                        "layer and smoothed group the alpha (0.10..0.95) minimising the "
+                        "quantized layer's output error on the calibration prompts; writes "
+                        "W8A8 int8 weights")
     p.add_argument("-kv", "--calibrate-kv-cache", "--calibrate_kv_cache",
                    dest="calibrate_kv_cache", action="store_true",
                    help="calibrate INT8 KV cache scales (kv_cache_quant_algo INT8)")
@@ -148,6 +155,7 @@ def convert(ns: argparse.Namespace) -> str:
     from llama_engine.outdir import check_output_dir
     from llama_engine.quant import format_report, quantize_checkpoint, validate_quant_flags
     import smoothquant as sq
+    from llama_engine import smoothquant as esq
 
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sources = [ns.in_file] if os.path.exists(ns.in_file) else []
@@ -168,7 +176,8 @@ def convert(ns: argparse.Namespace) -> str:
         weight_only_precision=ns.weight_only_precision, group_size=ns.group_size,
         use_smooth_quant=ns.smoothquant is not None, per_token=ns.per_token,
         per_channel=ns.per_channel, int8_kv_cache=ns.calibrate_kv_cache,
-        has_act_stats=True, has_kv_stats=True, smoothquant_alpha=ns.smoothquant,
+        has_act_stats=True, has_kv_stats=True,
+        smoothquant_alpha=None if ns.smoothquant == "auto" else ns.smoothquant,
         has_zero_point=ns.has_zero_point)
     print(f"loaded {info['kind']} weights from {info['path']}: {args.num_hidden_layers} layers, "
           f"hidden {args.hidden_size}; target {quant.describe()}, {ns.dtype}", file=sys.stderr)
@@ -189,8 +198,22 @@ def convert(ns: argparse.Namespace) -> str:
     if quant.pre_quant_scale:  # int4_awq
         awq_kw, awq_info = _awq(ns, args, hf_sd, info, device)
         calib_info = {**(calib_info or {}), **awq_info}
+    sq_rows, sq_kw = None, {}
+    if ns.smoothquant == "auto":  # calibration rows for the per-layer alpha search
+        sq_rows, sq_info = _capture_rows(ns, args, hf_sd, info, device, "sq_alpha_search",
+                                         max_rows=esq.SQ_SEARCH_ROWS)
+        calib_info = {**(calib_info or {}), **sq_info}
     tensors = hf_to_unified(hf_sd, args)
     del hf_sd
+    if sq_rows is not None:
+        alphas, _ = esq.search_alphas(tensors, args, act_stats, sq_rows[1],
+                                     quant.sq_per_token, quant.sq_per_channel,
+                                     progress=not ns.no_progress)
+        vals = sorted(alphas.values())
+        quant.smoothquant_val = vals[len(vals) // 2]  # TensorRT-LLM's field holds one float
+        sq_kw["sq_alphas"] = alphas
+        print(f"SmoothQuant alpha search: {len(vals)} groups, alpha {vals[0]:.2f}..{vals[-1]:.2f}"
+              f" (median {quant.smoothquant_val:.2f})", file=sys.stderr)
     if awq_kw:
         from llama_engine.awq import apply_awq
         tensors, pqs, clips, rep = apply_awq(tensors, args, quant, *awq_kw["inputs"],
@@ -203,10 +226,12 @@ def convert(ns: argparse.Namespace) -> str:
               file=sys.stderr)
     tensors, report = quantize_checkpoint(tensors, args, quant, act_stats, kv_stats,
                                           progress=not ns.no_progress, dtype=ns.dtype,
-                                          **awq_kw)
+                                          **awq_kw, **sq_kw)
     qdict = quant.to_checkpoint_dict()
     if calib_info is not None:
         qdict["calibration"] = calib_info
+    if sq_kw:  # per smoothed group, for the record (baked into the weights)
+        qdict["smoothquant_alphas"] = {k: float(v) for k, v in sq_kw["sq_alphas"].items()}
     tok_src = info.get("tokenizer_dir")
     write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors, world_size=ns.tp_size,
                      extra_config={"quantization": qdict}, tokenizer_src=tok_src,
@@ -218,6 +243,16 @@ def convert(ns: argparse.Namespace) -> str:
 def _awq(ns: argparse.Namespace, args, hf_sd: dict, info: dict, device: str):
     """Capture AWQ's calibration inputs from the float model -> ({"inputs": (means, rows)},
     calibration info)."""
+    inputs, info_out = _capture_rows(ns, args, hf_sd, info, device, "awq")
+    info_out["awq"]["clip_search"] = not ns.no_awq_clip
+    return {"inputs": inputs}, info_out
+
+
+def _capture_rows(ns: argparse.Namespace, args, hf_sd: dict, info: dict, device: str,
+                  what: str, max_rows: Optional[int] = None):
+    """Linear inputs of the float model on the calibration prompts (``awq.capture_inputs``)
+    -> ((means, rows), {what: calibration info}); ``max_rows``: at most that many rows per
+    linear (fewer prompts)."""
     import torch
 
     from llama_engine import awq, smoothquant as esq
@@ -232,15 +267,16 @@ def _awq(ns: argparse.Namespace, args, hf_sd: dict, info: dict, device: str):
         where = os.fspath(dataset or "cnn_dailymail 3.0.0 train (hub)")
     dtype = getattr(torch, ns.calib_dtype) if ns.calib_dtype else (
         torch.float32 if device == "cpu" else torch.float16)
+    if max_rows:
+        prompts = prompts[:max(1, max_rows // ns.awq_tokens_per_prompt)]
     model = esq.hf_model_from_state_dict(args, hf_sd, device, dtype)
     inputs = awq.capture_inputs(model, prompts, ns.awq_tokens_per_prompt,
                                 progress=not ns.no_progress, seed=ns.seed)
     del model
-    info_out = {"awq": {"source": where, "num_prompts": len(prompts),
-                        "tokens_per_prompt": ns.awq_tokens_per_prompt,
-                        "clip_search": not ns.no_awq_clip,
-                        "speed_only": tokenizer is None}}
-    return {"inputs": inputs}, info_out
+    info_out = {what: {"source": where, "num_prompts": len(prompts),
+                       "tokens_per_prompt": ns.awq_tokens_per_prompt,
+                       "speed_only": tokenizer is None}}
+    return inputs, info_out
 
 
 def _prequantized_method(in_file: str) -> Optional[str]:

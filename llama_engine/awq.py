@@ -31,9 +31,12 @@ from typing import Iterable, Optional
 import torch
 
 from .config import ConfigError, ModelArgs, QuantConfig
-from .quant import dequantize_int4, quantize_int4
+from .quant import (dequantize_int4, dequantize_int8_per_channel, quantize_int4,
+                    quantize_int8_per_channel)
 from .quant_int4 import quantize_int4_zp
+from .quant_int8 import quantize_int8_group
 from .kernels.int4_zp import dequantize_w4_zp
+from .kernels.int8_group import dequantize_w8_group
 
 # (unified linears sharing one input, HF module whose input is captured, norm to fold into)
 AWQ_GROUPS = (
@@ -46,9 +49,12 @@ CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))   # 1.0 .. 0.55
 
 
 def capture_inputs(model, prompts: Iterable[list[int]], tokens_per_prompt: int = 64,
-                   progress: bool = True, seed: int = 0) -> tuple[dict, dict]:
+                   progress: bool = True, seed: int = 0, maxima: Optional[dict] = None
+                   ) -> tuple[dict, dict]:
     """Run the float HF model on ``prompts``; -> ({hf module: mean |x| per channel [K]},
-    {hf module: sampled input rows [T, K] float32}), ``tokens_per_prompt`` rows a prompt."""
+    {hf module: sampled input rows [T, K] float32}), ``tokens_per_prompt`` rows a prompt.
+    ``maxima``: a dict to fill with {hf module: max |x| per channel [K]} (SmoothQuant's
+    statistic, for its alpha search)."""
     names = [f"model.layers.{i}.{m}" for i in range(len(model.model.layers))
              for _, m, _ in AWQ_GROUPS]
     mods = dict(model.named_modules())
@@ -61,6 +67,9 @@ def capture_inputs(model, prompts: Iterable[list[int]], tokens_per_prompt: int =
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         sums[key] = sums.get(key, 0) + x.abs().sum(0).cpu()
         counts[key] = counts.get(key, 0) + x.shape[0]
+        if maxima is not None:
+            m = x.abs().amax(0).cpu()
+            maxima[key] = m if key not in maxima else torch.maximum(maxima[key], m)
         take = torch.randperm(x.shape[0], generator=gen)[:tokens_per_prompt]
         samples[key].append(x[take.to(x.device)].cpu())
 
@@ -83,8 +92,16 @@ def capture_inputs(model, prompts: Iterable[list[int]], tokens_per_prompt: int =
     return mean, {n: torch.cat(samples[n]) for n in names}
 
 
-def _qdq(w: torch.Tensor, group: int, zero: bool, clip: Optional[torch.Tensor] = None):
-    """Quantize then dequantize w [N, K] (float32) in the target format."""
+def _qdq(w: torch.Tensor, group: int, zero: bool, clip: Optional[torch.Tensor] = None,
+         bits: int = 4):
+    """Quantize then dequantize w [N, K] (float32) in the target format (``bits`` 8: per-channel
+    symmetric int8 for group 0, group-wise int8 with zeros otherwise)."""
+    if bits == 8:
+        if group:
+            q, s, z, _ = quantize_int8_group(w, group, torch.float32)
+            return dequantize_w8_group(q, s, z, group)
+        q, s, _ = quantize_int8_per_channel(w, torch.float32)
+        return dequantize_int8_per_channel(q, s)
     if zero:
         p, s, z, _ = quantize_int4_zp(w, group, torch.float32, clip)
         return dequantize_w4_zp(p, s, z, group)
@@ -93,9 +110,12 @@ def _qdq(w: torch.Tensor, group: int, zero: bool, clip: Optional[torch.Tensor] =
 
 
 def search_scale(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, group: int,
-                 zero: bool, n_grid: int = 20) -> tuple[torch.Tensor, dict]:
+                 zero: bool, n_grid: int = 20, bits: int = 4,
+                 tie: Optional[int] = None) -> tuple[torch.Tensor, dict]:
     """-> (s [K], {"alpha", "rtn_err", "awq_err"}) for weight w [N, K] (all linears sharing
-    the input, stacked) and calibration inputs x [T, K]: the paper's grid search over alpha."""
+    the input, stacked) and calibration inputs x [T, K]: the paper's grid search over alpha.
+    ``tie`` = (kv heads, q heads per kv head): s must be equal over the q heads sharing one KV
+    head (o_proj's scale folded into v_proj's rows under grouped-query attention)."""
     w = w.float()
     x = x.float()
     y = x @ w.t()
@@ -104,14 +124,23 @@ def search_scale(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, group: 
     for i in range(n_grid):
         alpha = i / n_grid
         s = x_mean.float().clamp_min(1e-8) ** alpha
+        if tie is not None:
+            s = _tie(s, *tie)
         s = s / (s.max() * s.min()).sqrt()
-        wq = _qdq(w * s, group, zero) / s
+        wq = _qdq(w * s, group, zero, bits=bits) / s
         err = ((x @ wq.t() - y) ** 2).mean().item()
         if i == 0:
             rtn_err = err
         if best is None or err < best[0]:
             best = (err, alpha, s)
     return best[2], {"alpha": best[1], "rtn_err": rtn_err, "awq_err": best[0]}
+
+
+def _tie(s: torch.Tensor, n_kv: int, rep: int) -> torch.Tensor:
+    """s [Hq*D] -> geometric mean over the ``rep`` q heads of each KV head, expanded back."""
+    d = s.numel() // (n_kv * rep)
+    g = s.reshape(n_kv, rep, d).log().mean(1, keepdim=True).exp()
+    return g.expand(n_kv, rep, d).reshape(-1)
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:

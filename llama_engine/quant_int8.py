@@ -113,3 +113,49 @@ class WeightOnlyInt8GroupLinear(nn.Module):
     def forward(self, x, partials: bool = False):
         return linear_w8a16_group(x, self.weight, self.scales, self.zeros, self.group_size,
                                   partials=partials)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT-LLM's W8A16_GPTQ checkpoint tensors <-> ours (trtllm.py calls these)
+# ---------------------------------------------------------------------------------------------
+# TensorRT-LLM's group-wise layout is its W4A16_GPTQ one (``trtllm_int4.py``) with one code per
+# byte: ``weight`` int8 [N, K_pad], ``weights_scaling_factor`` and ``zero`` [N, K_pad/G], K
+# zero-padded to a multiple of G. Written from that layout, not checked against a TensorRT-LLM
+# install (none here); ours -> TensorRT-LLM -> ours is bit-identical (pure re-layout).
+def int8_group_to_trtllm(out: dict, prefixes: list, quant: QuantConfig, fdt: torch.dtype,
+                         need) -> None:
+    """Ours -> TensorRT-LLM, in place on ``out`` (float, excluded linears stay)."""
+    g = quant.group_size
+    for p in prefixes:
+        w = need(out, p + ".weight")
+        if w.is_floating_point():
+            continue
+        if w.shape[1] % g:
+            w = torch.nn.functional.pad(w, (0, -w.shape[1] % g))
+        out[p + ".weight"] = w.contiguous()
+        for name in ("weights_scaling_factor", "zero"):
+            out[f"{p}.{name}"] = need(out, f"{p}.{name}").t().contiguous().to(fdt)
+
+
+def int8_group_from_trtllm(out: dict, prefixes: list, quant: QuantConfig, fdt: torch.dtype,
+                           need, widths: dict) -> None:
+    """TensorRT-LLM -> ours, in place; ``widths`` {prefix: K of the architecture} (a K padded
+    to a multiple of G is cut back: our narrower last group)."""
+    g = quant.group_size
+    for p in prefixes:
+        w = need(out, p + ".weight")
+        if w.is_floating_point():
+            continue
+        k = widths[p]
+        n, k_stored = w.shape
+        if w.dtype != torch.int8 or k_stored not in (k, -(-k // g) * g):
+            raise ConfigError(f"{p}.weight: {quant.quant_algo} expects int8 [N, K] with K={k} "
+                              f"(or padded to {-(-k // g) * g}), got {w.dtype} "
+                              f"{tuple(w.shape)}")
+        out[p + ".weight"] = w[:, :k].contiguous()
+        for name in ("weights_scaling_factor", "zero"):
+            t = need(out, f"{p}.{name}")
+            if tuple(t.shape) != (n, -(-k // g)):
+                raise ConfigError(f"{p}.{name} has shape {tuple(t.shape)}, expected "
+                                  f"{(n, -(-k // g))} (group size {g})")
+            out[f"{p}.{name}"] = t.t().contiguous().to(fdt)
