@@ -111,29 +111,37 @@ def _qdq(w: torch.Tensor, group: int, zero: bool, clip: Optional[torch.Tensor] =
 
 def search_scale(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, group: int,
                  zero: bool, n_grid: int = 20, bits: int = 4,
-                 tie: Optional[int] = None) -> tuple[torch.Tensor, dict]:
-    """-> (s [K], {"alpha", "rtn_err", "awq_err"}) for weight w [N, K] (all linears sharing
-    the input, stacked) and calibration inputs x [T, K]: the paper's grid search over alpha.
-    ``tie`` = (kv heads, q heads per kv head): s must be equal over the q heads sharing one KV
-    head (o_proj's scale folded into v_proj's rows under grouped-query attention)."""
+                 tie: Optional[tuple] = None, duo: bool = True) -> tuple[torch.Tensor, dict]:
+    """-> (s [K], {"alpha", "form", "rtn_err", "awq_err"}) for weight w [N, K] (all linears
+    sharing the input, stacked) and calibration inputs x [T, K]: the paper's grid search over
+    alpha of s = mean|x|^alpha and, with ``duo``, also of s = mean|x|^alpha / mean|w|^(1-alpha)
+    (mean|w| per input channel of the row-normalised weight), keeping whichever form and alpha
+    give the lowest output error. ``tie`` = (kv heads, q heads per kv head): s equal over the q
+    heads sharing one KV head (o_proj's scale folded into v_proj's rows under GQA)."""
     w = w.float()
     x = x.float()
     y = x @ w.t()
+    xm = x_mean.float().clamp_min(1e-8)
+    wm = (w.abs() / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)).mean(0).clamp_min(1e-8)
     best = None
     rtn_err = None
-    for i in range(n_grid):
-        alpha = i / n_grid
-        s = x_mean.float().clamp_min(1e-8) ** alpha
-        if tie is not None:
-            s = _tie(s, *tie)
-        s = s / (s.max() * s.min()).sqrt()
-        wq = _qdq(w * s, group, zero, bits=bits) / s
-        err = ((x @ wq.t() - y) ** 2).mean().item()
-        if i == 0:
-            rtn_err = err
-        if best is None or err < best[0]:
-            best = (err, alpha, s)
-    return best[2], {"alpha": best[1], "rtn_err": rtn_err, "awq_err": best[0]}
+    forms = ("x", "xw") if duo else ("x",)
+    for form in forms:
+        for i in range(n_grid):
+            alpha = i / n_grid
+            if form == "xw" and i == 0:
+                continue  # 1 / mean|w|: no activation awareness
+            s = xm ** alpha if form == "x" else xm ** alpha / wm ** (1 - alpha)
+            if tie is not None:
+                s = _tie(s, *tie)
+            s = s / (s.max() * s.min()).sqrt()
+            wq = _qdq(w * s, group, zero, bits=bits) / s
+            err = ((x @ wq.t() - y) ** 2).mean().item()
+            if rtn_err is None:
+                rtn_err = err
+            if best is None or err < best[0]:
+                best = (err, alpha, s, form)
+    return best[2], {"alpha": best[1], "form": best[3], "rtn_err": rtn_err, "awq_err": best[0]}
 
 
 def _tie(s: torch.Tensor, n_kv: int, rep: int) -> torch.Tensor:
@@ -163,15 +171,32 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
     return best
 
 
+# scale without a norm in front -> (linear whose output rows it folds into, first row there)
+_FOLD_INTO = {"attention.dense": "attention.qkv", "mlp.proj": "mlp.gate"}
+
+
 def apply_awq(tensors: dict, args: ModelArgs, quant: QuantConfig, x_mean: dict, x_rows: dict,
-              n_grid: int = 20, clip: bool = True, progress: bool = True
-              ) -> tuple[dict, dict, dict, dict]:
+              n_grid: int = 20, clip: bool = True, progress: bool = True,
+              fold_prev: Optional[bool] = None) -> tuple[dict, dict, dict, dict]:
     """Scale unified float ``tensors`` as AWQ's search says; -> (tensors, pre_quant_scales
     {linear prefix: 1/s} for ``quantize_checkpoint``, clip factors {prefix: [N, K/G]},
-    report {prefix: {"alpha", "rtn_err", "awq_err"}}). The input dict is not modified."""
-    if not quant.weight_only == "int4":
-        raise ConfigError("AWQ applies to int4 weight-only")
-    g, zero = quant.group_size, quant.int4_zero_point
+    report {prefix: {"alpha", "form", "rtn_err", "awq_err"}}). The input dict is not modified.
+
+    ``fold_prev``: fold the scales of o_proj and down_proj into the output rows of v_proj and
+    up_proj (the paper's way: exact, since attention is linear in V per channel and SwiGLU in
+    up's output; o_proj's scale is tied over the q heads sharing a KV head) instead of
+    TensorRT-LLM's ``prequant_scaling_factor``. Default: only for formats without that tensor
+    (int8 weight-only); the rows' scaling does not change their round to nearest (each row's
+    scales scale with it)."""
+    wo = quant.weight_only
+    if wo not in ("int4", "int8"):
+        raise ConfigError("AWQ applies to int4 / int8 weight-only")
+    bits = 8 if wo == "int8" else 4
+    g, zero = quant.group_size if quant.quant_algo != "W8A16" else 0, quant.int4_zero_point
+    if fold_prev is None:
+        fold_prev = bits == 8
+    n_kv = args.num_key_value_heads
+    rep_q = args.num_attention_heads // n_kv
     out = dict(tensors)
     pqs, clips, report = {}, {}, {}
     layers = range(args.num_hidden_layers)
@@ -186,8 +211,9 @@ def apply_awq(tensors: dict, args: ModelArgs, quant: QuantConfig, x_mean: dict, 
             prefixes = [f"transformer.layers.{i}.{n}" for n in linears]
             ws = [out[p + ".weight"] for p in prefixes]
             dtype = ws[0].dtype
+            tie = (n_kv, rep_q) if fold_prev and linears == ("attention.dense",) else None
             s, rep = search_scale(torch.cat([w.float() for w in ws]), x_rows[key], x_mean[key],
-                                  g, zero, n_grid)
+                                  g, zero, n_grid, bits=bits, tie=tie)
             for p, w in zip(prefixes, ws):
                 scaled = w.float() * s
                 out[p + ".weight"] = scaled.to(dtype)
@@ -197,7 +223,25 @@ def apply_awq(tensors: dict, args: ModelArgs, quant: QuantConfig, x_mean: dict, 
             if norm is not None:
                 nk = f"transformer.layers.{i}.{norm}.weight"
                 out[nk] = (out[nk].float() / s).to(out[nk].dtype)
+            elif fold_prev:
+                _fold_rows(out, f"transformer.layers.{i}.{_FOLD_INTO[linears[0]]}", s, args,
+                           rep_q)
             else:
                 for p in prefixes:
                     pqs[p] = (1.0 / s)
     return out, pqs, clips, report
+
+
+def _fold_rows(out: dict, prefix: str, s: torch.Tensor, args: ModelArgs, rep_q: int) -> None:
+    """Divide the output rows of ``prefix`` that produce the scaled input by s: v_proj's rows
+    of the fused qkv (s taken at one q head per KV head: it is tied), or up_proj's rows."""
+    w = out[prefix + ".weight"]
+    wf = w.float().clone()
+    if prefix.endswith("attention.qkv"):
+        d = args.head_dim
+        sv = s.reshape(args.num_key_value_heads, rep_q, d)[:, 0, :].reshape(-1)
+        v0 = args.q_size + args.kv_size
+        wf[v0:] = wf[v0:] / sv[:, None]
+    else:
+        wf = wf / s[:, None]
+    out[prefix + ".weight"] = wf.to(w.dtype)
