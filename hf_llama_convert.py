@@ -77,11 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_weight_only", action="store_true",
                    help="write int8/int4 weight-only weights (no calibration needed)")
     p.add_argument("--weight_only_precision", default="int8",
-                   choices=["int8", "int4", "int4_awq", "int4_gptq"],
+                   choices=["int8", "int8_awq", "int4", "int4_awq", "int4_gptq"],
                    help="int4_awq: AWQ calibration (Lin et al. 2023) into TensorRT-LLM's "
-                        "W4A16_AWQ; int4_gptq: only from a GPTQ checkpoint given as -i")
+                        "W4A16_AWQ; int8_awq: AWQ's scale search for int8, folded into the "
+                        "weights (a plain W8A16 / W8A16_GPTQ checkpoint); int4_gptq: only from "
+                        "a GPTQ checkpoint given as -i")
     p.add_argument("--group_size", type=int, default=None,
-                   help="int4 group size: 128 (default), 64, 32, or 0 for per-channel")
+                   help="int4 group size: 128 (default), 64, 32, or 0 for per-channel; int8: "
+                        "32, 64 or 128 for group-wise scales and zeros (W8A16_GPTQ)")
     # -- int4 formats (issue 18): one block --
     p.add_argument("--has_zero_point", action="store_true",
                    help="int4 / int4_awq with zero points (asymmetric scales and zeros)")
@@ -173,8 +176,8 @@ def convert(ns: argparse.Namespace) -> str:
         ns.dtype = "float16" if src in ("float32", "float64") else src
     quant = validate_quant_flags(
         args, use_weight_only=ns.use_weight_only,
-        weight_only_precision=ns.weight_only_precision, group_size=ns.group_size,
-        use_smooth_quant=ns.smoothquant is not None, per_token=ns.per_token,
+        weight_only_precision=ns.weight_only_precision.replace("int8_awq", "int8"),
+        group_size=ns.group_size, use_smooth_quant=ns.smoothquant is not None, per_token=ns.per_token,
         per_channel=ns.per_channel, int8_kv_cache=ns.calibrate_kv_cache,
         has_act_stats=True, has_kv_stats=True,
         smoothquant_alpha=None if ns.smoothquant == "auto" else ns.smoothquant,
@@ -195,7 +198,7 @@ def convert(ns: argparse.Namespace) -> str:
               f"({calib_info['num_tokens']} tokens) from {calib_info['source']}", file=sys.stderr)
 
     awq_kw = {}
-    if quant.pre_quant_scale:  # int4_awq
+    if quant.pre_quant_scale or (ns.use_weight_only and ns.weight_only_precision == "int8_awq"):
         awq_kw, awq_info = _awq(ns, args, hf_sd, info, device)
         calib_info = {**(calib_info or {}), **awq_info}
     sq_rows, sq_kw = None, {}

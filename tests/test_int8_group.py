@@ -135,3 +135,27 @@ def test_trtllm_layout_round_trip_pads_k_and_cuts_it_back():
         assert torch.equal(back[name], t), name
     with pytest.raises(ConfigError, match="expects int8"):
         int8_group_from_trtllm(dict(trt), ["l"], quant, torch.float32, need, {"l": 512})
+
+
+@pytest.mark.parametrize("group", ["64", "0"])
+def test_convert_int8_awq_folds_scales_into_a_plain_int8_checkpoint(tiny_hf_factory, tmp_path,
+                                                                    group):
+    """--weight_only_precision int8_awq: AWQ's scales folded into norms and v/up rows, so the
+    checkpoint is an ordinary W8A16_GPTQ (or W8A16) one, with no pre-quant scale."""
+    import build
+    import hf_llama_convert
+    from llama_engine.checkpoint import read_checkpoint
+    ck, eng = tmp_path / "ck", tmp_path / "eng"
+    assert hf_llama_convert.main(["-i", str(tiny_hf_factory(2, False)), "-o", str(ck),
+                                  "--use_weight_only", "--weight_only_precision", "int8_awq",
+                                  "--group_size", group, "--calib_dataset", "synthetic",
+                                  "--calib_size", "4", "--max_input_length", "32",
+                                  "--dtype", "float32", "--device", "cpu",
+                                  "--no_progress"]) == 0
+    q = json.loads((ck / "config.json").read_text())["quantization"]
+    assert q["quant_algo"] == (W8A16_GPTQ if group == "64" else W8A16)
+    assert q["calibration"]["awq"]["speed_only"] is True
+    tensors = read_checkpoint(str(ck))[-1]
+    assert not any(k.endswith("prequant_scaling_factor") for k in tensors)
+    assert build.main(["--ckpt_dir", str(ck), "--output_dir", str(eng), "--max_batch_size", "1",
+                       "--max_input_len", "16", "--max_output_len", "4"]) == 0
