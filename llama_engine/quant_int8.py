@@ -28,8 +28,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import ConfigError, QuantConfig
+from .config import W4A16_GPTQ, W4A16_GROUPWISE, W8A16_GPTQ, ConfigError, ModelArgs, QuantConfig
 from .kernels.int8_group import dequantize_w8_group, linear_w8a16_group
+from .names import linear_shape
+from .trtllm_int4 import int4_group_from_trtllm, int4_group_to_trtllm
 
 INT8_GROUP_SIZES = (32, 64, 128)
 
@@ -116,8 +118,29 @@ class WeightOnlyInt8GroupLinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# TensorRT-LLM's W8A16_GPTQ checkpoint tensors <-> ours (trtllm.py calls these)
+# TensorRT-LLM's W8A16_GPTQ checkpoint tensors <-> ours (trtllm.py calls group_*_trtllm for
+# every group-wise algo; int4's are trtllm_int4.py's)
 # ---------------------------------------------------------------------------------------------
+GROUPWISE_ALGOS = (W4A16_GROUPWISE, W4A16_GPTQ, W8A16_GPTQ)
+
+
+def group_to_trtllm(out: dict, prefixes: list, quant: QuantConfig, fdt: torch.dtype,
+                    need) -> None:
+    """Ours -> TensorRT-LLM for any of ``GROUPWISE_ALGOS``, in place on ``out``."""
+    if quant.quant_algo == W8A16_GPTQ:
+        return int8_group_to_trtllm(out, prefixes, quant, fdt, need)
+    return int4_group_to_trtllm(out, prefixes, quant, fdt, need)
+
+
+def group_from_trtllm(out: dict, prefixes: list, quant: QuantConfig, fdt: torch.dtype,
+                      need, args: ModelArgs) -> None:
+    """TensorRT-LLM -> ours for any of ``GROUPWISE_ALGOS``, in place on ``out``."""
+    if quant.quant_algo == W8A16_GPTQ:
+        return int8_group_from_trtllm(out, prefixes, quant, fdt, need,
+                                      {p: linear_shape(args, p)[1] for p in prefixes})
+    return int4_group_from_trtllm(out, prefixes, quant, fdt, need, args)
+
+
 # TensorRT-LLM's group-wise layout is its W4A16_GPTQ one (``trtllm_int4.py``) with one code per
 # byte: ``weight`` int8 [N, K_pad], ``weights_scaling_factor`` and ``zero`` [N, K_pad/G], K
 # zero-padded to a multiple of G. Written from that layout, not checked against a TensorRT-LLM

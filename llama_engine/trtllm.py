@@ -41,12 +41,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .config import (KV_INT8, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16, W8A16_GPTQ, ConfigError,
+from .config import (KV_INT8, W4A16, W4A16_GROUPWISE, W8A16, ConfigError,
                      ModelArgs, QuantConfig)
-from .names import is_kv_channel_scale, linear_shape
+from .names import is_kv_channel_scale
 from .sampling import GenerationOutput, SamplingConfig, cut_at_stop, trtllm_generate_kwargs
-from .quant_int8 import int8_group_from_trtllm, int8_group_to_trtllm
-from .trtllm_int4 import int4_group_from_trtllm, int4_group_to_trtllm
+from .quant_int8 import GROUPWISE_ALGOS, group_from_trtllm, group_to_trtllm
 
 TRTLLM_RELEASE = "1.2"  # the release line whose format this module follows
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
@@ -181,10 +180,8 @@ def to_trtllm(tensors: dict, args: ModelArgs, quant: QuantConfig, dtype: Optiona
             # non-int8 weight itself); the scale lets us recover q exactly on the way back.
             out[p + ".weight"] = (q.float() * s.float()[:, None]).to(fdt)
             out[p + ".per_channel_scale"] = s.to(fdt)
-    elif algo in (W4A16_GROUPWISE, W4A16_GPTQ):
-        int4_group_to_trtllm(out, _linear_prefixes(args), quant, fdt, _need)
-    elif algo == W8A16_GPTQ:
-        int8_group_to_trtllm(out, _linear_prefixes(args), quant, fdt, _need)
+    elif algo in GROUPWISE_ALGOS:
+        group_to_trtllm(out, _linear_prefixes(args), quant, fdt, _need)
     elif quant.is_smooth_quant:
         _sq_to_trtllm(out, args, quant)
 
@@ -265,8 +262,7 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
         raise ConfigError(f"checkpoint dtype {dtype!r} is not one of {sorted(_FLOAT_DTYPES)}")
     fdt = _FLOAT_DTYPES[dtype]
     qd = dict(cfg.get("quantization") or {})
-    if qd.get("has_zero_point") and qd.get("quant_algo") not in (W4A16_GROUPWISE, W4A16_GPTQ,
-                                                                 W8A16_GPTQ):
+    if qd.get("has_zero_point") and qd.get("quant_algo") not in GROUPWISE_ALGOS:
         raise ConfigError(f"quantization with zero points ({qd.get('quant_algo')}) is not "
                           "supported")
     trt_excludes = list(qd.get("exclude_modules") or TRTLLM_DEFAULT_EXCLUDES)
@@ -284,11 +280,8 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
     algo = quant.quant_algo
     if algo in (W8A16, W4A16):
         _weight_only_from_trtllm(out, args, algo, fdt, trt_excludes)
-    elif algo in (W4A16_GROUPWISE, W4A16_GPTQ):
-        int4_group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need, args)
-    elif algo == W8A16_GPTQ:
-        int8_group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need,
-                               {p: linear_shape(args, p)[1] for p in _linear_prefixes(args)})
+    elif algo in GROUPWISE_ALGOS:
+        group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need, args)
     elif quant.is_smooth_quant:
         _sq_from_trtllm(out, args, quant)
     if quant.int8_kv_cache:
