@@ -1,6 +1,7 @@
-"""AWQ calibration: activation-aware per-channel scales for int4 weight-only (Lin et al. 2023,
-"AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration",
-arXiv:2306.00978), in TensorRT-LLM's W4A16_AWQ layout.
+"""AWQ calibration: activation-aware per-channel scales for int4 and int8 weight-only (Lin et al.
+2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration",
+arXiv:2306.00978), in TensorRT-LLM's W4A16_AWQ layout (int4) or folded into W8A16 /
+W8A16_GPTQ weights (int8).
 
 What is implemented (and what is not):
 
@@ -10,15 +11,22 @@ What is implemented (and what is not):
   a geometric mean of 1; alpha is searched on a grid of ``n_grid`` points in [0, 1) minimising
   the group's output error || X W^T - (X / s) Q(W s)^T ||^2 on the calibration tokens
   (alpha = 0 is plain round to nearest, so the search never does worse than RTN on them).
-* Folding as TensorRT-LLM folds: into the preceding RMSNorm gain where there is one (q/k/v,
-  gate/up: gain / s, weights * s); otherwise (o_proj, down_proj) as its
-  ``prequant_scaling_factor`` = 1 / s, multiplied into the input at run time.
-* The clipping search (the paper's auto-clip), for zero-point formats whose group size divides
-  the input width: per weight group a
-  shrink factor of the [min, max] range on a grid, minimising that group's contribution to the
-  output error on the calibration tokens.
+  The same grid is also searched for s = s_x ** alpha / s_w ** (1 - alpha), s_w the mean
+  |w| per input channel of the row-normalised weight (the weight-aware form later AWQ
+  releases offer); the better form and alpha win.
+* Folding: into the preceding RMSNorm gain where there is one (q/k/v, gate/up: gain / s,
+  weights * s). o_proj and down_proj: either TensorRT-LLM's ``prequant_scaling_factor`` = 1 / s
+  multiplied into the input at run time (int4 W4A16_AWQ, the default there), or the paper's
+  folding into the output rows of v_proj and up_proj (``fold_prev``; the default for int8,
+  whose formats have no pre-quant scale): exact, because attention is linear in V per channel
+  and SwiGLU in up's output; under grouped-query attention o_proj's scale is tied over the q
+  heads that share one KV head.
+* The clipping search (the paper's auto-clip), for zero-point int4 formats whose group size
+  divides the input width: per weight group a shrink factor of the [min, max] range on a grid,
+  minimising that group's contribution to the output error on the calibration tokens.
 * Not implemented: the block-by-block pass with quantized earlier blocks (all inputs are
-  captured from one float forward pass), and AWQ's own kernels/packing (the result is our
+  captured from one float forward pass), the loss on the whole attention / MLP block output
+  (ours is each linear group's output), and AWQ's own kernels/packing (the result is our
   int4 format, or AutoAWQ's through ``formats/awq.py``).
 
 Calibration inputs come from the float model through forward hooks, on the summarize prompt

@@ -90,6 +90,7 @@ class WeightOnlyInt8GroupLinear(nn.Module):
         self.register_buffer("weight", qweight)
         self.register_buffer("scales", scales.reshape(shape))
         self.register_buffer("zeros", zeros.reshape(shape).to(scales.dtype))
+        self._cpu_w: Optional[torch.Tensor] = None   # CPU only: the dequantized weight
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 128) -> "WeightOnlyInt8GroupLinear":
@@ -113,6 +114,14 @@ class WeightOnlyInt8GroupLinear(nn.Module):
                                    self.scales.dtype)
 
     def forward(self, x, partials: bool = False):
+        if not x.is_cuda:
+            # The CPU reference dequantizes on every call; keep its dequantized weight (the
+            # same numbers: fp32, or fp64 for fp64 inputs) so CPU evaluation is not bound by it.
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            if self._cpu_w is None or self._cpu_w.dtype != acc:
+                self._cpu_w = dequantize_w8_group(self.weight, self.scales, self.zeros,
+                                                  self.group_size, acc)
+            return (x.to(acc) @ self._cpu_w.t()).to(x.dtype)
         return linear_w8a16_group(x, self.weight, self.scales, self.zeros, self.group_size,
                                   partials=partials)
 
