@@ -7,6 +7,9 @@ The command line of TensorRT-LLM's ``examples/llama/hf_llama_convert.py`` (``-i`
 directory feeds both ``build.py --ckpt_dir`` and, on a machine that has it, ``trtllm-build``.
 
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR -sq 0.5 --per_token --per_channel
+    python hf_llama_convert.py -i HF_DIR -o CKPT_DIR -sq auto --per_token --per_channel
+    python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --use_weight_only \
+        --weight_only_precision int8_awq --group_size 64     # W8A16_GPTQ, AWQ scales folded
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --calibrate-kv-cache
     python hf_llama_convert.py -i model.gguf -o CKPT_DIR -sq 0.5
     python hf_llama_convert.py -i llama-7b -o CKPT_DIR -sq 0.5      # random weights, speed-only
