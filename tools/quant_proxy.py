@@ -45,7 +45,7 @@ def _log(msg):
 def weight_only(model, mode, x_mean, x_rows, cfg):
     """Replace the linears' weights by the mode's effective weights."""
     bits = 8 if mode.startswith("int8") else 4
-    g = {"g128": 128, "g64": 64}.get(mode.rsplit("_", 1)[-1], 0)
+    g = {"g128": 128, "g64": 64, "g32": 32}.get(mode.rsplit("_", 1)[-1], 0)
     zero = bits == 4
     search = "awq" in mode
     tie_o = mode.endswith("_v")  # o_proj scale folded into v_proj (KV heads tied)
