@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4_awq / int4_gptq: TensorRT-LLM's W4A16_AWQ / W4A16_GPTQ layouts; "
                         "from random weights speed-only (AWQ calibration: hf_llama_convert.py)")
     q.add_argument("--group_size", type=int, default=None,
-                   help="int4 group size (128 default; 64, 32; 0 = per channel)")
+                   help="int4 group size (128 default; 64, 32; 0 = per channel); int8: 32, 64 "
+                        "or 128 for group-wise scales and zeros (W8A16_GPTQ)")
     # -- int4 formats (issue 18): one block --
     q.add_argument("--has_zero_point", action="store_true",
                    help="int4 / int4_awq with zero points (asymmetric; TensorRT-LLM's "

@@ -7,6 +7,9 @@ The command line of TensorRT-LLM's ``examples/llama/hf_llama_convert.py`` (``-i`
 directory feeds both ``build.py --ckpt_dir`` and, on a machine that has it, ``trtllm-build``.
 
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR -sq 0.5 --per_token --per_channel
+    python hf_llama_convert.py -i HF_DIR -o CKPT_DIR -sq auto --per_token --per_channel
+    python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --use_weight_only \
+        --weight_only_precision int8_awq --group_size 64     # W8A16_GPTQ, AWQ scales folded
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --calibrate-kv-cache
     python hf_llama_convert.py -i model.gguf -o CKPT_DIR -sq 0.5
     python hf_llama_convert.py -i llama-7b -o CKPT_DIR -sq 0.5      # random weights, speed-only
@@ -45,6 +48,11 @@ def default_calib_dataset() -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+def _sq_alpha(text: str):
+    """-sq's value: 'auto' (per-layer alpha search) or a number in [0, 1]."""
+    return "auto" if text == "auto" else cli.unit_interval(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--in-file", "--in_file", dest="in_file", required=True,
@@ -56,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace -o even when it holds something else (never the source "
                         "or the current directory)")
-    p.add_argument("-sq", "--smoothquant", type=float, default=None, metavar="ALPHA",
-                   help="SmoothQuant with migration strength ALPHA in [0, 1] (0.5 is a good "
-                        "first try); writes W8A8 int8 weights")
+    p.add_argument("-sq", "--smoothquant", type=_sq_alpha, default=None, metavar="ALPHA",
+                   help="SmoothQuant with migration strength ALPHA in [0, 1], or 'auto': per "
+                        "layer and smoothed group the alpha (0.10..0.95) minimising the "
+                        "quantized layer's output error on the calibration prompts; writes "
+                        "W8A8 int8 weights")
     p.add_argument("-kv", "--calibrate-kv-cache", "--calibrate_kv_cache",
                    dest="calibrate_kv_cache", action="store_true",
                    help="calibrate INT8 KV cache scales (kv_cache_quant_algo INT8)")
@@ -74,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_weight_only", action="store_true",
                    help="write int8/int4 weight-only weights (no calibration needed)")
     p.add_argument("--weight_only_precision", default="int8",
-                   choices=["int8", "int4", "int4_awq", "int4_gptq"],
+                   choices=["int8", "int8_awq", "int4", "int4_awq", "int4_gptq"],
                    help="int4_awq: AWQ calibration (Lin et al. 2023) into TensorRT-LLM's "
-                        "W4A16_AWQ; int4_gptq: only from a GPTQ checkpoint given as -i")
+                        "W4A16_AWQ; int8_awq: AWQ's scale search for int8, folded into the "
+                        "weights (a plain W8A16 / W8A16_GPTQ checkpoint); int4_gptq: only from "
+                        "a GPTQ checkpoint given as -i")
     p.add_argument("--group_size", type=int, default=None,
-                   help="int4 group size: 128 (default), 64, 32, or 0 for per-channel")
+                   help="int4 group size: 128 (default), 64, 32, or 0 for per-channel; int8: "
+                        "32, 64 or 128 for group-wise scales and zeros (W8A16_GPTQ)")
     # -- int4 formats (issue 18): one block --
     p.add_argument("--has_zero_point", action="store_true",
                    help="int4 / int4_awq with zero points (asymmetric scales and zeros)")
@@ -159,6 +172,7 @@ def convert(ns: argparse.Namespace) -> str:
     from llama_engine.outdir import check_output_dir
     from llama_engine.quant import format_report, quantize_checkpoint, validate_quant_flags
     import smoothquant as sq
+    from llama_engine import smoothquant as esq
 
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sources = [ns.in_file] if os.path.exists(ns.in_file) else []
@@ -181,11 +195,12 @@ def convert(ns: argparse.Namespace) -> str:
                           "asks for FP8: choose one")
     quant = validate_quant_flags(
         args, use_weight_only=ns.use_weight_only,
-        weight_only_precision=ns.weight_only_precision, group_size=ns.group_size,
-        use_smooth_quant=ns.smoothquant is not None, per_token=ns.per_token,
+        weight_only_precision=ns.weight_only_precision.replace("int8_awq", "int8"),
+        group_size=ns.group_size, use_smooth_quant=ns.smoothquant is not None, per_token=ns.per_token,
         per_channel=ns.per_channel, int8_kv_cache=ns.calibrate_kv_cache,
         fp8_kv_cache=ns.kv_cache_dtype == "fp8",
-        has_act_stats=True, has_kv_stats=True, smoothquant_alpha=ns.smoothquant,
+        has_act_stats=True, has_kv_stats=True,
+        smoothquant_alpha=None if ns.smoothquant == "auto" else ns.smoothquant,
         has_zero_point=ns.has_zero_point, fp8=_fp8_flags(ns))
     print(f"loaded {info['kind']} weights from {info['path']}: {args.num_hidden_layers} layers, "
           f"hidden {args.hidden_size}; target {quant.describe()}, {ns.dtype}", file=sys.stderr)
@@ -205,11 +220,25 @@ def convert(ns: argparse.Namespace) -> str:
               f"({calib_info['num_tokens']} tokens) from {calib_info['source']}", file=sys.stderr)
 
     awq_kw = {}
-    if quant.pre_quant_scale:  # int4_awq
+    if quant.pre_quant_scale or (ns.use_weight_only and ns.weight_only_precision == "int8_awq"):
         awq_kw, awq_info = _awq(ns, args, hf_sd, info, device)
         calib_info = {**(calib_info or {}), **awq_info}
+    sq_rows, sq_kw = None, {}
+    if ns.smoothquant == "auto":  # calibration rows for the per-layer alpha search
+        sq_rows, sq_info = _capture_rows(ns, args, hf_sd, info, device, "sq_alpha_search",
+                                         max_rows=esq.SQ_SEARCH_ROWS)
+        calib_info = {**(calib_info or {}), **sq_info}
     tensors = hf_to_unified(hf_sd, args)
     del hf_sd
+    if sq_rows is not None:
+        alphas, _ = esq.search_alphas(tensors, args, act_stats, sq_rows[1],
+                                     quant.sq_per_token, quant.sq_per_channel,
+                                     progress=not ns.no_progress)
+        vals = sorted(alphas.values())
+        quant.smoothquant_val = vals[len(vals) // 2]  # TensorRT-LLM's field holds one float
+        sq_kw["sq_alphas"] = alphas
+        print(f"SmoothQuant alpha search: {len(vals)} groups, alpha {vals[0]:.2f}..{vals[-1]:.2f}"
+              f" (median {quant.smoothquant_val:.2f})", file=sys.stderr)
     if awq_kw:
         from llama_engine.awq import apply_awq
         tensors, pqs, clips, rep = apply_awq(tensors, args, quant, *awq_kw["inputs"],
@@ -222,10 +251,12 @@ def convert(ns: argparse.Namespace) -> str:
               file=sys.stderr)
     tensors, report = quantize_checkpoint(tensors, args, quant, act_stats, kv_stats,
                                           progress=not ns.no_progress, dtype=ns.dtype,
-                                          **awq_kw)
+                                          **awq_kw, **sq_kw)
     qdict = quant.to_checkpoint_dict()
     if calib_info is not None:
         qdict["calibration"] = calib_info
+    if sq_kw:  # per smoothed group, for the record (baked into the weights)
+        qdict["smoothquant_alphas"] = {k: float(v) for k, v in sq_kw["sq_alphas"].items()}
     tok_src = info.get("tokenizer_dir")
     write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors, world_size=ns.tp_size,
                      extra_config={"quantization": qdict}, tokenizer_src=tok_src,
@@ -237,6 +268,16 @@ def convert(ns: argparse.Namespace) -> str:
 def _awq(ns: argparse.Namespace, args, hf_sd: dict, info: dict, device: str):
     """Capture AWQ's calibration inputs from the float model -> ({"inputs": (means, rows)},
     calibration info)."""
+    inputs, info_out = _capture_rows(ns, args, hf_sd, info, device, "awq")
+    info_out["awq"]["clip_search"] = not ns.no_awq_clip
+    return {"inputs": inputs}, info_out
+
+
+def _capture_rows(ns: argparse.Namespace, args, hf_sd: dict, info: dict, device: str,
+                  what: str, max_rows: Optional[int] = None):
+    """Linear inputs of the float model on the calibration prompts (``awq.capture_inputs``)
+    -> ((means, rows), {what: calibration info}); ``max_rows``: at most that many rows per
+    linear (fewer prompts)."""
     import torch
 
     from llama_engine import awq, smoothquant as esq
@@ -251,15 +292,16 @@ def _awq(ns: argparse.Namespace, args, hf_sd: dict, info: dict, device: str):
         where = os.fspath(dataset or "cnn_dailymail 3.0.0 train (hub)")
     dtype = getattr(torch, ns.calib_dtype) if ns.calib_dtype else (
         torch.float32 if device == "cpu" else torch.float16)
+    if max_rows:
+        prompts = prompts[:max(1, max_rows // ns.awq_tokens_per_prompt)]
     model = esq.hf_model_from_state_dict(args, hf_sd, device, dtype)
     inputs = awq.capture_inputs(model, prompts, ns.awq_tokens_per_prompt,
                                 progress=not ns.no_progress, seed=ns.seed)
     del model
-    info_out = {"awq": {"source": where, "num_prompts": len(prompts),
-                        "tokens_per_prompt": ns.awq_tokens_per_prompt,
-                        "clip_search": not ns.no_awq_clip,
-                        "speed_only": tokenizer is None}}
-    return {"inputs": inputs}, info_out
+    info_out = {what: {"source": where, "num_prompts": len(prompts),
+                       "tokens_per_prompt": ns.awq_tokens_per_prompt,
+                       "speed_only": tokenizer is None}}
+    return inputs, info_out
 
 
 def _fp8_flags(ns: argparse.Namespace):

@@ -6,6 +6,8 @@ MODES = {
     # name: (build flags for quantization, description)
     "fp16": ({}, "fp16"),
     "int8": ({"use_weight_only": True, "weight_only_precision": "int8"}, "int8 weight-only"),
+    "int8_g128": ({"use_weight_only": True, "weight_only_precision": "int8", "group_size": 128},
+                  "int8 weight-only g128 with zeros (W8A16_GPTQ)"),
     "int4": ({"use_weight_only": True, "weight_only_precision": "int4", "group_size": 128},
              "int4 weight-only g128"),
     "int4_zp": ({"use_weight_only": True, "weight_only_precision": "int4", "group_size": 128,

@@ -314,6 +314,7 @@ W4A16 = "W4A16"                 # int4 weight-only, per output channel
 W4A16_GROUPWISE = "W4A16_AWQ"   # int4 weight-only, group-wise scales (RTN, pre-quant scale 1)
 W4A16_AWQ = W4A16_GROUPWISE     # the same name; with has_zero_point: asymmetric (zeros)
 W4A16_GPTQ = "W4A16_GPTQ"       # int4 weight-only, group-wise scales and zeros (GPTQ's)
+W8A16_GPTQ = "W8A16_GPTQ"       # int8 weight-only, group-wise scales and zeros (quant_int8.py)
 # int4 with zero points (asymmetric): w = q * scale + zero, q in [-8, 7]; group_size 0 there
 # means one scale and zero per output channel.
 ZERO_POINT_ALGOS = (W4A16_AWQ, W4A16_GPTQ)
@@ -360,7 +361,7 @@ class QuantConfig:
     @property
     def weight_only(self) -> Optional[str]:
         """'int8', 'int4' or None."""
-        if self.quant_algo == W8A16:
+        if self.quant_algo in (W8A16, W8A16_GPTQ):
             return "int8"
         if self.quant_algo in (W4A16, W4A16_GROUPWISE, W4A16_GPTQ):
             return "int4"
@@ -410,6 +411,8 @@ class QuantConfig:
             kind = {W4A16_GPTQ: "GPTQ "}.get(self.quant_algo, "")
             g = f"group {self.group_size}" if self.group_size else "per channel"
             parts[0] = f"W4A16 {kind}{g}" + (" with zeros" if self.int4_zero_point else "")
+        if self.quant_algo == W8A16_GPTQ:
+            parts[0] = f"W8A16 group {self.group_size} with zeros"
         if self.is_fp8:
             parts[0] = (f"FP8 W8A8 (weights per {'channel' if self.fp8_per_channel else 'tensor'}"
                         f", activations {'per token' if self.fp8_dynamic_act else 'static'})")
@@ -436,7 +439,8 @@ class QuantConfig:
     def from_checkpoint_dict(cls, d: Optional[dict]) -> "QuantConfig":
         d = d or {}
         algo = d.get("quant_algo")
-        known = {None, W8A16, W4A16, W4A16_GROUPWISE, W4A16_GPTQ, *SQ_ALGOS.values(), *FP8_ALGOS}
+        known = {None, W8A16, W4A16, W4A16_GROUPWISE, W4A16_GPTQ, W8A16_GPTQ,
+                 *SQ_ALGOS.values(), *FP8_ALGOS}
         if algo not in known:
             raise ConfigError(f"unsupported quant_algo {algo!r}; supported: "
                               f"{sorted(a for a in known if a)}")
@@ -444,7 +448,7 @@ class QuantConfig:
         if kv is not None and kv not in KV_CACHE_DTYPES:
             raise ConfigError(f"unsupported kv_cache_quant_algo {kv!r} (supported: "
                               f"{', '.join(KV_CACHE_DTYPES)})")
-        zp = bool(d.get("has_zero_point", False)) or algo == W4A16_GPTQ
+        zp = bool(d.get("has_zero_point", False)) or algo in (W4A16_GPTQ, W8A16_GPTQ)
         g = d.get("group_size")
         # Zero-point int4 may be per channel (0; GPTQ writes -1); everything else groups by 128.
         g = (0 if g in (0, -1) else int(g or 128)) if algo in ZERO_POINT_ALGOS and zp \
@@ -452,6 +456,8 @@ class QuantConfig:
         if algo in ZERO_POINT_ALGOS and g not in (0, 32, 64, 128):
             raise ConfigError(f"{algo}: group_size {g} is not supported (32, 64, 128, or "
                               "0 = per channel)")
+        if algo == W8A16_GPTQ and g not in (32, 64, 128):
+            raise ConfigError(f"{algo}: group_size {g} is not supported (32, 64, 128)")
         return cls(
             quant_algo=algo,
             kv_cache_quant_algo=kv,

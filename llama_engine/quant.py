@@ -39,13 +39,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16, ConfigError,
-                     ModelArgs, QuantConfig)
+from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16, W8A16_GPTQ,
+                     ConfigError, ModelArgs, QuantConfig)
 from .config import KV_FP8
 from .kernels import linear as K
 from .names import linear_prefixes, linear_shape
 from .quant_fp8 import Fp8Linear, fp8_from_flags, quantize_fp8_linear
 from .quant_int4 import WeightOnlyInt4ZeroLinear, quantize_int4_zp
+from .quant_int8 import INT8_GROUP_SIZES, WeightOnlyInt8GroupLinear, quantize_int8_group
 from .quant_kv import _kv_scales, kv_cache_scale, kv_channel_scales, quantize_kv  # noqa: F401
 from .smoothquant import smooth_unified
 
@@ -337,6 +338,8 @@ def linear_class(prefix: str, quant: QuantConfig) -> type:
         return FloatLinear
     if quant.quant_algo == W8A16:
         return WeightOnlyInt8Linear
+    if quant.quant_algo == W8A16_GPTQ:
+        return WeightOnlyInt8GroupLinear
     if quant.int4_zero_point:
         return WeightOnlyInt4ZeroLinear
     if quant.quant_algo in (W4A16, W4A16_GROUPWISE):
@@ -406,11 +409,14 @@ def validate_quant_flags(args: ModelArgs, use_weight_only: bool = False,
         if weight_only_precision in ("int4_awq", "int4_gptq") or has_zero_point:
             quant = _int4_zero_or_awq(args, weight_only_precision, group_size, has_zero_point)
         elif weight_only_precision == "int8":
+            if group_size and group_size not in INT8_GROUP_SIZES:
+                raise ConfigError(f"--group_size {group_size} is not supported for int8; choose "
+                                  "32, 64, 128 (W8A16_GPTQ), or 0 for per channel (W8A16)")
             if group_size:
-                raise ConfigError(f"int8 weight-only is per output channel; --group_size "
-                                  f"{group_size} applies to int4 only (use --group_size 0 or "
-                                  "leave it out)")
-            quant.quant_algo = W8A16
+                quant.quant_algo, quant.group_size = W8A16_GPTQ, int(group_size)
+                quant.has_zero_point = True
+            else:
+                quant.quant_algo = W8A16
         else:
             g = 128 if group_size is None else int(group_size)
             if g and g not in GROUP_SIZES:
@@ -507,7 +513,7 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
                         act_stats: Optional[dict] = None, kv_stats: Optional[dict] = None,
                         progress: bool = True, dtype: Optional[str | torch.dtype] = None,
                         pre_quant_scales: Optional[dict] = None,
-                        int4_clips: Optional[dict] = None):
+                        int4_clips: Optional[dict] = None, sq_alphas: Optional[dict] = None):
     """Quantize unified float tensors as ``quant`` says -> (tensors, report).
 
     ``act_stats``: {linear prefix: max|x| per input channel [K]} from ``smoothquant.py``
@@ -521,6 +527,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
     ``pre_quant_scales``: {linear prefix: p [K]} (AWQ, ``awq.py``): the weights are already
     scaled by 1/p, the input is multiplied by p (``prequant_scaling_factor``). ``int4_clips``:
     {linear prefix: [N, K/G] range factors} (AWQ's clipping search; zero-point int4 only).
+    ``sq_alphas``: SmoothQuant's alpha per smoothed group (``smoothquant.search_alphas``)
+    instead of ``quant.smoothquant_val`` for every layer.
     The input dict is not modified.
 
     ``report`` = {"tensors": {prefix: {"algo", "max_abs_err", "rel_err"}}, "worst_rel_err",
@@ -546,7 +554,7 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
         float_dtype = dtype or tensors["transformer.ln_f.weight"].dtype
         f32 = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
         f32, smoothed_stats, smoothers = smooth_unified(f32, args, act_stats,
-                                                           quant.smoothquant_val)
+                                                        sq_alphas or quant.smoothquant_val)
         out = {k: v.to(float_dtype) if v.is_floating_point() and k.endswith(".weight") else v
                for k, v in f32.items()}
         for prefix, s in smoothers.items():
@@ -645,6 +653,10 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
             new["prequant_scaling_factor"] = torch.ones(w.shape[1], dtype=scale_dtype,
                                                         device=w.device)
         return new, WeightOnlyInt4ZeroLinear(p, s, z, g).dequantized().float()
+    if algo == W8A16_GPTQ:
+        mod = WeightOnlyInt8GroupLinear(*quantize_int8_group(w, quant.group_size, scale_dtype)[:3],
+                                        quant.group_size)
+        return mod.checkpoint_tensors(), mod.dequantized().float()
     if algo == W8A16:
         q, s, _ = quantize_int8_per_channel(w, scale_dtype)
         return {"weight": q, "per_channel_scale": s}, dequantize_int8_per_channel(q, s)

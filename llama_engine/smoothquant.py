@@ -221,15 +221,25 @@ def smoothing_factors(x_max: torch.Tensor, weights: list[torch.Tensor],
     return s
 
 
-def smooth_unified(tensors: dict, args: ModelArgs, act_stats: dict, alpha: float):
+def smooth_unified(tensors: dict, args: ModelArgs, act_stats: dict, alpha):
     """Smooth unified float tensors -> (tensors, smoothed act_stats, smoothers).
+
+    ``alpha``: one float for every layer, or {group prefix: alpha} as ``search_alphas`` returns
+    (prefixes ``transformer.layers.{i}.`` + attention.qkv, mlp.fc (gate and up),
+    attention.dense, mlp.proj).
 
     Returns new dicts (the inputs are not modified): weights and norm gains rescaled, the
     statistics of the smoothed activations (x_max / s, what static activation scales need),
     and ``smoothers`` {prefix of attention.dense / mlp.proj: s [K]}. With quantization off
     the network computes the same function (up to rounding)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    def alpha_of(prefix: str) -> float:
+        a = alpha.get(prefix) if isinstance(alpha, dict) else alpha
+        if a is None:
+            raise ConfigError(f"SmoothQuant: no alpha for {prefix}")
+        if not 0.0 <= a <= 1.0:
+            raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {a} ({prefix})")
+        return float(a)
+
     out = dict(tensors)
     stats = dict(act_stats)
     smoothers: dict[str, torch.Tensor] = {}
@@ -243,16 +253,16 @@ def smooth_unified(tensors: dict, args: ModelArgs, act_stats: dict, alpha: float
         p = f"transformer.layers.{i}."
         # q, k, v read the output of input_layernorm: fold 1/s into its gain.
         _fold_into_norm(out, stats, p + "input_layernorm.weight", [p + "attention.qkv"],
-                        need(p + "attention.qkv"), alpha)
+                        need(p + "attention.qkv"), alpha_of(p + "attention.qkv"))
         # gate (fc) and up (gate) read the output of post_layernorm.
         x = need(p + "mlp.fc")
         _fold_into_norm(out, stats, p + "post_layernorm.weight", [p + "mlp.fc", p + "mlp.gate"],
-                        x, alpha)
+                        x, alpha_of(p + "mlp.fc"))
         # o_proj and down_proj: no norm in front; keep the smoother.
         for name in ("attention.dense", "mlp.proj"):
             prefix = p + name
             w = out[prefix + ".weight"]
-            s = smoothing_factors(need(prefix), [w], alpha)
+            s = smoothing_factors(need(prefix), [w], alpha_of(prefix))
             out[prefix + ".weight"] = (w.float() * s[None, :]).to(w.dtype)
             smoothers[prefix] = s
             stats[prefix] = act_stats[prefix].float() / s.cpu()
@@ -268,6 +278,82 @@ def _fold_into_norm(out: dict, stats: dict, norm_name: str, prefixes: list[str],
     for p, w in zip(prefixes, ws):
         out[p + ".weight"] = (w.float() * s[None, :]).to(w.dtype)
         stats[p] = x_max.float() / s.cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer alpha search (SmoothQuant's authors and TensorRT-LLM's ModelOpt search alpha too)
+# ---------------------------------------------------------------------------------------------
+SQ_SEARCH_ROWS = 4096      # calibration rows per linear kept for the search (prompts x tokens)
+SQ_ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(2, 20))     # 0.10 .. 0.95
+# smoothed group -> (unified linears reading one input, HF module whose input was captured)
+SQ_GROUPS = (
+    ("attention.qkv", ("attention.qkv",), "self_attn.q_proj"),
+    ("mlp.fc", ("mlp.fc", "mlp.gate"), "mlp.gate_proj"),
+    ("attention.dense", ("attention.dense",), "self_attn.o_proj"),
+    ("mlp.proj", ("mlp.proj",), "mlp.down_proj"),
+)
+
+
+def _fake_int8(t: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    scale = (amax / 127.0).clamp_min(1e-12)
+    return torch.round(t / scale).clamp_(-127, 127) * scale
+
+
+def w8a8_output(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, per_token: bool,
+                per_channel: bool, x_max: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What the W8A8 linear computes on float32 inputs x [T, K] after smoothing by s [K]:
+    Q_act(x / s) @ Q_w(w * s)^T, with our SmoothQuantLinear's rounding (symmetric, +-127;
+    dynamic per-token scales, or the static per-tensor one from calibrated ``x_max``)."""
+    ws = w * s
+    wq = _fake_int8(ws, ws.abs().amax(1, keepdim=True) if per_channel else ws.abs().amax())
+    xs = x / s
+    if per_token:
+        xq = _fake_int8(xs, xs.abs().amax(1, keepdim=True))
+    else:
+        xq = _fake_int8(xs, (x_max.float() / s).amax())
+    return xq @ wq.t()
+
+
+def search_alpha(x: torch.Tensor, x_max: torch.Tensor, weights: list, per_token: bool = True,
+                 per_channel: bool = True, grid=SQ_ALPHA_GRID) -> tuple[float, dict]:
+    """The alpha of ``grid`` whose smoothing gives the lowest output error of the quantized
+    layer, mean((x W^T - W8A8(x))^2), on calibration rows x [T, K] of the linears ``weights``
+    (sharing that input; stacked) -> (alpha, {alpha: error})."""
+    w = torch.cat([t.float() for t in weights])
+    x = x.float()
+    y = x @ w.t()
+    errs = {}
+    for a in grid:
+        s = smoothing_factors(x_max, [w], a).to(x.device)
+        errs[float(a)] = ((w8a8_output(x, w, s, per_token, per_channel, x_max) - y) ** 2
+                          ).mean().item()
+    best = min(errs, key=errs.get)
+    return best, errs
+
+
+def search_alphas(tensors: dict, args: ModelArgs, act_stats: dict, x_rows: dict,
+                  per_token: bool = True, per_channel: bool = True, grid=SQ_ALPHA_GRID,
+                  progress: bool = True) -> tuple[dict, dict]:
+    """Per layer and smoothed group, the alpha minimising that group's quantized output error
+    on calibration rows -> ({group prefix: alpha} for ``smooth_unified``, report {prefix:
+    {alpha: error}}). ``x_rows``: {HF module name: input rows [T, K]} (``awq.capture_inputs``);
+    ``act_stats``: the max |x| per channel that the smoothing itself uses."""
+    alphas, report = {}, {}
+    layers = range(args.num_hidden_layers)
+    if progress:
+        from tqdm import tqdm
+        layers = tqdm(layers, desc="SmoothQuant alpha search", unit="layer")
+    for i in layers:
+        for group, linears, hf_mod in SQ_GROUPS:
+            prefix = f"transformer.layers.{i}.{group}"
+            rows = x_rows.get(f"model.layers.{i}.{hf_mod}")
+            if rows is None or prefix not in act_stats:
+                raise ConfigError(f"SmoothQuant alpha search has no calibration inputs for "
+                                  f"{prefix}")
+            ws = [tensors[f"transformer.layers.{i}.{n}.weight"] for n in linears]
+            alphas[prefix], report[prefix] = search_alpha(rows, act_stats[prefix], ws,
+                                                          per_token, per_channel, grid)
+    return alphas, report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,12 +41,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .config import (KV_INT8, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16, ConfigError,
+from .config import (KV_INT8, W4A16, W4A16_GROUPWISE, W8A16, ConfigError,
                      ModelArgs, QuantConfig)
 from .names import is_kv_channel_scale
+from .quant_int8 import GROUPWISE_ALGOS, group_from_trtllm, group_to_trtllm
 from .sampling import GenerationOutput, SamplingConfig, cut_at_stop, trtllm_generate_kwargs
 from .trtllm_fp8 import fp8_from_trtllm, fp8_to_trtllm
-from .trtllm_int4 import int4_group_from_trtllm, int4_group_to_trtllm
 
 TRTLLM_RELEASE = "1.2"  # the release line whose format this module follows
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
@@ -181,8 +181,8 @@ def to_trtllm(tensors: dict, args: ModelArgs, quant: QuantConfig, dtype: Optiona
             # non-int8 weight itself); the scale lets us recover q exactly on the way back.
             out[p + ".weight"] = (q.float() * s.float()[:, None]).to(fdt)
             out[p + ".per_channel_scale"] = s.to(fdt)
-    elif algo in (W4A16_GROUPWISE, W4A16_GPTQ):
-        int4_group_to_trtllm(out, _linear_prefixes(args), quant, fdt, _need)
+    elif algo in GROUPWISE_ALGOS:
+        group_to_trtllm(out, _linear_prefixes(args), quant, fdt, _need)
     elif quant.is_smooth_quant:
         _sq_to_trtllm(out, args, quant)
     fp8_to_trtllm(out, _linear_prefixes(args), quant, qdict, _need, extensions)  # FP8 only
@@ -264,7 +264,7 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
         raise ConfigError(f"checkpoint dtype {dtype!r} is not one of {sorted(_FLOAT_DTYPES)}")
     fdt = _FLOAT_DTYPES[dtype]
     qd = dict(cfg.get("quantization") or {})
-    if qd.get("has_zero_point") and qd.get("quant_algo") not in (W4A16_GROUPWISE, W4A16_GPTQ):
+    if qd.get("has_zero_point") and qd.get("quant_algo") not in GROUPWISE_ALGOS:
         raise ConfigError(f"quantization with zero points ({qd.get('quant_algo')}) is not "
                           "supported")
     trt_excludes = list(qd.get("exclude_modules") or TRTLLM_DEFAULT_EXCLUDES)
@@ -282,8 +282,8 @@ def from_trtllm(config: dict, tensors: dict) -> tuple[ModelArgs, QuantConfig, di
     algo = quant.quant_algo
     if algo in (W8A16, W4A16):
         _weight_only_from_trtllm(out, args, algo, fdt, trt_excludes)
-    elif algo in (W4A16_GROUPWISE, W4A16_GPTQ):
-        int4_group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need, args)
+    elif algo in GROUPWISE_ALGOS:
+        group_from_trtllm(out, _linear_prefixes(args), quant, fdt, _need, args)
     elif quant.is_smooth_quant:
         _sq_from_trtllm(out, args, quant)
     fp8_from_trtllm(out, _linear_prefixes(args), quant, _need)  # FP8 only

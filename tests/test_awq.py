@@ -120,3 +120,26 @@ def test_build_random_int4_awq_is_speed_only(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert "speed-only" in cfg["source"]["calibration"]
     assert cfg["quantization"]["has_zero_point"] is True
+
+
+def test_folding_into_v_and_up_keeps_the_model_function(tiny_hf_factory):
+    """fold_prev (the paper's folding: o_proj's scale into v_proj's rows, tied over the q heads
+    of a KV head; down_proj's into up_proj's rows): the scaled float model's logits equal the
+    original's, with no pre-quant scales left; and the search there still beats RTN."""
+    from llama_engine.checkpoint import unified_to_hf
+    from llama_engine.smoothquant import hf_model_from_state_dict
+    args, sd, prompts = _tiny_with_outliers(tiny_hf_factory)
+    assert args.num_attention_heads > args.num_key_value_heads        # GQA: the tie matters
+    model = hf_model_from_state_dict(args, sd)
+    means, rows = awq.capture_inputs(model, prompts, tokens_per_prompt=32, progress=False)
+    quant = validate_quant_flags(args, use_weight_only=True, weight_only_precision="int8",
+                                 group_size=32)
+    tensors = hf_to_unified(sd, args)
+    out, pqs, _, report = awq.apply_awq(tensors, args, quant, means, rows, progress=False)
+    assert pqs == {}
+    assert all(r["awq_err"] <= r["rtn_err"] for r in report.values())
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = hf_model_from_state_dict(args, unified_to_hf(out, args))(ids).logits
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()

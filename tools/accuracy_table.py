@@ -80,6 +80,19 @@ ROWS = {
     # issue 19: FP8 E4M3 W8A8 (CPU: the exact emulation with torch's float8 dtypes)
     "fp8": "FP8 W8A8 per-tensor, static (calibrated)",
     "fp8_pcpt": "FP8 W8A8 per-channel, per-token",
+    # issue 18's accuracy rows for int8 and SmoothQuant
+    "int8_wo_g64": "int8 WO g64 zeros (W8A16_GPTQ, RTN)",
+    "int8_awq_g64": "int8 WO g64 zeros + AWQ scales",
+    "sq_auto": "SmoothQuant α per layer (searched) per-token + per-channel",
+}
+_INT8 = ["--use_weight_only", "--weight_only_precision", "int8"]
+# key -> (build flags from the GGUF, or None; hf_llama_convert flags, or None); built with the
+# same build flags as the SmoothQuant row where converted with -sq
+INT8_SQ_ROWS = {
+    "int8_wo_g64": ([*_INT8, "--group_size", "64"], None),
+    "int8_awq_g64": (None, ["--use_weight_only", "--weight_only_precision", "int8_awq",
+                            "--group_size", "64"]),
+    "sq_auto": (None, ["-sq", "auto", "--per_token", "--per_channel"]),
 }
 INT4_ROWS = ("int4_wo_pc", "int4_wo_g64")
 # issue 18's rows: key -> (build flags, hf_llama_convert flags or None)
@@ -117,6 +130,10 @@ TARGETS = {
     "int4_awq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
     "fp8": {"rouge1_drop": 0.5, "top1": 0.97},
     "fp8_pcpt": {"rouge1_drop": 0.5, "top1": 0.97},
+    # issue 18: int8 WO top-1 >= 98.5% and dROUGE-1 <= 0.5; SmoothQuant >= 95% and <= 1.0
+    "int8_wo_g64": {"rouge1_drop": 0.5, "top1": 0.985},
+    "int8_awq_g64": {"rouge1_drop": 0.5, "top1": 0.985},
+    "sq_auto": {"rouge1_drop": 1.0, "top1": 0.95},
 }
 
 # Settings that make rows comparable; a JSON made with others is not resumed.
@@ -284,6 +301,13 @@ class Builder:
         if key == "fp8_kv":  # the INT8 row's checkpoint: its scales rescaled to max/448
             ck = self._convert("kv", ["--calibrate-kv-cache"])
             return self._build(key, ["--ckpt_dir", ck, "--dtype", qd, "--fp8_kv_cache", *dev])
+        if key in INT8_SQ_ROWS:
+            flags, conv = INT8_SQ_ROWS[key]
+            if conv is None:
+                return self._build(key, ["--gguf_file", g, "--dtype", qd, *flags, *dev])
+            ck = self._convert(key, conv)
+            sqf = ["--use_smooth_quant", "--per_token", "--per_channel"] if "-sq" in conv else []
+            return self._build(key, ["--ckpt_dir", ck, "--dtype", qd, *sqf, *dev])
         if key in INT4_ZP_ROWS or key in FP8_ROWS:
             flags, conv = {**INT4_ZP_ROWS, **FP8_ROWS}[key]
             if conv is None:

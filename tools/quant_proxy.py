@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Fast proxy of accuracy_table.py's top-1 column for weight/activation quantization choices.
+
+One HF forward per dev article (SmolLM2, fp32, teacher-forced over the reference highlights, as
+accuracy_table.py's prompts), with each mode's effective arithmetic put into the HF linears:
+weight-only modes as their dequantized weights (AWQ's scales folded back: Q(W s) / s, the same
+function as folding them into norms / v_proj / up_proj), SmoothQuant as fake-quantized W8A8
+(``smoothquant.w8a8_output``). No INT8 KV cache. Top-1 agreement with the float model at every
+highlight-token position. Minutes on one CPU core where the engine's CPU reference path takes
+an hour per quantized row; use it to choose, then measure the chosen rows with
+accuracy_table.py.
+
+    python tools/quant_proxy.py --num_articles 10 --modes int8_pc,int8_g64,sq0.5,sq_auto
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from llama_engine import awq, smoothquant as sq  # noqa: E402
+
+MODES = ("int8_pc", "int8_g128", "int8_g64", "int8_awq_pc", "int8_awq_g128", "sq0.5",
+         "sq_auto", "int4_g64_rtn", "int4_awq_g64", "int4_awq_g64_v", "int4_awq_g128_v")
+GROUPS = (  # (HF linears sharing one input, module captured, smoothquant group)
+    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.q_proj"),
+    (("self_attn.o_proj",), "self_attn.o_proj"),
+    (("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_proj"),
+    (("mlp.down_proj",), "mlp.down_proj"),
+)
+
+
+def _log(msg):
+    print(f"[quant_proxy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def weight_only(model, mode, x_mean, x_rows, cfg):
+    """Replace the linears' weights by the mode's effective weights."""
+    bits = 8 if mode.startswith("int8") else 4
+    g = {"g128": 128, "g64": 64, "g32": 32}.get(mode.rsplit("_", 1)[-1], 0)
+    zero = bits == 4
+    search = "awq" in mode
+    tie_o = mode.endswith("_v")  # o_proj scale folded into v_proj (KV heads tied)
+    if bits == 8:
+        tie_o = search
+    if mode.endswith("_v"):
+        g = {"int4_awq_g64_v": 64, "int4_awq_g128_v": 128}[mode]
+    n_kv = cfg.num_key_value_heads
+    rep = cfg.num_attention_heads // n_kv
+    for i, layer in enumerate(model.model.layers):
+        for names, cap in GROUPS:
+            mods = [layer.get_submodule(n) for n in names]
+            ws = [m.weight.data.float() for m in mods]
+            key = f"model.layers.{i}.{cap}"
+            s = torch.ones(ws[0].shape[1])
+            if search:
+                tie = (n_kv, rep) if (cap == "self_attn.o_proj" and tie_o) else None
+                s, _ = awq.search_scale(torch.cat(ws), x_rows[key], x_mean[key], g, zero,
+                                        bits=bits, tie=tie)
+            for m, w in zip(mods, ws):
+                clip = None
+                if bits == 4 and search and w.shape[1] % g == 0:
+                    clip = awq.search_clip(w * s, x_rows[key] / s, g)
+                m.weight.data = (awq._qdq(w * s, g, zero, clip, bits=bits) / s).to(m.weight.dtype)
+
+
+def smoothquant(model, alphas, act_max, x_rows, search):
+    chosen = {}
+    for i, layer in enumerate(model.model.layers):
+        for names, cap in GROUPS:
+            key = f"model.layers.{i}.{cap}"
+            mods = [layer.get_submodule(n) for n in names]
+            ws = [m.weight.data.float() for m in mods]
+            a = alphas
+            if search:
+                a, _ = sq.search_alpha(x_rows[key], act_max[key], ws)
+            chosen[key] = a
+            s = sq.smoothing_factors(act_max[key], ws, a)
+            for m, w in zip(mods, ws):
+                def fwd(x, w=w, s=s, xm=act_max[key]):
+                    shape = x.shape
+                    y = sq.w8a8_output(x.reshape(-1, shape[-1]).float(), w, s, True, True, xm)
+                    return y.reshape(*shape[:-1], -1).to(x.dtype)
+                m.forward = fwd
+    return chosen
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", default=os.path.expanduser(
+        "~/.cache/llama_engine/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    p.add_argument("--dataset_path", default=os.path.join(
+        os.path.dirname(REPO), "shared", "data", "cnn_dailymail", "test_dev.jsonl"))
+    p.add_argument("--calib_dataset", default=os.path.join(
+        os.path.dirname(REPO), "shared", "data", "cnn_dailymail", "train_calib.jsonl"))
+    p.add_argument("--num_articles", type=int, default=10)
+    p.add_argument("--calib_size", type=int, default=16)
+    p.add_argument("--tokens_per_prompt", type=int, default=64)
+    p.add_argument("--max_input_length", type=int, default=923)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    import accuracy_table as at
+    from run_hf import load_hf_model
+    from llama_engine.tokenizer import load_tokenizer
+    ns = SimpleNamespace(gguf=a.gguf, dataset_path=a.dataset_path,
+                         num_articles=a.num_articles, max_input_length=a.max_input_length)
+    prompts, targets = at.teacher_forced_inputs(ns)
+    model = load_hf_model(a.gguf, "float32", "cpu")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = [at.hf_logprobs(model, pr, t) for pr, t in zip(prompts, targets)]
+    tok = load_tokenizer(a.gguf)
+    cal = sq.calibration_prompts(tok, a.calib_dataset, a.calib_size, 512, True)
+    act_max: dict = {}
+    x_mean, x_rows = awq.capture_inputs(model, cal, a.tokens_per_prompt, progress=False,
+                                        maxima=act_max)
+    _log(f"{len(prompts)} articles, {sum(len(t) for t in targets)} positions; calibration "
+         f"{len(cal)} prompts x {a.tokens_per_prompt} rows")
+    for mode in a.modes.split(","):
+        model.load_state_dict(state)
+        for m in model.modules():
+            m.__dict__.pop("forward", None)
+        t0 = time.time()
+        extra = ""
+        if mode.startswith("sq"):
+            chosen = smoothquant(model, 0.5, act_max, x_rows, mode == "sq_auto")
+            if mode == "sq_auto":
+                vals = sorted(chosen.values())
+                extra = f" alpha median {vals[len(vals) // 2]} range {vals[0]}..{vals[-1]}"
+        else:
+            weight_only(model, mode, x_mean, x_rows, model.config)
+        agree = n = 0
+        for pr, t, r in zip(prompts, targets, ref):
+            g, _, m = at.compare(r, at.hf_logprobs(model, pr, t))
+            agree, n = agree + g, n + m
+        print(f"{mode:18s} top-1 {100 * agree / n:6.2f}%  ({time.time() - t0:.0f} s){extra}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())
