@@ -271,3 +271,103 @@ def generate(engine, prompts: list, max_new_tokens: int, cfg: BeamConfig,
     return GenerationOutput(out_ids, sum(len(r) for r in out_ids), latency, t_prefill,
                             finish_reasons=reasons, beam_scores=scores,
                             num_return_sequences=cfg.num_return_sequences)
+
+
+# -- inflight batching -------------------------------------------------------------------------
+class BeamGroup:
+    """One beam-search request under inflight batching (``serving.LLMEngine``).
+
+    The scheduler sees only the request's ``head`` ``Sequence`` (``head.beam`` is this
+    group): it prefills the prompt like any request; then ``start`` gives its blocks to K
+    beam rows (``rows``: ``Sequence`` objects outside the scheduler that share the prompt's
+    blocks by reference). Each later step the scheduler calls ``reserve`` (beams take their
+    parents' tables, copy-on-write of the block each writes next: the block copies to run
+    before the forward are left in ``copies``), the engine runs the K rows in the step's
+    batch and hands their logits to ``advance``. ``head.output_ids`` follows the best running
+    beam (so the head stays a one-token decode) until the group finishes; then it holds the
+    best hypothesis and ``head.beam_output_ids`` / ``head.beam_scores`` the
+    ``num_return_sequences`` best. Preemption drops every row (``free``) and ``reset``
+    restarts the search from the prompt (it is deterministic: the same result)."""
+
+    def __init__(self, head: Seq, cfg: BeamConfig):
+        self.head, self.cfg = head, cfg
+        self.reset()
+
+    def reset(self) -> None:
+        h = self.head
+        self.rows: list = []
+        self.search: Optional[BeamSearch] = None
+        self.parents: list = []
+        self.copies: list = []
+        del h.output_ids[:]
+        del h.token_times[:]
+        h.first_token_time = None
+
+    @property
+    def started(self) -> bool:
+        return self.search is not None
+
+    @property
+    def num_rows(self) -> int:
+        """Rows this request computes in a decode step (1 while it prefills)."""
+        return self.cfg.num_beams if self.started else 1
+
+    @property
+    def blocks_needed(self) -> int:
+        """At most one new block per beam per step (copy-on-write or a new block)."""
+        return self.cfg.num_beams
+
+    def start(self, bm: BlockManager, logits: torch.Tensor, end_ids: list) -> None:
+        """The prompt is computed (``logits`` [V] of its last token): K rows share its
+        blocks, the first step of the search runs."""
+        h, K = self.head, self.cfg.num_beams
+        self.search = BeamSearch(self.cfg, 1, h.max_tokens, end_ids, logits.device)
+        self.rows = [Seq((h.request_id, k), h.prompt_ids, h.max_tokens) for k in range(K)]
+        for r in self.rows:
+            r.block_table = list(h.block_table)
+            bm.share(r.block_table)
+            r.num_computed_tokens = h.num_prompt_tokens
+        bm.free(h)
+        self.advance(logits[None].expand(K, -1))
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Logits [K, V] of the rows -> the next tokens; rows take their parents' tokens
+        (their KV blocks follow in ``reserve``)."""
+        tok, parent = self.search.advance(logits)
+        tok, parent = tok.tolist(), parent.tolist()
+        outs = [list(self.rows[p].output_ids) for p in parent]
+        for r, o, t in zip(self.rows, outs, tok):
+            r.output_ids = o + [t]
+        self.parents = parent
+        h = self.head
+        now = time.perf_counter()
+        if h.first_token_time is None:
+            h.first_token_time = now
+        h.output_ids[:] = self.rows[0].output_ids
+        h.token_times.append(now)
+        h.num_computed_tokens = h.num_tokens - 1
+
+    @property
+    def done(self) -> bool:
+        return self.search is not None and self.search.done
+
+    def reserve(self, bm: BlockManager) -> None:
+        """Before a decode step: beams take their parents' blocks, and each a private block
+        for the position it writes (copies to run: ``copies``)."""
+        pos = [r.num_tokens - 1 for r in self.rows]
+        self.copies = reorder_blocks(bm, self.rows, self.parents, pos)
+        self.parents = list(range(len(self.rows)))
+        for r, p in zip(self.rows, pos):
+            r.num_computed_tokens = p
+
+    def finish(self) -> str:
+        """Put the results on the head. -> the finish reason ("stop" or "length")."""
+        toks, scores, why = self.search.results()
+        h = self.head
+        h.beam_output_ids, h.beam_scores = toks, scores
+        h.output_ids[:] = toks[0]
+        return why[0]
+
+    def free(self, bm: BlockManager) -> None:
+        for r in self.rows:
+            bm.free(r)
