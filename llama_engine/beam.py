@@ -78,15 +78,6 @@ class BeamConfig:
                               "penalties, bans, stop words or log-probs yet")
 
 
-def parse_early_stopping(value) -> Union[bool, str]:
-    """TensorRT-LLM's integer (1 = True, 0 = False) or HF's spelling -> True/False/'never'."""
-    v = str(value).strip().lower()
-    table = {"1": True, "true": True, "0": False, "false": False, "never": "never"}
-    if v not in table:
-        raise ConfigError(f"--early_stopping must be 1, 0, true, false or never, got {value!r}")
-    return table[v]
-
-
 class BeamSearch:
     """Beam bookkeeping of G prompts with K beams each, rows ``g*K + k``, on ``device``.
 
