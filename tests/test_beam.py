@@ -143,7 +143,7 @@ def smol(smol_engine, smollm2_gguf, shared_data):
     torch.set_num_threads(1)
     tok = load_tokenizer(smollm2_gguf)
     recs = load_cnn_dailymail(str(shared_data / "cnn_dailymail" / "test_dev.jsonl"), limit=2)
-    prompts = [build_summarize_prompt(r["article"], tok, 400, use_chat_template=True)
+    prompts = [build_summarize_prompt(r["article"], tok, 160, use_chat_template=True)
                for r in recs]
     engine = Engine.from_dir(str(smol_engine), device="cpu")
     hf = load_hf_model(smollm2_gguf, "float64", "cpu")
@@ -169,7 +169,7 @@ def test_smollm2_beams_equal_hf(smol, k):
     else:
         with pytest.raises(ConfigError, match="max_batch_size 2"):
             engine.generate(prompts[:1], 24, beam=cfg, end_id=ends)
-    llm = LLMEngine(engine, max_batch_size=8, max_num_tokens=512, max_kv_cache_tokens=8192)
+    llm = LLMEngine(engine, max_batch_size=8, max_num_tokens=512, max_kv_cache_tokens=4096)
     llm.add_request(prompts[0][:50], SamplingConfig(), 8)          # another request beside
     seqs = llm.generate(prompts, 24, stop_ids=ends, beam=cfg)
     check_equal([r for s in seqs for r in s.beam_output_ids],
