@@ -168,8 +168,9 @@ def add_trtllm_build_flags(p) -> None:
     g.add_argument("--pp_size", type=int, default=1, action=cli_compat.OnlyValues,
                    allowed=(1,), why="no pipeline parallelism (use --tp_size)",
                    help="1 (no pipeline parallelism)")
-    g.add_argument("--max_beam_width", type=int, default=1, action=cli_compat.OnlyValues,
-                   allowed=(1,), why=cli_compat.BEAMS_WHY, help="1 (no beam search yet)")
+    g.add_argument("--max_beam_width", type=cli.positive_int, default=1,
+                   help="accepted: beams are rows of the batch here, so size "
+                        "--max_batch_size for prompts x beams")
     g.add_argument("--embedding_sharding_dim", type=int, default=0,
                    action=cli_compat.OnlyValues, allowed=(0,), why="the parallel embedding "
                    "is split by vocabulary (dimension 0)", help="0 (by vocabulary)")

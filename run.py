@@ -114,9 +114,10 @@ def load_runner(engine_dir: str, device: str, dtype: Optional[str], cuda_graphs:
 
 def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=None,
                       stop_ids=(), scheduler_policy: str = "max_utilization", streamer=None,
-                      enable_prefix_caching: bool = False, speculative=None):
+                      enable_prefix_caching: bool = False, speculative=None, beam=None):
     """The prompts through the inflight-batching scheduler; -> a runner.GenerationOutput.
-    ``speculative``: a speculative.SpeculativeConfig (None: plain decoding)."""
+    ``speculative``: a speculative.SpeculativeConfig (None: plain decoding); ``beam``: a
+    beam.BeamConfig (rows: num_return_sequences per prompt, with their beam scores)."""
     import time
 
     from llama_engine.runner import GenerationOutput
@@ -128,10 +129,15 @@ def generate_inflight(engine, batch_ids: list, max_output_len: int, sampling=Non
                                              speculative=speculative)
     t0 = time.perf_counter()
     seqs = llm.generate(batch_ids, max_output_len, sampling, stop_ids=stop_ids,
-                        streamer=streamer)
+                        streamer=streamer, beam=beam)
     for s in seqs:
         if s.error:
             raise ConfigError(s.error)
+    if beam is not None and beam.enabled:
+        outs = [list(r) for s in seqs for r in s.beam_output_ids]
+        return GenerationOutput(outs, sum(map(len, outs)), time.perf_counter() - t0,
+                                beam_scores=[x for s in seqs for x in s.beam_scores],
+                                num_return_sequences=beam.num_return_sequences)
     outs = [list(s.output_ids) for s in seqs]
     res = GenerationOutput(outs, sum(map(len, outs)), time.perf_counter() - t0)
     if sampling is not None and sampling.logprobs is not None:
@@ -180,6 +186,19 @@ def _main(args) -> int:
     # (Tokenizer.end_ids), replaced by --end_id; --stop_words end a prompt too.
     sampling = cli.sampling_from_args(args, tokenizer)
     end_ids = tokenizer.end_ids
+    from llama_engine.beam import BeamConfig
+    beam = BeamConfig(**cli_compat.beam_settings(args))
+    if beam.enabled:
+        if spec is not None:
+            raise ConfigError("--num_beams > 1 does not combine with speculative decoding")
+        if args.output_log_probs_npy:
+            raise ConfigError("--output_log_probs_npy: per-token log probs are not kept under "
+                              "beam search; --output_cum_log_probs_npy writes the beam scores")
+        if args.streaming:
+            raise ConfigError("--streaming: beams change until the end; drop --streaming "
+                              "with --num_beams > 1")
+        beam.check_sampling(sampling, "--num_beams")
+        spec_kw = {"beam": beam}
 
     def once(stream=None):
         if args.use_inflight_batching:
@@ -209,6 +228,10 @@ def _main(args) -> int:
         if stream:
             stream.close()
     gen_ids = [cli.strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
+    per_prompt = len(gen_ids) // len(batch_ids)        # num_return_sequences under beams
+    if per_prompt > 1:
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        batch_ids = [p for p in batch_ids for _ in range(per_prompt)]
     files = dict(output_csv=args.output_csv, output_npy=args.output_npy,
                  output_log_probs_npy=args.output_log_probs_npy,
                  output_cum_log_probs_npy=args.output_cum_log_probs_npy)
@@ -217,9 +240,11 @@ def _main(args) -> int:
             print_io(prompt, tokenizer.decode(ids))
     if any(files.values()):
         log_probs = None
-        if args.output_log_probs_npy or args.output_cum_log_probs_npy:
+        if out.beam_scores is not None:   # the cumulative file holds each beam's score
+            log_probs = [[x] for x in out.beam_scores]
+        elif args.output_log_probs_npy or args.output_cum_log_probs_npy:
             log_probs = generated_log_probs(engine, batch_ids, gen_ids, out)
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else end_id
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else end_ids[0]
         for path in out_files.write_outputs(batch_ids, gen_ids, args.max_output_len, pad,
                                             log_probs=log_probs, **files):
             print(f"wrote {path}", file=sys.stderr)

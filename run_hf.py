@@ -1,4 +1,6 @@
-"""Hugging Face baseline for run.py: the same prompts through transformers' greedy ``generate``.
+"""Hugging Face baseline for run.py: the same prompts through transformers' ``generate``
+(greedy, or beam search with run.py's beam flags: --num_beams, --num_return_sequences,
+--length_penalty, --early_stopping).
 
     python run_hf.py --hf_model_location MODEL_DIR_OR.gguf --max_output_len 50 \
         [--tokenizer_dir DIR] [--input_text "..."]... [--input_file F] [--data_type fp16] \
@@ -20,7 +22,7 @@ from typing import Optional, Sequence
 from llama_engine import cli, cli_compat
 from llama_engine.cli import (DTYPE_CHOICES, add_prompt_args, default_dtype_for, parse_dtype,
                               print_io, print_timing, read_prompts, resolve_device, run_main,
-                              strip_at_end, torch_dtype)
+                              torch_dtype)
 from llama_engine.config import ConfigError
 from llama_engine.tokenizer import load_tokenizer
 
@@ -54,12 +56,77 @@ def load_hf_model(location: str, dtype: str, device: str):
     return model.to(device).eval()
 
 
-def hf_generate(model, batch_ids: Sequence[Sequence[int]], max_new_tokens: int, tokenizer
-                ) -> list[list[int]]:
-    """Greedy generation for a batch of prompts (left-padded, as TensorRT-LLM's summarize.py
-    does for HF). Returns the generated ids of each prompt, stopped before the first end id."""
+def hf_generate_kwargs(sampling=None, beam: Optional[dict] = None, tokenizer=None) -> dict:
+    """``generate`` keyword arguments for our controls (``sampling.SamplingConfig``) and beam
+    settings (``cli_compat.beam_settings``), HF's names and meanings: sampling ->
+    do_sample/temperature/top_k/top_p, ``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``min_length`` -> ``min_new_tokens``, ``bad_words`` -> ``bad_words_ids``, ``end_id`` /
+    ``pad_id`` -> ``eos_token_id`` / ``pad_token_id``; the OpenAI presence/frequency
+    penalties (HF has none) and ``stop_words`` (token sequences) by a logits processor and
+    a stopping criterion of ours."""
+    kw: dict = {"do_sample": False, "num_beams": 1}
+    if sampling is not None:
+        if not sampling.greedy:
+            kw.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                      top_p=sampling.top_p if sampling.top_p > 0 else 1.0)
+        if sampling.repetition_penalty != 1.0:
+            kw["repetition_penalty"] = sampling.repetition_penalty
+        if sampling.no_repeat_ngram_size:
+            kw["no_repeat_ngram_size"] = sampling.no_repeat_ngram_size
+        if sampling.min_length:
+            kw["min_new_tokens"] = sampling.min_length
+        if sampling.bad_words:
+            kw["bad_words_ids"] = [list(w) for w in sampling.bad_words]
+        if sampling.end_id is not None:
+            kw["eos_token_id"] = sampling.end_id
+        if sampling.pad_id is not None:
+            kw["pad_token_id"] = sampling.pad_id
+    if beam is not None and beam["num_beams"] > 1:
+        kw.update(num_beams=beam["num_beams"], length_penalty=beam["length_penalty"],
+                  early_stopping=beam["early_stopping"],
+                  num_return_sequences=beam["num_return_sequences"])
+    return kw
+
+
+def _extra_processors(sampling, prompt_len: int):
+    """(logits processors, stopping criteria) for the controls HF lacks."""
     import torch
-    from transformers import GenerationConfig
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    class OpenAIPenalties(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            gen = input_ids[:, prompt_len:]
+            counts = torch.zeros_like(scores).scatter_add_(
+                1, gen, torch.ones_like(gen, dtype=scores.dtype))
+            return (scores - sampling.presence_penalty * (counts > 0).to(scores.dtype)
+                    - sampling.frequency_penalty * counts)
+
+    class StopWords(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            gen = input_ids[:, prompt_len:].tolist()
+            done = [any(len(g) >= len(w) and g[-len(w):] == list(w)
+                        for w in sampling.stop_words) for g in gen]
+            return torch.tensor(done, device=input_ids.device)
+
+    procs, stops = [], []
+    if sampling is not None and (sampling.presence_penalty or sampling.frequency_penalty):
+        procs.append(OpenAIPenalties())
+    if sampling is not None and sampling.stop_words:
+        stops.append(StopWords())
+    return procs, stops
+
+
+def hf_generate(model, batch_ids: Sequence[Sequence[int]], max_new_tokens: int, tokenizer,
+                sampling=None, beam: Optional[dict] = None) -> list[list[int]]:
+    """Generation for a batch of prompts (left-padded, as TensorRT-LLM's summarize.py
+    does for HF): greedy, or with ``sampling``'s controls and ``beam``'s beam search
+    (``hf_generate_kwargs``). Returns the generated ids of each prompt (with beams:
+    ``num_return_sequences`` rows per prompt), stopped before the first end id or stop
+    word."""
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+    from llama_engine.sampling import cut_at_stop
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -69,17 +136,25 @@ def hf_generate(model, batch_ids: Sequence[Sequence[int]], max_new_tokens: int, 
     for i, ids in enumerate(batch_ids):
         input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
         mask[i, width - len(ids):] = 1
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        eos_token_id=tokenizer.end_ids or None, pad_token_id=pad,
-        bos_token_id=tokenizer.bos_id)
+    kw = dict(eos_token_id=tokenizer.end_ids or None, pad_token_id=pad,
+              bos_token_id=tokenizer.bos_id)
+    kw.update(hf_generate_kwargs(sampling, beam))
+    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, **kw)
+    procs, stops = _extra_processors(sampling, width)
+    if sampling is not None and sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                             generation_config=gen_config)
+                             generation_config=gen_config,
+                             logits_processor=LogitsProcessorList(procs),
+                             stopping_criteria=StoppingCriteriaList(stops))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    gen = out[:, width:].tolist()                    # [B, <= max_new_tokens]
-    return [strip_at_end(g, tokenizer.end_ids) for g in gen]
+    gen = out[:, width:].tolist()                    # [B (x beams), <= max_new_tokens]
+    ends = [kw["eos_token_id"]] if isinstance(kw["eos_token_id"], int) else (
+        kw["eos_token_id"] or [])
+    words = sampling.stop_words if sampling is not None else ()
+    return [cut_at_stop(g, ends, words)[0] for g in gen]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,11 +198,13 @@ def _main(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer_dir or args.hf_model_location)
     batch_ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
     model = load_hf_model(args.hf_model_location, dtype, device)
+    beam = cli_compat.beam_settings(args)
+    per_prompt = beam["num_return_sequences"] if beam["num_beams"] > 1 else 1
 
     def once():
         # One prompt at a time: HF's padded batches are not bit-exact with unpadded ones.
-        return [hf_generate(model, [ids], args.max_output_len, tokenizer)[0]
-                for ids in batch_ids]
+        return [row for ids in batch_ids
+                for row in hf_generate(model, [ids], args.max_output_len, tokenizer, beam=beam)]
 
     if args.num_runs > 1:
         once()                                          # warm-up, untimed
@@ -139,8 +216,8 @@ def _main(args) -> int:
         outputs = once()
         latencies.append(time.perf_counter() - t0)
 
-    for prompt, out in zip(prompts, outputs):
-        print_io(prompt, tokenizer.decode(out))
+    for i, out in enumerate(outputs):
+        print_io(prompts[i // per_prompt], tokenizer.decode(out))
     print_timing(RUN_NAME, sum(latencies) / len(latencies), sum(len(o) for o in outputs))
     sys.stdout.flush()
     return 0

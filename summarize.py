@@ -10,8 +10,9 @@ Mirrors TensorRT-LLM's ``examples/summarize.py`` (same flag names, prompt and re
 
 ``--test_trt_llm`` runs *our* engine (the flag keeps TensorRT-LLM's name); its result lines
 name the backend that ran ("PyTorch engine (ours)", or "TensorRT-LLM" for a TensorRT-LLM
-engine dir). Both sides get the same prompt ids (``llama_engine.prompts``), generate greedily,
-and are scored by ``llama_engine.rouge`` (equal to ``evaluate``'s rouge, bootstrap seeded
+engine dir). Both sides get the same prompt ids (``llama_engine.prompts``), generate greedily
+(or with run.py's sampling flags, or with --num_beams N: HF's ``generate(num_beams=N)`` as
+the baseline; beam 0 is scored), and are scored by ``llama_engine.rouge`` (equal to ``evaluate``'s rouge, bootstrap seeded
 with 0). Each side first runs an untimed warm-up on the first article, as TensorRT-LLM does.
 ``--eval_ppl`` adds each side's perplexity of the reference summaries (teacher forced after
 the prompt, ``llama_engine.perplexity``); with ``--check_accuracy`` it must not exceed
@@ -153,8 +154,16 @@ def run_engine_side(args, prompts: list, tokenizer, device: str, references=None
     spec = speculative.config_from_args(args, engine)
     spec_kw = {"speculative": spec} if spec is not None else {}
 
-    # The one stopping rule for both paths: the model's end ids (Tokenizer.end_ids); greedy.
-    sampling = None
+    # The one stopping rule for both paths: the model's end ids (Tokenizer.end_ids); greedy
+    # unless the sampling flags say otherwise; beam 0 of --num_beams is scored.
+    sampling = cli.sampling_from_args(args, tokenizer)
+    from llama_engine.beam import BeamConfig
+    beam = BeamConfig(**cli_compat.beam_settings(args))
+    if beam.enabled:
+        if spec is not None:
+            raise ConfigError("--num_beams > 1 does not combine with speculative decoding")
+        beam.check_sampling(sampling, "--num_beams")
+        spec_kw = {"beam": beam}
 
     def generate(batch):
         if args.use_inflight_batching:
@@ -165,7 +174,8 @@ def run_engine_side(args, prompts: list, tokenizer, device: str, references=None
         else:
             out = engine.generate(batch, max_new_tokens=args.output_len, sampling=sampling,
                                   end_id=tokenizer.end_ids, **spec_kw)
-        return [strip_at_end(ids, tokenizer.end_ids) for ids in out.output_ids]
+        rows = out.output_ids[::getattr(out, "num_return_sequences", 1)]  # beam 0 of each
+        return [strip_at_end(ids, tokenizer.end_ids) for ids in rows]
 
     generate(prompts[:1])                                   # warm-up, untimed
     ids, latency = _timed_loop(prompts, args.batch_size, device, generate, desc="engine")
@@ -200,8 +210,13 @@ def run_hf_side(args, prompts: list, tokenizer, device: str, references=None) ->
     dtype = parse_dtype(args.data_type) if args.data_type else default_dtype_for(device)
     model = load_hf_model(args.hf_model_location, dtype, device)
 
+    sampling = cli.sampling_from_args(args, tokenizer)
+    beam = cli_compat.beam_settings(args)
+    step = beam["num_return_sequences"] if beam["num_beams"] > 1 else 1
+
     def generate(batch):
-        return hf_generate(model, batch, args.output_len, tokenizer)
+        rows = hf_generate(model, batch, args.output_len, tokenizer, sampling, beam)
+        return rows[::step]                                  # beam 0 of each prompt
 
     generate(prompts[:1])                                   # warm-up, untimed
     ids, latency = _timed_loop(prompts, args.batch_size, device, generate, desc="HF")
@@ -271,12 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_compat.no_effect(p, "--no_add_special_tokens", nargs=0,
                          why="the summarize prompt builder decides BOS")
     cli_compat.add_beam_flags(p)
-    cli_compat.refuse(p, "--temperature", "--top_k", "--top_p", "--repetition_penalty",
-                      "--presence_penalty", "--frequency_penalty", "--no_repeat_ngram_size",
-                      "--min_length", "--end_id", "--pad_id", "--stop_words", "--bad_words",
-                      "--random_seed",
-                      why="summarize.py decodes greedily on both sides so that their ROUGE "
-                          "compares like with like; run.py takes the sampling controls")
+    g = p.add_argument_group("sampling controls (run.py's): both sides get them, ours in the "
+                             "engine, HF's generate with the same controls")
+    cli.add_sampling_args(g)
     cli_compat.add_common_runtime_flags(p)
     cli.add_speculative_args(p)
     return p

@@ -14,7 +14,7 @@ import argparse
 import logging
 from typing import Iterable, Optional
 
-from llama_engine.cli import die
+from llama_engine.cli import die, positive_int
 
 # TensorRT-LLM's logger levels (examples/utils.py), most verbose first, as Python levels.
 LOG_LEVELS = {"verbose": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -97,25 +97,45 @@ def apply_log_level(level: Optional[str]) -> None:
                                                if level != "verbose" else value)
 
 
-BEAMS_WHY = "beam search is not built yet; use --num_beams 1 (greedy or sampling)"
+def early_stopping_arg(text: str):
+    """``--early_stopping``: TensorRT-LLM's 1/0 or HF's true/false/never -> True/False/'never'."""
+    table = {"1": True, "true": True, "0": False, "false": False, "never": "never"}
+    v = str(text).strip().lower()
+    if v not in table:
+        raise argparse.ArgumentTypeError(f"must be 1, 0, true, false or never, got {text!r}")
+    return table[v]
 
 
 def add_beam_flags(parser) -> None:
-    """--num_beams / --num_return_sequences (1 only) and the beam-only knobs, accepted at
-    their no-beam meaning."""
-    g = parser.add_argument_group("TensorRT-LLM beam-search flags (one beam only, for now)")
-    g.add_argument("--num_beams", type=int, default=1, action=OnlyValues, allowed=(1,),
-                   why=BEAMS_WHY, help="1 (beam search is refused with one line)")
-    g.add_argument("--num_return_sequences", type=int, default=None, action=OnlyValues,
-                   allowed=(None, 1), why=BEAMS_WHY, help="1: one sequence per prompt")
-    for name in ("--length_penalty", "--beam_search_diversity_rate"):
-        g.add_argument(name, type=float, default=None, action=NoEffect, nargs=None,
-                       why="applies to beam search only",
-                       help="accepted; applies to beam search only")
-    g.add_argument("--early_stopping", type=int, default=None, action=NoEffect, nargs=None,
-                   why="applies to beam search only", help="accepted; applies to beam "
-                   "search only")
-    refuse(g, "--beam_width_array", why="variable beam width needs beam search")
+    """Beam search (llama_engine/beam.py): --num_beams, --num_return_sequences,
+    --length_penalty, --early_stopping with HF ``generate`` semantics."""
+    g = parser.add_argument_group("beam search (TensorRT-LLM's flags, HF generate's scoring)")
+    g.add_argument("--num_beams", type=positive_int, default=1,
+                   help="beam width (1: greedy or sampling; > 1: beam search, each beam a "
+                        "row of the batch)")
+    g.add_argument("--num_return_sequences", type=positive_int, default=None,
+                   help="best beams returned per prompt (default: all --num_beams)")
+    g.add_argument("--length_penalty", type=float, default=1.0,
+                   help="a finished beam scores sum(log p) / length ** this (default 1.0)")
+    g.add_argument("--early_stopping", type=early_stopping_arg, default=True,
+                   help="1/true: stop a prompt once num_beams beams finished (default); "
+                        "0/false: once no running beam can beat them at its current length; "
+                        "never: at the longest length when --length_penalty > 0")
+    g.add_argument("--beam_search_diversity_rate", type=float, default=None,
+                   action=OnlyValues, allowed=(None, 0.0),
+                   why="diverse beam search is not built; leave it at 0",
+                   help="0 only (no diverse beam search)")
+    refuse(g, "--beam_width_array", why="variable beam width is not built")
+
+
+def beam_settings(args) -> dict:
+    """The beam flags as ``beam.BeamConfig`` keyword arguments (num_return_sequences
+    defaults to num_beams); checked there."""
+    n = args.num_return_sequences if args.num_return_sequences is not None else args.num_beams
+    if n > args.num_beams:
+        die(f"--num_return_sequences {n} is more than --num_beams {args.num_beams}")
+    return dict(num_beams=args.num_beams, num_return_sequences=n,
+                length_penalty=args.length_penalty, early_stopping=args.early_stopping)
 
 
 def add_common_runtime_flags(parser) -> None:

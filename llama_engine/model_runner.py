@@ -77,6 +77,7 @@ class ModelRunner:
         self._generators: dict = {}         # request_id -> torch.Generator (seeded requests)
         self._controls: Optional[Controls] = None  # inflight requests' control state
         self._gen_before: dict = {}         # request_id -> generator state before this step
+        self.last_logits: Optional[torch.Tensor] = None   # execute(): the sampled rows' logits
         self.max_batch_size = config.build.max_batch_size
         self.max_num_tokens = 0
         self.max_blocks_per_seq = cdiv(config.build.max_seq_len, self.block_size)
@@ -356,6 +357,7 @@ class ModelRunner:
                 logits = self._forward(out, rows)
         if not rows:
             return [None] * len(out.seqs)
+        self.last_logits = logits   # rows of out.sample; beam search reads them (beam.py)
         tokens = self.sample_rows(logits, [out.seqs[i] for i in rows])
         result: list[Optional[int]] = [None] * len(out.seqs)
         for i, t in zip(rows, tokens):

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from . import beam as beam_search
 from . import checkpoint as ckpt
 from . import parallel
 from .config import ConfigError, EngineConfig
@@ -196,14 +197,28 @@ class Engine:
                  sampling: Optional[SamplingConfig] = None,
                  end_id: Union[int, Sequence[int], None] = None,
                  streamer: Optional[Callable[[int, list], None]] = None,
-                 speculative=None) -> GenerationOutput:
+                 speculative=None,
+                 beam: Optional[beam_search.BeamConfig] = None) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` for each prompt (a static batch).
 
         ``end_id``: the model's end ids (``Tokenizer.end_ids``; one int or several);
         ``sampling.end_id`` replaces them and ``sampling.stop_words`` end a row too (the
         one stopping rule, ``sampling.cut_at_stop``). ``streamer(step, tokens)`` is called
         with the new token of every sequence each step. ``speculative``: a
-        ``speculative.SpeculativeConfig``; its own loop runs instead."""
+        ``speculative.SpeculativeConfig``; its own loop runs instead. ``beam``: a
+        ``beam.BeamConfig``; with ``num_beams > 1`` beam search runs (beam.py) and the
+        result has ``num_return_sequences`` rows per prompt with their ``beam_scores``."""
+        if beam is not None and beam.enabled:
+            if speculative is not None:
+                raise ConfigError("beam search and speculative decoding do not combine")
+            beam.validate()
+            sampling = sampling or SamplingConfig()
+            beam.check_sampling(sampling)
+            ids = self.check_request(batch_input_ids, max_new_tokens, sampling)
+            default_ends = [] if end_id is None else (
+                [end_id] if isinstance(end_id, numbers.Integral) else list(end_id))
+            return beam_search.generate(self, ids, max_new_tokens, beam,
+                                        sampling.end_ids(default_ends))
         if speculative is not None:
             return speculative.generate(self, batch_input_ids, max_new_tokens, sampling,
                                         end_id, streamer)

@@ -158,11 +158,16 @@ class GenerationOutput:
     log_probs: Optional[list] = None      # per prompt, the log-prob of each output token
     top_logprobs: Optional[list] = None   # per prompt, per token: [(id, log-prob)] * N
     finish_reasons: Optional[list] = None  # per prompt: "stop" (end id / stop word) or "length"
+    # Beam search (beam.py): rows are num_return_sequences per prompt, each with its score
+    beam_scores: Optional[list] = None
+    num_return_sequences: int = 1
 
     @property
     def cum_log_probs(self) -> Optional[list]:
         """Per prompt, the sum of its output tokens' log-probs (TensorRT-LLM's
-        ``cum_log_probs``)."""
+        ``cum_log_probs``); under beam search each row's beam score."""
+        if self.beam_scores is not None:
+            return list(self.beam_scores)
         if self.log_probs is None:
             return None
         return [float(sum(lp)) for lp in self.log_probs]

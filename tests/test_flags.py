@@ -59,19 +59,27 @@ def test_refused_flags_give_one_line_naming_the_flag(parsers, capsys):
     assert seen > 50
 
 
-@pytest.mark.parametrize("argv,bad", [
-    (["--num_beams", "4"], "--num_beams 4"),
-    (["--num_return_sequences", "2"], "--num_return_sequences 2"),
-])
-def test_run_refuses_beams_but_takes_one(parsers, capsys, argv, bad):
+def test_run_takes_beam_flags(parsers, capsys):
+    from llama_engine import cli_compat
     p = parsers["run.py"]
     base = ["--engine_dir", "e", "--max_output_len", "4"]
-    a = p.parse_args(base + ["--num_beams", "1", "--length_penalty", "1.0",
-                             "--early_stopping", "1"])
-    assert a.num_beams == 1
+    a = p.parse_args(base + ["--num_beams", "4", "--length_penalty", "0.5",
+                             "--early_stopping", "never", "--num_return_sequences", "2"])
+    assert cli_compat.beam_settings(a) == dict(num_beams=4, num_return_sequences=2,
+                                               length_penalty=0.5, early_stopping="never")
+    a = p.parse_args(base + ["--num_beams", "3", "--early_stopping", "0"])
+    assert cli_compat.beam_settings(a)["num_return_sequences"] == 3
+    assert a.early_stopping is False
+    for bad in (["--early_stopping", "sometimes"], ["--num_beams", "0"],
+                ["--beam_search_diversity_rate", "0.5"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(base + bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad[0] in err[-1], err
+    a = p.parse_args(base + ["--num_beams", "2", "--num_return_sequences", "3"])
     with pytest.raises(SystemExit):
-        p.parse_args(base + argv)
-    assert bad in capsys.readouterr().err
+        cli_compat.beam_settings(a)
+    assert "--num_return_sequences 3 is more than --num_beams 2" in capsys.readouterr().err
 
 
 def test_aliases_and_several_prompts(parsers):

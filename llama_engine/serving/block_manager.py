@@ -18,8 +18,12 @@ with one more reference instead of computing them, and starts with ``num_compute
 them. Released cached blocks are not wiped: they wait in least-recently-released order and are
 handed out (forgetting their key) only when no never-cached block is free. A block is never
 written after it is registered (a sequence writes only at positions past its computed count,
-and the last token of a request is always computed by the request itself), so sharing needs
-no copy-on-write. The cache's dtype (fp16, INT8) and tensor parallelism do not matter here:
+and the last token of a request is always computed by the request itself), so sharing a
+cached prefix needs no copy-on-write.
+
+Beam search (llama_engine/beam.py) shares more: a beam takes its parent's whole table by
+reference (``share``), and before it writes a position whose block another beam also holds
+(the last, partly filled block) it gets a private block to copy into (``cow``). The cache's dtype (fp16, INT8) and tensor parallelism do not matter here:
 every rank schedules the same way and keys depend on token ids only.
 
 Pure Python: no tensors, testable without a model.
@@ -136,6 +140,27 @@ class BlockManager:
                     self._free.append(block)
         seq.block_table = []
         self._seq_keys.pop(seq.request_id, None)
+
+    # -- beam search ---------------------------------------------------------------------------
+    def share(self, table: list) -> None:
+        """One more reference to every block of ``table`` (a beam taking its parent's blocks)."""
+        for block in table:
+            assert self.ref_counts[block] > 0, f"sharing free block {block}"
+            self.ref_counts[block] += 1
+
+    def cow(self, seq: Sequence, pos: int) -> Optional[tuple]:
+        """Copy-on-write before ``seq`` writes token position ``pos``: when the block holding
+        it is shared, ``seq`` gets a fresh block in its place. -> (src, dst) blocks whose
+        K/V the caller copies, or None."""
+        i = pos // self.block_size
+        if i >= len(seq.block_table) or self.ref_counts[seq.block_table[i]] == 1:
+            return None
+        assert self.num_free_blocks > 0, f"request {seq.request_id}: no block to copy into"
+        src, dst = seq.block_table[i], self._take_free()
+        self.ref_counts[src] -= 1
+        self.ref_counts[dst] = 1
+        seq.block_table[i] = dst
+        return src, dst
 
     # -- prefix caching ----------------------------------------------------------------------
     def _keys(self, seq: Sequence, num_blocks: int) -> list[int]:

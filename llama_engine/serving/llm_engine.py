@@ -28,13 +28,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Union
 
+from llama_engine.beam import BeamConfig, BeamGroup, copy_blocks
 from llama_engine.config import ConfigError
 from llama_engine.options import RuntimeOptions
 from llama_engine.runner import Engine, SamplingConfig
 from llama_engine.serving.block_manager import BlockManager
 from llama_engine.sampling import check_token_ids, held_back
 from llama_engine.serving.scheduler import Scheduler, SchedulerOutput
-from llama_engine.serving.sequence import FinishReason, Sequence
+from llama_engine.serving.sequence import FinishReason, Sequence, SequenceStatus
 from llama_engine.serving.speculation import SpeculativeStepper
 from llama_engine.speculative import SpeculativeConfig
 
@@ -129,22 +130,28 @@ class LLMEngine:
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt_ids: Iterable[int], sampling: Optional[SamplingConfig] = None,
                     max_tokens: Optional[int] = None, stop_ids: Iterable[int] = (),
-                    arrival_time: Optional[float] = None) -> int:
+                    arrival_time: Optional[float] = None,
+                    beam: Optional[BeamConfig] = None) -> int:
         """Queue a request; -> its id. ``max_tokens`` defaults to the engine's max_output_len;
         ``stop_ids`` (the model's end ids, ``Tokenizer.end_ids``) end it, replaced by
         ``sampling.end_id`` when set; ``sampling.stop_words`` end it too (neither is output).
         The request is checked first (ids are ints in the vocabulary, ``max_tokens`` >= 1,
         the sampling settings in range): a one-line ``ConfigError`` naming it otherwise,
-        and nothing is queued."""
+        and nothing is queued. ``beam`` (beam.BeamConfig): beam search for this request; it
+        is reported once, finished, with ``beam_output_ids`` / ``beam_scores`` on its
+        sequence."""
         rid = next(self._ids)
         prompt, sampling, max_tokens, stops = self._checked(
-            f"request {rid}", prompt_ids, sampling, max_tokens, stop_ids)
+            f"request {rid}", prompt_ids, sampling, max_tokens, stop_ids, beam)
         seq = Sequence(rid, prompt, max_tokens, sampling, stops, arrival_time)
+        if beam is not None and beam.enabled:
+            seq.beam = BeamGroup(seq, beam)
         self._reported[rid] = 0
         self.scheduler.add(seq)
         return rid
 
-    def _checked(self, name: str, prompt_ids, sampling, max_tokens, stop_ids) -> tuple:
+    def _checked(self, name: str, prompt_ids, sampling, max_tokens, stop_ids,
+                 beam: Optional[BeamConfig] = None) -> tuple:
         vocab = self.engine.config.model.vocab_size
         if max_tokens is None:
             max_tokens = self.engine.config.build.max_output_len
@@ -160,6 +167,12 @@ class LLMEngine:
             raise ConfigError(f"{name}: sampling must be a SamplingConfig, got "
                               f"{type(sampling).__name__}")
         sampling.validate(vocab, name)
+        if beam is not None:
+            if not isinstance(beam, BeamConfig):
+                raise ConfigError(f"{name}: beam must be a BeamConfig, got "
+                                  f"{type(beam).__name__}")
+            beam.validate(name)
+            beam.check_sampling(sampling, name)
         stops = sampling.end_ids(check_token_ids(list(stop_ids), vocab, f"{name}: stop_ids"))
         return prompt, sampling, int(max_tokens), stops
 
@@ -177,7 +190,9 @@ class LLMEngine:
         finished (cancelled and never-fitting requests included)."""
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
-        if self.speculation is not None and self.speculation.applies(out):
+        if any(s.beam is not None for s in out.seqs):
+            self._beam_step(out)
+        elif self.speculation is not None and self.speculation.applies(out):
             self.speculation.step(out)
         else:
             try:
@@ -207,6 +222,71 @@ class LLMEngine:
             self._reported.pop(seq.request_id, None)
         return results
 
+    def _beam_step(self, out: SchedulerOutput) -> None:
+        """A step with beam-search requests (beam.BeamGroup): each decoding group runs as
+        its K rows in the same batch as the others (after its block copies); their logits
+        advance the search. Plain requests go through ``Scheduler.update`` as usual."""
+        run = SchedulerOutput(is_decode=out.is_decode)
+        for seq, n, smp in zip(out.seqs, out.num_new_tokens, out.sample):
+            if seq.beam is not None and seq.beam.started:
+                copy_blocks(self.runner.cache, seq.beam.copies)
+                run.seqs += seq.beam.rows
+                run.num_new_tokens += [1] * len(seq.beam.rows)
+                run.sample += [True] * len(seq.beam.rows)
+            else:
+                run.seqs.append(seq)
+                run.num_new_tokens.append(n)
+                run.sample.append(smp)
+        try:
+            tokens = self.runner.execute(run)
+        except Exception as e:  # noqa: BLE001 - beam groups fail; the rest are isolated
+            msg = str(e).splitlines()[0] if str(e) else ""
+            for seq in out.seqs:
+                if seq.beam is not None:
+                    self.scheduler.fail(seq, f"request {seq.request_id}: failed during a "
+                                             f"step ({type(e).__name__}: {msg})")
+            plain = SchedulerOutput(is_decode=out.is_decode)
+            for seq, n, smp in zip(out.seqs, out.num_new_tokens, out.sample):
+                if seq.beam is None:
+                    plain.seqs.append(seq)
+                    plain.num_new_tokens.append(n)
+                    plain.sample.append(smp)
+            if plain.seqs:
+                self.scheduler.update(plain, self._isolate(plain, e))
+            return
+        logits = self.runner.last_logits
+        row_of = {}                      # index in run -> row of logits
+        for i, smp in enumerate(run.sample):
+            if smp:
+                row_of[i] = len(row_of)
+        plain, plain_tokens, i = SchedulerOutput(is_decode=out.is_decode), [], 0
+        for seq, n, smp in zip(out.seqs, out.num_new_tokens, out.sample):
+            group = seq.beam
+            if group is None:
+                plain.seqs.append(seq)
+                plain.num_new_tokens.append(n)
+                plain.sample.append(smp)
+                plain_tokens.append(tokens[i])
+                i += 1
+                continue
+            if seq.status is not SequenceStatus.RUNNING:
+                i += len(group.rows) if group.started else 1
+                continue                           # cancelled while the step ran
+            if group.started:
+                k = len(group.rows)
+                group.advance(logits[row_of[i]:row_of[i] + k])
+                i += k
+            else:
+                seq.num_computed_tokens += n
+                self.block_manager.register_computed(seq)
+                if smp:
+                    group.start(self.block_manager, logits[row_of[i]], sorted(seq.stop_ids))
+                i += 1
+            if group.done:
+                self.scheduler.finish(seq, FinishReason(group.finish()))
+        if plain.seqs:
+            self.scheduler.update(plain, plain_tokens)
+
     def _isolate(self, out, error: Exception) -> list:
         """A step failed: run each of its requests alone to find whose it was. Those that fail
         alone are finished with ``FinishReason.ERROR`` (the message names the request); the
@@ -233,6 +313,8 @@ class LLMEngine:
         return tokens
 
     def _report(self, seq: Sequence, finished: bool, results: list) -> None:
+        if seq.beam is not None and not finished:
+            return                       # beams change until the end: reported once, finished
         start = self._reported.get(seq.request_id, 0)
         end = len(seq.output_ids)
         if not finished and seq.stop_words:
@@ -251,11 +333,13 @@ class LLMEngine:
 
     def generate(self, prompts: list, max_tokens: Union[int, list, None] = None,
                  sampling: Optional[SamplingConfig] = None, stop_ids: Iterable[int] = (),
-                 streamer: Optional[Callable[[RequestOutput], None]] = None) -> list[Sequence]:
+                 streamer: Optional[Callable[[RequestOutput], None]] = None,
+                 beam: Optional[BeamConfig] = None) -> list[Sequence]:
         """Run ``prompts`` (lists of ids, all arriving now) to completion. -> their finished
         ``Sequence`` objects in input order (``output_ids``, ``finish_reason``, ``error``,
         ``ttft``, ``tpot``). ``max_tokens`` may be one int or one per prompt. ``streamer``
-        sees every RequestOutput of these requests as it is produced."""
+        sees every RequestOutput of these requests as it is produced. ``beam``: beam search
+        for each prompt (``beam_output_ids`` / ``beam_scores`` on its sequence)."""
         if isinstance(max_tokens, (list, tuple)):
             if len(max_tokens) != len(prompts):
                 raise ConfigError(f"{len(max_tokens)} max_tokens for {len(prompts)} prompts")
@@ -264,9 +348,10 @@ class LLMEngine:
             limits = [max_tokens] * len(prompts)
         stop_ids = list(stop_ids)
         for i, (p, m) in enumerate(zip(prompts, limits)):  # all checked before any is queued
-            self._checked(f"prompt {i}", p, sampling, m, stop_ids)
+            self._checked(f"prompt {i}", p, sampling, m, stop_ids, beam)
         now = time.perf_counter()
-        ids = [self.add_request(p, sampling, m, stop_ids, now) for p, m in zip(prompts, limits)]
+        ids = [self.add_request(p, sampling, m, stop_ids, now, beam)
+               for p, m in zip(prompts, limits)]
         mine = {rid: i for i, rid in enumerate(ids)}
         results: dict = {}
         while len(results) < len(ids):

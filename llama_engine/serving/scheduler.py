@@ -14,6 +14,9 @@ manager and vLLM do it, with chunked prefill (Agrawal et al., "Sarathi", 2023):
   oldest request is never preempted for a newer one, so the oldest always progresses);
 * with prefix caching (block_manager.py), an admitted request first takes the cached blocks
   of its longest cached prefix and prefills only the rest;
+* a beam-search request (``Sequence.beam``, llama_engine/beam.py) prefills as one request,
+  then decodes as one unit of K rows (K tokens of the budget, a block per beam reserved);
+  preempting it drops all its rows;
 * a request that could never run (over ``max_input_len``/``max_output_len``/``max_seq_len``
   or longer than the whole cache) finishes at once with an error; the others carry on.
 
@@ -122,6 +125,8 @@ class Scheduler:
                     f"is over max_seq_len {self.max_seq_len}")
         # The last generated token's K/V is never written, hence total - 1 slots.
         blocks = cdiv(total - 1, self.bm.block_size)
+        if seq.beam is not None:     # every beam may end up with private blocks, plus one
+            blocks = seq.beam.cfg.num_beams * (blocks + 1)
         if blocks > self.bm.num_blocks:
             return (f"request {rid}: prompt {n} + max_tokens {seq.max_tokens} needs {blocks} KV "
                     f"blocks but the whole cache has {self.bm.num_blocks} "
@@ -167,6 +172,16 @@ class Scheduler:
                     break
                 if seq.status is not SequenceStatus.RUNNING or seq in planned \
                         or seq.is_decode != decodes:
+                    continue
+                if seq.beam is not None and seq.beam.started:
+                    # a beam group: one token for each of its K rows (beam.BeamGroup)
+                    if budget < seq.beam.num_rows:
+                        continue
+                    ok, refund = self._reserve_beams(seq, planned, out)
+                    budget += refund
+                    if ok:
+                        planned[seq] = 1
+                        budget -= seq.beam.num_rows
                     continue
                 n = min(seq.num_uncomputed_tokens, budget)
                 ok, refund = self._reserve(seq, seq.num_computed_tokens + n, planned, out)
@@ -229,9 +244,32 @@ class Scheduler:
         self.bm.allocate(seq, num_slots)
         return True, refund
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute-style preemption: drop the KV, requeue at the front."""
+    def _reserve_beams(self, seq: Sequence, planned: dict,
+                       out: SchedulerOutput) -> tuple[bool, int]:
+        """``_reserve`` for a beam group: a block per beam may be needed; the group's rows
+        then take their blocks (``BeamGroup.reserve``)."""
+        refund = 0
+        while self.bm.num_free_blocks < seq.beam.blocks_needed:
+            victim = self.running[-1]
+            refund += planned.pop(victim, 0) * (victim.beam.num_rows if victim.beam else 1)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False, refund
+        seq.beam.reserve(self.bm)
+        return True, refund
+
+    def _free(self, seq: Sequence) -> None:
         self.bm.free(seq)
+        if seq.beam is not None:
+            seq.beam.free(self.bm)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop the KV, requeue at the front (a beam group
+        restarts its search: beam search is deterministic)."""
+        self._free(seq)
+        if seq.beam is not None:
+            seq.beam.reset()
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
@@ -268,9 +306,14 @@ class Scheduler:
                     self.max_seq_len is not None and seq.num_tokens >= self.max_seq_len):
                 self._finish(seq, FinishReason.LENGTH, now=now)
 
+    def finish(self, seq: Sequence, reason: FinishReason, now: Optional[float] = None) -> None:
+        """Finish a running request whose end its owner decided (a beam group)."""
+        if seq.request_id in self._unfinished:
+            self._finish(seq, reason, now=now)
+
     def _finish(self, seq: Sequence, reason: FinishReason, error: Optional[str] = None,
                 now: Optional[float] = None) -> None:
-        self.bm.free(seq)
+        self._free(seq)
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:

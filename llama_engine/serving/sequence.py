@@ -61,6 +61,12 @@ class Sequence:
         self.top_logprobs: list = []
         self.next_logprob: Optional[tuple] = None
 
+        # Beam search (llama_engine/beam.py): the request's BeamGroup; once finished, its
+        # num_return_sequences best outputs and their scores (output_ids is the best one).
+        self.beam: Any = None
+        self.beam_output_ids: Optional[list] = None
+        self.beam_scores: Optional[list] = None
+
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[FinishReason] = None
         self.error: Optional[str] = None
