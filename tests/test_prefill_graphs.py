@@ -15,6 +15,7 @@ without a graph).
 """
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -298,6 +299,9 @@ def test_prefill_graph_capture_failure_falls_back_to_eager(monkeypatch, caplog):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(cg, "_capture", broken)
+    # run.py's --log_level (default error) sets the llama_engine logger's level for the
+    # rest of the process; an earlier test's run.main() would hide this warning
+    caplog.set_level(logging.WARNING, logger="llama_engine.cuda_graphs")
     pg = cg.PrefillGraphs(lambda x: x["lens"], None, "cpu", 1)
     x = pad_prefill([[1, 2]], torch.zeros(1, 2, dtype=torch.int32), 8, 1, BLOCK)
     assert pg.run(x) is None and pg.run(x) is None and pg.failed
