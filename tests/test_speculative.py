@@ -216,6 +216,55 @@ def test_static_sampling_runs_and_is_seeded(tiny_engine):
     assert a.output_ids == b.output_ids and all(len(r) == 16 for r in a.output_ids)
 
 
+def _count_syncs(monkeypatch) -> list:
+    """Count the host reads of device values (``.tolist()`` and ``.item()``) outside the
+    kernels (the CPU reference attention reads its longest context; on CUDA the decode
+    kernel, replayed from a graph, does not)."""
+    import sys
+    calls = []
+    for name in ("tolist", "item"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, _name=name, **kw):
+            where = sys._getframe(1).f_code.co_filename
+            if "llama_engine/kernels/" not in where.replace("\\", "/"):
+                calls.append((_name, where))
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("name", ("lookup-k4", "draft-same", "draft-other"))
+def test_static_greedy_one_host_sync_per_verify(tiny_engine, request, monkeypatch, name):
+    """The greedy loop reads the device once per verify step (plus once after the prefill);
+    a draft engine reads its k proposals back once per step, not once per draft token."""
+    spec = _specs(request, [name])[name]
+    prompt = _prompts(1, seed=4)
+    calls = _count_syncs(monkeypatch)
+    out = tiny_engine.generate(prompt, MAX_OUT, speculative=spec)
+    per_step = 1 if name.startswith("lookup") else 2
+    assert out.num_steps > 0
+    assert 1 + out.num_steps <= len(calls) <= 1 + per_step * out.num_steps
+
+
+def test_inflight_greedy_step_syncs_once(tiny_engine, monkeypatch):
+    """A speculative step over several greedy sequences reads their argmax back in one go."""
+    eng = _llm(tiny_engine, SpeculativeConfig(max_draft_len=4))
+    stepper = eng.speculation
+    per_call = []
+    orig = stepper.step
+
+    def step(out):
+        calls = _count_syncs(monkeypatch)
+        orig(out)
+        per_call.append((len(out.seqs), len(calls)))
+        monkeypatch.undo()
+    stepper.step = step
+    eng.generate(_prompts(3, seed=5), 10)
+    assert any(n > 1 for n, _ in per_call)
+    assert all(c == 1 for _, c in per_call), per_call
+
+
 # -- inflight batching ------------------------------------------------------------------------------
 def _llm(engine, spec, **kw):
     from llama_engine.serving import LLMEngine
