@@ -13,7 +13,7 @@ that differs from the output, and the step gains that many tokens plus one):
   tokens, and while its proposals agree with the output it is fed the output itself, so the
   draft's run of agreement from position t is the run of positions j >= t where its argmax
   after prompt + output[:j] is output[j]. One teacher-forced forward of the draft over prompt
-  + output (``ModelRunner.forward_all``) gives that for every position and every k.
+  + output (``ModelRunner.forward``) gives that for every position and every k.
 
 ``--check_k`` also runs the real speculative loop (``Engine.generate(speculative=...)``) at
 that k, for prompt lookup and each draft, on the first ``--check_articles``, and checks that its output equals the plain one token for token and
@@ -105,13 +105,18 @@ def simulate_draft(agree: list, k: int) -> int:
     return simulate(n, k, lambda t, kmax: min(run[t], kmax))
 
 
+@torch.inference_mode()
 def draft_agreement(draft: Engine, prompt: list, output: list) -> list:
     """Teacher-forced: per output position j, whether the draft's argmax after prompt +
     output[:j] is output[j]."""
     seq = prompt + output[:-1]
     cache = draft.kv_cache(1, len(seq))
     tables = static_block_tables(1, len(seq), draft.block_size, draft.device)
-    pred = draft.runner.forward_all(seq, cache, tables).argmax(-1)[len(prompt) - 1:].tolist()
+    n = len(seq)
+    positions = torch.arange(n)
+    pred = draft.runner.forward(   # logits of the output positions only
+        torch.tensor(seq), positions, torch.zeros_like(positions), tables, [n], [n], False,
+        torch.arange(len(prompt) - 1, n), cache).argmax(-1).tolist()
     return [p == t for p, t in zip(pred, output)]
 
 
@@ -200,6 +205,31 @@ def main(argv=None) -> int:
     by_draft = {m: {k: [] for k in ks} for m in drafts}
     agree_rate = {m: [] for m in drafts}
     checks: dict = {}
+
+    def save(done: int) -> dict:
+        """Write the results over the first ``done`` articles (after each one: a run cut
+        short keeps what it measured)."""
+        res = {"model": os.path.basename(str(gguf)), "dtype": a.dtype,
+               "articles": done, "output_len": a.output_len, "chat_template": True,
+               "prompt_lookup": per_k_stats(lookup)}
+        if drafts:
+            res["draft"] = {m: {"build_flags": " ".join(DRAFT_MODES.get(m, ["--draft_engine_dir"])),
+                                "argmax_agreement": statistics.mean(agree_rate[m]),
+                                **per_k_stats(by_draft[m])} for m in drafts}
+        if t_plain:
+            res["plain_s"] = t_plain
+        if checks:
+            # The real loop counts the step that produced the end id; the simulation stops
+            # before it, so a difference of one is the same run.
+            res["check"] = {m: {**{x: c[x] for x in ("k", "outputs_equal", "of")},
+                                "steps_match": sum(s - t in (0, 1) for s, t in
+                                                   zip(c["steps"], c["simulated"]))}
+                            for m, c in checks.items()}
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return res
+
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
         n = len(out)
         for k in ks:
@@ -228,27 +258,10 @@ def main(argv=None) -> int:
             c["of"] += 1
             c["steps"].append(r.num_steps)
             c["simulated"].append(simulate_prompt_lookup(prompt, out, a.check_k))
+        save(i + 1)
         print(f"acceptance {i + 1}/{len(prompts)} articles, {time.time() - t0:.0f}s",
               file=sys.stderr, flush=True)
-    res = {"model": os.path.basename(str(gguf)), "dtype": a.dtype,
-           "articles": len(prompts), "output_len": a.output_len, "chat_template": True,
-           "prompt_lookup": per_k_stats(lookup)}
-    if drafts:
-        res["draft"] = {m: {"build_flags": " ".join(DRAFT_MODES.get(m, ["--draft_engine_dir"])),
-                            "argmax_agreement": statistics.mean(agree_rate[m]),
-                            **per_k_stats(by_draft[m])} for m in drafts}
-    if t_plain:
-        res["plain_s"] = t_plain
-    if checks:
-        # The real loop counts the step that produced the end id; the simulation stops
-        # before it, so a difference of one is the same run.
-        res["check"] = {m: {**{x: c[x] for x in ("k", "outputs_equal", "of")},
-                            "steps_match": sum(s - t in (0, 1) for s, t in
-                                               zip(c["steps"], c["simulated"]))}
-                        for m, c in checks.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    res = save(len(prompts))
     names = ["prompt_lookup"] + list(drafts)
     print("mean tokens/step (pooled)")
     print("k  " + "  ".join(f"{m:>20}" for m in names))
