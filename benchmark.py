@@ -80,8 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CUDA graphs), with tokens/s projected from --spec_acceptance")
     p.add_argument("--spec_context", type=int, default=512,
                    help="with --speculative: tokens cached before the timed steps")
-    p.add_argument("--spec_acceptance", default="assets/spec_acceptance.json",
-                   help="with --speculative: tools/spec_acceptance.py's JSON (tokens/step)")
+    p.add_argument("--spec_acceptance",
+                   default="assets/spec_acceptance.json,assets/spec_acceptance_draft.json",
+                   help="with --speculative: tools/spec_acceptance.py's JSON files (tokens/step)")
+    p.add_argument("--spec_draft", default=spec_bench.DEFAULT_DRAFT,
+                   help="with --speculative: MODE:ACCEPTANCE, the draft engine's cost (a mode "
+                        "of --modes) and its acceptance entry in --spec_acceptance")
+    p.add_argument("--spec_batch", type=cli.non_negative_int, default=32,
+                   help="with --speculative: requests at once under inflight batching, "
+                        "speculation off vs on (0: skip)")
+    p.add_argument("--spec_output_len", type=cli.positive_int, default=128,
+                   help="with --speculative: mean output tokens of those requests")
     p.add_argument("--gptfast", nargs="?", const=",".join(gptfast.MODES), default=None,
                    metavar="MODES",
                    help="gpt-fast's design (benchmarks/gptfast.py: static cache, compiled "
@@ -132,6 +141,9 @@ def validate(a, world: int) -> Optional[str]:
                 "--poisson_rates (arrivals by each rank's clock would diverge)")
     if a.speculative and (world > 1 or a.serving or a.ablation or a.engine_dir):
         return "--speculative runs alone, on one GPU, on random weights (--model_config)"
+    if a.speculative and a.spec_draft.partition(":")[0] not in MODES:
+        return (f"--spec_draft {a.spec_draft!r}: MODE:ACCEPTANCE with MODE one of "
+                f"{', '.join(MODES)}")
     if a.gptfast and (world > 1 or a.serving or a.speculative or a.ablation or a.engine_dir
                       or a.profile or a.memory):
         return "--gptfast runs alone, on one GPU, on random weights (--model_config)"
@@ -264,7 +276,8 @@ def main(argv=None) -> int:
     if a.speculative:
         results["speculative"] = spec_bench.run_speculative(
             a.model_config, csv(a.modes), a.device, engine_kw, a.spec_context,
-            a.spec_acceptance)
+            a.spec_acceptance, draft=a.spec_draft, batch=a.spec_batch,
+            output_len=a.spec_output_len)
         save(a, results)
         return 0
     if a.memory:

@@ -155,6 +155,9 @@ class DraftModelProposer:
                               f"fewer than the {span} speculation needs; rebuild it with a "
                               "larger --max_input_len/--max_output_len")
         self.runner, self.device = draft.runner, draft.device
+        if target.runner.cuda_graphs:     # the draft's steps replay graphs when the target's do
+            draft.enable_cuda_graphs()
+        self.max_catch_up = config.max_draft_len + 1
         width = blocks_for(span, self.runner.block_size)
         self.cache = self.runner.ensure_cache(rows * width)
         self.tables = static_block_tables(rows, span, self.runner.block_size, self.device)
@@ -194,13 +197,11 @@ class DraftModelProposer:
         starts = [min(_common_prefix(self.cached[keys[i]], h), len(h) - 1)
                   for i, h in zip(live, hist)]
         tables = self.tables[rows]
-        logits = self.runner.extend([h[s:] for h, s in zip(hist, starts)], starts, tables,
-                                    self.cache)
+        logits = self._catch_up([h[s:] for h, s in zip(hist, starts)], starts, tables)
         kk = max(kmaxes[i] for i in live)
         ctx = torch.tensor([len(h) for h in hist], dtype=torch.int32, device=self.device)
-        drafts = [[] for _ in live]
         qs: list = [[] for _ in live]
-        fed: list = [[] for _ in live]
+        picked = []
         for j in range(kk):
             picks = logits.argmax(dim=-1)
             for r, i in enumerate(live):
@@ -210,20 +211,33 @@ class DraftModelProposer:
                     q = q / q.sum()
                     picks[r] = torch.multinomial(q, 1, generator=generators[i])[0]
                     qs[r].append(q)
-            toks = picks.tolist()
-            for r, i in enumerate(live):
-                if j < kmaxes[i]:
-                    drafts[r].append(toks[r])
-            if j == kk - 1:
-                break
-            for r in range(len(live)):
-                fed[r].append(toks[r])
-            logits = self.runner.decode(picks, ctx, tables, self.cache)
+            picked.append(picks)
+            if j < kk - 1:
+                logits = self.runner.decode(picks, ctx, tables, self.cache)
+        # The picks stay on the device between draft steps: one host sync for all k of them.
+        toks = torch.stack(picked, dim=1).tolist()
         for r, i in enumerate(live):
-            self.cached[keys[i]] = hist[r] + fed[r]
-            n = len(drafts[r])
-            out[i] = (drafts[r], torch.stack(qs[r][:n]) if qs[r] else None)
+            self.cached[keys[i]] = hist[r] + toks[r][:kk - 1]
+            n = min(kmaxes[i], kk)
+            out[i] = (toks[r][:n], torch.stack(qs[r][:n]) if qs[r] else None)
         return out
+
+    def _catch_up(self, token_lists: list, starts: list, tables) -> torch.Tensor:
+        """Run each sequence's tokens the draft cache lacks; -> logits of each one's last.
+        The usual case, the one or two tokens of the last step, is a verify step (a decode
+        step over rows: CUDA graphs replay it); rows shorter than the longest are padded and
+        write K/V past their end, which later steps overwrite before anything reads it.
+        A new sequence's prompt is an extend (prefill) forward."""
+        lens = [len(t) for t in token_lists]
+        width = max(lens)
+        if width > self.max_catch_up:
+            return self.runner.extend(token_lists, starts, tables, self.cache)
+        rows = torch.tensor([t + [0] * (width - len(t)) for t in token_lists],
+                            dtype=torch.int64, device=self.device)
+        ctx = torch.tensor(starts, dtype=torch.int32, device=self.device)
+        logits = self.runner.verify(rows, ctx, tables, self.cache)
+        last = torch.tensor([n - 1 for n in lens], device=self.device)
+        return logits[torch.arange(len(lens), device=self.device), last]
 
 
 def make_proposer(config: SpeculativeConfig, target: Engine, rows: int, max_seq_len: int):

@@ -216,6 +216,55 @@ def test_static_sampling_runs_and_is_seeded(tiny_engine):
     assert a.output_ids == b.output_ids and all(len(r) == 16 for r in a.output_ids)
 
 
+def _count_syncs(monkeypatch) -> list:
+    """Count the host reads of device values (``.tolist()`` and ``.item()``) outside the
+    kernels (the CPU reference attention reads its longest context; on CUDA the decode
+    kernel, replayed from a graph, does not)."""
+    import sys
+    calls = []
+    for name in ("tolist", "item"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, _name=name, **kw):
+            where = sys._getframe(1).f_code.co_filename
+            if "llama_engine/kernels/" not in where.replace("\\", "/"):
+                calls.append((_name, where))
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("name", ("lookup-k4", "draft-same", "draft-other"))
+def test_static_greedy_one_host_sync_per_verify(tiny_engine, request, monkeypatch, name):
+    """The greedy loop reads the device once per verify step (plus once after the prefill);
+    a draft engine reads its k proposals back once per step, not once per draft token."""
+    spec = _specs(request, [name])[name]
+    prompt = _prompts(1, seed=4)
+    calls = _count_syncs(monkeypatch)
+    out = tiny_engine.generate(prompt, MAX_OUT, speculative=spec)
+    per_step = 1 if name.startswith("lookup") else 2
+    assert out.num_steps > 0
+    assert 1 + out.num_steps <= len(calls) <= 1 + per_step * out.num_steps
+
+
+def test_inflight_greedy_step_syncs_once(tiny_engine, monkeypatch):
+    """A speculative step over several greedy sequences reads their argmax back in one go."""
+    eng = _llm(tiny_engine, SpeculativeConfig(max_draft_len=4))
+    stepper = eng.speculation
+    per_call = []
+    orig = stepper.step
+
+    def step(out):
+        calls = _count_syncs(monkeypatch)
+        orig(out)
+        per_call.append((len(out.seqs), len(calls)))
+        monkeypatch.undo()
+    stepper.step = step
+    eng.generate(_prompts(3, seed=5), 10)
+    assert any(n > 1 for n, _ in per_call)
+    assert all(c == 1 for _, c in per_call), per_call
+
+
 # -- inflight batching ------------------------------------------------------------------------------
 def _llm(engine, spec, **kw):
     from llama_engine.serving import LLMEngine
@@ -348,15 +397,42 @@ def test_draft_engine_must_be_separate(tiny_engine):
 
 def test_benchmark_speculative_section_on_cpu(tmp_path):
     """benchmark.py --speculative's flow (a CPU dry run on the tiny model): a decode step and
-    verify steps of k+1 = 2..9 timed, tokens/s projected from an acceptance file."""
+    verify steps of k+1 = 2..9 timed per mode, tokens/s projected from acceptance files
+    (prompt lookup: over the verify step; a draft: k of the draft mode's decode steps added),
+    and 32 requests under inflight batching with speculation off and on."""
     import benchmark
     acc = tmp_path / "acc.json"
     acc.write_text(json.dumps({"prompt_lookup": {"4": {"pooled_tokens_per_step": 2.0}}}))
+    acc_d = tmp_path / "acc_draft.json"
+    acc_d.write_text(json.dumps({"draft": {"int4_g64": {
+        "build_flags": "", "argmax_agreement": 0.5, "3": {"pooled_tokens_per_step": 3.0}}}}))
     out = tmp_path / "b.json"
     assert benchmark.main(["--device", "cpu", "--model_config", "tiny", "--speculative",
-                           "--modes", "fp16", "--spec_context", "32", "--out_json", str(out),
-                           "--spec_acceptance", str(acc)]) == 0
-    r = json.loads(out.read_text())["speculative"]["fp16"]
+                           "--modes", "fp16,int8", "--spec_draft", "int8:int4_g64",
+                           "--spec_context", "32", "--spec_output_len", "6",
+                           "--out_json", str(out),
+                           "--spec_acceptance", f"{acc},{acc_d}"]) == 0
+    res = json.loads(out.read_text())["speculative"]
+    r = res["fp16"]
     assert sorted(map(int, r["verify_ms"])) == list(range(2, 10))
+    assert sorted(map(int, r["loop_ms"])) == list(range(2, 10))
     assert r["decode_ms"] > 0 and set(r["projected_tok_s"]) == {"4"}
+    assert r["graphs"] is False                                  # CPU: no CUDA graphs
     assert r["projected_tok_s"]["4"] == pytest.approx(2.0 * 1e3 / r["verify_ms"]["5"])
+    d = r["draft"]
+    assert d["engine"] == "int8" and d["decode_ms"] == res["int8"]["decode_ms"]
+    assert d["projected_tok_s"]["3"] == pytest.approx(
+        3.0 * 1e3 / (3 * d["decode_ms"] + r["verify_ms"]["4"]))
+    assert "draft" not in res["int8"]                # a mode does not draft for itself
+    srv = res["serving"]
+    assert srv["batch"] == 32
+    off, gated, always = srv["off"], srv["on (max batch 8)"], srv["on (every step)"]
+    assert min(off["tok_s"], gated["tok_s"], always["tok_s"]) > 0
+    assert gated["plain_steps"] > 0 and always["plain_steps"] == 0 and always["verify_steps"]
+
+
+def test_benchmark_spec_draft_flag_is_checked(capsys):
+    import benchmark
+    assert benchmark.main(["--device", "cpu", "--model_config", "tiny", "--speculative",
+                           "--spec_draft", "int3:x"]) == 2
+    assert "--spec_draft" in capsys.readouterr().err

@@ -6,15 +6,19 @@ decode plainly (there a step is no longer bound by reading the weights, so verif
 tokens would cost throughput). Per sequence: a proposal (``llama_engine.speculative``) of at
 most what its ``max_tokens`` leaves, extra KV blocks only when free (never preempting for a
 proposal), one ``ModelRunner.verify_serving`` forward for the whole batch, the acceptance
-rule, then the accepted tokens fed to the scheduler one position at a time (its ``update``,
-so stop ids, lengths and finishing work as in a plain step) and the blocks past the
-accepted tokens given back (``BlockManager.truncate``).
+rule (the greedy rows' argmax read back in one host sync per step), then the accepted
+tokens fed to the scheduler one position at a time (its ``update``, so stop ids, lengths
+and finishing work as in a plain step) and the blocks past the accepted tokens given back
+(``BlockManager.truncate``).
 """
 from __future__ import annotations
 
+import torch
+
 from llama_engine.serving.scheduler import SchedulerOutput
 from llama_engine.serving.sequence import SequenceStatus
-from llama_engine.speculative import SpeculativeConfig, accept, make_proposer
+from llama_engine.speculative import (SpeculativeConfig, accept, accept_greedy,
+                                       make_proposer)
 
 
 class SpeculativeStepper:
@@ -68,8 +72,13 @@ class SpeculativeStepper:
             drafts.append(d)
             qs.append(q)
         logits = runner.verify_serving(seqs, drafts)
-        new = [accept(d, lg, q, s.sampling, g)
-               for s, d, lg, q, g in zip(seqs, drafts, logits, qs, gens)]
+        # Greedy sequences: every row's argmax in one host sync (not one per sequence).
+        greedy = [s.sampling is None or s.sampling.greedy for s in seqs]
+        ids = iter(torch.cat([lg.argmax(dim=-1) for lg, g in zip(logits, greedy) if g])
+                   .tolist() if any(greedy) else ())
+        new = [accept_greedy(d, [next(ids) for _ in range(len(d) + 1)]) if gr
+               else accept(d, lg, q, s.sampling, g)
+               for s, d, lg, q, g, gr in zip(seqs, drafts, logits, qs, gens, greedy)]
         st = self.stats
         st["verify_steps"] += 1
         for d, n in zip(drafts, new):
