@@ -39,9 +39,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import (KV_INT8, SQ_ALGOS, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16, W8A16_GPTQ,
-                     ConfigError, ModelArgs, QuantConfig)
-from .config import KV_FP8
+from .config import (KV_FP8, KV_INT8, SQ_ALGOS, W4A16, W4A16_GPTQ, W4A16_GROUPWISE, W8A16,
+                     W8A16_GPTQ, ConfigError, ModelArgs, QuantConfig)
 from .kernels import linear as K
 from .names import linear_prefixes, linear_shape
 from .quant_fp8 import Fp8Linear, fp8_from_flags, quantize_fp8_linear
