@@ -19,10 +19,12 @@ MODES = {
     "sq": ({"use_smooth_quant": True, "per_token": True, "per_channel": True},
            "SmoothQuant W8A8 (per-token, per-channel; speed-only calibration)"),
     # FP8 E4M3 W8A8 (Ada/Hopper): TensorRT-LLM's FP8 recipe (per-tensor weights, static
-    # activations from speed-only calibration), and its per-channel / per-token form. The
-    # FP8 + FP8 KV row ("fp8_fp8kv") comes with the FP8 KV cache change.
+    # activations from speed-only calibration), its per-channel / per-token form, and the
+    # per-tensor recipe with the FP8 KV cache (TensorRT-LLM's --qformat fp8 --kv_cache_dtype fp8).
     "fp8": ({"fp8": (False, False)}, "FP8 W8A8 (per-tensor, static; speed-only calibration)"),
     "fp8_pcpt": ({"fp8": (True, True)}, "FP8 W8A8 (per-channel weights, per-token activations)"),
+    "fp8_fp8kv": ({"fp8": (False, False), "fp8_kv_cache": True},
+                  "FP8 W8A8 per-tensor + FP8 KV cache (speed-only calibration)"),
 }
 HF_ROWS = {"hf_eager": "HF eager", "hf_compile": "HF static cache + compile"}
 ABLATION = ["hf_eager", "hf_compile", "fp16", "int8", "int4", "int4_int8kv", "sq", "fp8"]
