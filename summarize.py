@@ -15,7 +15,8 @@ engine dir). Both sides get the same prompt ids (``llama_engine.prompts``), gene
 the baseline; beam 0 is scored), and are scored by ``llama_engine.rouge`` (equal to ``evaluate``'s rouge, bootstrap seeded
 with 0). Each side first runs an untimed warm-up on the first article, as TensorRT-LLM does.
 ``--eval_ppl`` adds each side's perplexity of the reference summaries (teacher forced after
-the prompt, ``llama_engine.perplexity``); with ``--check_accuracy`` it must not exceed
+the prompt, ``llama_engine.perplexity``), or with ``--ppl_of output`` of the prompt and the
+side's own output as TensorRT-LLM scores it; with ``--check_accuracy`` it must not exceed
 ``--tensorrt_llm_ppl_threshold``. TensorRT-LLM's other flags: docs/flags.md.
 """
 from __future__ import annotations
@@ -135,14 +136,19 @@ def reference_ids(records: list, tokenizer, output_len: int) -> list:
     return [tokenizer.encode(r["highlights"], add_bos=False)[:output_len] for r in records]
 
 
-def side_perplexities(log_probs_of, prompts: list, references: list, desc: str) -> list:
-    """Per-article perplexity of the reference after the prompt, with a progress bar."""
+def side_perplexities(log_probs_of, prompts: list, references, outputs: list,
+                      desc: str) -> list:
+    """Per-article perplexity, with a progress bar: of the reference after the prompt, or
+    (``references == "output"``) of the prompt and the side's own ``outputs`` together, from
+    the second token on (TensorRT-LLM's form)."""
     from tqdm import tqdm
 
     from llama_engine.perplexity import perplexity
-    return [perplexity(log_probs_of(p, r)) for p, r in
-            tqdm(list(zip(prompts, references)), desc=f"{desc} ppl", unit="article",
-                 file=sys.stderr, dynamic_ncols=True) if r]
+    whole = references == "output"
+    targets = outputs if whole else references
+    return [perplexity(log_probs_of(p, t, whole)) for p, t in
+            tqdm(list(zip(prompts, targets)), desc=f"{desc} ppl", unit="article",
+                 file=sys.stderr, dynamic_ncols=True) if t or whole]
 
 
 def run_engine_side(args, prompts: list, tokenizer, device: str, references=None) -> SideResult:
@@ -184,8 +190,8 @@ def run_engine_side(args, prompts: list, tokenizer, device: str, references=None
         if not hasattr(engine, "forward_logits"):
             raise ConfigError(f"--eval_ppl: the {backend} runner gives no logits")
         from llama_engine.perplexity import engine_log_probs
-        side.ppls = side_perplexities(lambda p, r: engine_log_probs(engine, p, r), prompts,
-                                      references, "engine")
+        side.ppls = side_perplexities(lambda p, r, w: engine_log_probs(engine, p, r, w),
+                                      prompts, references, ids, "engine")
     return side
 
 
@@ -223,8 +229,8 @@ def run_hf_side(args, prompts: list, tokenizer, device: str, references=None) ->
     side = SideResult("hf", HF_BACKEND_NAME, [tokenizer.decode(x) for x in ids], ids, latency)
     if references is not None:
         from llama_engine.perplexity import hf_log_probs
-        side.ppls = side_perplexities(lambda p, r: hf_log_probs(model, p, r), prompts,
-                                      references, "HF")
+        side.ppls = side_perplexities(lambda p, r, w: hf_log_probs(model, p, r, w), prompts,
+                                      references, ids, "HF")
     return side
 
 
@@ -259,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check_accuracy", action="store_true")
     p.add_argument("--tensorrt_llm_rouge1_threshold", type=float, default=14.0)
     p.add_argument("--eval_ppl", action="store_true",
-                   help="also score each side's perplexity of the reference summaries")
+                   help="also score each side's perplexity (of what: --ppl_of)")
+    p.add_argument("--ppl_of", choices=("reference", "output"), default="reference",
+                   help="--eval_ppl scores the reference summary after the prompt (default), "
+                        "or, as TensorRT-LLM's summarize.py does, the prompt and the side's "
+                        "own output from the second token on")
     p.add_argument("--tensorrt_llm_ppl_threshold", type=float, default=15.0,
                    help="with --check_accuracy --eval_ppl: the engine's largest passing "
                         "perplexity (default 15.0)")
@@ -340,7 +350,10 @@ def _main(args) -> int:
           f"output_len {args.output_len}, prompt tokens {min(map(len, prompts))}.."
           f"{max(map(len, prompts))}, device {device}", file=sys.stderr)
 
-    refs = reference_ids(records, tokenizer, args.output_len) if args.eval_ppl else None
+    refs = None
+    if args.eval_ppl:
+        refs = ("output" if args.ppl_of == "output"
+                else reference_ids(records, tokenizer, args.output_len))
     sides = []
     if args.test_trt_llm:
         sides.append(run_engine_side(args, prompts, tokenizer, device, refs))

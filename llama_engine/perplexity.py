@@ -1,9 +1,16 @@
-"""Perplexity of a reference continuation, teacher forced: summarize.py's ``--eval_ppl``.
+"""Perplexity, teacher forced: summarize.py's ``--eval_ppl``, in two forms.
 
-For a prompt ``p`` and a reference ``r`` (the article's highlights), the model reads ``p + r``
-once; the log probability of each reference token given everything before it is taken from
-the logits of the position before it, and the perplexity is ``exp(-mean)`` of those. Both
-sides (our engine's ``forward_logits`` and a Hugging Face model's ``logits``) go through
+``--ppl_of reference`` (the default): for a prompt ``p`` and a reference ``r`` (the article's
+highlights), the model reads ``p + r`` once; the log probability of each reference token given
+everything before it is taken from the logits of the position before it, and the perplexity
+is ``exp(-mean)`` of those.
+
+``--ppl_of output``: what TensorRT-LLM's ``summarize.py --eval_ppl`` computes: the side's own
+generated ids ``o`` after the prompt, scored over every position of ``p + o`` after the first
+(its context logits joined to its generation logits, predicting ids ``[1:]``). Each side
+scores its own output, so two sides agree only as far as their outputs do.
+
+Both sides (our engine's ``forward_logits`` and a Hugging Face model's ``logits``) go through
 ``token_log_probs``, so they differ only by their logits.
 """
 from __future__ import annotations
@@ -29,14 +36,22 @@ def perplexity(log_probs: torch.Tensor) -> float:
     return math.exp(-float(log_probs.mean()))
 
 
-def engine_log_probs(engine, prompt: Sequence[int], reference: Sequence[int]) -> torch.Tensor:
+def scored_from(prompt: Sequence[int], whole_sequence: bool) -> int:
+    """First scored position: after the prompt, or (``whole_sequence``, TensorRT-LLM's form)
+    every position after the first token."""
+    return 1 if whole_sequence else len(prompt)
+
+
+def engine_log_probs(engine, prompt: Sequence[int], reference: Sequence[int],
+                     whole_sequence: bool = False) -> torch.Tensor:
     ids = list(prompt) + list(reference)
-    return token_log_probs(engine.forward_logits(ids), ids, len(prompt))
+    return token_log_probs(engine.forward_logits(ids), ids, scored_from(prompt, whole_sequence))
 
 
-def hf_log_probs(model, prompt: Sequence[int], reference: Sequence[int]) -> torch.Tensor:
+def hf_log_probs(model, prompt: Sequence[int], reference: Sequence[int],
+                 whole_sequence: bool = False) -> torch.Tensor:
     ids = list(prompt) + list(reference)
     device = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([ids], device=device)).logits[0]
-    return token_log_probs(logits, ids, len(prompt))
+    return token_log_probs(logits, ids, scored_from(prompt, whole_sequence))

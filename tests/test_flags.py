@@ -210,3 +210,11 @@ def test_perplexity_engine_equals_hf_fp32(smol_engine_fp32, smollm2_gguf, shared
             perplexity(hf_log_probs(hf, prompt, ref))
         assert 1.0 < ours < 1e4
         assert abs(ours - theirs) / theirs < 1e-4, (ours, theirs)
+        # --ppl_of output (TensorRT-LLM's form): every position after the first token; its
+        # tail is the reference form's log-probs, and HF agrees the same way.
+        whole = engine_log_probs(engine, prompt, ref, whole_sequence=True)
+        assert whole.shape[0] == len(prompt) + len(ref) - 1
+        assert torch.allclose(whole[-len(ref):], engine_log_probs(engine, prompt, ref),
+                              atol=1e-9, rtol=0)
+        w_theirs = perplexity(hf_log_probs(hf, prompt, ref, whole_sequence=True))
+        assert abs(perplexity(whole) - w_theirs) / w_theirs < 1e-4
