@@ -246,10 +246,14 @@ class ModelRunner:
         self.cuda_graphs = self.device.type == "cuda"
 
     def invalidate_graphs(self) -> None:
-        """Forget every captured graph (they keep the cache and the launches they captured)."""
+        """Forget every captured graph (they keep the cache and the launches they captured),
+        and their memory pool: once the last graph of a private pool is gone the allocator
+        releases the pool, and capturing into its old handle again fails an internal assert
+        (``use_count > 0``, seen on the H100 when inflight batching followed a static run)."""
         self._static_graphs.clear()
         self._serving_graphs = None
         self._prefill_graphs = None
+        self._pool = None
 
     def _graph_pool(self):
         if self._pool is None:

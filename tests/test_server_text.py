@@ -74,3 +74,15 @@ def test_run_streaming_ends_where_the_output_ends(smol_engine, capsys):
         streamed, rest = out.split("\nInput: ", 1)
         cut = rest.split('Output: "', 1)[1].split('"\n', 1)[0]
         assert streamed == cut and len(cut) < len(final), (extra, streamed, cut)
+
+
+def test_token_text_of_a_tokenizer_without_pieces():
+    """The HTTP benchmark's id tokenizer (random weights, no SentencePiece or HF pieces) serves
+    log-probs too: each token reads as its decoded text. (The GPU run found build_server
+    raising on it: TokenText asked it to encode " a".)"""
+    from benchmarks.http_load import IdTokenizer
+    from llama_engine.server.logprobs import TokenText
+
+    tt = TokenText(IdTokenizer(100))
+    assert not tt.byte_level
+    assert tt.text(5) == " 5" and tt.bytes(42) == b" 42"

@@ -47,13 +47,20 @@ class TokenText:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self._bytes: dict[int, bytes] = {}
-        space = self._pieces(tokenizer.encode(" a", add_bos=False)[:1])
-        self.byte_level = bool(space) and space[0].startswith("\u0120")
+        # A tokenizer without SentencePiece or HF pieces (the benchmark's id tokenizer on
+        # random weights) reports each token as its decoded text.
+        self._sp, self._hf = getattr(tokenizer, "sp", None), getattr(tokenizer, "hf", None)
+        self.byte_level = False
+        if self._sp is not None or self._hf is not None:
+            space = self._pieces(tokenizer.encode(" a", add_bos=False)[:1])
+            self.byte_level = bool(space) and space[0].startswith("\u0120")
 
     def _pieces(self, ids: list) -> list:
-        if self.tok.sp is not None:
-            return [self.tok.sp.id_to_piece(int(i)) for i in ids]
-        return list(self.tok.hf.convert_ids_to_tokens([int(i) for i in ids]))
+        if self._sp is not None:
+            return [self._sp.id_to_piece(int(i)) for i in ids]
+        if self._hf is not None:
+            return list(self._hf.convert_ids_to_tokens([int(i) for i in ids]))
+        return [self.tok.decode([int(i)]) for i in ids]
 
     def bytes(self, tid: int) -> bytes:
         b = self._bytes.get(tid)
