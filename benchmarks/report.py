@@ -31,6 +31,8 @@ LATENCY_SECTIONS = (
      "one-shot logits all-gather, embedding gathered; call d, pemb rows call c with "
      "LLAMA_ENGINE_TP_PARALLEL_EMBEDDING=1; oneshot: not fused with the norm; +norm: the "
      "default; no suffix: NCCL)"),
+    ("fp8", "FP8 W8A8 against fp16 (batch 1 and 64, input 128, output 128)"),
+    ("fp8kv_b32", "FP8 KV cache against fp16's (batch 32, input 1920, output 128)"),
 )
 MODEL_NAMES = {"llama-7b": "LLaMA-7B", "llama-13b": "LLaMA-13B"}
 
@@ -239,10 +241,40 @@ def gptfast_markdown(res: dict) -> list:
     return out
 
 
+def speculative_markdown(res: dict) -> list:
+    """``--speculative``: the verify step of k+1 tokens against a decode step at batch 1, and
+    the tokens per second that SmolLM2's measured acceptance projects from it."""
+    spec = res.get("speculative") or {}
+    out = []
+    for mode, r in spec.items():
+        if not isinstance(r, dict) or "verify_ms" not in r:
+            continue
+        if not out:
+            out += ["### Speculative decoding: verify step at batch 1 (projection)", ""]
+        out += [f"{mode}: decode step {r['decode_ms']:.3f} ms at context {r.get('context')} "
+                f"({r.get('plain_tok_s', NAN):.1f} tok/s), CUDA graphs "
+                f"{'yes' if r.get('graphs') else 'no'}", "",
+                "| k+1 | verify ms | x decode | tokens/step (SmolLM2, prompt lookup) | "
+                "projected tok/s |", "|---|---|---|---|---|"]
+        tps, proj = r.get("tokens_per_step") or {}, r.get("projected_tok_s") or {}
+        for k1, ms in r["verify_ms"].items():
+            k = str(int(k1) - 1)
+            out.append(f"| {k1} | {ms:.3f} | {r['ratio'][k1]:.3f} | "
+                       f"{tps[k]:.3f} | {proj[k]:.1f} |" if k in tps and k in proj else
+                       f"| {k1} | {ms:.3f} | {r['ratio'][k1]:.3f} | - | - |")
+        out.append("")
+    if out:
+        out += ["projected tok/s(k) = tokens per verify step at draft length k (SmolLM2, 50 dev "
+                "articles, tools/spec_acceptance.py) x 1000 / verify ms at k+1 tokens: a "
+                "projection from two measurements, not a run of a trained 7B model.", ""]
+    return out
+
+
 def sections_markdown(res: dict) -> str:
     """The non-ablation sections as small tables."""
     return "\n".join(latency_markdown(res) + memory_markdown(res) + profile_markdown(res)
-                     + serving_markdown(res) + gptfast_markdown(res))
+                     + serving_markdown(res) + gptfast_markdown(res)
+                     + speculative_markdown(res))
 
 
 def markdown(res: dict) -> str:
