@@ -325,3 +325,18 @@ def test_report_flag_writes_table_and_plots_without_a_gpu(tmp_path, monkeypatch,
     pytest.importorskip("matplotlib", reason="the plots need matplotlib")
     assert (tmp_path / "out" / "benchmark.png").stat().st_size > 0
     assert (tmp_path / "out" / "serving.png").stat().st_size > 0
+
+
+def test_report_renders_speculative_and_fp8_sections():
+    """The speculative section becomes a verify-step table whose projection is tokens per step
+    times 1000 / verify ms, and the fp8 grid rows are listed under their own title."""
+    from benchmarks import report
+    spec = {"fp16": {"context": 512, "decode_ms": 5.0, "graphs": True, "plain_tok_s": 200.0,
+                     "verify_ms": {"2": 5.1, "3": 5.5}, "ratio": {"2": 1.02, "3": 1.1},
+                     "tokens_per_step": {"2": 1.65}, "projected_tok_s": {"2": 300.0}},
+            "serving": {"off": {}}}
+    row = {"latency_s": 1.0, "prefill_s": 0.005, "decode_tok_s": 115.2, "peak_mem_gib": 19.0}
+    md = report.sections_markdown({"speculative": spec, "fp8": {"fp8 b1 i128 o128": row}})
+    assert "| 3 | 5.500 | 1.100 | 1.650 | 300.0 |" in md
+    assert "| 2 | 5.100 | 1.020 | - | - |" in md
+    assert "### FP8 W8A8 against fp16" in md and "| fp8 b1 i128 o128 |" in md
