@@ -334,9 +334,7 @@ def _convert_prequantized(ns: argparse.Namespace, method: str, sources: list) ->
     """An AutoAWQ / GPTQ directory, taken as it is (no calibration, no re-quantization)."""
     import torch
 
-    from llama_engine.checkpoint import write_checkpoint
     from llama_engine.formats import awq as fawq, gptq as fgptq
-    from llama_engine.tokenizer import find_tokenizer_source
     if method in ("fp8", "compressed-tensors"):
         return _convert_fp8_hf(ns, method, sources)
     want = {"awq": "int4_awq", "gptq": "int4_gptq"}[method]
@@ -350,24 +348,15 @@ def _convert_prequantized(ns: argparse.Namespace, method: str, sources: list) ->
     args, quant, tensors, _ = load(ns.in_file)
     dt = getattr(torch, ns.dtype)
     tensors = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in tensors.items()}
-    qdict = quant.to_checkpoint_dict()
-    qdict["source_format"] = method
-    write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors,
-                     extra_config={"quantization": qdict},
-                     tokenizer_src=find_tokenizer_source(ns.in_file),
-                     sources=sources, force=ns.force, flag="-o")
-    print(f"converted {method.upper()} checkpoint {ns.in_file} as it is: {quant.describe()}",
-          file=sys.stderr)
-    return ns.out_dir
+    return _write_as_is(ns, args, quant, tensors, method, f"{method.upper()} checkpoint",
+                        sources)
 
 
 def _convert_fp8_hf(ns: argparse.Namespace, method: str, sources: list) -> str:
     """A Hugging Face FP8 checkpoint (compressed-tensors / quant_method fp8), as it is."""
     import torch
 
-    from llama_engine.checkpoint import write_checkpoint
     from llama_engine.formats.fp8_hf import FP8_SCALE_NAMES, load_fp8_hf_dir
-    from llama_engine.tokenizer import find_tokenizer_source
     if ns.smoothquant is not None or ns.calibrate_kv_cache or ns.use_weight_only:
         raise ConfigError(f"-i is an FP8 checkpoint ({method}): it converts as it is (no "
                           "SmoothQuant, weight-only or INT8 KV calibration)")
@@ -375,14 +364,22 @@ def _convert_fp8_hf(ns: argparse.Namespace, method: str, sources: list) -> str:
     dt = getattr(torch, ns.dtype)
     tensors = {k: (v.to(dt) if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
                    and not k.endswith(FP8_SCALE_NAMES) else v) for k, v in tensors.items()}
+    return _write_as_is(ns, args, quant, tensors, method, f"FP8 checkpoint ({method})",
+                        sources)
+
+
+def _write_as_is(ns: argparse.Namespace, args, quant, tensors: dict, method: str, what: str,
+                 sources: list) -> str:
+    """Write a pre-quantized checkpoint taken as it is, its source format recorded."""
+    from llama_engine.checkpoint import write_checkpoint
+    from llama_engine.tokenizer import find_tokenizer_source
     qdict = quant.to_checkpoint_dict()
     qdict["source_format"] = method
     write_checkpoint(ns.out_dir, args, ns.dtype, quant, tensors,
                      extra_config={"quantization": qdict},
                      tokenizer_src=find_tokenizer_source(ns.in_file),
                      sources=sources, force=ns.force, flag="-o")
-    print(f"converted FP8 checkpoint {ns.in_file} ({method}) as it is: {quant.describe()}",
-          file=sys.stderr)
+    print(f"converted {what} {ns.in_file} as it is: {quant.describe()}", file=sys.stderr)
     return ns.out_dir
 
 
