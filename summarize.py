@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorrt_llm_rouge1_threshold", type=float, default=14.0)
     p.add_argument("--eval_ppl", action="store_true",
                    help="also score each side's perplexity (of what: --ppl_of)")
-    p.add_argument("--ppl_of", choices=("reference", "output"), default="reference",
+    p.add_argument("--ppl_of", choices=("reference", "output"), default=None,
                    help="--eval_ppl scores the reference summary after the prompt (default), "
                         "or, as TensorRT-LLM's summarize.py does, the prompt and the side's "
                         "own output from the second token on")
@@ -318,6 +318,8 @@ def _validate(args) -> None:
         raise ConfigError("--test_hf needs --hf_model_location")
     if args.enable_prefix_caching and not args.use_inflight_batching:
         raise ConfigError("--enable_prefix_caching needs --use_inflight_batching")
+    if args.ppl_of is not None and not args.eval_ppl:
+        raise ConfigError("--ppl_of says what --eval_ppl scores; pass --eval_ppl too")
     for name in ("batch_size", "max_ite", "output_len", "max_input_length"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")

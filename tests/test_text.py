@@ -519,6 +519,8 @@ def test_summarize_engine_side_with_stand_in(spm_dir, tmp_path, monkeypatch, cap
     assert rc == 1 and "[FAILED]" in capsys.readouterr().out
     rc = summarize.main(["--dataset_path", str(data)])
     assert rc == 2 and "nothing to do" in capsys.readouterr().err
+    rc = summarize.main(base + ["--ppl_of", "output"])            # without --eval_ppl
+    assert rc == 2 and "pass --eval_ppl too" in capsys.readouterr().err
     rc = summarize.main(base + ["--output_len", "600"])        # beyond the engine's limit
     assert rc == 2 and "max_output_len=512" in capsys.readouterr().err
 
