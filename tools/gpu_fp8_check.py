@@ -2,9 +2,10 @@
 """GPU check of FP8 W8A8 (issue 19, weight half), in one call on an H100/H200:
 
 1. logits: a random LLaMA-shaped model quantized to FP8 (each of the four forms: per-tensor /
-   per-channel weights x static / per-token activations) run on the GPU (fp16, our kernels)
-   against the CPU emulation of the same FP8 tensors (fp32, torch float8 dtypes): relative
-   logit error and greedy top-1 agreement per position;
+   per-channel weights x static / per-token activations) run on the GPU (our kernels, in fp32
+   -- the gated agreement check -- and in fp16) against the CPU emulation of the same FP8
+   tensors (fp32, torch float8 dtypes): relative logit error and greedy top-1 agreement per
+   position, next to the unquantized model's fp16-GPU-vs-fp32-CPU noise floor;
 2. kernels on LLaMA-7B's linears at M = 1, 16, 64, 512: fp16 cuBLAS, the FP8 Triton GEMV
    (forced at every M), ``torch._scaled_mm``, what ``impl="auto"`` picks, and the activation
    quantizer fused (one Triton kernel) vs torch ops; GB/s of weight bytes and TFLOP/s;
@@ -13,7 +14,7 @@
 
     python tools/gpu_fp8_check.py [--json $OUT/fp8_check.json] [--sweep]
 
-Exit status 1 when a logit check fails (top-1 < 97% or rel err > 5%) or a kernel output
+Exit status 1 when the fp32 logit check fails (top-1 < 99% or rel err > 1%) or a kernel output
 disagrees with its reference (rel err > 1%).
 """
 from __future__ import annotations
@@ -49,24 +50,52 @@ def logits_check(verbose: bool = True) -> list[dict]:
     calib = smoothquant.synthetic_calibration(args, tensors, device="cpu", kv=False,
                                               progress=False)
     rows = []
+    # the noise floor of the comparison: the same model unquantized, GPU fp16 vs CPU fp32
+    plain = validate_quant_flags(args)
+    base = {dev: _forward(args, plain, _cast(tensors, dev, dt), dev, dt)
+            for dev, dt in (("cpu", torch.float32), ("cuda", torch.float16))}
+    floor = {"form": "unquantized (noise floor)", "compare": "cuda fp16 vs cpu fp32",
+             "rel_err": rel_err(base["cuda"], base["cpu"]),
+             "top1": (base["cpu"].argmax(-1) == base["cuda"].argmax(-1)).float().mean().item(),
+             "ok": True}
+    rows.append(floor)
+    if verbose:
+        print(f"logits {floor['compare']:<22} {floor['form']:<60} rel err "
+              f"{floor['rel_err']:.4f}  top-1 {100 * floor['top1']:.1f}%")
     for per_channel, dynamic in FORMS:
         quant = validate_quant_flags(args, fp8=(per_channel, dynamic), has_act_stats=True)
         q, _ = quantize_checkpoint(tensors, args, quant, act_stats=calib["act_stats"],
                                    progress=False)
-        outs = {}
-        for device, dtype in (("cpu", torch.float32), ("cuda", torch.float16)):
-            cast = {k: (v.to(dtype) if v.dtype in (torch.float32,) and k.endswith(".weight")
-                        else v).to(device) for k, v in q.items()}
-            outs[device] = _forward(args, quant, cast, device, dtype)
-        cpu, gpu = outs["cpu"], outs["cuda"]
-        top1 = (cpu.argmax(-1) == gpu.argmax(-1)).float().mean().item()
-        row = {"form": quant.describe(), "rel_err": rel_err(gpu, cpu), "top1": top1}
-        row["ok"] = row["rel_err"] < 0.05 and top1 >= 0.97
-        rows.append(row)
-        if verbose:
-            print(f"logits GPU vs CPU emulation  {row['form']:<60} rel err "
-                  f"{row['rel_err']:.4f}  top-1 {100 * top1:.1f}%  {'ok' if row['ok'] else 'FAIL'}")
+        cpu = _forward(args, quant, _cast(q, "cpu", torch.float32), "cpu", torch.float32)
+        # fp32 on the GPU runs the same kernels on the same inputs as the emulation, so the FP8
+        # codes match and only the accumulation order differs: this is the agreement check.
+        # fp16 rounds every activation before it is quantized, which moves some values across
+        # an e4m3 rounding boundary (one step = 6-12%); on a random model that noise grows
+        # through the layers, so the fp16 row is reported next to the floor above, not gated.
+        for dt, gated in ((torch.float32, True), (torch.float16, False)):
+            try:
+                gpu = _forward(args, quant, _cast(q, "cuda", dt), "cuda", dt)
+            except Exception as e:  # noqa: BLE001 - reported as a failed row
+                rows.append({"form": quant.describe(), "compare": f"cuda {dt}", "ok": False,
+                             "error": f"{type(e).__name__}: {e}"[:300]})
+                print(f"logits {quant.describe()} cuda {dt}: {rows[-1]['error']}")
+                continue
+            top1 = (cpu.argmax(-1) == gpu.argmax(-1)).float().mean().item()
+            name = "fp32" if dt == torch.float32 else "fp16"
+            row = {"form": quant.describe(), "compare": f"cuda {name} vs cpu fp32",
+                   "rel_err": rel_err(gpu, cpu), "top1": top1}
+            row["ok"] = (row["rel_err"] < 0.01 and top1 >= 0.99) if gated else True
+            rows.append(row)
+            if verbose:
+                verdict = ("ok" if row["ok"] else "FAIL") if gated else "(not gated)"
+                print(f"logits {row['compare']:<22} {row['form']:<60} rel err "
+                      f"{row['rel_err']:.4f}  top-1 {100 * top1:.1f}%  {verdict}")
     return rows
+
+
+def _cast(q: dict, device: str, dtype: torch.dtype) -> dict:
+    return {k: (v.to(dtype) if v.dtype == torch.float32 and k.endswith(".weight") else v)
+            .to(device) for k, v in q.items()}
 
 
 def _forward(args, quant, tensors, device, dtype):
