@@ -442,3 +442,28 @@ def test_convert_checkpoint_use_fp8_rowwise(tiny_hf_factory, tmp_path):
                                     str(out), "--use_fp8_rowwise", "--dtype", "float32"]) == 0
     q = json.loads((out / "config.json").read_text())["quantization"]
     assert q["quant_algo"] == FP8_PCPT
+
+
+@needs_interp
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gemv_quantizes_inside_as_the_row_quantizer_does(m):
+    """The GEMV's own activation quantizer (static scale at any M, per-token up to
+    INLINE_DYNAMIC_MAX_M rows) gives the result of the row quantizer followed by the GEMV on
+    its codes, bit for bit."""
+    for per_channel, dynamic in MODES:
+        x, xs = _exact_acts(m, 200, seed=m, dynamic=dynamic)
+        lin = Fp8Linear.from_float(_w(48, 200, seed=5).float(), per_channel,
+                                   None if dynamic else 448 * float(xs))
+        inline = (not dynamic) or m <= kf.INLINE_DYNAMIC_MAX_M
+        for cfg in (SkinnyCfg("fma", 16, 64, 2, 4, 1), SkinnyCfg("dot", 32, 64, 1, 4, 1)):
+            xq, s = kf.quantize_fp8_act_ref(x, lin.act_scale)
+            codes = kf._launch_gemv(xq, s.contiguous(), lin.weight, lin.w_scale.float(),
+                                    x.dtype, cfg)
+            if inline:
+                own = kf._launch_gemv(x, None if dynamic else lin.act_scale.float().reshape(1),
+                                      lin.weight, lin.w_scale.float(), x.dtype, cfg,
+                                      quant_x=2 if dynamic else 1)
+                assert torch.equal(own, codes), (per_channel, dynamic, cfg)
+            out = kf.linear_fp8(x, lin.weight, lin.w_scale, lin.act_scale, impl="triton",
+                                _cfg=cfg)
+            assert torch.equal(out, codes), (per_channel, dynamic, cfg, inline)

@@ -9,10 +9,12 @@
 2. kernels on LLaMA-7B's linears at M = 1, 16, 64, 512: fp16 cuBLAS, the FP8 Triton GEMV
    (forced at every M), ``torch._scaled_mm``, what ``impl="auto"`` picks, and the activation
    quantizer fused (one Triton kernel) vs torch ops; GB/s of weight bytes and TFLOP/s;
-3. ``--sweep``: 36 GEMV launch candidates at M = 1 (fma) and 16 (dot) on the qkv and down
-   shapes (fill ``kernels/fp8.GEMV_CONFIGS`` with the winners).
+3. ``--sweep``: GEMV launch candidates (fma and dot forms, split-K) on every LLaMA-7B linear
+   at M = 1, 4 and 16, with the activation quantizer inside the GEMV; ``--write`` puts the
+   winners into this GPU's tuning file as ``fp8`` rows (``kernels/tuning.py``), which
+   ``kernels/fp8._pick`` reads. Runs before the kernel table, so the table times the winners.
 
-    python tools/gpu_fp8_check.py [--json $OUT/fp8_check.json] [--sweep]
+    python tools/gpu_fp8_check.py [--json $OUT/fp8_check.json] [--sweep [--write]]
 
 Exit status 1 when the fp32 logit check fails (top-1 < 99% or rel err > 1%) or a kernel output
 disagrees with its reference (rel err > 1%).
@@ -110,7 +112,7 @@ def _forward(args, quant, tensors, device, dtype):
                       eng.forward_logits(list(range(100, 164))).float().cpu()])
 
 
-def kernel_table(Ms=(1, 16, 64, 512), sweep: bool = False, verbose: bool = True) -> list[dict]:
+def kernel_table(Ms=(1, 16, 64, 512), verbose: bool = True) -> list[dict]:
     rows = []
     dev = "cuda"
     for name, N, K in LLAMA7B_SHAPES:
@@ -152,25 +154,72 @@ def kernel_table(Ms=(1, 16, 64, 512), sweep: bool = False, verbose: bool = True)
                     print(f"{name:<8} M={M:<4} {path:<24} {ms * 1e3:9.1f} us  "
                           f"{r['weight_GBps']:7.0f} GB/s  {r['TFLOPs']:6.1f} TFLOP/s  "
                           f"err {err:.1e}{'' if r['ok'] else '  FAIL'}")
-            if sweep and M in (1, 16) and name in ("qkv", "down"):
-                best = None
-                kernel = "fma" if M == 1 else "dot"
-                for c in [SkinnyCfg(kernel, bn, bk, sk, nw, 3) for bn in (32, 64, 128)
-                          for bk in (128, 256) for sk in (1, 2, 4) for nw in (4, 8)]:
-                    try:
-                        ms = time_graph(lambda i: kf.linear_fp8(x, wq[i], ws[i], impl="triton",
-                                                                _cfg=c), n_copies)
-                    except Exception as e:  # noqa: BLE001 - a config that does not compile
-                        print(f"  skip {c}: {type(e).__name__}")
-                        continue
-                    if best is None or ms < best[0]:
-                        best = (ms, c)
-                print(f"  sweep {name} M={M}: best {best[1]} {best[0] * 1e3:.1f} us "
-                      f"({N * K / best[0] / 1e6:.0f} GB/s)")
-                rows.append({"shape": name, "M": M, "path": "sweep_best", "ms": best[0],
-                             "cfg": str(best[1]), "ok": True})
     _summary(rows, verbose)
     return rows
+
+
+def _candidates(M: int) -> list:
+    dot = [SkinnyCfg("dot", bn, bk, sk, 4, 3) for bn in (32, 64, 128) for bk in (128, 256, 512)
+           for sk in (1, 2, 4)]
+    dot += [SkinnyCfg("dot", 128, bk, sk, 8, 3) for bk in (256, 512) for sk in (1, 2)]
+    if M > 4:
+        return dot
+    fma = [SkinnyCfg("fma", bn, bk, sk, 4, 3) for bn in (4, 8, 16) for bk in (512, 1024, 2048)
+           for sk in (1, 2) if M == 1 or bn * bk <= 8192]
+    return fma + dot
+
+
+def sweep_table(Ms=(1, 4, 16), write: bool = False, verbose: bool = True) -> list[dict]:
+    """Every launch candidate on every LLaMA-7B linear at each M bucket, activations fp16 with
+    a static per-tensor scale quantized inside the GEMV (what runs at decode); the winners
+    are rows of kind ``fp8`` for the GPU's tuning file (``--write``)."""
+    from llama_engine.kernels import tuning
+    dev = "cuda"
+    rows, best_rows = [], []
+    for name, N, K in LLAMA7B_SHAPES:
+        n_copies = max(2, int(4 * 50e6 // (N * K)) + 1)
+        wq = [(torch.randn(N, K, device=dev) * 16).clamp(-448, 448).to(kf.FP8_DTYPE)
+              for _ in range(n_copies)]
+        ws = torch.full((1,), 1e-3, device=dev)
+        act = torch.full((1,), 0.02, device=dev)
+        for M in Ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.float16)
+            ref = kf.linear_fp8(x, wq[0], ws, act, impl="torch").float()
+            best = None
+            for c in _candidates(M):
+                try:
+                    err = rel_err(kf.linear_fp8(x, wq[0], ws, act, impl="triton", _cfg=c), ref)
+                    ms = time_graph(lambda i: kf.linear_fp8(x, wq[i], ws, act, impl="triton",
+                                                            _cfg=c), n_copies)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile
+                    print(f"  skip {name} M={M} {c}: {type(e).__name__}")
+                    continue
+                gbps = N * K / ms / 1e6
+                rows.append({"shape": name, "N": N, "K": K, "M": M, "path": "sweep",
+                             "cfg": str(c), "ms": ms, "weight_GBps": gbps, "rel_err": err,
+                             "ok": err < 0.01})
+                if err < 0.01 and (best is None or ms < best[0]):
+                    best = (ms, c)
+            if best is None:
+                continue
+            print(f"sweep {name:<8} M={M:<3} best {best[1]}  {best[0] * 1e3:7.1f} us  "
+                  f"{N * K / best[0] / 1e6:6.0f} GB/s")
+            best_rows.append(tuning.row_of(tuning.F8, M, N, K, best[1],
+                                           GBps=round(N * K / best[0] / 1e6),
+                                           measured_on=torch.cuda.get_device_name()))
+        del wq
+    if verbose:
+        for M in Ms:
+            best = [r for r in best_rows if r["m"] == M]
+            t = sum(r["n"] * r["k"] / r["GBps"] / 1e6 for r in best)
+            if t:
+                b = sum(r["n"] * r["k"] for r in best)
+                print(f"  M={M:<3} best per shape summed: {t * 1e3:8.1f} us  "
+                      f"{b / t / 1e6:6.0f} GB/s ({len(best)} shapes)")
+    if write and best_rows:
+        path = tuning.save_table(torch.cuda.get_device_name(), best_rows)
+        print(f"wrote {len(best_rows)} fp8 rows into {path}")
+    return rows + [{"path": "best", **r, "ok": True} for r in best_rows]
 
 
 def _summary(rows: list[dict], verbose: bool) -> None:
@@ -190,7 +239,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write every row here")
-    p.add_argument("--sweep", action="store_true", help="GEMV launch candidates at M=1, 16")
+    p.add_argument("--sweep", action="store_true",
+                   help="GEMV launch candidates on every LLaMA-7B linear at M = 1, 4, 16")
+    p.add_argument("--write", action="store_true",
+                   help="with --sweep: write the winners into this GPU's tuning file")
     p.add_argument("--M", default="1,16,64,512")
     p.add_argument("--skip_logits", action="store_true")
     a = p.parse_args()
@@ -205,11 +257,14 @@ def main() -> int:
     out = {"device": torch.cuda.get_device_name()}
     if not a.skip_logits:
         out["logits"] = logits_check()
-    out["kernels"] = kernel_table(tuple(int(m) for m in a.M.split(",")), a.sweep)
+    if a.sweep:
+        out["sweep"] = sweep_table(write=a.write)
+    out["kernels"] = kernel_table(tuple(int(m) for m in a.M.split(",")))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1))
     bad = [r for part in ("logits", "kernels") for r in out.get(part, []) if not r["ok"]]
+    bad += [r for r in out.get("sweep", []) if r["path"] == "best" and not r["ok"]]
     return 1 if bad else 0
 
 

@@ -12,8 +12,11 @@ Paths on CUDA (``impl="auto"``; ``impl`` as every linear op, ``common.py``):
 * activation quantizer: one Triton kernel per call (row amax, scale, cast) when
   ``fused_quant`` (default); otherwise torch ops (amax, divide, clamp, cast: 4-5 launches).
   tools/gpu_fp8_check.py times both (our fused int8 quantizer once lost, perf-notes.md).
-* M <= ``GEMV_MAX_M`` (16): the FP8-weight GEMV (``fp8_kernels.py``), config per M bucket
-  from ``GEMV_CONFIGS`` (data, starting points: tools/gpu_fp8_check.py sweeps them).
+* M <= ``GEMV_MAX_M`` (16): the FP8-weight GEMV (``fp8_kernels.py``), with the activation
+  quantizer inside it when ``fused_quant`` (static scales always; per-token scales up to
+  ``INLINE_DYNAMIC_MAX_M`` rows); launch config per (M bucket, N, K) from the GPU's tuning
+  file (kind ``fp8``, written by ``tools/gpu_fp8_check.py --sweep --write``), else per M
+  bucket from ``GEMV_CONFIGS``.
 * above: ``torch._scaled_mm`` (cuBLASLt FP8 tensor cores) when K and N are multiples of 16;
   per-channel or per-token scales go through its row-wise scaling. Otherwise dequantize and
   multiply (correct, not fast).
@@ -34,7 +37,7 @@ from ..config import ConfigError
 from .common import HAS_TRITON, triton
 from .common import use_triton as wants_triton
 from .reference import FLOAT_DTYPES, check_weight, flat
-from .tuning import SkinnyCfg
+from .tuning import F8, SkinnyCfg, m_bucket, pick_skinny, table_for
 
 if HAS_TRITON:
     from .fp8_kernels import _fp8_gemv_kernel, _fp8_quant_rows_kernel
@@ -46,6 +49,9 @@ FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0           # largest finite float8_e4m3fn
 AMAX_EPS = 1e-12           # an all-zero row gets a tiny positive scale (and codes 0)
 GEMV_MAX_M = 16            # the Triton GEMV up to this many rows; _scaled_mm above
+# per-token scales computed inside the GEMV up to this many rows (each program re-reads its
+# rows from L2 for the amax); above, the row quantizer runs first
+INLINE_DYNAMIC_MAX_M = 4
 # H100 (tools/gpu_fp8_check.py, 2026-12-07), LLaMA-7B linears summed: the "fma" form at M = 1
 # read 919 GB/s (363 us) where the "dot" form at M = 16, whose rows pad to 16 anyway, read
 # 1,708 GB/s (195 us; fp16 cuBLAS 262 us): M = 1 takes the dot form too.
@@ -126,18 +132,34 @@ def linear_fp8_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: tor
     return (y * xs.to(acc).reshape(-1, 1) * ws.to(acc).reshape(1, -1)).to(out_dtype)
 
 
-def _pick(M: int) -> SkinnyCfg:
-    for bucket in sorted(GEMV_CONFIGS):
-        if M <= bucket:
-            return GEMV_CONFIGS[bucket]
-    return GEMV_CONFIGS[max(GEMV_CONFIGS)]
+def _pick(M: int, N: int, K: int, device: torch.device) -> SkinnyCfg:
+    """The launch for (M, N, K): the GPU's tuning file where it has ``fp8`` rows for M's
+    bucket (nearest shape), else ``GEMV_CONFIGS``."""
+    key = (device.index if device.type == "cuda" else None, m_bucket(M), N, K)
+    cfg = _PICKED.get(key)
+    if cfg is None:
+        table = table_for(device)
+        if any(k[0] == F8 and k[1] == key[1] for k in table.skinny):
+            cfg = pick_skinny(table, F8, M, N, K)
+        if not isinstance(cfg, SkinnyCfg):
+            cfg = next((GEMV_CONFIGS[b] for b in sorted(GEMV_CONFIGS) if M <= b),
+                       GEMV_CONFIGS[max(GEMV_CONFIGS)])
+        _PICKED[key] = cfg
+    return cfg
 
 
-def _launch_gemv(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-                 out_dtype: torch.dtype, cfg: Optional[SkinnyCfg]) -> torch.Tensor:
-    M, K = xq.shape
+_PICKED: dict = {}
+
+
+def _launch_gemv(x: torch.Tensor, xs: Optional[torch.Tensor], wq: torch.Tensor,
+                 ws: torch.Tensor, out_dtype: torch.dtype, cfg: Optional[SkinnyCfg],
+                 quant_x: int = 0) -> torch.Tensor:
+    """quant_x 0: ``x`` holds e4m3 codes and ``xs`` their scales; 1: ``x`` is float and ``xs``
+    the static scale, quantized inside the kernel; 2: ``x`` is float, per-row scales computed
+    inside the kernel (``xs`` unused)."""
+    M, K = x.shape
     N = wq.shape[0]
-    cfg = cfg or _pick(M)
+    cfg = cfg or _pick(M, N, K, x.device)
     dot = cfg.kernel == "dot"
     bk = cfg.block_k
     k_blocks = -(-K // bk)
@@ -145,13 +167,17 @@ def _launch_gemv(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     k_per_split = -(-k_blocks // split) * bk
     split = -(-K // k_per_split)
     block_m = max(16, triton.next_power_of_2(M)) if dot else triton.next_power_of_2(M)
-    dst = torch.empty((M, N) if split == 1 else (split, M, N), device=xq.device,
+    dst = torch.empty((M, N) if split == 1 else (split, M, N), device=x.device,
                       dtype=out_dtype if split == 1 else torch.float32)
+    if xs is None:
+        xs = ws  # not read (QUANT_X 2)
     grid = (triton.cdiv(N, cfg.block_n), split)
     _fp8_gemv_kernel[grid](
-        xq, wq, xs, ws, dst, M, N, K, xq.stride(0), wq.stride(0), N, M * N, k_per_split,
+        x, wq, xs, ws, dst, M, N, K, x.stride(0), wq.stride(0), N, M * N, k_per_split,
+        E4M3_MAX, AMAX_EPS,
         XS_ROWS=xs.numel() > 1, WS_ROWS=ws.numel() > 1, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=bk, USE_DOT=dot, ITERS_C=0 if xq.is_cuda else k_per_split // bk,
+        BLOCK_K=bk, USE_DOT=dot, ITERS_C=0 if x.is_cuda else k_per_split // bk,
+        QUANT_X=quant_x, ITERS_ALL_C=0 if x.is_cuda else k_blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dst if split == 1 else dst.sum(0).to(out_dtype)
 
@@ -193,9 +219,19 @@ def linear_fp8(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     x2, lead = flat(x, K, "linear_fp8")
     M = math.prod(lead)
     triton_path = wants_triton(impl, x, wq) and x.dtype != torch.float64
+    gemv = triton_path and M > 0 and (M <= GEMV_MAX_M or _cfg is not None)
+    if gemv and fused_quant and (act_scale is not None or M <= INLINE_DYNAMIC_MAX_M):
+        # the quantizer inside the GEMV: no launch of its own (one per linear per step)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = _launch_gemv(x2, None if act_scale is None else
+                         act_scale.float().reshape(1).contiguous(), wq.contiguous(),
+                         ws.float().contiguous(), x.dtype, _cfg,
+                         quant_x=2 if act_scale is None else 1)
+        return y.reshape(*lead, N)
     xq, xs = quantize_fp8_act(x2, act_scale, impl=impl if triton_path else "torch",
                               fused=fused_quant)
-    if triton_path and M > 0 and (M <= GEMV_MAX_M or _cfg is not None):
+    if gemv:
         y = _launch_gemv(xq, xs.contiguous(), wq.contiguous(), ws.float().contiguous(),
                          x.dtype, _cfg)
     elif x.is_cuda and impl != "triton" and M > 0 and K % 16 == 0 and N % 16 == 0:

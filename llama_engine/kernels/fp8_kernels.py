@@ -47,11 +47,17 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M"])
     def _fp8_gemv_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr,
                          M, N, K, stride_xm, stride_wn, stride_om, stride_os, k_per_split,
+                         qmax, eps,
                          XS_ROWS: tl.constexpr, WS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-                         ITERS_C: tl.constexpr):
-        """out[M, N] (or slice pid_s of fp32 partials) = (xq @ wq.T) * xs * ws; xq e4m3 [M, K],
-        wq e4m3 [N, K]; XS_ROWS / WS_ROWS: the scale has one value per row / channel."""
+                         ITERS_C: tl.constexpr, QUANT_X: tl.constexpr = 0,
+                         ITERS_ALL_C: tl.constexpr = 0):
+        """out[M, N] (or slice pid_s of fp32 partials) = (xq @ wq.T) * xs * ws; wq e4m3 [N, K];
+        WS_ROWS: one weight scale per channel. QUANT_X 0: x holds the codes xq [M, K] and xs
+        its scales (XS_ROWS: one per row). QUANT_X 1 / 2: x is the float activation, quantized
+        here as the row quantizer above does (same ops, same codes): 1 with the static scale
+        xs_ptr[0], 2 with per-row scales from each row's amax over all of K (every program
+        reads its rows once more, from L2: worth it for small M only)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,6 +66,16 @@ if HAS_TRITON:
         m_ok = offs_m < M
         k_lo = pid_s * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
+        if QUANT_X == 2:
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for j in range(0, ITERS_ALL_C if ITERS_ALL_C > 0 else tl.cdiv(K, BLOCK_K)):
+                offs_a = j * BLOCK_K + tl.arange(0, BLOCK_K)
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_a[None, :],
+                             mask=m_ok[:, None] & (offs_a < K)[None, :], other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
+            xs = tl.maximum(amax, eps) / qmax                                   # [BM]
+        elif QUANT_X == 1:
+            xs = tl.load(xs_ptr + offs_m * 0).to(tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for i in range(0, ITERS_C if ITERS_C > 0 else k_per_split // BLOCK_K):
             offs_k = k_lo + i * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -68,16 +84,20 @@ if HAS_TRITON:
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)          # [BN, BK]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)          # [BM, BK]
+            if QUANT_X > 0:
+                xq = tl.minimum(tl.maximum(x.to(tl.float32) / xs[:, None], -qmax), qmax)
+                x = xq.to(w.dtype)
             if USE_DOT:
                 acc = tl.dot(w.to(tl.float16), tl.trans(x.to(tl.float16)), acc,
                              input_precision="ieee")
             else:
                 prod = w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
                 acc += tl.sum(prod, axis=2)                                     # [BN, BM]
-        if XS_ROWS:
-            xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-        else:
-            xs = tl.load(xs_ptr + offs_m * 0)
+        if QUANT_X == 0:
+            if XS_ROWS:
+                xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+            else:
+                xs = tl.load(xs_ptr + offs_m * 0)
         if WS_ROWS:
             ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
         else:

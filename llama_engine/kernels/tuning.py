@@ -34,8 +34,8 @@ from ..config import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Weight kinds (the kernels' constexpr WKIND) and their names in the files.
-FP, I8, I4, I4G, A8 = 0, 1, 2, 3, 4
-KIND_NAMES = {FP: "fp", I8: "w8a16", I4: "w4a16", I4G: "w4a16g", A8: "w8a8"}
+FP, I8, I4, I4G, A8, F8 = 0, 1, 2, 3, 4, 5
+KIND_NAMES = {FP: "fp", I8: "w8a16", I4: "w4a16", I4G: "w4a16g", A8: "w8a8", F8: "fp8"}
 _KIND_BY_NAME = {v: k for k, v in KIND_NAMES.items()}
 M_BUCKETS = (1, 4, 16, 64)
 
@@ -261,7 +261,7 @@ def dumps(doc: dict) -> str:
 def heuristic_skinny(kind: int, M: int, N: int, K: int) -> SkinnyCfg:
     """When the table has nothing for this kind: ~16 KB weight tiles, split-K until there are
     about two programs per SM."""
-    wbytes = {FP: 2, I8: 1, A8: 1, I4: 0.5, I4G: 0.5}[kind]
+    wbytes = {FP: 2, I8: 1, A8: 1, F8: 1, I4: 0.5, I4G: 0.5}[kind]
     bn, bk = 64, int(256 / wbytes)
     n_blocks, k_blocks = -(-N // bn), -(-K // bk)
     split = 1
