@@ -97,6 +97,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("w_scale", s.contiguous())
         self.register_buffer("act_scale",
                              None if act_scale is None else act_scale.float().reshape(1))
+        self._cpu_w: Optional[torch.Tensor] = None   # CPU only: the widened weight
 
     @property
     def per_channel(self) -> bool:
@@ -139,6 +140,13 @@ class Fp8Linear(nn.Module):
         return dequantize_fp8(self.weight, self.w_scale)
 
     def forward(self, x, partials: bool = False):
+        if not x.is_cuda:
+            # The CPU emulation widens every e4m3 weight on every call; keep the widened copy
+            # (the same numbers), as the other quantized linears' CPU paths do.
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            if self._cpu_w is None or self._cpu_w.dtype != acc:
+                self._cpu_w = self.weight.to(acc)
+            return linear_fp8(x, self.weight, self.w_scale, self.act_scale, w_widened=self._cpu_w)
         return linear_fp8(x, self.weight, self.w_scale, self.act_scale)
 
 

@@ -106,6 +106,7 @@ class WeightOnlyInt4ZeroLinear(nn.Module):
             self.register_buffer("pre_quant_scale", pre_quant_scale.reshape(1, k))
         else:
             self.pre_quant_scale = None
+        self._cpu_w: Optional[torch.Tensor] = None   # CPU only: the dequantized weight
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 128) -> "WeightOnlyInt4ZeroLinear":
@@ -137,5 +138,13 @@ class WeightOnlyInt4ZeroLinear(nn.Module):
     def forward(self, x, partials: bool = False):
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale.to(x.dtype)
+        if not x.is_cuda:
+            # The CPU reference dequantizes on every call; keep its dequantized weight (the
+            # same numbers: fp32, or fp64 for fp64 inputs), as the group-wise int8 linear does.
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            if self._cpu_w is None or self._cpu_w.dtype != acc:
+                self._cpu_w = dequantize_w4_zp(self.weight, self.scales, self.zeros,
+                                               self.group_size, acc)
+            return (x.to(acc) @ self._cpu_w.t()).to(x.dtype)
         return linear_w4a16_zp(x, self.weight, self.scales, self.zeros, self.group_size,
                                partials=partials)

@@ -125,10 +125,13 @@ def quantize_fp8_act(x2: torch.Tensor, scale: Optional[torch.Tensor] = None, *,
 # The linear
 # ---------------------------------------------------------------------------------------------
 def linear_fp8_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-                   out_dtype: torch.dtype) -> torch.Tensor:
-    """(xq @ wq.T) * xs * ws: e4m3 codes widened to fp32 (fp64 when out_dtype is fp64)."""
+                   out_dtype: torch.dtype, w_widened: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+    """(xq @ wq.T) * xs * ws: e4m3 codes widened to fp32 (fp64 when out_dtype is fp64);
+    ``w_widened``: wq already widened to that dtype (a caller's cached copy)."""
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
-    y = xq.to(acc) @ wq.to(acc).t()
+    w = w_widened if w_widened is not None and w_widened.dtype == acc else wq.to(acc)
+    y = xq.to(acc) @ w.t()
     return (y * xs.to(acc).reshape(-1, 1) * ws.to(acc).reshape(1, -1)).to(out_dtype)
 
 
@@ -205,9 +208,11 @@ def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.T
 
 def linear_fp8(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                act_scale: Optional[torch.Tensor] = None, *, impl: str = "auto",
-               fused_quant: bool = True, _cfg: Optional[SkinnyCfg] = None) -> torch.Tensor:
+               fused_quant: bool = True, _cfg: Optional[SkinnyCfg] = None,
+               w_widened: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FP8 W8A8: x[..., K] float -> [..., N] in x's dtype. ``wq`` float8_e4m3fn [N, K], ``ws``
-    float32 [1] or [N]; ``act_scale`` float32 [1] (static) or None (dynamic per token)."""
+    float32 [1] or [N]; ``act_scale`` float32 [1] (static) or None (dynamic per token).
+    ``w_widened``: the reference path's widened weight, cached by the caller (CPU)."""
     if x.dtype not in FLOAT_DTYPES + (torch.float64,):
         raise ConfigError(f"linear_fp8: activations must be a float dtype, got {x.dtype}")
     check_weight(wq, "linear_fp8", FP8_DTYPE)
@@ -237,5 +242,5 @@ def linear_fp8(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     elif x.is_cuda and impl != "triton" and M > 0 and K % 16 == 0 and N % 16 == 0:
         y = _scaled_mm(xq, xs, wq, ws, x.dtype)
     else:
-        y = linear_fp8_ref(xq, xs, wq, ws, x.dtype)
+        y = linear_fp8_ref(xq, xs, wq, ws, x.dtype, w_widened)
     return y.reshape(*lead, N)
