@@ -131,7 +131,8 @@ def test_gemv_interpreter_odd_shapes(m, n, k):
         lin = Fp8Linear.from_float(_w(n, k, seed=k).float(), per_channel,
                                    None if dynamic else 448 * float(xs))
         ref = kf.linear_fp8(x, lin.weight, lin.w_scale, lin.act_scale, impl="torch")
-        for cfg in (None, SkinnyCfg("fma", 16, 32, 3, 4, 1), SkinnyCfg("dot", 32, 64, 2, 4, 1)):
+        for cfg in (None, SkinnyCfg("fma", 16, 32, 3, 4, 1), SkinnyCfg("dot", 32, 64, 2, 4, 1),
+                    SkinnyCfg("dot8", 32, 64, 2, 4, 1)):
             out = kf.linear_fp8(x, lin.weight, lin.w_scale, lin.act_scale, impl="triton",
                                 _cfg=cfg)
             assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6), (per_channel, dynamic, cfg)
@@ -455,7 +456,8 @@ def test_gemv_quantizes_inside_as_the_row_quantizer_does(m):
         lin = Fp8Linear.from_float(_w(48, 200, seed=5).float(), per_channel,
                                    None if dynamic else 448 * float(xs))
         inline = (not dynamic) or m <= kf.INLINE_DYNAMIC_MAX_M
-        for cfg in (SkinnyCfg("fma", 16, 64, 2, 4, 1), SkinnyCfg("dot", 32, 64, 1, 4, 1)):
+        for cfg in (SkinnyCfg("fma", 16, 64, 2, 4, 1), SkinnyCfg("dot", 32, 64, 1, 4, 1),
+                    SkinnyCfg("dot8", 32, 64, 2, 4, 1)):
             xq, s = kf.quantize_fp8_act_ref(x, lin.act_scale)
             codes = kf._launch_gemv(xq, s.contiguous(), lin.weight, lin.w_scale.float(),
                                     x.dtype, cfg)
@@ -467,3 +469,22 @@ def test_gemv_quantizes_inside_as_the_row_quantizer_does(m):
             out = kf.linear_fp8(x, lin.weight, lin.w_scale, lin.act_scale, impl="triton",
                                 _cfg=cfg)
             assert torch.equal(out, codes), (per_channel, dynamic, cfg, inline)
+
+
+def test_gemv_pick_reads_fp8_rows_up_to_64(monkeypatch):
+    """A GPU tuning file's fp8 rows choose the GEMV launch (nearest shape) up to M = 64; without
+    a row for M's bucket, GEMV_CONFIGS up to GEMV_MAX_M and _scaled_mm (None) above."""
+    from llama_engine.kernels import tuning
+    row = SkinnyCfg("dot8", 128, 256, 2, 8, 3)
+    table = tuning.Table("test", {(tuning.F8, 64, 4096, 4096): row}, {})
+    monkeypatch.setattr(kf, "table_for", lambda device: table)
+    monkeypatch.setattr(kf, "_PICKED", {})
+    dev = torch.device("cpu")
+    assert kf._pick(40, 4096, 11008, dev) == row            # bucket 64: nearest shape
+    assert kf._pick(16, 4096, 4096, dev) == kf.GEMV_CONFIGS[16]
+    assert kf._pick(65, 4096, 4096, dev) is None
+    empty = tuning.Table("test", {}, {})
+    monkeypatch.setattr(kf, "table_for", lambda device: empty)
+    monkeypatch.setattr(kf, "_PICKED", {})
+    assert kf._pick(40, 4096, 4096, dev) is None
+    assert tuning.cfg_from_row({"kernel": "dot8", "block_n": 64, "block_k": 128}).kernel == "dot8"

@@ -12,12 +12,13 @@ Paths on CUDA (``impl="auto"``; ``impl`` as every linear op, ``common.py``):
 * activation quantizer: one Triton kernel per call (row amax, scale, cast) when
   ``fused_quant`` (default); otherwise torch ops (amax, divide, clamp, cast: 4-5 launches).
   tools/gpu_fp8_check.py times both (our fused int8 quantizer once lost, perf-notes.md).
-* M <= ``GEMV_MAX_M`` (16): the FP8-weight GEMV (``fp8_kernels.py``), with the activation
-  quantizer inside it when ``fused_quant`` (static scales always; per-token scales up to
-  ``INLINE_DYNAMIC_MAX_M`` rows); launch config per (M bucket, N, K) from the GPU's tuning
-  file (kind ``fp8``, written by ``tools/gpu_fp8_check.py --sweep --write``), else per M
-  bucket from ``GEMV_CONFIGS``.
-* above: ``torch._scaled_mm`` (cuBLASLt FP8 tensor cores) when K and N are multiples of 16;
+* small M: the FP8-weight GEMV (``fp8_kernels.py``), with the activation quantizer inside it
+  when ``fused_quant`` (static scales always; per-token scales up to ``INLINE_DYNAMIC_MAX_M``
+  rows). Its launch per (M bucket, N, K) comes from the GPU's tuning file (kind ``fp8``,
+  written by ``tools/gpu_fp8_check.py --sweep --write``; up to M = 64, a bucket the sweep
+  fills only where the GEMV beat ``_scaled_mm``), else per M bucket from ``GEMV_CONFIGS`` up
+  to ``GEMV_MAX_M`` (16).
+* otherwise: ``torch._scaled_mm`` (cuBLASLt FP8 tensor cores) when K and N are multiples of 16;
   per-channel or per-token scales go through its row-wise scaling. Otherwise dequantize and
   multiply (correct, not fast).
 
@@ -135,19 +136,23 @@ def linear_fp8_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: tor
     return (y * xs.to(acc).reshape(-1, 1) * ws.to(acc).reshape(1, -1)).to(out_dtype)
 
 
-def _pick(M: int, N: int, K: int, device: torch.device) -> SkinnyCfg:
-    """The launch for (M, N, K): the GPU's tuning file where it has ``fp8`` rows for M's
-    bucket (nearest shape), else ``GEMV_CONFIGS``."""
-    key = (device.index if device.type == "cuda" else None, m_bucket(M), N, K)
-    cfg = _PICKED.get(key)
-    if cfg is None:
+def _pick(M: int, N: int, K: int, device: torch.device) -> Optional[SkinnyCfg]:
+    """The GEMV launch for (M, N, K), or None for ``_scaled_mm``: the GPU's tuning file where
+    it has ``fp8`` rows for M's bucket (nearest shape; up to M = 64, where the sweep writes a
+    row only if the GEMV beat ``_scaled_mm``), else ``GEMV_CONFIGS`` up to ``GEMV_MAX_M``."""
+    key = (device.index if device.type == "cuda" else None, M if M <= 64 else 128, N, K)
+    if key in _PICKED:
+        return _PICKED[key]
+    cfg = None
+    if M <= 64:
         table = table_for(device)
-        if any(k[0] == F8 and k[1] == key[1] for k in table.skinny):
+        b = m_bucket(M)
+        if any(k[0] == F8 and k[1] == b for k in table.skinny):
             cfg = pick_skinny(table, F8, M, N, K)
-        if not isinstance(cfg, SkinnyCfg):
-            cfg = next((GEMV_CONFIGS[b] for b in sorted(GEMV_CONFIGS) if M <= b),
-                       GEMV_CONFIGS[max(GEMV_CONFIGS)])
-        _PICKED[key] = cfg
+            cfg = cfg if isinstance(cfg, SkinnyCfg) else None
+    if cfg is None and M <= GEMV_MAX_M:
+        cfg = next(GEMV_CONFIGS[b] for b in sorted(GEMV_CONFIGS) if M <= b)
+    _PICKED[key] = cfg
     return cfg
 
 
@@ -162,8 +167,8 @@ def _launch_gemv(x: torch.Tensor, xs: Optional[torch.Tensor], wq: torch.Tensor,
     inside the kernel (``xs`` unused)."""
     M, K = x.shape
     N = wq.shape[0]
-    cfg = cfg or _pick(M, N, K, x.device)
-    dot = cfg.kernel == "dot"
+    cfg = cfg or _pick(M, N, K, x.device) or GEMV_CONFIGS[max(GEMV_CONFIGS)]
+    dot = cfg.kernel in ("dot", "dot8")
     bk = cfg.block_k
     k_blocks = -(-K // bk)
     split = max(1, min(cfg.split_k, k_blocks))
@@ -179,8 +184,8 @@ def _launch_gemv(x: torch.Tensor, xs: Optional[torch.Tensor], wq: torch.Tensor,
         x, wq, xs, ws, dst, M, N, K, x.stride(0), wq.stride(0), N, M * N, k_per_split,
         E4M3_MAX, AMAX_EPS,
         XS_ROWS=xs.numel() > 1, WS_ROWS=ws.numel() > 1, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=bk, USE_DOT=dot, ITERS_C=0 if x.is_cuda else k_per_split // bk,
-        QUANT_X=quant_x, ITERS_ALL_C=0 if x.is_cuda else k_blocks,
+        BLOCK_K=bk, USE_DOT={"fma": 0, "dot": 1, "dot8": 2}[cfg.kernel],
+        ITERS_C=0 if x.is_cuda else k_per_split // bk, QUANT_X=quant_x, ITERS_ALL_C=0 if x.is_cuda else k_blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dst if split == 1 else dst.sum(0).to(out_dtype)
 
@@ -224,21 +229,22 @@ def linear_fp8(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     x2, lead = flat(x, K, "linear_fp8")
     M = math.prod(lead)
     triton_path = wants_triton(impl, x, wq) and x.dtype != torch.float64
-    gemv = triton_path and M > 0 and (M <= GEMV_MAX_M or _cfg is not None)
+    cfg = _cfg if _cfg is not None or not triton_path or M == 0 else _pick(M, N, K, x.device)
+    gemv = triton_path and M > 0 and cfg is not None
     if gemv and fused_quant and (act_scale is not None or M <= INLINE_DYNAMIC_MAX_M):
         # the quantizer inside the GEMV: no launch of its own (one per linear per step)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         y = _launch_gemv(x2, None if act_scale is None else
                          act_scale.float().reshape(1).contiguous(), wq.contiguous(),
-                         ws.float().contiguous(), x.dtype, _cfg,
+                         ws.float().contiguous(), x.dtype, cfg,
                          quant_x=2 if act_scale is None else 1)
         return y.reshape(*lead, N)
     xq, xs = quantize_fp8_act(x2, act_scale, impl=impl if triton_path else "torch",
                               fused=fused_quant)
     if gemv:
         y = _launch_gemv(xq, xs.contiguous(), wq.contiguous(), ws.float().contiguous(),
-                         x.dtype, _cfg)
+                         x.dtype, cfg)
     elif x.is_cuda and impl != "triton" and M > 0 and K % 16 == 0 and N % 16 == 0:
         y = _scaled_mm(xq, xs, wq, ws, x.dtype)
     else:

@@ -6,8 +6,9 @@ GEMV design (bound by weight bytes: one byte per weight, half of fp16): each pro
 BLOCK_N output channels and one K slice (``split_k``), streams the e4m3 weight tile
 [BLOCK_N, BLOCK_K], converts it in registers (e4m3 -> fp16 is exact) and multiplies it with the
 e4m3 activation tile (also exact in fp16; every product of two e4m3 values is exact in fp32).
-Two inner products, as the int4 kernels: ``dot`` (swap-AB tensor cores, acc[BN, BM] in fp32)
-and ``fma`` (elementwise, for M = 1). The scales are applied once at the end:
+Three inner products: ``dot`` (swap-AB tensor cores on the codes widened to fp16, acc[BN, BM]
+in fp32), ``dot8`` (the same on FP8 tensor cores, no widening) and ``fma`` (elementwise, for
+M = 1); USE_DOT 1 / 2 / 0. The scales are applied once at the end:
 out[m, n] = acc[n, m] * x_scale[m] * w_scale[n] (per-tensor scales are one value). With
 split_k > 1 each slice writes fp32 partials, summed by the caller. Loop trip counts are
 constexpr (``ITERS_C``) under the interpreter, which cannot loop over a runtime bound.
@@ -87,7 +88,9 @@ if HAS_TRITON:
             if QUANT_X > 0:
                 xq = tl.minimum(tl.maximum(x.to(tl.float32) / xs[:, None], -qmax), qmax)
                 x = xq.to(w.dtype)
-            if USE_DOT:
+            if USE_DOT == 2:
+                acc = tl.dot(w, tl.trans(x), acc)          # e4m3 x e4m3 tensor cores (sm_89+)
+            elif USE_DOT == 1:
                 acc = tl.dot(w.to(tl.float16), tl.trans(x.to(tl.float16)), acc,
                              input_precision="ieee")
             else:

@@ -43,7 +43,8 @@ M_BUCKETS = (1, 4, 16, 64)
 @dataclass(frozen=True)
 class SkinnyCfg:
     """One launch of a skinny (M <= 64) kernel. block_k counts unpacked K elements."""
-    kernel: str            # "dot" (tensor cores, swap-AB) or "fma" (elementwise GEMV)
+    kernel: str            # "dot" (tensor cores, swap-AB), "fma" (elementwise GEMV) or "dot8"
+    #                        (FP8 tensor cores on e4m3 operands; the FP8 GEMV only)
     block_n: int
     block_k: int
     split_k: int = 1
@@ -100,7 +101,7 @@ def file_for(device_name: str) -> Path:
 def cfg_from_row(row: dict) -> Union[SkinnyCfg, GemmCfg]:
     """A ``skinny_gemv`` row's launch, checked (ConfigError naming the bad field)."""
     kernel = row.get("kernel")
-    if kernel in ("dot", "fma"):
+    if kernel in ("dot", "fma", "dot8"):
         fields = {f: row[f] for f in ("block_n", "block_k", "split_k", "num_warps", "num_stages")
                   if f in row}
         cfg = SkinnyCfg(kernel, **fields)
@@ -109,7 +110,7 @@ def cfg_from_row(row: dict) -> Union[SkinnyCfg, GemmCfg]:
                                       "num_stages") if f in row}
         cfg = GemmCfg(**fields)
     else:
-        raise ConfigError(f"skinny_gemv row {row}: kernel must be dot, fma or gemm")
+        raise ConfigError(f"skinny_gemv row {row}: kernel must be dot, dot8, fma or gemm")
     for name, v in asdict(cfg).items():
         if name == "kernel":
             continue
