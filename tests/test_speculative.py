@@ -256,9 +256,11 @@ def test_inflight_greedy_step_syncs_once(tiny_engine, monkeypatch):
 
     def step(out):
         calls = _count_syncs(monkeypatch)
-        orig(out)
-        per_call.append((len(out.seqs), len(calls)))
+        done = orig(out)
+        if done:      # a step without proposals returns before the verify (and its sync)
+            per_call.append((len(out.seqs), len(calls)))
         monkeypatch.undo()
+        return done
     stepper.step = step
     eng.generate(_prompts(3, seed=5), 10)
     assert any(n > 1 for n, _ in per_call)
@@ -428,7 +430,9 @@ def test_benchmark_speculative_section_on_cpu(tmp_path):
     assert srv["batch"] == 32
     off, gated, always = srv["off"], srv["on (max batch 8)"], srv["on (every step)"]
     assert min(off["tok_s"], gated["tok_s"], always["tok_s"]) > 0
-    assert gated["plain_steps"] > 0 and always["plain_steps"] == 0 and always["verify_steps"]
+    # plain steps: too large to speculate, or nobody had a proposal (random weights rarely
+    # continue their prompt's phrase)
+    assert gated["plain_steps"] > 0 and always["verify_steps"] > 0
 
 
 def test_benchmark_spec_draft_flag_is_checked(capsys):
@@ -436,3 +440,25 @@ def test_benchmark_spec_draft_flag_is_checked(capsys):
     assert benchmark.main(["--device", "cpu", "--model_config", "tiny", "--speculative",
                            "--spec_draft", "int3:x"]) == 2
     assert "--spec_draft" in capsys.readouterr().err
+
+
+def test_backoff_skips_proposals_after_rejections_and_recovers(tiny_engine):
+    """A sequence whose proposals keep being rejected sits out 2, 4, ... steps (no draft, so a
+    step where nobody proposes runs plainly); one accepted token resets it."""
+    stepper = _llm(tiny_engine, SpeculativeConfig(max_draft_len=4)).speculation
+    rid = 7
+    seq = type("S", (), {"request_id": rid})()
+    stepper._judge(rid, False)
+    assert stepper._backoff[rid] == (1, 0)                 # one miss: keeps proposing
+    stepper._judge(rid, False)
+    assert stepper._backoff[rid] == (2, 2)                 # two in a row: sits out 2 steps
+    stepper._tick([seq], [[]])
+    stepper._tick([seq], [[]])
+    assert stepper._backoff[rid] == (2, 0)
+    stepper._judge(rid, False)
+    assert stepper._backoff[rid] == (3, 4)
+    for _ in range(100):
+        stepper._judge(rid, False)
+    assert stepper._backoff[rid][1] == stepper.BACKOFF_MAX
+    stepper._judge(rid, True)
+    assert stepper._backoff[rid] == (0, 0)

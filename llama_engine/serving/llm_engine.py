@@ -192,8 +192,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if any(s.beam is not None for s in out.seqs):
             self._beam_step(out)
-        elif self.speculation is not None and self.speculation.applies(out):
-            self.speculation.step(out)
+        elif (self.speculation is not None and self.speculation.applies(out)
+              and self.speculation.step(out)):
+            pass      # speculated (a step where nobody had a proposal falls through: plain)
         else:
             try:
                 tokens = self.runner.execute(out)  # the sampled ids come back to the host: synced

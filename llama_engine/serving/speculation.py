@@ -37,6 +37,7 @@ class SpeculativeStepper:
         tokens gained; steps that were too large to speculate."""
         self.stats = {"seq_steps": 0, "proposed": 0, "accepted": 0, "emitted": 0,
                       "verify_steps": 0, "plain_steps": 0}
+        self._backoff: dict = {}     # request id -> (rejected verify steps in a row, skip)
 
     @property
     def tokens_per_step(self) -> float:
@@ -52,12 +53,17 @@ class SpeculativeStepper:
             self.stats["plain_steps"] += 1
         return ok
 
-    def step(self, out: SchedulerOutput) -> None:
-        """Compute ``out`` (all decodes) with proposals and account for it in the scheduler."""
+    def step(self, out: SchedulerOutput) -> bool:
+        """Compute ``out`` (all decodes) with proposals and account for it in the scheduler;
+        False (nothing done) when no sequence has a proposal: the caller runs a plain step,
+        which costs less than a verify step of single tokens."""
         runner, bm = self.llm.runner, self.llm.block_manager
         seqs = out.seqs
         kmax = [max(0, min(self.config.max_draft_len, s.max_tokens - s.num_output_tokens - 1,
                            self.max_seq_len - s.num_tokens)) for s in seqs]
+        for i, s in enumerate(seqs):
+            if self._backoff.get(s.request_id, (0, 0))[1] > 0:
+                kmax[i] = 0
         gens = [runner.generator(s) for s in seqs]
         props = self.proposer.propose([s.request_id for s in seqs],
                                       [s.prompt_ids + s.output_ids for s in seqs], kmax,
@@ -71,6 +77,10 @@ class SpeculativeStepper:
                 bm.allocate(s, need)
             drafts.append(d)
             qs.append(q)
+        self._tick(seqs, drafts)
+        if not any(drafts):
+            self.stats["plain_steps"] += 1
+            return False
         logits = runner.verify_serving(seqs, drafts)
         # Greedy sequences: every row's argmax in one host sync (not one per sequence).
         greedy = [s.sampling is None or s.sampling.greedy for s in seqs]
@@ -81,12 +91,35 @@ class SpeculativeStepper:
                for s, d, lg, q, g, gr in zip(seqs, drafts, logits, qs, gens, greedy)]
         st = self.stats
         st["verify_steps"] += 1
-        for d, n in zip(drafts, new):
+        for s, d, n in zip(seqs, drafts, new):
             st["seq_steps"] += 1
             st["proposed"] += len(d)
             st["accepted"] += len(n) - 1
             st["emitted"] += len(n)
+            if d:
+                self._judge(s.request_id, len(n) > 1)
         self._apply(seqs, new)
+        return True
+
+    # Backoff: a sequence whose proposals were all rejected BACKOFF_AFTER verify steps in a
+    # row stops proposing for 2, 4, ... up to BACKOFF_MAX steps, then tries again (one
+    # accepted token resets it). Text that does not repeat itself (or a model whose output
+    # does not follow its prompt) then decodes plainly instead of paying for verify rows.
+    BACKOFF_AFTER = 2
+    BACKOFF_MAX = 32
+
+    def _judge(self, rid: int, accepted: bool) -> None:
+        misses = 0 if accepted else self._backoff.get(rid, (0, 0))[0] + 1
+        skip = (min(self.BACKOFF_MAX, 2 ** (misses - self.BACKOFF_AFTER + 1))
+                if misses >= self.BACKOFF_AFTER else 0)
+        self._backoff[rid] = (misses, skip)
+
+    def _tick(self, seqs: list, drafts: list) -> None:
+        """One step passes for every sequence sitting out (those without a draft now)."""
+        for s, d in zip(seqs, drafts):
+            m, skip = self._backoff.get(s.request_id, (0, 0))
+            if skip > 0 and not d:
+                self._backoff[s.request_id] = (m, skip - 1)
 
     def _apply(self, seqs: list, new: list) -> None:
         """Feed position j of every sequence's new tokens to the scheduler as a one-token
@@ -109,3 +142,4 @@ class SpeculativeStepper:
 
     def release(self, seq) -> None:
         self.proposer.release(seq.request_id)
+        self._backoff.pop(seq.request_id, None)
