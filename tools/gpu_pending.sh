@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a $OUT/log.txt
 part() { local name=$1 lim=$2; shift 2; echo "=== $name ($(date +%T)) $*" | tee -a $OUT/log.txt
   timeout $lim "$@" 2>&1 | tee -a $OUT/log.txt | tail -n 80 > $OUT/$name.txt; echo "=== $name rc=${PIPESTATUS[0]} ($(date +%T))" | tee -a $OUT/log.txt; }
 for p in ${PARTS//,/ }; do case $p in
-  spec) part spec 50 python benchmark.py --model_config llama-7b --speculative --modes fp16,int4 --spec_context 512 --spec_acceptance assets/spec_acceptance.json ;;
+  spec) part spec 90 python benchmark.py --model_config llama-7b --speculative --modes fp16,int4 --spec_context 512 --spec_acceptance assets/spec_acceptance.json ;;
   zp) part zp 110 python tools/gpu_int4_zp_bench.py --M 1,4,16,64 --group_size 128 --json $OUT/zp.json ;;
   fp8kv) part fp8kv 150 python benchmark.py --model_config llama-7b --modes fp16,fp16_fp8kv --batch 32 --input_len 1920 --output_len 128 --max_input_len 2048 --section fp8kv_b32 --out_json assets/benchmark_fp8kv.json ;;
   fp8kvtest) part fp8kvtest 120 python -m pytest -q -x tests/test_fp8_kv.py ;;
