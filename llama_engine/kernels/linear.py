@@ -123,6 +123,23 @@ def _triton_ok(kind: int, K: int, G: int) -> bool:
     return True
 
 
+# Shared memory a pipelined tile loop may take (H100/H200: 227 KB a block, less some scratch).
+# Tuned launches assume 2-byte activations; fp32 models (tests, checks) double the bytes.
+SMEM_BUDGET = 220 * 1024
+
+
+def _fit_stages(stages: int, bm: int, bn: int, bk: int, x: torch.Tensor, w: torch.Tensor,
+                kind: int) -> int:
+    """``stages`` lowered until (x tile + weight tile) x stages fits SMEM_BUDGET."""
+    if not x.is_cuda:
+        return stages
+    wbytes = {_I4: 0.5, _I4G: 0.5}.get(kind, w.element_size())
+    per_stage = bm * bk * x.element_size() + bn * bk * wbytes
+    while stages > 1 and stages * per_stage > SMEM_BUDGET:
+        stages -= 1
+    return stages
+
+
 def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
                    xs: Optional[torch.Tensor], out_dtype: torch.dtype, G: int = 0,
                    cfg: Optional[SkinnyCfg] = None, partials: bool = False):
@@ -148,7 +165,8 @@ def _launch_skinny(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor
     common = dict(WKIND=kind, GROUP=max(G, 1), XS_ROW=xs_row, WS_COL=ws_col, BLOCK_M=block_m,
                   BLOCK_N=cfg.block_n, BLOCK_K=bk, EVEN_K=(K % k_per_split == 0),
                   ITERS_C=_iters_c(k_per_split // bk, x2), CVT=_cvt_mode(kind, xdt, x2.is_cuda),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.num_warps,
+                  num_stages=_fit_stages(cfg.num_stages, block_m, cfg.block_n, bk, x2, w, kind))
     args = (x2, w, s, xs if xs is not None else s, dst,
             M, N, K, x2.stride(0), w.stride(0), sg_stride, N, M * N, k_per_split)
     grid = (triton.cdiv(N, cfg.block_n), split)
@@ -185,7 +203,8 @@ def _launch_gemm(kind: int, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
         WS_COL=kind == _A8 and s.numel() > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=bk, GROUP_M=cfg.group_m, EVEN_K=(K % bk == 0), DOT_PREC=_dot_prec(x2.dtype),
         ITERS_C=_iters_c(triton.cdiv(K, bk), x2), CVT=_cvt_mode(kind, x2.dtype, x2.is_cuda),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps,
+        num_stages=_fit_stages(cfg.num_stages, cfg.block_m, cfg.block_n, bk, x2, w, kind))
     return out
 
 
