@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .config import (KV_INT8, W4A16, W4A16_GROUPWISE, W8A16, ConfigError,
+from .config import (W4A16, W4A16_GROUPWISE, W8A16, ConfigError,
                      ModelArgs, QuantConfig)
 from .names import is_kv_channel_scale
 from .quant_int8 import GROUPWISE_ALGOS, group_from_trtllm, group_to_trtllm

@@ -29,7 +29,14 @@ import torch  # noqa: E402
 from llama_engine import awq, smoothquant as sq  # noqa: E402
 
 MODES = ("int8_pc", "int8_g128", "int8_g64", "int8_awq_pc", "int8_awq_g128", "sq0.5",
-         "sq_auto", "int4_g64_rtn", "int4_awq_g64", "int4_awq_g64_v", "int4_awq_g128_v")
+         "sq_auto", "int4_g64_rtn", "int4_awq_g64", "int4_awq_g64_v", "int4_awq_g128_v",
+         "int8_g32", "fp8_w", "fp8_w_pc", "fp8_a_pt", "fp8_static", "fp8_pt", "fp8_pcpt")
+# FP8 E4M3 fake quantization (issue 19): weights per tensor or per channel ("_pc"), activations
+# none ("fp8_w*"), static per tensor from the calibration maxima ("fp8_static") or per token
+# ("fp8_pt": per-tensor weights; "fp8_pcpt": per-channel weights; "fp8_a_pt": activations only)
+FP8_MODES = {"fp8_w": (False, None), "fp8_w_pc": (True, None), "fp8_a_pt": (None, "token"),
+             "fp8_static": (False, "static"), "fp8_pt": (False, "token"),
+             "fp8_pcpt": (True, "token")}
 GROUPS = (  # (HF linears sharing one input, module captured, smoothquant group)
     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.q_proj"),
     (("self_attn.o_proj",), "self_attn.o_proj"),
@@ -70,6 +77,35 @@ def weight_only(model, mode, x_mean, x_rows, cfg):
                 if bits == 4 and search and w.shape[1] % g == 0:
                     clip = awq.search_clip(w * s, x_rows[key] / s, g)
                 m.weight.data = (awq._qdq(w * s, g, zero, clip, bits=bits) / s).to(m.weight.dtype)
+
+
+def _e4m3(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+
+
+def fp8(model, mode, act_max):
+    """Fake-quantize the linears as FP8 W8A8 (see FP8_MODES)."""
+    per_channel, act = FP8_MODES[mode]
+    for i, layer in enumerate(model.model.layers):
+        for names, cap in GROUPS:
+            key = f"model.layers.{i}.{cap}"
+            for n in names:
+                m = layer.get_submodule(n)
+                w = m.weight.data.float()
+                if per_channel is not None:
+                    ws = (w.abs().amax(dim=1, keepdim=True) if per_channel else
+                          w.abs().amax()).clamp_min(1e-12) / 448
+                    w = _e4m3(w, ws)
+
+                def fwd(x, w=w, xm=act_max[key].max()):
+                    shape = x.shape
+                    x2 = x.reshape(-1, shape[-1]).float()
+                    if act == "token":
+                        x2 = _e4m3(x2, x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 448)
+                    elif act == "static":
+                        x2 = _e4m3(x2, xm.clamp_min(1e-12) / 448)
+                    return (x2 @ w.t()).reshape(*shape[:-1], -1).to(x.dtype)
+                m.forward = fwd
 
 
 def smoothquant(model, alphas, act_max, x_rows, search):
@@ -136,6 +172,8 @@ def main(argv=None):
             if mode == "sq_auto":
                 vals = sorted(chosen.values())
                 extra = f" alpha median {vals[len(vals) // 2]} range {vals[0]}..{vals[-1]}"
+        elif mode in FP8_MODES:
+            fp8(model, mode, act_max)
         else:
             weight_only(model, mode, x_mean, x_rows, model.config)
         agree = n = 0
