@@ -19,13 +19,15 @@ for p in ${PARTS//,/ }; do case $p in
   prefilltest) part prefilltest 100 python -m pytest -q -m gpu tests/test_gpu.py -k prefill ;;
   prefill) part prefill 300 python benchmark.py --prefill --modes fp16,int8,int4,int4_zp,sq,int8kv,int4_int8kv --out_json $OUT/prefill.json ;;
   gputest) part gputest 200 python -m pytest -q -m gpu tests/ ;;
-  http) part http 195 python benchmark.py --model_config llama-7b --serving --http --http_parts uniform,prefix --num_requests 1000 ;;
+  http) part http 240 python benchmark.py --model_config llama-7b --serving --http --http_parts uniform,prefix --num_requests 1000 ;;
   fp8check) part fp8check 330 python tools/gpu_fp8_check.py --sweep --write --json $OUT/fp8_check.json ;;
   fp8) part fp8 240 python benchmark.py --model_config llama-7b --modes fp16,fp8,fp8_pcpt --batch 1,64 --input_len 128 --output_len 128 --section fp8 ;;
   fp8serve) for m in fp16 fp8_fp8kv; do part fp8serve_$m 150 python benchmark.py --model_config llama-7b --serving --serving_parts uniform --modes $m --num_requests 1000; done ;;
   int8g) part int8g 100 python tools/gpu_int8_group_bench.py --json $OUT/int8g.json ;;
   beam) part beam 85 python tools/gpu_beam_bench.py --runs 2 --json $OUT/beam.json ;;
   fp8test) part fp8test 120 python -m pytest -q -x tests/test_fp8.py tests/test_fp8_kv.py ;;
+  fp8q) part fp8q 150 python benchmark.py --model_config llama-7b --modes fp16,fp8 --batch 1,64 --input_len 128 --output_len 128 --section fp8_tuned ;;
+  fp8sweep) part fp8sweep 300 python tools/gpu_fp8_check.py --sweep --write --skip_logits --M 1,16,64 --json $OUT/fp8_sweep.json ;;
   fp8b1) part fp8b1 40 python benchmark.py --model_config llama-7b --modes fp16,fp8 --batch 1 --input_len 128 --output_len 128 --section fp8_dot ;;
 esac; done
 tar czf $OUT/assets.tgz assets docs/runs llama_engine/kernels/configs 2>/dev/null
