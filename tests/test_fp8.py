@@ -472,15 +472,23 @@ def test_gemv_quantizes_inside_as_the_row_quantizer_does(m):
 
 
 def test_gemv_pick_reads_fp8_rows_up_to_64(monkeypatch):
-    """A GPU tuning file's fp8 rows choose the GEMV launch (nearest shape) up to M = 64; without
-    a row for M's bucket, GEMV_CONFIGS up to GEMV_MAX_M and _scaled_mm (None) above."""
+    """A GPU tuning file's fp8 rows choose the GEMV launch: the nearest shape's up to
+    GEMV_MAX_M, only the same shape's above (to M = 64); without a row, GEMV_CONFIGS up to
+    GEMV_MAX_M and _scaled_mm (None) above."""
     from llama_engine.kernels import tuning
     row = SkinnyCfg("dot8", 128, 256, 2, 8, 3)
     table = tuning.Table("test", {(tuning.F8, 64, 4096, 4096): row}, {})
     monkeypatch.setattr(kf, "table_for", lambda device: table)
     monkeypatch.setattr(kf, "_PICKED", {})
     dev = torch.device("cpu")
-    assert kf._pick(40, 4096, 11008, dev) == row            # bucket 64: nearest shape
+    assert kf._pick(40, 4096, 4096, dev) == row             # bucket 64: this shape's row
+    assert kf._pick(40, 4096, 11008, dev) is None            # ... and no neighbour's
+    small = tuning.Table("test", {(tuning.F8, 16, 4096, 4096): row}, {})
+    monkeypatch.setattr(kf, "table_for", lambda device: small)
+    monkeypatch.setattr(kf, "_PICKED", {})
+    assert kf._pick(9, 4096, 11008, dev) == row              # up to 16: the nearest shape's
+    monkeypatch.setattr(kf, "table_for", lambda device: table)
+    monkeypatch.setattr(kf, "_PICKED", {})
     assert kf._pick(16, 4096, 4096, dev) == kf.GEMV_CONFIGS[16]
     assert kf._pick(65, 4096, 4096, dev) is None
     empty = tuning.Table("test", {}, {})

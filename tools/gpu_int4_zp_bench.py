@@ -63,7 +63,7 @@ def main() -> int:
             z = [torch.randn(K // G, N, device=dev, dtype=torch.float16) * 0.01
                  for _ in range(copies)]
             w16 = [torch.randn(N, K, device=dev, dtype=torch.float16) for _ in range(copies)]
-            ref = linear_w4a16_zp_ref(x.float(), q[0].cpu(), s[0].cpu().float(),
+            ref = linear_w4a16_zp_ref(x.float().cpu(), q[0].cpu(), s[0].cpu().float(),
                                       z[0].cpu().float(), G).to(dev)
             err = rel_err(linear_w4a16_zp(x, q[0], s[0], z[0], G), ref)
             nbytes = {"fp16": 2 * N * K, "sym": N * K // 2 + 2 * N * K // G,

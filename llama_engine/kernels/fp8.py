@@ -138,8 +138,9 @@ def linear_fp8_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: tor
 
 def _pick(M: int, N: int, K: int, device: torch.device) -> Optional[SkinnyCfg]:
     """The GEMV launch for (M, N, K), or None for ``_scaled_mm``: the GPU's tuning file where
-    it has ``fp8`` rows for M's bucket (nearest shape; up to M = 64, where the sweep writes a
-    row only if the GEMV beat ``_scaled_mm``), else ``GEMV_CONFIGS`` up to ``GEMV_MAX_M``."""
+    it has ``fp8`` rows for M's bucket (up to GEMV_MAX_M the nearest shape's; above, up to
+    M = 64, only this shape's row, which the sweep writes where the GEMV beat ``_scaled_mm``),
+    else ``GEMV_CONFIGS`` up to ``GEMV_MAX_M``."""
     key = (device.index if device.type == "cuda" else None, M if M <= 64 else 128, N, K)
     if key in _PICKED:
         return _PICKED[key]
@@ -147,9 +148,14 @@ def _pick(M: int, N: int, K: int, device: torch.device) -> Optional[SkinnyCfg]:
     if M <= 64:
         table = table_for(device)
         b = m_bucket(M)
-        if any(k[0] == F8 and k[1] == b for k in table.skinny):
+        if M > GEMV_MAX_M:
+            # only a row for this very shape: the sweep writes one where the GEMV beat
+            # _scaled_mm, and a neighbour's win says nothing (H100, M = 64: lm_head's GEMV
+            # won, and its launch on the other linears cost 24% of batch-64 decode)
+            cfg = table.skinny.get((F8, b, N, K))
+        elif any(k[0] == F8 and k[1] == b for k in table.skinny):
             cfg = pick_skinny(table, F8, M, N, K)
-            cfg = cfg if isinstance(cfg, SkinnyCfg) else None
+        cfg = cfg if isinstance(cfg, SkinnyCfg) else None
     if cfg is None and M <= GEMV_MAX_M:
         cfg = next(GEMV_CONFIGS[b] for b in sorted(GEMV_CONFIGS) if M <= b)
     _PICKED[key] = cfg
