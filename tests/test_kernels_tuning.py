@@ -27,10 +27,12 @@ def test_every_row_is_a_valid_config(path):
     assert T.file_for(doc["device"]) == path              # the file is named after its GPU
     table = T.parse_table(doc, str(path))                 # raises on any bad row
     assert len(table.skinny) == len(doc["skinny_gemv"])   # no key twice
-    for cfg in table.skinny.values():
+    for (kind, *_), cfg in table.skinny.items():
         assert isinstance(cfg, (T.SkinnyCfg, T.GemmCfg))
         if isinstance(cfg, T.SkinnyCfg):
-            assert cfg.kernel in ("dot", "fma") and cfg.block_k >= 2
+            # dot8 (FP8 tensor cores) only for the FP8 GEMV
+            assert cfg.kernel in (("dot", "fma", "dot8") if kind == T.F8 else ("dot", "fma"))
+            assert cfg.block_k >= 2
     assert set(table.decode) == set(T.FALLBACK_DECODE_CONFIG)
 
 
