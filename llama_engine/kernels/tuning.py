@@ -173,7 +173,11 @@ def parse_table(doc: dict, source: str) -> Table:
         raise ConfigError(f"{source}: a tuning file is a JSON object")
     skinny = {}
     for row in doc.get("skinny_gemv", []):
-        skinny[_key_of(row)] = cfg_from_row(row)
+        key, cfg = _key_of(row), cfg_from_row(row)
+        if getattr(cfg, "kernel", None) == "dot8" and key[0] != F8:
+            raise ConfigError(f"skinny_gemv row {row}: dot8 (FP8 tensor cores) is for kind "
+                              f"{KIND_NAMES[F8]!r} only")
+        skinny[key] = cfg
     return Table(source, skinny, check_decode_config(doc.get("decode_attention", {})))
 
 
