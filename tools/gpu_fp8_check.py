@@ -95,6 +95,57 @@ def logits_check(verbose: bool = True) -> list[dict]:
     return rows
 
 
+def module_divergence(verbose: bool = True, devices=("cpu", "cuda")) -> list[dict]:
+    """Where the GPU's FP8 model leaves the CPU emulation: every module's output on the
+    12-token prompt, GPU fp32 against CPU fp32 (same FP8 tensors, per-tensor static form),
+    in forward order; the first module past 1e-3 relative error is where to look."""
+    import smoothquant
+    import weight
+    from llama_engine.checkpoint import hf_to_unified
+    from llama_engine.kernels.partial import total
+    from llama_engine.runner import Engine
+    args = ModelArgs(vocab_size=4096, hidden_size=1024, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4, intermediate_size=2816,
+                     max_position_embeddings=512, norm_epsilon=1e-6)
+    tensors = hf_to_unified(weight.random_weights(args, "float32", seed=0), args)
+    calib = smoothquant.synthetic_calibration(args, tensors, device="cpu", kv=False,
+                                              progress=False)
+    quant = validate_quant_flags(args, fp8=(False, False), has_act_stats=True)
+    q, _ = quantize_checkpoint(tensors, args, quant, act_stats=calib["act_stats"],
+                               progress=False)
+    outs = []
+    for dev in devices:
+        cfg = EngineConfig(model=args, quant=quant, dtype="float32",
+                           build=BuildConfig(max_batch_size=1, max_input_len=64,
+                                             max_output_len=1))
+        eng = Engine.from_tensors(cfg, _cast(q, dev, torch.float32), dev)
+        seen: list = []
+        hooks = [m.register_forward_hook(
+            lambda mod, inp, out, name=name: seen.append(
+                (name, total(out[0] if isinstance(out, tuple) else out).detach().float().cpu(),
+                 total(inp[0]).detach().float().cpu() if inp and torch.is_tensor(total(inp[0]))
+                 else None)))
+            for name, m in eng.model.named_modules() if name]
+        eng.forward_logits(list(range(3, 15)))
+        for h in hooks:
+            h.remove()
+        outs.append(seen)
+    rows = []
+    for (name, c_out, c_in), (_, g_out, g_in) in zip(*outs):
+        if c_out.shape != g_out.shape:
+            continue
+        r = {"module": name, "out_rel_err": rel_err(g_out, c_out),
+             "in_rel_err": rel_err(g_in, c_in) if c_in is not None and g_in is not None
+             and c_in.shape == g_in.shape else None}
+        rows.append(r)
+        if verbose:
+            print(f"module {name:<40} in {r['in_rel_err'] if r['in_rel_err'] is not None else float('nan'):.2e}"
+                  f"  out {r['out_rel_err']:.2e}")
+    first = next((r["module"] for r in rows if r["out_rel_err"] > 1e-3), None)
+    print(f"first module past 1e-3: {first}")
+    return rows
+
+
 def _cast(q: dict, device: str, dtype: torch.dtype) -> dict:
     return {k: (v.to(dtype) if v.dtype == torch.float32 and k.endswith(".weight") else v)
             .to(device) for k, v in q.items()}
@@ -257,6 +308,8 @@ def main() -> int:
                    help="with --sweep: write the winners into this GPU's tuning file")
     p.add_argument("--M", default="1,16,64,512")
     p.add_argument("--skip_logits", action="store_true")
+    p.add_argument("--modules", action="store_true",
+                   help="also compare every module's output, GPU fp32 vs CPU (where they part)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
@@ -269,6 +322,8 @@ def main() -> int:
     out = {"device": torch.cuda.get_device_name()}
     if not a.skip_logits:
         out["logits"] = logits_check()
+    if a.modules:
+        out["modules"] = module_divergence()
     if a.sweep:
         out["sweep"] = sweep_table(write=a.write)
     out["kernels"] = kernel_table(tuple(int(m) for m in a.M.split(",")))

@@ -26,6 +26,7 @@ for p in ${PARTS//,/ }; do case $p in
   int8g) part int8g 100 python tools/gpu_int8_group_bench.py --json $OUT/int8g.json ;;
   beam) part beam 85 python tools/gpu_beam_bench.py --runs 2 --json $OUT/beam.json ;;
   fp8test) part fp8test 120 python -m pytest -q -x tests/test_fp8.py tests/test_fp8_kv.py ;;
+  fp8modules) part fp8modules 120 python tools/gpu_fp8_check.py --modules --M 1 --json $OUT/fp8_modules.json ;;
   fp8q) part fp8q 150 python benchmark.py --model_config llama-7b --modes fp16,fp8 --batch 1,64 --input_len 128 --output_len 128 --section fp8_tuned ;;
   fp8sweep) part fp8sweep 300 python tools/gpu_fp8_check.py --sweep --write --skip_logits --M 1,16,64 --json $OUT/fp8_sweep.json ;;
   fp8b1) part fp8b1 40 python benchmark.py --model_config llama-7b --modes fp16,fp8 --batch 1 --input_len 128 --output_len 128 --section fp8_dot ;;
