@@ -33,6 +33,10 @@ LATENCY_SECTIONS = (
      "default; no suffix: NCCL)"),
     ("fp8", "FP8 W8A8 against fp16 (batch 1 and 64, input 128, output 128)"),
     ("fp8kv_b32", "FP8 KV cache against fp16's (batch 32, input 1920, output 128)"),
+    ("fp8_inline", "FP8 W8A8 against fp16, run 11 call b: the GEMV quantizes its own "
+     "activations, built-in launch configs (batch 1 and 64, input 128, output 128)"),
+    ("fp8_swept", "FP8 W8A8 against fp16, run 11 call c: the swept GEMV launches (batch 1 is "
+     "the current code; batch 64 ran lm_head's M = 64 launch on every linear, fixed since)"),
 )
 MODEL_NAMES = {"llama-7b": "LLaMA-7B", "llama-13b": "LLaMA-13B"}
 
