@@ -138,7 +138,9 @@ def summarize(res: dict) -> dict:
     span = res["span_s"]
     out = {"num_requests": len(rows), "failed": len(res["requests"]) - len(rows),
            "output_tokens": tokens, "elapsed_s": span,
-           "tokens_per_s": tokens / span if span > 0 else 0.0}
+           "tokens_per_s": tokens / span if span > 0 else 0.0,
+           "client": f"{res.get('client', 'httpx')} on {res.get('loop', 'asyncio')}",
+           "server": _server_stack()}
     for name in ("ttft", "tpot"):
         vals = sorted(r[name] for r in rows if r.get(name) is not None)
         if vals:
@@ -146,6 +148,14 @@ def summarize(res: dict) -> dict:
             out[f"{name}_p99_s"] = percentile(vals, 99)
             out[f"{name}_mean_s"] = sum(vals) / len(vals)
     return out
+
+
+def _server_stack() -> str:
+    """What uvicorn's "auto" picks here: uvloop and httptools where installed."""
+    import importlib.util
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"uvicorn ({loop}, {http})"
 
 
 def _llm(eng, prefix_caching: bool = False) -> LLMEngine:
@@ -262,34 +272,59 @@ def run_http(weights, parts: set, num_requests: int, rates: Optional[list] = Non
 
 
 # -- the client process ----------------------------------------------------------------------
+def _chunk_line(line: str, times: list, state: dict) -> None:
+    """One SSE line: a text chunk's arrival time, or the usage chunk's token count."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return
+    chunk = json.loads(line[6:])
+    if chunk.get("usage"):
+        state["tokens"] = chunk["usage"]["completion_tokens"]
+    elif chunk.get("choices") and chunk["choices"][0].get("text"):
+        times.append(time.perf_counter())
+
+
 async def _one(client, url: str, prompt: list, max_tokens: int, delay: float, t0: float) -> dict:
     await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
     sent = time.perf_counter()
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    times, tokens = [], 0
+    times, state = [], {"tokens": 0}
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return {"ok": False, "status": r.status_code}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                elif chunk.get("choices") and chunk["choices"][0].get("text"):
-                    times.append(time.perf_counter())
+        if CLIENT_LIB == "aiohttp":
+            async with client.post(url + "/v1/completions", json=body) as r:
+                if r.status != 200:
+                    return {"ok": False, "status": r.status}
+                async for raw in r.content:
+                    _chunk_line(raw.decode().rstrip("\r\n"), times, state)
+        else:
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    return {"ok": False, "status": r.status_code}
+                async for line in r.aiter_lines():
+                    _chunk_line(line, times, state)
     except Exception as e:  # noqa: BLE001 - counted as failed
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
     end = time.perf_counter()
+    tokens = state["tokens"]
     return {"ok": bool(times), "tokens": tokens, "sent": sent, "end": end,
             "ttft": times[0] - sent if times else None,
             "tpot": (times[-1] - times[0]) / (tokens - 1) if times and tokens > 1 else None}
 
 
+def _pick_client_lib() -> str:
+    """aiohttp where installed (several times less CPU per streamed chunk than httpx, which
+    matters with a thousand streams in one process), else httpx."""
+    try:
+        import aiohttp  # noqa: F401
+        return "aiohttp"
+    except ImportError:
+        return "httpx"
+
+
+CLIENT_LIB = _pick_client_lib()
+
+
 async def _client(spec: dict) -> dict:
-    import httpx
     prompts, rate = spec["prompts"], spec.get("rate")
     rng = random.Random(0)
     delays, t = [], 0.0
@@ -297,14 +332,28 @@ async def _client(spec: dict) -> dict:
         delays.append(t)
         if rate:
             t += rng.expovariate(rate)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+
+    async def run(client):
         t0 = time.perf_counter()
-        reqs = await asyncio.gather(*(_one(client, spec["url"], p, spec["max_tokens"], d, t0)
+        return await asyncio.gather(*(_one(client, spec["url"], p, spec["max_tokens"], d, t0)
                                       for p, d in zip(prompts, delays)))
+    if CLIENT_LIB == "aiohttp":
+        import aiohttp
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=None)) as client:
+            reqs = await run(client)
+    else:
+        import httpx
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+            reqs = await run(client)
     ok = [r for r in reqs if r.get("ok")]
     span = (max(r["end"] for r in ok) - min(r["sent"] for r in ok)) if ok else 0.0
-    return {"span_s": span, "requests": reqs}
+    return {"span_s": span, "requests": reqs, "client": CLIENT_LIB, "loop": _loop_name()}
+
+
+def _loop_name() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
 def main(argv=None) -> int:
@@ -313,7 +362,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     with open(a.client) as f:
         spec = json.load(f)
-    print(json.dumps(asyncio.run(_client(spec))), flush=True)
+    try:
+        import uvloop
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    print(json.dumps(run(_client(spec))), flush=True)
     return 0
 
 
