@@ -86,3 +86,21 @@ def test_token_text_of_a_tokenizer_without_pieces():
     tt = TokenText(IdTokenizer(100))
     assert not tt.byte_level
     assert tt.text(5) == " 5" and tt.bytes(42) == b" 42"
+
+
+def test_http_benchmark_dry_run_on_cpu(tmp_path):
+    """benchmark.py --serving --http end to end on the CPU (tiny model): the client process
+    streams every request through the live server, and the rows name both stacks."""
+    import json
+
+    import benchmark
+    out = tmp_path / "b.json"
+    assert benchmark.main(["--serving", "--http", "--device", "cpu", "--model_config", "tiny",
+                           "--num_requests", "8", "--http_parts", "uniform",
+                           "--out_json", str(out)]) == 0
+    srv = json.loads(out.read_text())["serving"]
+    http = next(v for k, v in srv.items() if k.endswith("_http"))
+    direct = next(v for k, v in srv.items() if k.endswith("_direct"))
+    assert http["num_requests"] == 8 and http["failed"] == 0 and http["tokens_per_s"] > 0
+    assert http["output_tokens"] == direct["output_tokens"]
+    assert http["client"].split()[0] in ("aiohttp", "httpx") and http["server"].startswith("uvicorn")
