@@ -177,3 +177,34 @@ def test_inflight_prefill_graphs_on_gpu():
         if limit:
             assert llm.runner._prefill_graphs is not None and llm.runner._prefill_graphs.graphs
     assert outs[0][0] == outs[0][1] == outs[512][0] == outs[512][1]
+
+
+# -- speculative decoding, fp16 on the GPU (issue 22's exactness on a tiny model) -------------
+@pytest.mark.parametrize("k", [2, 4])
+def test_speculative_greedy_equals_plain_fp16_on_gpu(k):
+    """fp16, CUDA graphs: prompt-lookup speculation gives plain greedy decoding's tokens, in the
+    static engine and under inflight batching (the verify step runs k+1 rows through the
+    skinny kernels where plain decoding runs one; the weights are scaled up (x4, as every
+    engine here) so the logits' argmax is not a near-tie for fp16 to flip)."""
+    import random as _random
+
+    from test_prefill_graphs import build_engine
+
+    from llama_engine.serving import LLMEngine
+    from llama_engine.speculative import SpeculativeConfig
+    eng = build_engine("float16", None, _gpu_args(), "cuda")
+    rng = _random.Random(3)
+    # repeated phrases, so prompt lookup proposes often
+    prompts = [([rng.randrange(3, 60) for _ in range(6)] * 5)[:rng.randint(12, 30)]
+               for _ in range(4)]
+    spec = SpeculativeConfig(max_draft_len=k)
+    ref = eng.generate(prompts, 12)
+    out = eng.generate(prompts, 12, speculative=spec)
+    assert out.output_ids == ref.output_ids
+    assert out.num_proposed > 0
+    alone = [eng.generate([p], 12).output_ids[0] for p in prompts]
+    llm = LLMEngine(eng, speculative=SpeculativeConfig(max_draft_len=k, max_batch_size=4),
+                    max_num_tokens=64, max_kv_cache_tokens=4 * 128)
+    seqs = llm.generate(prompts, 12)
+    assert [s.output_ids for s in seqs] == alone
+    assert llm.speculation.stats["verify_steps"] > 0

@@ -17,6 +17,7 @@ for p in ${PARTS//,/ }; do case $p in
   gptfasttest) part gptfasttest 120 env OMP_NUM_THREADS=8 python -m pytest -q tests/test_gptfast_baseline.py -k cuda ;;
   gptfast) part gptfast 420 python benchmark.py --gptfast --out_json $OUT/gptfast.json --assets $OUT ;;
   prefilltest) part prefilltest 100 python -m pytest -q -m gpu tests/test_gpu.py -k prefill ;;
+  spectest) part spectest 100 python -m pytest -q -m gpu tests/test_gpu.py -k speculative ;;
   prefill) part prefill 300 python benchmark.py --prefill --modes fp16,int8,int4,int4_zp,sq,int8kv,int4_int8kv --out_json $OUT/prefill.json ;;
   gputest) part gputest 200 python -m pytest -q -m gpu tests/ ;;
   http) part http 240 python benchmark.py --model_config llama-7b --serving --http --http_parts uniform,prefix --num_requests 1000 ;;
