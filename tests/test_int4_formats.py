@@ -150,6 +150,19 @@ def test_triton_kernel_matches_reference(M, N, K, G, kernel, split):
 
 
 @pytest.mark.skipif(not interpreter_on(), reason="kernel checks run under TRITON_INTERPRET=1")
+def test_default_launch_splits_k_to_fill_the_gpu_and_matches_reference():
+    from llama_engine.kernels import int4_zp
+    assert int4_zp._pick(1, 4096, 4096, 128).split_k == 8      # 64 N tiles -> 512 programs
+    assert int4_zp._pick(1, 22016, 4096, 128).split_k == 1     # 344 N tiles already
+    assert int4_zp._pick(64, 4096, 4096, 128).split_k == 1     # M > 16: partials too dear
+    p, s, z = _zp_case(40, 512, 32, seed=9)
+    x = torch.randn(3, 512)
+    assert int4_zp._pick(3, 40, 512, 32).split_k == 8          # 1 N tile, 16 K tiles: 2 a slice
+    out = linear_w4a16_zp(x, p, s, z, 32, impl="triton")
+    assert torch.allclose(out, linear_w4a16_zp_ref(x, p, s, z, 32), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not interpreter_on(), reason="kernel checks run under TRITON_INTERPRET=1")
 def test_triton_kernel_partials_sum_to_output():
     p, s, z = _zp_case(16, 128, 32)
     x = torch.randn(2, 128)
