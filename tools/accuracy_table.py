@@ -523,9 +523,9 @@ def evaluate_targets(rows: dict) -> dict:
                 misses.append(why)
         if "top1" in tgt and row.get("top1") is not None:
             ok = row["top1"] >= tgt["top1"]
-            checks.append((f"top-1 ≥ {tgt['top1'] * 100:.0f}%", ok))
+            checks.append((f"top-1 ≥ {tgt['top1'] * 100:g}%", ok))
             if not ok:
-                misses.append(f"top-1 {row['top1'] * 100:.1f}% < {tgt['top1'] * 100:.0f}%")
+                misses.append(f"top-1 {row['top1'] * 100:.1f}% < {tgt['top1'] * 100:g}%")
         out[key] = {"rouge1_drop": drop, "rouge1_drop_se": se, "checks": checks,
                     "misses": misses}
     return out
