@@ -97,7 +97,7 @@ def test_http_benchmark_dry_run_on_cpu(tmp_path):
     out = tmp_path / "b.json"
     assert benchmark.main(["--serving", "--http", "--device", "cpu", "--model_config", "tiny",
                            "--num_requests", "8", "--http_parts", "uniform",
-                           "--out_json", str(out)]) == 0
+                           "--out_json", str(out), "--assets", str(tmp_path)]) == 0
     srv = json.loads(out.read_text())["serving"]
     http = next(v for k, v in srv.items() if k.endswith("_http"))
     direct = next(v for k, v in srv.items() if k.endswith("_direct"))
