@@ -29,6 +29,7 @@ from torch import nn
 from .config import FP8, FP8_PCPT, ConfigError, QuantConfig
 from .kernels.fp8 import E4M3_MAX, FP8_DTYPE, fp8_supported
 from .kernels.ops import linear_fp8
+from .kernels.reference import cpu_weight
 
 __all__ = ["E4M3_MAX", "FP8_DTYPE", "Fp8Linear", "quantize_fp8", "dequantize_fp8",
            "fp8_quant_config", "quantize_fp8_linear", "fp8_from_flags", "act_scale_from_amax"]
@@ -143,10 +144,8 @@ class Fp8Linear(nn.Module):
         if not x.is_cuda:
             # The CPU emulation widens every e4m3 weight on every call; keep the widened copy
             # (the same numbers), as the other quantized linears' CPU paths do.
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            if self._cpu_w is None or self._cpu_w.dtype != acc:
-                self._cpu_w = self.weight.to(acc)
-            return linear_fp8(x, self.weight, self.w_scale, self.act_scale, w_widened=self._cpu_w)
+            return linear_fp8(x, self.weight, self.w_scale, self.act_scale,
+                              w_widened=cpu_weight(self, x, self.weight.to))
         return linear_fp8(x, self.weight, self.w_scale, self.act_scale)
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from .config import W4A16_GPTQ, ConfigError, QuantConfig
 from .kernels import linear as K
 from .kernels.int4_zp import dequantize_w4_zp, linear_w4a16_zp
+from .kernels.reference import cpu_weight
 
 ZP_GROUP_SIZES = (0, 32, 64, 128)
 
@@ -141,10 +142,8 @@ class WeightOnlyInt4ZeroLinear(nn.Module):
         if not x.is_cuda:
             # The CPU reference dequantizes on every call; keep its dequantized weight (the
             # same numbers: fp32, or fp64 for fp64 inputs), as the group-wise int8 linear does.
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            if self._cpu_w is None or self._cpu_w.dtype != acc:
-                self._cpu_w = dequantize_w4_zp(self.weight, self.scales, self.zeros,
-                                               self.group_size, acc)
-            return (x.to(acc) @ self._cpu_w.t()).to(x.dtype)
+            w = cpu_weight(self, x, lambda acc: dequantize_w4_zp(
+                self.weight, self.scales, self.zeros, self.group_size, acc))
+            return (x.to(w.dtype) @ w.t()).to(x.dtype)
         return linear_w4a16_zp(x, self.weight, self.scales, self.zeros, self.group_size,
                                partials=partials)

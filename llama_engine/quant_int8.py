@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import W4A16_GPTQ, W4A16_GROUPWISE, W8A16_GPTQ, ConfigError, ModelArgs, QuantConfig
 from .kernels.int8_group import dequantize_w8_group, linear_w8a16_group
+from .kernels.reference import cpu_weight
 from .names import linear_shape
 from .trtllm_int4 import int4_group_from_trtllm, int4_group_to_trtllm
 
@@ -117,11 +118,9 @@ class WeightOnlyInt8GroupLinear(nn.Module):
         if not x.is_cuda:
             # The CPU reference dequantizes on every call; keep its dequantized weight (the
             # same numbers: fp32, or fp64 for fp64 inputs) so CPU evaluation is not bound by it.
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            if self._cpu_w is None or self._cpu_w.dtype != acc:
-                self._cpu_w = dequantize_w8_group(self.weight, self.scales, self.zeros,
-                                                  self.group_size, acc)
-            return (x.to(acc) @ self._cpu_w.t()).to(x.dtype)
+            w = cpu_weight(self, x, lambda acc: dequantize_w8_group(
+                self.weight, self.scales, self.zeros, self.group_size, acc))
+            return (x.to(w.dtype) @ w.t()).to(x.dtype)
         return linear_w8a16_group(x, self.weight, self.scales, self.zeros, self.group_size,
                                   partials=partials)
 

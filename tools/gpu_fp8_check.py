@@ -41,16 +41,22 @@ from llama_engine.quant import quantize_checkpoint, validate_quant_flags  # noqa
 FORMS = [(False, False), (True, True), (True, False), (False, True)]
 
 
-def logits_check(verbose: bool = True) -> list[dict]:
+def _random_model(layers: int):
+    """A random LLaMA-shaped fp32 checkpoint (unified names) and its synthetic calibration."""
     import smoothquant
     import weight
     from llama_engine.checkpoint import hf_to_unified
-    args = ModelArgs(vocab_size=4096, hidden_size=1024, num_hidden_layers=4,
+    args = ModelArgs(vocab_size=4096, hidden_size=1024, num_hidden_layers=layers,
                      num_attention_heads=8, num_key_value_heads=4, intermediate_size=2816,
                      max_position_embeddings=512, norm_epsilon=1e-6)
     tensors = hf_to_unified(weight.random_weights(args, "float32", seed=0), args)
     calib = smoothquant.synthetic_calibration(args, tensors, device="cpu", kv=False,
                                               progress=False)
+    return args, tensors, calib
+
+
+def logits_check(verbose: bool = True) -> list[dict]:
+    args, tensors, calib = _random_model(4)
     rows = []
     # the noise floor of the comparison: the same model unquantized, GPU fp16 vs CPU fp32
     plain = validate_quant_flags(args)
@@ -99,17 +105,9 @@ def module_divergence(verbose: bool = True, devices=("cpu", "cuda")) -> list[dic
     """Where the GPU's FP8 model leaves the CPU emulation: every module's output on the
     12-token prompt, GPU fp32 against CPU fp32 (same FP8 tensors, per-tensor static form),
     in forward order; the first module past 1e-3 relative error is where to look."""
-    import smoothquant
-    import weight
-    from llama_engine.checkpoint import hf_to_unified
     from llama_engine.kernels.partial import total
     from llama_engine.runner import Engine
-    args = ModelArgs(vocab_size=4096, hidden_size=1024, num_hidden_layers=2,
-                     num_attention_heads=8, num_key_value_heads=4, intermediate_size=2816,
-                     max_position_embeddings=512, norm_epsilon=1e-6)
-    tensors = hf_to_unified(weight.random_weights(args, "float32", seed=0), args)
-    calib = smoothquant.synthetic_calibration(args, tensors, device="cpu", kv=False,
-                                              progress=False)
+    args, tensors, calib = _random_model(2)
     quant = validate_quant_flags(args, fp8=(False, False), has_act_stats=True)
     q, _ = quantize_checkpoint(tensors, args, quant, act_stats=calib["act_stats"],
                                progress=False)

@@ -375,3 +375,13 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.einsum("hts,shd->thd", p, vf).to(q.dtype)
 
 
+
+
+def cpu_weight(mod, x: torch.Tensor, make) -> torch.Tensor:
+    """A quantized linear's weight as its CPU reference path uses it (dequantized or widened
+    to fp32, fp64 for fp64 inputs), made by ``make(dtype)`` once and kept in ``mod._cpu_w``:
+    the same numbers the reference would compute on every call."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if mod._cpu_w is None or mod._cpu_w.dtype != acc:
+        mod._cpu_w = make(acc)
+    return mod._cpu_w
