@@ -55,13 +55,30 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int,
     return (x.float() * scale).to(dtype)
 
 
+def gather_context_batch(cache: torch.Tensor, block_tables: torch.Tensor, length: int,
+                         scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``gather_context`` for B sequences at once (the same ``length`` each): block_tables
+    [B, >= blocks] -> [B, length, Hkv, D] in ``dtype``."""
+    B = block_tables.shape[0]
+    _, hkv, block_size, d = cache.shape
+    n = (length + block_size - 1) // block_size
+    blocks = cache[block_tables[:, :n].long()]             # [B, n, Hkv, bs, D]
+    x = blocks.permute(0, 1, 3, 2, 4).reshape(B, n * block_size, hkv, d)[:, :length]
+    if scale is None:
+        return x.to(dtype)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.reshape(hkv, d)
+    return (x.float() * scale).to(dtype)
+
+
 @dataclass
 class PrefillPlan:
     """How a prefill / mixed step splits into attention calls (the same for every layer)."""
     ctx: list          # context length per sequence (host ints)
     num_decode: int    # leading sequences that decode (one new token over a cached context)
     starts: list       # first token row of each sequence after the decode rows
-    groups: dict       # length -> indices into starts of >= 2 prompts sharing one call
+    groups: dict       # (new tokens, cached prefix) -> indices into starts of >= 2 prompts
+                       # sharing one call
 
 
 def prefill_plan(meta: AttentionMeta) -> PrefillPlan:
@@ -76,15 +93,16 @@ def prefill_plan(meta: AttentionMeta) -> PrefillPlan:
     nd = 0
     while nd < len(meta.query_lens) and meta.query_lens[nd] == 1 and ctx[nd] > 1:
         nd += 1
-    # Prompts with no cached prefix and the same length (inflight batching admits many at
-    # once) share one attention call; the rest go one by one.
+    # Prompts with the same number of new tokens over cached prefixes of the same length (none,
+    # or a shared system prompt under prefix caching: inflight batching admits many at once)
+    # share one attention call; the rest go one by one.
     starts, pos, groups = [], nd, {}
     for j, qlen in enumerate(meta.query_lens[nd:]):
         starts.append(pos)
         pos += qlen
-        if ctx[nd + j] == qlen and qlen > 1:
-            groups.setdefault(qlen, []).append(j)
-    meta.plan = PrefillPlan(ctx, nd, starts, {q: m for q, m in groups.items() if len(m) > 1})
+        if qlen > 1:
+            groups.setdefault((qlen, ctx[nd + j] - qlen), []).append(j)
+    meta.plan = PrefillPlan(ctx, nd, starts, {g: m for g, m in groups.items() if len(m) > 1})
     return meta.plan
 
 
@@ -111,7 +129,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
         outs.append(ops.decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
                                          meta.context_lens[:nd], softmax_scale, kv_scale))
     per_seq: list = [None] * len(starts)
-    for qlen, members in plan.groups.items():
+    for (qlen, prefix), members in plan.groups.items():
         first = starts[members[0]]
         if all(starts[m] == first + n * qlen for n, m in enumerate(members)):
             sl = slice(first, first + len(members) * qlen)  # adjacent: views, no copies
@@ -119,6 +137,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
         else:
             qb, kb, vb = (torch.stack([x[starts[m]:starts[m] + qlen] for m in members])
                           for x in (q, k, v))
+        if prefix > 0:
+            rows = torch.tensor([nd + m for m in members], device=meta.block_tables.device)
+            tables = meta.block_tables.index_select(0, rows)
+            kb = torch.cat([gather_context_batch(k_cache, tables, prefix, ks, q.dtype), kb], 1)
+            vb = torch.cat([gather_context_batch(v_cache, tables, prefix, vs, q.dtype), vb], 1)
         ob = ops.prefill_attention_batch(qb, kb, vb, softmax_scale=softmax_scale)
         for n, m in enumerate(members):
             per_seq[m] = ob[n]

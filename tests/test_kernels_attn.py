@@ -634,23 +634,27 @@ def test_bad_input_is_config_error():
                    torch.zeros(1, 2, 16, 16, dtype=torch.int8), torch.zeros(1).long(), None)
 
 
-@pytest.mark.parametrize("H,hkv", [(4, 4), (6, 2)])
-def test_prefill_attention_batch_equals_one_by_one(H, hkv):
+@pytest.mark.parametrize("H,hkv,S", [(4, 4, 7), (6, 2, 7), (4, 4, 19), (6, 2, 12)])
+def test_prefill_attention_batch_equals_one_by_one(H, hkv, S):
+    """T = 7 new tokens each, over no cached prefix (S = T) or one of S - T tokens."""
     from llama_engine.config import ConfigError
     A = _ops()
     g = torch.Generator().manual_seed(3)
     B, T, D = 3, 7, 16
     q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, T, hkv, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, T, hkv, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, S, hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, S, hkv, D, generator=g, dtype=torch.float64)
     got = A.prefill_attention_batch(q, k, v, softmax_scale=0.3)
     for b in range(B):
-        want = A.prefill_attention_ref(q[b], k[b], v[b], 0, 0.3)
+        want = A.prefill_attention_ref(q[b], k[b], v[b], S - T, 0.3)
+        assert _rel(A.prefill_attention(q[b], k[b], v[b], softmax_scale=0.3), want) < 1e-12
         assert _rel(got[b], want) < 1e-12
         assert _rel(A.prefill_attention_batch(q, k, v, softmax_scale=0.3, impl="torch")[b],
                     want) == 0
     with pytest.raises(ConfigError, match="expected q \\[B,T,H,D\\]"):
         A.prefill_attention_batch(q[0], k[0], v[0])
+    with pytest.raises(ConfigError, match="S>=T"):
+        A.prefill_attention_batch(q, k[:, :T - 1], v[:, :T - 1])
 
 
 def test_rope_decode_attention_cpu_equals_two_ops():

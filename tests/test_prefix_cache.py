@@ -169,6 +169,32 @@ def test_engine_prefix_caching_on_off_identical(tiny_engine):
     assert engines[False].block_manager.prefix_hit_blocks == 0
 
 
+def test_prompts_over_one_cached_prefix_share_one_attention_call(tiny_engine, monkeypatch):
+    # Equal suffixes after the same cached prefix go through one prefill_attention_batch call
+    # whose keys are the gathered prefix plus the new tokens; tokens equal caching off.
+    from llama_engine.kernels import ops
+    from llama_engine.serving import LLMEngine
+    calls = []
+    batch = ops.prefill_attention_batch
+    monkeypatch.setattr(ops, "prefill_attention_batch", lambda q, k, *a, **kw: (
+        calls.append((q.shape[0], q.shape[1], k.shape[1])), batch(q, k, *a, **kw))[1])
+    rng = random.Random(4)
+    shared = [rng.randrange(3, 512) for _ in range(16)]         # 4 full blocks of 4
+    prompts = [shared + [rng.randrange(3, 512) for _ in range(6)] for _ in range(4)]
+    outs = {}
+    for on in (False, True):
+        eng = LLMEngine(tiny_engine, max_num_tokens=64, max_kv_cache_tokens=4 * 72,
+                        enable_prefix_caching=on)
+        first = eng.generate(prompts[:1], 6)
+        calls.clear()
+        rest = eng.generate(prompts[1:], 6)
+        outs[on] = [s.output_ids for s in first + rest]
+        if on:
+            assert (3, 6, 22) in calls, calls   # 3 prompts, 6 new tokens over 16 cached
+        assert eng.block_manager.num_used_blocks == 0
+    assert outs[True] == outs[False]
+
+
 @pytest.fixture(scope="module")
 def tiny_engine():
     import torch

@@ -387,26 +387,33 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def prefill_attention_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                             softmax_scale: Optional[float] = None,
                             impl: str = "auto") -> torch.Tensor:
-    """Causal attention of B prompts of equal length T with no cached prefix, in one call:
-    q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]. Equal to ``prefill_attention`` on each prompt;
-    one SDPA launch instead of B (inflight batching admits many prompts a step)."""
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] \
-            or q.shape[3] != k.shape[3]:
-        raise ConfigError(f"prefill_attention_batch: expected q [B,T,H,D], k/v [B,T,Hkv,D], "
+    """Causal attention of B prompts of T new tokens each over S >= T keys each (a cached
+    prefix of S - T the same length for all, then the new tokens), in one call:
+    q [B,T,H,D], k/v [B,S,Hkv,D] -> [B,T,H,D]. Equal to ``prefill_attention`` on each prompt;
+    one SDPA launch instead of B (inflight batching admits many prompts a step, and with
+    prefix caching many of them continue the same cached prefix)."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] \
+            or k.shape[1] < q.shape[1] or q.shape[3] != k.shape[3]:
+        raise ConfigError(f"prefill_attention_batch: expected q [B,T,H,D], k/v [B,S>=T,Hkv,D], "
                           f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, T, H, D = q.shape
-    hkv = k.shape[2]
+    S, hkv = k.shape[1], k.shape[2]
     if H % hkv:
         raise ConfigError(f"prefill_attention_batch: H {H} not a multiple of Hkv {hkv}")
     if impl not in _IMPLS:
         raise ConfigError(f"impl must be one of {_IMPLS}, got {impl!r}")
     if impl == "torch":
-        return torch.stack([prefill_attention_ref(q[b], k[b], v[b], 0, softmax_scale)
+        return torch.stack([prefill_attention_ref(q[b], k[b], v[b], S - T, softmax_scale)
                             for b in range(B)]) if B else torch.empty_like(q)
-    if hkv != H:  # expand GQA heads: [B, T, Hkv, D] -> [B, T, H, D]
+    if hkv != H:  # expand GQA heads: [B, S, Hkv, D] -> [B, S, H, D]
         rep = H // hkv
-        k = k[:, :, :, None, :].expand(B, T, hkv, rep, D).reshape(B, T, H, D)
-        v = v[:, :, :, None, :].expand(B, T, hkv, rep, D).reshape(B, T, H, D)
-    o = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-              scale=softmax_scale)  # [B, H, T, D]
+        k = k[:, :, :, None, :].expand(B, S, hkv, rep, D).reshape(B, S, H, D)
+        v = v[:, :, :, None, :].expand(B, S, hkv, rep, D).reshape(B, S, H, D)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if S == T:
+        o = _sdpa(qt, kt, vt, is_causal=True, scale=softmax_scale)  # [B, H, T, D]
+    else:  # SDPA's is_causal aligns to the top left; new token i sees keys 0..S-T+i
+        qpos = (S - T) + torch.arange(T, device=q.device)
+        mask = torch.arange(S, device=q.device)[None, :] <= qpos[:, None]  # [T, S]
+        o = _sdpa(qt, kt, vt, attn_mask=mask, scale=softmax_scale)
     return o.transpose(1, 2)
