@@ -52,6 +52,24 @@ _PROBE_TEXT = ("Born in north-east France, Soyer trained as a chef.\n\n  It's 20
                "naïve café — 3.14 % ü 東京!")
 
 
+def _rust_decoder(hf: Any) -> Any:
+    """The ``tokenizers.Tokenizer`` a HF fast tokenizer decodes with, when its ``decode`` is
+    transformers' own (which, without clean-up, is that object's ``decode``): the server
+    decodes twice per streamed token, and transformers' wrapper costs three times the call.
+    None when ``hf`` is anything else, so such a tokenizer keeps its own ``decode``."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(hf)
+    if not isinstance(hf, TokenizersBackend) or \
+            cls.decode is not PreTrainedTokenizerBase.decode or \
+            cls._decode is not TokenizersBackend._decode:
+        return None
+    return getattr(hf, "_tokenizer", None)
+
+
 class Tokenizer:
     """Text <-> ids with LLaMA's conventions. Build it with ``load_tokenizer``."""
 
@@ -75,6 +93,7 @@ class Tokenizer:
         # (SamplingConfig.end_ids), stop words end a request as well (sampling.cut_at_stop).
         ends = [i for i in ([eos_id] + list(end_ids)) if i is not None]
         self.end_ids = list(dict.fromkeys(ends))
+        self._rust = _rust_decoder(hf) if sp is None else None
 
     # -- basic ---------------------------------------------------------------------------
     @property
@@ -100,6 +119,8 @@ class Tokenizer:
         if self.sp is not None:
             # SentencePiece drops control symbols (BOS/EOS) itself.
             return self.sp.decode(ids)
+        if self._rust is not None:  # the same call transformers makes, minus its Python
+            return self._rust.decode(ids, skip_special_tokens=skip_special_tokens)
         # Said explicitly: the clean-up step (spaces before punctuation removed) is for
         # WordPiece; LLaMA's tokenizers keep text as is, and transformers warns when unset.
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens,

@@ -7,12 +7,21 @@ its event loop's ``call_soon_threadsafe``. A request whose client went away is c
 between steps, which frees its KV blocks. More outstanding requests than ``max_queue`` are
 refused at once (``Overloaded``) instead of queueing without bound. If a step raises, every
 request in flight is finished with that error and the loop goes on with new requests.
+
+Two knobs trade the HTTP side's CPU against the engine's. Both threads share the GIL, and the
+HTTP side's work grows with every streamed token, so the engine thread, which waits on the GPU
+without the GIL, must get it back quickly: ``gil_switch_s`` lowers the interpreter's switch
+interval (5 ms by default, a long stall for a step of ~30 ms) while the loop runs.
+``stream_interval`` (TensorRT-LLM's option of that name) posts a request's tokens every that
+many steps instead of every step, and always its first token and its end, so TTFT is
+unchanged and the HTTP side wakes ``stream_interval`` times less per request.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Optional
@@ -41,26 +50,16 @@ class Event:
     logprobs: Optional[list] = None
 
 
-@dataclass
-class Handle:
-    """A submitted request as the HTTP side sees it."""
+class AsyncSink:
+    """Where a handle's events go when the HTTP side is an event loop of this process: each
+    handle's ``asyncio.Queue``, one wake-up of that loop per engine step."""
 
-    prompt_ids: list
-    sampling: object
-    max_tokens: int
-    stop_ids: tuple
-    index: int
-    events: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    request_id: Optional[int] = None      # the LLMEngine's id, set by the engine thread
-    cancelled: bool = False
-    done: bool = False
-    num_sent: int = 0                     # output tokens already posted
-    extra: dict = field(default_factory=dict)
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
 
-    def post(self, ev: Event) -> None:
+    def post(self, items: list) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+            self.loop.call_soon_threadsafe(_deliver, items)
         except RuntimeError:      # the event loop is closed: nobody listens any more
             pass
 
@@ -70,13 +69,43 @@ def _deliver(items: list) -> None:
         h.events.put_nowait(ev)
 
 
+@dataclass
+class Handle:
+    """A submitted request as the HTTP side sees it. ``sink`` takes its events (AsyncSink, or
+    the pipe to the HTTP process, remote.py); ``events``: its queue there, when local."""
+
+    prompt_ids: list
+    sampling: object
+    max_tokens: int
+    stop_ids: tuple
+    index: int
+    sink: object
+    events: Optional[asyncio.Queue] = None
+    request_id: Optional[int] = None      # the LLMEngine's id, set by the engine thread
+    cancelled: bool = False
+    done: bool = False
+    num_sent: int = 0                     # output tokens already posted
+    held: Optional[Event] = None          # tokens waiting for the stream interval
+    held_steps: int = 0
+    key: Optional[int] = None             # the HTTP process's name for it (remote.py)
+
+    def post(self, ev: Event) -> None:
+        self.sink.post([(self, ev)])
+
+
 class EngineLoop:
     """Drives ``llm`` (an ``LLMEngine``) on its own thread; ``metrics``: a ServerMetrics."""
 
-    def __init__(self, llm, metrics=None, max_queue: int = 4096):
+    def __init__(self, llm, metrics=None, max_queue: int = 4096, stream_interval: int = 1,
+                 gil_switch_s: Optional[float] = 2e-4):
+        if stream_interval < 1:
+            raise ConfigError(f"stream_interval must be at least 1, got {stream_interval}")
         self.llm = llm
         self.metrics = metrics
         self.max_queue = max_queue
+        self.stream_interval = stream_interval
+        self.gil_switch_s = gil_switch_s
+        self._old_switch: Optional[float] = None
         self._inbox: queue.Queue = queue.Queue()
         self._active: dict[int, Handle] = {}
         self._outstanding = 0
@@ -87,7 +116,14 @@ class EngineLoop:
         self._must_step = False
 
     # -- any thread --------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def start(self) -> "EngineLoop":
+        if self.gil_switch_s is not None and sys.getswitchinterval() > self.gil_switch_s:
+            self._old_switch = sys.getswitchinterval()
+            sys.setswitchinterval(self.gil_switch_s)
         self._thread.start()
         return self
 
@@ -95,6 +131,9 @@ class EngineLoop:
         self._stop.set()
         self._inbox.put(None)
         self._thread.join(timeout)
+        if self._old_switch is not None:
+            sys.setswitchinterval(self._old_switch)
+            self._old_switch = None
 
     @property
     def num_outstanding(self) -> int:
@@ -134,7 +173,7 @@ class EngineLoop:
                 continue
             self.num_steps += 1
             new_tokens = 0
-            posts: dict = {}          # event loop -> [(handle, event)]: one wake-up per step
+            posts: dict = {}          # sink -> [(handle, event)]: one wake-up per step
             for out in outs:
                 h = self._active.get(out.request_id)
                 new_tokens += len(out.new_token_ids)
@@ -145,12 +184,11 @@ class EngineLoop:
                     self._retire(h)
                     if self.metrics is not None:
                         self.metrics.observe_finished(out.sequence, reason)
-                posts.setdefault(h.loop, []).append((h, self._event(h, out, reason)))
-            for aloop, items in posts.items():
-                try:
-                    aloop.call_soon_threadsafe(_deliver, items)
-                except RuntimeError:  # that event loop is closed: nobody listens any more
-                    pass
+                ev = self._hold(h, self._event(h, out, reason))
+                if ev is not None:
+                    posts.setdefault(h.sink, []).append((h, ev))
+            for sink, items in posts.items():
+                sink.post(items)
             if self.metrics is not None:
                 self.metrics.observe_step(self.llm, new_tokens)
 
@@ -172,6 +210,25 @@ class EngineLoop:
             lps = list(zip(new, vals, tops))
         h.num_sent += len(new)
         return Event(h.index, new, out.finished, reason, out.error, seq.num_prompt_tokens, lps)
+
+    def _hold(self, h: Handle, ev: Event) -> Optional[Event]:
+        """``ev``, merged with what ``h`` holds, when it is due (stream interval reached, the
+        request's first tokens, its end); else None, holding it."""
+        if h.held is not None:
+            held = h.held
+            held.token_ids += ev.token_ids
+            if ev.logprobs is not None:
+                held.logprobs = (held.logprobs or []) + ev.logprobs
+            held.finished, held.finish_reason, held.error = ev.finished, ev.finish_reason, \
+                ev.error
+            ev = held
+        h.held_steps += 1
+        first = h.num_sent == len(ev.token_ids)        # nothing was posted before
+        if ev.finished or first or h.held_steps >= self.stream_interval:
+            h.held, h.held_steps = None, 0
+            return ev
+        h.held = ev
+        return None
 
     def _drain(self, block: bool) -> None:
         try:
