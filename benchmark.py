@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --serving --http: uniform (1000x128/128 HTTP vs direct), prefix "
                         "(500 requests sharing a 1024-token prefix, caching off vs on), poisson "
                         "(Poisson arrivals at 8,16,32,64/s unless --poisson_rates; the plot)")
+    p.add_argument("--stream_interval", default="1",
+                   help="with --http: serve.py's --stream_interval; a list (1,4) measures the "
+                        "uniform part once per value against the one direct run")
     add_prefix_caching_arg(p)
     p.add_argument("--speculative", action="store_true",
                    help="batch 1: a decode step against verify steps of k+1 = 2..9 tokens "
@@ -164,7 +167,8 @@ def validate(a, world: int) -> Optional[str]:
     checks = [("--batch", a.batch, int, None),
               ("--input_len", a.input_len, int, None), ("--output_len", a.output_len, int, None),
               ("--serving_parts", a.serving_parts, str, serving.PARTS),
-              ("--http_parts", a.http_parts, str, http_load.PARTS)]
+              ("--http_parts", a.http_parts, str, http_load.PARTS),
+              ("--stream_interval", a.stream_interval, int, None)]
     if not a.engine_dir:  # with an engine dir, --modes only names the rows
         checks.append(("--modes", a.modes, str, tuple(MODES)))
     if a.only:
@@ -195,7 +199,8 @@ def run_serving(a, meta: dict, engine_kw: dict) -> int:
     if a.http:
         r = http_load.run_http(w, set(csv(a.http_parts)), a.num_requests,
                                csv(a.poisson_rates, float) if a.poisson_rates else None,
-                               save=lambda part: save(a, {"serving": part}))
+                               save=lambda part: save(a, {"serving": part}),
+                               stream_intervals=csv(a.stream_interval, int))
     elif a.poisson_rates:
         r = {"poisson": serving.run_serving_poisson(w, csv(a.poisson_rates, float),
                                                     a.num_requests, a.enable_prefix_caching)}

@@ -4,10 +4,12 @@
         [--port 8000] [--max_batch_size N] [--max_num_tokens N]
         [--kv_cache_free_gpu_memory_fraction 0.9] [--max_kv_cache_tokens N]
         [--enable_prefix_caching] [--max_queue 4096] [--served_model_name NAME]
+        [--stream_interval 1] [--single_process]
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics. Requests run through the inflight-batching scheduler (``LLMEngine``) on one
-engine thread; tokens stream back as server-sent events. On a machine without a GPU it runs on
+engine thread; tokens stream back as server-sent events. The HTTP server runs in a process of
+its own (llama_engine/server/remote.py) unless ``--single_process``. On a machine without a GPU it runs on
 the CPU, e.g. with the quickstart's engine:
 
     python serve.py --engine_dir engines/smollm2_float32 --port 8000
@@ -20,6 +22,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 from llama_engine import cli
@@ -47,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_prefix_caching_arg(p)
     p.add_argument("--max_queue", type=positive_int, default=4096,
                    help="requests outstanding beyond this are answered 503")
+    p.add_argument("--stream_interval", type=positive_int, default=1,
+                   help="stream a request's tokens every N engine steps (its first token and "
+                        "its end at once): less HTTP work per token at large batches")
+    p.add_argument("--single_process", action="store_true",
+                   help="run the HTTP server in the engine's process (default: a process of "
+                        "its own, so that HTTP work never holds the engine's interpreter lock)")
     p.add_argument("--no_cuda_graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
@@ -61,7 +70,7 @@ def _main(args) -> int:
     try:
         import uvicorn
 
-        from llama_engine.server import build_server
+        from llama_engine.server import build_server, start_http_process
     except ImportError as e:
         raise cli.ConfigError(f"serve.py needs {e.name}: pip install -r requirements.txt")
     from llama_engine.serving import LLMEngine
@@ -81,12 +90,29 @@ def _main(args) -> int:
                     scheduler_policy=args.scheduler_policy, options=options,
                     enable_prefix_caching=args.enable_prefix_caching)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.engine_dir))
-    app, loop = build_server(llm, tokenizer, name, max_queue=args.max_queue)
     logging.basicConfig(level=args.log_level.upper())
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device})", flush=True)
+    if args.single_process:
+        app, loop = build_server(llm, tokenizer, name, max_queue=args.max_queue,
+                                 stream_interval=args.stream_interval)
+        print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device})", flush=True)
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        finally:
+            loop.stop()
+        return 0
+    http, loop = start_http_process(llm, (load_tokenizer, (args.tokenizer_dir or args.engine_dir,)), name,
+                                    host=args.host, port=args.port, max_queue=args.max_queue,
+                                    stream_interval=args.stream_interval,
+                                    log_level=args.log_level)
+    print(f"serving {name!r} on {http.url}/v1 ({device}; HTTP in process {http.proc.pid})",
+          flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        while http.alive and loop.alive:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
     finally:
+        http.close()
         loop.stop()
     return 0
 

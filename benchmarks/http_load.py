@@ -1,6 +1,7 @@
 """The server under HTTP load (``benchmark.py --serving --http``): serve.py's app on an engine
-with random weights, driven by streaming clients in a separate process (so client work does not
-share the server's GIL), against ``LLMEngine`` driven directly in the same run.
+with random weights (the engine thread here, the HTTP server in its own process, as serve.py
+runs by default), driven by streaming clients in a third process, against ``LLMEngine`` driven
+directly in the same run.
 
 * ``uniform``: ``num_requests`` x 128 in / 128 out sent at once by concurrent streaming
   clients; output tokens/s over HTTP against ``LLMEngine.generate`` of the same load, and the
@@ -33,11 +34,9 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Optional
 
@@ -91,29 +90,25 @@ def server_tokenizer(vocab: int):
     return IdTokenizer(vocab), "ids"
 
 
+def bench_tokenizer(vocab: int):
+    """The server's tokenizer, made in the HTTP process (start_http_process)."""
+    return server_tokenizer(vocab)[0]
+
+
 class LiveServer:
-    """serve.py's app on ``llm`` in this process, uvicorn on a free 127.0.0.1 port."""
+    """serve.py's server on ``llm``: the engine thread in this process, uvicorn and the app in
+    a spawned one (serve.py's default), on a free 127.0.0.1 port."""
 
-    def __init__(self, llm: LLMEngine, vocab: int):
-        import uvicorn
-
-        from llama_engine.server import build_server
-        tok, self.tokenizer = server_tokenizer(vocab)
-        self.app, self.loop = build_server(llm, tok, "bench", max_queue=1_000_000)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
-                                                    backlog=4096))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
+    def __init__(self, llm: LLMEngine, vocab: int, stream_interval: int = 1):
+        from llama_engine.server import start_http_process
+        self.tokenizer = server_tokenizer(vocab)[1]
+        self.http, self.loop = start_http_process(llm, (bench_tokenizer, (vocab,)), "bench",
+                                                  max_queue=1_000_000,
+                                                  stream_interval=stream_interval)
+        self.url = self.http.url
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        self.http.close(30)
         self.loop.stop()
 
 
@@ -163,22 +158,28 @@ def _llm(eng, prefix_caching: bool = False) -> LLMEngine:
                      enable_prefix_caching=prefix_caching)
 
 
-def run_uniform(eng, vocab: int, num_requests: int, shape: Shape, seed: int = 0) -> dict:
+def run_uniform(eng, vocab: int, num_requests: int, shape: Shape, seed: int = 0,
+                stream_intervals=(1,)) -> dict:
+    """LLMEngine directly, then over HTTP once per stream interval. -> {"direct": row,
+    interval: row with "http_vs_direct"}."""
     from .device import random_prompts, sync
     prompts = random_prompts(num_requests, shape.input, vocab, seed=seed)
     llm = _llm(eng)
     llm.generate(prompts[:shape.warmup], 8)                      # warm-up
     sync(eng.device)
     direct = latency_stats(llm.generate(prompts, shape.output))
-    srv = LiveServer(llm, vocab)
-    try:
-        drive(srv.url, prompts[:shape.warmup], 8)                # warm-up over HTTP
-        http = summarize(drive(srv.url, prompts, shape.output))
-    finally:
-        srv.close()
-    http["tokenizer"] = srv.tokenizer
-    return {"direct": direct, "http": http,
-            "http_vs_direct": http["tokens_per_s"] / direct["tokens_per_s"]}
+    out: dict = {"direct": direct}
+    for interval in stream_intervals:
+        srv = LiveServer(llm, vocab, stream_interval=interval)
+        try:
+            drive(srv.url, prompts[:shape.warmup], 8)            # warm-up over HTTP
+            http = summarize(drive(srv.url, prompts, shape.output))
+        finally:
+            srv.close()
+        http.update(tokenizer=srv.tokenizer, stream_interval=interval,
+                    http_vs_direct=http["tokens_per_s"] / direct["tokens_per_s"])
+        out[interval] = http
+    return out
 
 
 def prefix_prompts(n: int, vocab: int, prefix_len: int = 1024, suffix_len: int = 64) -> list:
@@ -232,7 +233,7 @@ PARTS = ("uniform", "prefix", "poisson")
 
 
 def run_http(weights, parts: set, num_requests: int, rates: Optional[list] = None,
-             save=None) -> dict:
+             save=None, stream_intervals=(1,)) -> dict:
     """The HTTP scenarios (``parts`` of PARTS; ``rates`` given: the Poisson sweep alone) on
     one fp16 engine of ``weights`` (benchmarks.weights.Weights)."""
     from .device import free_memory
@@ -244,15 +245,19 @@ def run_http(weights, parts: set, num_requests: int, rates: Optional[list] = Non
     if rates:
         parts = {"poisson"}
     if "uniform" in parts:
-        r = run_uniform(eng, vocab, num_requests, shape)
+        r = run_uniform(eng, vocab, num_requests, shape, stream_intervals=stream_intervals)
         name = f"uniform_{shape.input}_{shape.output}"
-        out.update({f"{name}_http": r["http"], f"{name}_direct": r["direct"],
-                    "http_vs_direct": r["http_vs_direct"]})
-        h = r["http"]
-        print(f"HTTP {num_requests} x {shape.input}/{shape.output}: {h['tokens_per_s']:.0f} "
-              f"tok/s, {r['http_vs_direct']:.3f} of LLMEngine directly (target >= 0.95); "
-              f"TTFT p50 {h.get('ttft_p50_s', float('nan')):.3f} s, p99 "
-              f"{h.get('ttft_p99_s', float('nan')):.3f} s; {h['failed']} failed", flush=True)
+        out[f"{name}_direct"] = r.pop("direct")
+        for interval, h in r.items():
+            key = f"{name}_http" + (f"_si{interval}" if interval != 1 else "")
+            out[key] = h
+            if interval == stream_intervals[0]:
+                out["http_vs_direct"] = h["http_vs_direct"]
+            print(f"HTTP {num_requests} x {shape.input}/{shape.output}, stream interval "
+                  f"{interval}: {h['tokens_per_s']:.0f} tok/s, {h['http_vs_direct']:.3f} of "
+                  f"LLMEngine directly (target >= 0.95); TTFT p50 "
+                  f"{h.get('ttft_p50_s', float('nan')):.3f} s, p99 "
+                  f"{h.get('ttft_p99_s', float('nan')):.3f} s; {h['failed']} failed", flush=True)
         save(out)
     free_memory(eng.device)    # the last part's KV cache, before the next sizes its own
     if "prefix" in parts:

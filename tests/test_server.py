@@ -43,38 +43,49 @@ def smol_engine(smollm2_gguf, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(smol_engine):
+@pytest.fixture(scope="module", params=["process", "thread"])
+def server(smol_engine, request):
+    """serve.py's two layouts: the HTTP server in a process of its own (the default), and in
+    the engine's process (--single_process)."""
     import torch
 
-    from llama_engine.server import build_server
+    from llama_engine.server import build_server, start_http_process
     from llama_engine.serving import LLMEngine
     from llama_engine.tokenizer import load_tokenizer
     torch.set_num_threads(1)
     llm = LLMEngine(str(smol_engine), max_batch_size=8, max_num_tokens=256, device="cpu",
                     max_kv_cache_tokens=8 * 288, enable_prefix_caching=True)
     tok = load_tokenizer(str(smol_engine))
-    app, loop = build_server(llm, tok, "smol", max_queue=256)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    th = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert th.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(base=base, llm=llm, loop=loop, tok=tok,
+    if request.param == "process":
+        http, loop = start_http_process(llm, (load_tokenizer, (str(smol_engine),)), "smol",
+                                        max_queue=256)
+        base, stop = http.url, http.close
+    else:
+        app, loop = build_server(llm, tok, "smol", max_queue=256)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        srv = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                            timeout_graceful_shutdown=1))
+        th = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+        th.start()
+        deadline = time.monotonic() + 60
+        while not srv.started:
+            assert th.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+
+        def stop():
+            srv.should_exit = True
+            th.join(10)
+    yield SimpleNamespace(base=base, llm=llm, loop=loop, tok=tok, mode=request.param,
                           client=openai.OpenAI(base_url=base + "/v1", api_key="x",
                                                max_retries=0, timeout=120),
                           aclient=lambda: openai.AsyncOpenAI(base_url=base + "/v1",
                                                              api_key="x", max_retries=0,
                                                              timeout=120))
-    srv.should_exit = True
-    th.join(10)
+    stop()
     loop.stop()
 
 

@@ -66,7 +66,7 @@ def main() -> int:
             z = [torch.randn(K // G, N, device=dev, dtype=torch.float16) * 0.01
                  for _ in range(copies)]
             w16 = [torch.randn(N, K, device=dev, dtype=torch.float16) for _ in range(copies)]
-            ref = linear_w8a16_group_ref(x.float(), q[0].cpu(), s[0].cpu().float(),
+            ref = linear_w8a16_group_ref(x.float().cpu(), q[0].cpu(), s[0].cpu().float(),
                                          z[0].cpu().float(), G).to(dev)
             err = rel_err(linear_w8a16_group(x, q[0], s[0], z[0], G), ref)
             nbytes = {"fp16": 2 * N * K, "pc": N * K + 2 * N, "grp": N * K + 4 * N * K // G}

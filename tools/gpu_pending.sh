@@ -20,7 +20,7 @@ for p in ${PARTS//,/ }; do case $p in
   spectest) part spectest 100 python -m pytest -q -m gpu tests/test_gpu.py -k speculative ;;
   prefill) part prefill 300 python benchmark.py --prefill --modes fp16,int8,int4,int4_zp,sq,int8kv,int4_int8kv --out_json $OUT/prefill.json ;;
   gputest) part gputest 200 python -m pytest -q -m gpu tests/ ;;
-  http) part http 240 python benchmark.py --model_config llama-7b --serving --http --http_parts uniform,prefix --num_requests 1000 ;;
+  http) part http 300 python benchmark.py --model_config llama-7b --serving --http --http_parts uniform,prefix --num_requests 1000 --stream_interval 1,4 ;;
   fp8check) part fp8check 330 python tools/gpu_fp8_check.py --sweep --write --json $OUT/fp8_check.json ;;
   fp8) part fp8 240 python benchmark.py --model_config llama-7b --modes fp16,fp8,fp8_pcpt --batch 1,64 --input_len 128 --output_len 128 --section fp8 ;;
   fp8serve) for m in fp16 fp8_fp8kv; do part fp8serve_$m 150 python benchmark.py --model_config llama-7b --serving --serving_parts uniform --modes $m --num_requests 1000; done ;;

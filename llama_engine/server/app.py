@@ -12,6 +12,7 @@ prompt longer than the engine takes, 503 over the queue depth, 500 engine failur
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 import uuid
@@ -27,7 +28,7 @@ from llama_engine.serving.block_manager import cdiv
 from llama_engine.text_stream import IncrementalText
 
 from .logprobs import TokenText, shape
-from .loop import EngineLoop, Event, Handle, Overloaded
+from .loop import AsyncSink, EngineLoop, Event, Handle, Overloaded
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body,
                        to_sampling)
@@ -52,14 +53,25 @@ class ServerState:
     created: int = 0
     token_text: Optional[TokenText] = None
 
+    @staticmethod
+    def limits(llm) -> dict:
+        """What the handlers check requests against, from an LLMEngine."""
+        b, bm = llm.engine.config.build, llm.block_manager
+        return {"max_input_len": b.max_input_len, "max_output_len": b.max_output_len,
+                "max_seq_len": b.max_seq_len, "num_blocks": bm.num_blocks,
+                "block_size": bm.block_size}
+
+    @classmethod
+    def create(cls, loop, tokenizer, model_name: str, metrics, limits: dict) -> "ServerState":
+        """``loop``: an EngineLoop, or remote.RemoteLoop in the HTTP process; ``metrics``:
+        ServerMetrics or its remote view."""
+        return cls(loop, tokenizer, model_name, metrics, created=int(time.time()),
+                   token_text=TokenText(tokenizer), **limits)
+
     @classmethod
     def for_engine(cls, loop: EngineLoop, tokenizer, model_name: str,
                    metrics: ServerMetrics) -> "ServerState":
-        b = loop.llm.engine.config.build
-        bm = loop.llm.block_manager
-        return cls(loop, tokenizer, model_name, metrics, b.max_input_len, b.max_output_len,
-                   b.max_seq_len, bm.num_blocks, bm.block_size, int(time.time()),
-                   TokenText(tokenizer))
+        return cls.create(loop, tokenizer, model_name, metrics, cls.limits(loop.llm))
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -94,13 +106,16 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not state.loop._thread.is_alive():
-            return JSONResponse({"status": "engine thread stopped"}, status_code=503)
+        if not state.loop.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+        text = state.metrics.render()
+        if inspect.isawaitable(text):       # the engine's process renders it (remote.py)
+            text = await text
+        return Response(text, media_type=CONTENT_TYPE)
 
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": state.created,
@@ -207,8 +222,8 @@ async def _serve(state: ServerState, request: Request, req, prompts: list, kind:
     stop_ids = tuple(req.stop_token_ids) + (() if req.ignore_eos
                                             else tuple(state.tokenizer.end_ids))
     events: asyncio.Queue = asyncio.Queue()
-    aloop = asyncio.get_running_loop()
-    handles = [Handle(ids, s, limit, stop_ids, j * req.n + i, events, aloop)
+    sink = AsyncSink(asyncio.get_running_loop())
+    handles = [Handle(ids, s, limit, stop_ids, j * req.n + i, sink, events)
                for j, (ids, limit) in enumerate(zip(prompts, limits))
                for i, s in enumerate(samplings)]
     echo = [e for e in echo for _ in range(req.n)] if echo else None
@@ -258,6 +273,8 @@ class _Run:
             return "", None, None        # already ended (a stop string): later news is moot
         if ev.error:
             self.reasons[i] = "error"
+            if ev.finish_reason == "overloaded":     # the engine's process refused it
+                raise APIError(503, ev.error, "server_overloaded", code="overloaded")
             raise APIError(400, ev.error, code="request_refused")
         s = self.streams[i]
         self.counts[i] += len(ev.token_ids)
