@@ -208,3 +208,38 @@ def test_speculative_greedy_equals_plain_fp16_on_gpu(k):
     seqs = llm.generate(prompts, 12)
     assert [s.output_ids for s in seqs] == alone
     assert llm.speculation.stats["verify_steps"] > 0
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4_pc", "int8", "int4_zp", "int8_group"])
+def test_long_prefill_dequant_path_on_gpu(fmt):
+    """From DEQUANT_MIN_M rows the quantized linears dequantize (kernels/dequant.py) and call
+    cuBLAS: the result equals the fp32 reference within fp16 rounding."""
+    from llama_engine.kernels import dequant as D
+    from llama_engine.kernels import int4_zp as Z
+    from llama_engine.kernels import int8_group as IG
+    from llama_engine.kernels import linear as L
+    from llama_engine.kernels import reference as R
+    g = torch.Generator(device="cuda").manual_seed(0)
+    M, N, K, G = D.DEQUANT_MIN_M + 37, 384, 1024, 128
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16, generator=g)
+    bits = 8 if fmt.startswith("int8") else 4
+    q = torch.randint(-128, 128, (N, K // (2 if bits == 4 else 1)), device="cuda",
+                      generator=g).to(torch.int8)
+    ng = 1 if fmt in ("int4_pc", "int8") else K // G
+    s = (torch.rand(ng, N, device="cuda", generator=g) * 0.02 + 0.001).half()
+    z = (torch.randn(ng, N, device="cuda", generator=g) * 0.02).half()
+    if fmt == "int4":
+        got, want = L.linear_w4a16(x, q, s, G), R.linear_w4a16_ref(x.float(), q, s.float(), G)
+    elif fmt == "int4_pc":
+        got, want = L.linear_w4a16(x, q, s, K), R.linear_w4a16_ref(x.float(), q, s.float(), K)
+    elif fmt == "int8":
+        got = L.linear_w8a16(x, q, s.reshape(N))
+        want = R.linear_w8a16_ref(x.float(), q, s.reshape(N).float())
+    elif fmt == "int4_zp":
+        got = Z.linear_w4a16_zp(x, q, s, z, G)
+        want = Z.linear_w4a16_zp_ref(x.float(), q, s.float(), z.float(), G)
+    else:
+        got = IG.linear_w8a16_group(x, q, s, z, G)
+        want = IG.linear_w8a16_group_ref(x.float(), q, s.float(), z.float(), G)
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < 2e-3, (fmt, err)

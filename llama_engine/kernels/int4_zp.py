@@ -32,6 +32,7 @@ import torch
 from ..config import ConfigError
 from .common import HAS_TRITON, triton
 from .common import use_triton as wants_triton
+from .dequant import prefill_linear
 from .partial import PartialSum
 from .reference import FLOAT_DTYPES, check_weight, flat, unpack_int4_ref
 from .tuning import SkinnyCfg
@@ -176,7 +177,9 @@ def linear_w4a16_zp(x, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
         if isinstance(out, PartialSum):
             return PartialSum(out.parts, tuple(lead), out.dtype)
         return out.reshape(*lead, N)
-    if x.is_cuda:  # prefill: one dequantized copy, then cuBLAS
-        w = dequantize_w4_zp(qweight, s, z, G, x.dtype)
-        return torch.nn.functional.linear(x2, w).reshape(*lead, N)
+    if x.is_cuda:  # prefill: one dequantized copy (dequant.py), then cuBLAS
+        if x.dtype == torch.float64:
+            w = dequantize_w4_zp(qweight, s, z, G, x.dtype)
+            return torch.nn.functional.linear(x2, w).reshape(*lead, N)
+        return prefill_linear(x2, qweight, s, z, G, 4).reshape(*lead, N)
     return linear_w4a16_zp_ref(x, qweight, s, z, G)

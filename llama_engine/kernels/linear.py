@@ -36,6 +36,7 @@ from ..config import ConfigError
 from . import tuning
 from .common import HAS_TRITON, check_impl, triton
 from .common import use_triton as wants_triton
+from .dequant import prefill_linear, wants_dequant
 from .linear_kernels import (A8 as _A8, FP as _FP, I4 as _I4, I4G as _I4G, I8 as _I8)
 from .partial import PartialSum
 from .pdl import launch_kw
@@ -271,6 +272,8 @@ def linear_w8a16(x, qweight: torch.Tensor, scale: torch.Tensor, *, impl: str = "
         raise ConfigError(f"linear_w8a16: scale shape {tuple(scale.shape)} is not [N={N}]")
     use_triton = wants_triton(impl, x) and math.prod(x.shape[:-1]) > 0
     x2, lead = _flat(x, K, "linear_w8a16")
+    if use_triton and _cfg is None and wants_dequant(x2, x2.shape[0]):   # long prefill
+        return _with_lead(prefill_linear(x2, qweight, scale.reshape(1, N), None, K, 8), lead)
     if use_triton:
         out = _run_triton(_I8, x2, qweight, scale.reshape(N), None, x.dtype, 0, _cfg, partials)
     elif x.is_cuda:
@@ -292,6 +295,8 @@ def linear_w4a16(x, qweight: torch.Tensor, scales: torch.Tensor, group_size: int
     use_triton = (wants_triton(impl, x) and _triton_ok(kind, K, G)
                   and math.prod(x.shape[:-1]) > 0)
     x2, lead = _flat(x, K, "linear_w4a16")
+    if use_triton and _cfg is None and wants_dequant(x2, x2.shape[0]):   # long prefill
+        return _with_lead(prefill_linear(x2, qweight, s, None, G, 4), lead)
     if use_triton:
         out = _run_triton(kind, x2, qweight, s.reshape(N) if kind == _I4 else s, None,
                           x.dtype, G, _cfg, partials)
