@@ -188,7 +188,7 @@ def _launch_gemv(x: torch.Tensor, xs: Optional[torch.Tensor], wq: torch.Tensor,
     grid = (triton.cdiv(N, cfg.block_n), split)
     _fp8_gemv_kernel[grid](
         x, wq, xs, ws, dst, M, N, K, x.stride(0), wq.stride(0), N, M * N, k_per_split,
-        E4M3_MAX, AMAX_EPS,
+        E4M3_MAX, AMAX_EPS, 1.0,
         XS_ROWS=xs.numel() > 1, WS_ROWS=ws.numel() > 1, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=bk, USE_DOT={"fma": 0, "dot": 1, "dot8": 2}[cfg.kernel],
         ITERS_C=0 if x.is_cuda else k_per_split // bk, QUANT_X=quant_x, ITERS_ALL_C=0 if x.is_cuda else k_blocks,
