@@ -30,6 +30,7 @@ for p in ${PARTS//,/ }; do case $p in
   fp8modules) part fp8modules 120 python tools/gpu_fp8_check.py --modules --M 1 --json $OUT/fp8_modules.json ;;
   fp8q) part fp8q 150 python benchmark.py --model_config llama-7b --modes fp16,fp8 --batch 1,64 --input_len 128 --output_len 128 --section fp8_tuned ;;
   fp8sweep) part fp8sweep 300 python tools/gpu_fp8_check.py --sweep --write --skip_logits --M 1,16,64 --json $OUT/fp8_sweep.json ;;
+  httpu) part httpu 150 python benchmark.py --model_config llama-7b --serving --http --http_parts uniform --num_requests 1000 ;;
   dq) part dq 150 python tools/gpu_dequant_bench.py --json $OUT/dequant.json ;;
   dqtest) part dqtest 100 python -m pytest -q -m gpu tests/test_gpu.py -k "dequant or prefill_graph" ;;
   fp8b1) part fp8b1 40 python benchmark.py --model_config llama-7b --modes fp16,fp8 --batch 1 --input_len 128 --output_len 128 --section fp8_dot ;;
