@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -112,6 +113,7 @@ def _main(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C: still a clean stop
         http.close()
         loop.stop()
     return 0

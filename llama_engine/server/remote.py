@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
+import signal
 import socket
 import threading
 from typing import Callable, Optional
@@ -269,13 +271,24 @@ class RemoteMetrics:
 
 
 def _child_main(conn, spec: dict) -> None:
+    # Ctrl-C reaches the whole process group: the engine's process handles it and tells this
+    # one to stop over the pipe, so that uvicorn does not shut down on its own first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):          # uvicorn >= 0.29
+                yield
+
+            def install_signal_handlers(self) -> None:   # older uvicorn
+                pass
 
         from .app import ServerState, create_app
         make, args = spec["tokenizer"]
         tokenizer = make(*args)
-        server: Optional[uvicorn.Server] = None
+        server: Optional[Server] = None
 
         def lost() -> None:
             if server is not None:
@@ -289,8 +302,8 @@ def _child_main(conn, spec: dict) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((spec["host"], spec["port"]))
         sock.listen(spec["backlog"])      # connections queue from now, before uvicorn runs
-        server = uvicorn.Server(uvicorn.Config(app, log_level=spec["log_level"],
-                                               backlog=spec["backlog"]))
+        server = Server(uvicorn.Config(app, log_level=spec["log_level"],
+                                       backlog=spec["backlog"]))
         remote.start()
         conn.send(("ready", sock.getsockname()[1]))
     except Exception as e:  # noqa: BLE001 - told to the parent, which raises it
