@@ -40,6 +40,15 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0          # spawning imports torch, fastapi and the tokenizer
 
 
+def _messages(conn):
+    """What arrives on ``conn`` until the other side closes it."""
+    while True:
+        try:
+            yield conn.recv()
+        except (EOFError, OSError):
+            return
+
+
 class _PipeSink:
     """The engine side's sink for every remote handle: one pipe message per step."""
 
@@ -107,11 +116,7 @@ class HttpProcess:
 
     # -- pipe thread -----------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            try:
-                msg = self.conn.recv()
-            except (EOFError, OSError):
-                break
+        for msg in _messages(self.conn):
             kind = msg[0]
             if kind == "add":
                 self._add(msg[1])
@@ -216,11 +221,7 @@ class RemoteLoop:
         return fut
 
     def _run(self) -> None:
-        while True:
-            try:
-                msg = self.conn.recv()
-            except (EOFError, OSError):
-                break
+        for msg in _messages(self.conn):
             if msg[0] == "events":
                 self._deliver(msg[1])
             elif msg[0] == "stop":
