@@ -9,8 +9,8 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics. Requests run through the inflight-batching scheduler (``LLMEngine``) on one
 engine thread; tokens stream back as server-sent events. The HTTP server runs in a process of
-its own (llama_engine/server/remote.py) unless ``--single_process``. On a machine without a GPU it runs on
-the CPU, e.g. with the quickstart's engine:
+its own (llama_engine/server/remote.py) unless ``--single_process``. On a machine without a
+GPU it runs on the CPU, e.g. with the quickstart's engine:
 
     python serve.py --engine_dir engines/smollm2_float32 --port 8000
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -101,8 +101,9 @@ def _main(args) -> int:
         finally:
             loop.stop()
         return 0
-    http, loop = start_http_process(llm, (load_tokenizer, (args.tokenizer_dir or args.engine_dir,)), name,
-                                    host=args.host, port=args.port, max_queue=args.max_queue,
+    tokenizer_source = (load_tokenizer, (args.tokenizer_dir or args.engine_dir,))
+    http, loop = start_http_process(llm, tokenizer_source, name, host=args.host,
+                                    port=args.port, max_queue=args.max_queue,
                                     stream_interval=args.stream_interval,
                                     log_level=args.log_level)
     print(f"serving {name!r} on {http.url}/v1 ({device}; HTTP in process {http.proc.pid})",

@@ -8,7 +8,7 @@ tokens causally.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -43,22 +43,13 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int,
 
     ``scale``: an int8 / FP8 cache's dequantization scales, float32 [Hkv, D] (per KV head and
     channel; a float is accepted too), or None for a float cache."""
-    block_size = cache.shape[2]
-    n = (length + block_size - 1) // block_size
-    blocks = cache[block_table[:n].long()]                 # [n, Hkv, bs, D]
-    x = blocks.permute(0, 2, 1, 3).reshape(n * block_size, cache.shape[1], cache.shape[3])
-    x = x[:length]
-    if scale is None:
-        return x.to(dtype)
-    if isinstance(scale, torch.Tensor):
-        scale = scale.reshape(cache.shape[1], cache.shape[3])  # [Hkv, D] broadcasts over tokens
-    return (x.float() * scale).to(dtype)
+    return gather_context_batch(cache, block_table[None], length, scale, dtype)[0]
 
 
 def gather_context_batch(cache: torch.Tensor, block_tables: torch.Tensor, length: int,
                          scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``gather_context`` for B sequences at once (the same ``length`` each): block_tables
-    [B, >= blocks] -> [B, length, Hkv, D] in ``dtype``."""
+    """The first ``length`` cached tokens of B sequences at once (``gather_context`` of each):
+    block_tables [B, >= blocks] -> [B, length, Hkv, D] in ``dtype``."""
     B = block_tables.shape[0]
     _, hkv, block_size, d = cache.shape
     n = (length + block_size - 1) // block_size
@@ -79,6 +70,7 @@ class PrefillPlan:
     starts: list       # first token row of each sequence after the decode rows
     groups: dict       # (new tokens, cached prefix) -> indices into starts of >= 2 prompts
                        # sharing one call
+    tables: dict = field(default_factory=dict)   # group -> its block tables (made once a step)
 
 
 def prefill_plan(meta: AttentionMeta) -> PrefillPlan:
@@ -138,8 +130,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
             qb, kb, vb = (torch.stack([x[starts[m]:starts[m] + qlen] for m in members])
                           for x in (q, k, v))
         if prefix > 0:
-            rows = torch.tensor([nd + m for m in members], device=meta.block_tables.device)
-            tables = meta.block_tables.index_select(0, rows)
+            tables = plan.tables.get((qlen, prefix))
+            if tables is None:
+                rows = torch.tensor([nd + m for m in members], device=meta.block_tables.device)
+                tables = plan.tables[(qlen, prefix)] = meta.block_tables.index_select(0, rows)
             kb = torch.cat([gather_context_batch(k_cache, tables, prefix, ks, q.dtype), kb], 1)
             vb = torch.cat([gather_context_batch(v_cache, tables, prefix, vs, q.dtype), vb], 1)
         ob = ops.prefill_attention_batch(qb, kb, vb, softmax_scale=softmax_scale)

@@ -104,3 +104,40 @@ def test_http_benchmark_dry_run_on_cpu(tmp_path):
     assert http["num_requests"] == 8 and http["failed"] == 0 and http["tokens_per_s"] > 0
     assert http["output_tokens"] == direct["output_tokens"]
     assert http["client"].split()[0] in ("aiohttp", "httpx") and http["server"].startswith("uvicorn")
+
+
+def test_http_process_on_a_busy_port_is_a_one_line_error():
+    """serve.py's default layout: the HTTP process cannot bind -> ConfigError (``error: ...``
+    from serve.py), and the engine thread started for it is stopped again."""
+    import socket
+    import threading
+
+    import pytest
+    pytest.importorskip("uvicorn",
+                        reason="serve.py's dependencies: pip install -r requirements.txt")
+    import weight
+    from benchmarks.http_load import IdTokenizer
+    from llama_engine import checkpoint as ckpt
+    from llama_engine.config import (PRESETS, BuildConfig, ConfigError, EngineConfig, ModelArgs,
+                                     QuantConfig)
+    from llama_engine.runner import Engine
+    from llama_engine.server import start_http_process
+    from llama_engine.serving import LLMEngine
+    args = ModelArgs(**PRESETS["tiny"])
+    build = BuildConfig(max_batch_size=2, max_input_len=16, max_output_len=8,
+                        tokens_per_block=4, use_inflight_batching=True, paged_kv_cache=True)
+    eng = Engine.from_tensors(EngineConfig(model=args, quant=QuantConfig(), build=build,
+                                           dtype="float32"),
+                              ckpt.hf_to_unified(weight.random_weights(args, "float32"), args),
+                              "cpu")
+    llm = LLMEngine(eng, max_kv_cache_tokens=64)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        with pytest.raises(ConfigError, match="could not start: OSError"):
+            start_http_process(llm, (IdTokenizer, (args.vocab_size,)), "t",
+                               port=busy.getsockname()[1])
+    finally:
+        busy.close()
+    assert not any(t.name == "engine-loop" and t.is_alive() for t in threading.enumerate())

@@ -33,6 +33,7 @@ import socket
 import threading
 from typing import Callable, Optional
 
+from ..config import ConfigError
 from .loop import EngineLoop, Event, Handle, Overloaded
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,6 @@ def _messages(conn):
             return
 
 
-class _PipeSink:
-    """The engine side's sink for every remote handle: one pipe message per step."""
-
-    def __init__(self, owner: "HttpProcess"):
-        self.owner = owner
-
-    def post(self, items: list) -> None:
-        self.owner._events(items)
-
-
 class HttpProcess:
     """serve.py's HTTP server in a spawned process, over ``loop`` (a started EngineLoop).
 
@@ -71,7 +62,6 @@ class HttpProcess:
                  max_queue: int = 4096, log_level: str = "warning", backlog: int = 4096):
         self.loop, self.metrics = loop, metrics
         self.handles: dict[int, Handle] = {}
-        self._sink = _PipeSink(self)
         self._send_lock = threading.Lock()
         ctx = mp.get_context("spawn")    # the engine's process may hold CUDA: never fork it
         self.conn, child = ctx.Pipe()
@@ -84,21 +74,22 @@ class HttpProcess:
         child.close()
         if not self.conn.poll(READY_TIMEOUT_S):
             self.close()
-            raise RuntimeError(f"the HTTP process did not start in {READY_TIMEOUT_S:g} s")
+            raise ConfigError(f"the HTTP process did not start in {READY_TIMEOUT_S:g} s")
         try:
             kind, value = self.conn.recv()
         except EOFError:
             kind, value = "error", f"exit code {self.proc.exitcode}"
         if kind != "ready":
             self.close()
-            raise RuntimeError(f"the HTTP process failed to start: {value}")
+            raise ConfigError(f"the HTTP server could not start: {value}")
         self.port = value
         self.url = f"http://{host}:{self.port}"
         self._pump = threading.Thread(target=self._run, name="http-pipe", daemon=True)
         self._pump.start()
 
     # -- engine thread ---------------------------------------------------------------------
-    def _events(self, items: list) -> None:
+    def post(self, items: list) -> None:
+        """The sink of every remote handle: one pipe message per engine step."""
         batch = []
         for h, ev in items:
             batch.append((h.key, ev.index, ev.token_ids, ev.finished, ev.finish_reason,
@@ -132,14 +123,14 @@ class HttpProcess:
             self.loop.cancel(h)
 
     def _add(self, specs: list) -> None:
-        handles = [Handle(ids, sampling, max_tokens, stop_ids, index, self._sink, key=key)
+        handles = [Handle(ids, sampling, max_tokens, stop_ids, index, self, key=key)
                    for key, ids, sampling, max_tokens, stop_ids, index in specs]
         for h in handles:
             self.handles[h.key] = h
         try:
             self.loop.submit(handles)
         except Overloaded as e:           # the HTTP process answers 503 for this too
-            self._events([(h, Event(h.index, [], True, "overloaded", f"server overloaded: {e}"))
+            self.post([(h, Event(h.index, [], True, "overloaded", f"server overloaded: {e}"))
                           for h in handles])
 
     # -- any thread ------------------------------------------------------------------------
