@@ -10,6 +10,10 @@ directory feeds both ``build.py --ckpt_dir`` and, on a machine that has it, ``tr
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR -sq auto --per_token --per_channel
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --use_weight_only \
         --weight_only_precision int8_awq --group_size 64     # W8A16_GPTQ, AWQ scales folded
+    python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --use_weight_only \
+        --weight_only_precision int4_gptq --group_size 128   # GPTQ -> W4A16_GPTQ
+    python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --use_weight_only \
+        --weight_only_precision int4_awq --group_size 128 --has_zero_point --awq_gptq
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --calibrate-kv-cache
     python hf_llama_convert.py -i model.gguf -o CKPT_DIR -sq 0.5
     python hf_llama_convert.py -i llama-7b -o CKPT_DIR -sq 0.5      # random weights, speed-only
@@ -87,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["int8", "int8_awq", "int4", "int4_awq", "int4_gptq"],
                    help="int4_awq: AWQ calibration (Lin et al. 2023) into TensorRT-LLM's "
                         "W4A16_AWQ; int8_awq: AWQ's scale search for int8, folded into the "
-                        "weights (a plain W8A16 / W8A16_GPTQ checkpoint); int4_gptq: only from "
-                        "a GPTQ checkpoint given as -i")
+                        "weights (a plain W8A16 / W8A16_GPTQ checkpoint); int4_gptq: GPTQ "
+                        "(Frantar et al. 2022) into W4A16_GPTQ, or a GPTQ checkpoint given as -i "
+                        "converted as it is")
     p.add_argument("--group_size", type=int, default=None,
                    help="int4 group size: 128 (default), 64, 32, or 0 for per-channel; int8: "
                         "32, 64 or 128 for group-wise scales and zeros (W8A16_GPTQ)")
@@ -99,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AWQ: calibration tokens kept per prompt for the scale search")
     p.add_argument("--no_awq_clip", action="store_true",
                    help="AWQ: skip the clipping search (zero-point formats)")
+    p.add_argument("--awq_gptq", action="store_true",
+                   help="int4_awq --has_zero_point: round the AWQ-scaled weights with GPTQ "
+                        "instead of to nearest (AWQ's scales and clipping, then GPTQ)")
+    p.add_argument("--gptq_damp", type=float, default=0.01,
+                   help="GPTQ: dampening added to the Hessian's diagonal, as a fraction of "
+                        "its mean (the paper's 1%%)")
     # -- end int4 formats --
     p.add_argument("--qformat", default=None, choices=["fp8"],
                    help="fp8: FP8 E4M3 weights and activations (TensorRT-LLM quantize.py's name; "
@@ -180,9 +191,11 @@ def convert(ns: argparse.Namespace) -> str:
     prequantized = _prequantized_method(ns.in_file)
     if prequantized:
         return _convert_prequantized(ns, prequantized, sources)
-    if ns.use_weight_only and ns.weight_only_precision == "int4_gptq":
-        raise ConfigError("--weight_only_precision int4_gptq: GPTQ itself is not run here; give "
-                          "a GPTQ checkpoint directory as -i (it is converted as it is)")
+    gptq_run = ns.use_weight_only and (ns.weight_only_precision == "int4_gptq" or ns.awq_gptq)
+    if ns.awq_gptq and not (ns.use_weight_only and ns.weight_only_precision == "int4_awq"
+                            and ns.has_zero_point):
+        raise ConfigError("--awq_gptq rounds AWQ's zero-point int4 with GPTQ: it needs "
+                          "--use_weight_only --weight_only_precision int4_awq --has_zero_point")
     args, hf_sd, info = _load(ns.in_file, ns.seed, device)
     if ns.dtype == "auto":  # the source's float dtype; float32 becomes float16 (TensorRT-LLM)
         src = next((str(t.dtype).replace("torch.", "") for t in hf_sd.values()
@@ -223,6 +236,9 @@ def convert(ns: argparse.Namespace) -> str:
     if quant.pre_quant_scale or (ns.use_weight_only and ns.weight_only_precision == "int8_awq"):
         awq_kw, awq_info = _awq(ns, args, hf_sd, info, device)
         calib_info = {**(calib_info or {}), **awq_info}
+    elif gptq_run:
+        gptq_rows, gptq_info = _capture_rows(ns, args, hf_sd, info, device, "gptq")
+        calib_info = {**(calib_info or {}), **gptq_info}
     sq_rows, sq_kw = None, {}
     if ns.smoothquant == "auto":  # calibration rows for the per-layer alpha search
         sq_rows, sq_info = _capture_rows(ns, args, hf_sd, info, device, "sq_alpha_search",
@@ -239,12 +255,20 @@ def convert(ns: argparse.Namespace) -> str:
         sq_kw["sq_alphas"] = alphas
         print(f"SmoothQuant alpha search: {len(vals)} groups, alpha {vals[0]:.2f}..{vals[-1]:.2f}"
               f" (median {quant.smoothquant_val:.2f})", file=sys.stderr)
-    if awq_kw:
+    if gptq_run and not awq_kw:
+        from llama_engine.awq import input_grams
+        awq_kw = {"int4_hessians": input_grams(args, gptq_rows[1]), "gptq_damp": ns.gptq_damp}
+        calib_info["gptq"]["damp"] = ns.gptq_damp
+    elif awq_kw:
         from llama_engine.awq import apply_awq
+        hess = {} if gptq_run else None
         tensors, pqs, clips, rep = apply_awq(tensors, args, quant, *awq_kw["inputs"],
                                              clip=not ns.no_awq_clip,
-                                             progress=not ns.no_progress)
+                                             progress=not ns.no_progress, hessians=hess)
         awq_kw = {"pre_quant_scales": pqs, "int4_clips": clips}
+        if gptq_run:
+            awq_kw.update(int4_hessians=hess, gptq_damp=ns.gptq_damp)
+            calib_info["awq"]["gptq_rounding"] = {"damp": ns.gptq_damp}
         gain = [r["rtn_err"] / max(r["awq_err"], 1e-30) for r in rep.values()]
         print(f"AWQ: layer output error {sum(gain) / len(gain):.2f}x lower than round to "
               f"nearest on the calibration tokens (mean over {len(gain)} linears)",

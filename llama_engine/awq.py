@@ -39,6 +39,7 @@ from typing import Iterable, Optional
 import torch
 
 from .config import ConfigError, ModelArgs, QuantConfig
+from .gptq import gram
 from .quant import (dequantize_int4, dequantize_int8_per_channel, quantize_int4,
                     quantize_int8_per_channel)
 from .quant_int4 import quantize_int4_zp
@@ -117,18 +118,25 @@ def _qdq(w: torch.Tensor, group: int, zero: bool, clip: Optional[torch.Tensor] =
     return dequantize_int4(p, s, group or None)
 
 
-def search_scale(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, group: int,
+def _out_err(e: torch.Tensor, h: torch.Tensor) -> float:
+    """mean over inputs and rows of (x . e_n)^2 for weight error e [N, K] and h = gram(x)."""
+    e = e.double()
+    return ((e @ h) * e).sum().item() / max(1, e.shape[0])
+
+
+def search_scale(w: torch.Tensor, x: Optional[torch.Tensor], x_mean: torch.Tensor, group: int,
                  zero: bool, n_grid: int = 20, bits: int = 4,
-                 tie: Optional[tuple] = None, duo: bool = True) -> tuple[torch.Tensor, dict]:
+                 tie: Optional[tuple] = None, duo: bool = True,
+                 h: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """-> (s [K], {"alpha", "form", "rtn_err", "awq_err"}) for weight w [N, K] (all linears
     sharing the input, stacked) and calibration inputs x [T, K]: the paper's grid search over
     alpha of s = mean|x|^alpha and, with ``duo``, also of s = mean|x|^alpha / mean|w|^(1-alpha)
     (mean|w| per input channel of the row-normalised weight), keeping whichever form and alpha
     give the lowest output error. ``tie`` = (kv heads, q heads per kv head): s equal over the q
-    heads sharing one KV head (o_proj's scale folded into v_proj's rows under GQA)."""
+    heads sharing one KV head (o_proj's scale folded into v_proj's rows under GQA).
+    ``h``: gram(x) when the caller has it (x is then not read)."""
     w = w.float()
-    x = x.float()
-    y = x @ w.t()
+    h = gram(x) if h is None else h
     xm = x_mean.float().clamp_min(1e-8)
     wm = (w.abs() / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)).mean(0).clamp_min(1e-8)
     best = None
@@ -144,7 +152,7 @@ def search_scale(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, group: 
                 s = _tie(s, *tie)
             s = s / (s.max() * s.min()).sqrt()
             wq = _qdq(w * s, group, zero, bits=bits) / s
-            err = ((x @ wq.t() - y) ** 2).mean().item()
+            err = _out_err(wq - w, h)
             if rtn_err is None:
                 rtn_err = err
             if best is None or err < best[0]:
@@ -159,17 +167,30 @@ def _tie(s: torch.Tensor, n_kv: int, rep: int) -> torch.Tensor:
     return g.expand(n_kv, rep, d).reshape(-1)
 
 
-def search_clip(w: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
+def input_grams(args: ModelArgs, x_rows: dict) -> dict:
+    """{linear prefix: gram of its captured inputs [K, K]} for every quantized linear (one
+    matrix shared by the linears of a group): GPTQ's Hessians without AWQ's scaling."""
+    out = {}
+    for i in range(args.num_hidden_layers):
+        for linears, hf_mod, _ in AWQ_GROUPS:
+            h = gram(x_rows[f"model.layers.{i}.{hf_mod}"])
+            for n in linears:
+                out[f"transformer.layers.{i}.{n}"] = h
+    return out
+
+
+def search_clip(w: torch.Tensor, h: torch.Tensor, group: int) -> torch.Tensor:
     """Per (row, group) shrink factor of the range [N, K/G] minimising that group's output
-    error on x [T, K] (zero-point formats; the paper's auto-clip)."""
+    error on the inputs whose gram matrix is h [K, K] (zero-point formats; the paper's
+    auto-clip): a group's error is e H_gg e^T with H_gg its diagonal block of h."""
     n, k = w.shape
     g = group or k
-    xg = x.float().reshape(x.shape[0], k // g, g)
+    hb = torch.stack([h[j:j + g, j:j + g] for j in range(0, k, g)])    # [K/G, G, G]
     best_err = best = None
     for r in CLIP_RATIOS:
         clip = torch.full((n, k // g), r)
-        e = (_qdq(w, g, True, clip) - w).reshape(n, k // g, g)
-        err = torch.einsum("tgj,ngj->tng", xg, e).pow(2).mean(0)           # [N, K/G]
+        e = (_qdq(w, g, True, clip) - w).double().reshape(n, k // g, g)
+        err = torch.einsum("ngi,gij,ngj->ng", e, hb, e)                    # [N, K/G]
         if best is None:
             best_err, best = err, clip
         else:
@@ -185,7 +206,8 @@ _FOLD_INTO = {"attention.dense": "attention.qkv", "mlp.proj": "mlp.gate"}
 
 def apply_awq(tensors: dict, args: ModelArgs, quant: QuantConfig, x_mean: dict, x_rows: dict,
               n_grid: int = 20, clip: bool = True, progress: bool = True,
-              fold_prev: Optional[bool] = None) -> tuple[dict, dict, dict, dict]:
+              fold_prev: Optional[bool] = None, hessians: Optional[dict] = None
+              ) -> tuple[dict, dict, dict, dict]:
     """Scale unified float ``tensors`` as AWQ's search says; -> (tensors, pre_quant_scales
     {linear prefix: 1/s} for ``quantize_checkpoint``, clip factors {prefix: [N, K/G]},
     report {prefix: {"alpha", "form", "rtn_err", "awq_err"}}). The input dict is not modified.
@@ -195,7 +217,10 @@ def apply_awq(tensors: dict, args: ModelArgs, quant: QuantConfig, x_mean: dict, 
     up's output; o_proj's scale is tied over the q heads sharing a KV head) instead of
     TensorRT-LLM's ``prequant_scaling_factor``. Default: only for formats without that tensor
     (int8 weight-only); the rows' scaling does not change their round to nearest (each row's
-    scales scale with it)."""
+    scales scale with it).
+
+    ``hessians``: a dict to fill with {linear prefix: gram of its scaled inputs [K, K]}, the
+    Hessian GPTQ's rounding needs afterwards (``gptq.py``; AWQ scales + GPTQ rounding)."""
     wo = quant.weight_only
     if wo not in ("int4", "int8"):
         raise ConfigError("AWQ applies to int4 / int8 weight-only")
@@ -220,13 +245,17 @@ def apply_awq(tensors: dict, args: ModelArgs, quant: QuantConfig, x_mean: dict, 
             ws = [out[p + ".weight"] for p in prefixes]
             dtype = ws[0].dtype
             tie = (n_kv, rep_q) if fold_prev and linears == ("attention.dense",) else None
-            s, rep = search_scale(torch.cat([w.float() for w in ws]), x_rows[key], x_mean[key],
-                                  g, zero, n_grid, bits=bits, tie=tie)
+            h = gram(x_rows[key])
+            s, rep = search_scale(torch.cat([w.float() for w in ws]), None, x_mean[key],
+                                  g, zero, n_grid, bits=bits, tie=tie, h=h)
+            hs = h / (s.double()[:, None] * s.double()[None, :])   # the inputs x / s
             for p, w in zip(prefixes, ws):
                 scaled = w.float() * s
                 out[p + ".weight"] = scaled.to(dtype)
                 if clip and zero and w.shape[1] % (g or w.shape[1]) == 0:
-                    clips[p] = search_clip(scaled, x_rows[key] / s, g)
+                    clips[p] = search_clip(scaled, hs, g)
+                if hessians is not None:
+                    hessians[p] = hs
                 report[p] = rep
             if norm is not None:
                 nk = f"transformer.layers.{i}.{norm}.weight"

@@ -512,7 +512,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
                         act_stats: Optional[dict] = None, kv_stats: Optional[dict] = None,
                         progress: bool = True, dtype: Optional[str | torch.dtype] = None,
                         pre_quant_scales: Optional[dict] = None,
-                        int4_clips: Optional[dict] = None, sq_alphas: Optional[dict] = None):
+                        int4_clips: Optional[dict] = None, sq_alphas: Optional[dict] = None,
+                        int4_hessians: Optional[dict] = None, gptq_damp: float = 0.01):
     """Quantize unified float tensors as ``quant`` says -> (tensors, report).
 
     ``act_stats``: {linear prefix: max|x| per input channel [K]} from ``smoothquant.py``
@@ -526,6 +527,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
     ``pre_quant_scales``: {linear prefix: p [K]} (AWQ, ``awq.py``): the weights are already
     scaled by 1/p, the input is multiplied by p (``prequant_scaling_factor``). ``int4_clips``:
     {linear prefix: [N, K/G] range factors} (AWQ's clipping search; zero-point int4 only).
+    ``int4_hessians``: {linear prefix: [K, K]} gram of its calibration inputs: zero-point int4
+    rounds those linears with GPTQ (``gptq.py``, dampening ``gptq_damp``) instead of to nearest.
     ``sq_alphas``: SmoothQuant's alpha per smoothed group (``smoothquant.search_alphas``)
     instead of ``quant.smoothquant_val`` for every layer.
     The input dict is not modified.
@@ -578,7 +581,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
             scale_dtype = dtype or w.dtype
             new, deq = _quantize_linear(w, quant, scale_dtype,
                                         None if act_stats is None else act_stats.get(prefix),
-                                        prefix, (int4_clips or {}).get(prefix))
+                                        prefix, (int4_clips or {}).get(prefix),
+                                        (int4_hessians or {}).get(prefix), gptq_damp)
             if pre_quant_scales and prefix in pre_quant_scales:
                 new["prequant_scaling_factor"] = pre_quant_scales[prefix].to(scale_dtype)
             for suffix, t in new.items():
@@ -641,12 +645,18 @@ def _linear_prefixes(args: ModelArgs) -> list[str]:
 
 def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dtype,
                      x_max: Optional[torch.Tensor], prefix: str,
-                     clip: Optional[torch.Tensor] = None):
+                     clip: Optional[torch.Tensor] = None, hess: Optional[torch.Tensor] = None,
+                     damp: float = 0.01):
     """-> ({suffix: tensor} of the linear, dequantized float32 weight for the report)."""
     algo = quant.quant_algo
     if quant.int4_zero_point:
         g = quant.group_size
-        p, s, z, _ = quantize_int4_zp(w, g, scale_dtype, clip)
+        if hess is not None:
+            from .gptq import gptq_int4_zp
+            q, s, z = gptq_int4_zp(w, hess, g, scale_dtype, clip, damp)
+            p = K.pack_int4(q.to(w.device))
+        else:
+            p, s, z, _ = quantize_int4_zp(w, g, scale_dtype, clip)
         new = {"weight": p, "weights_scaling_factor": s, "zero": z}
         if algo != W4A16_GPTQ:
             new["prequant_scaling_factor"] = torch.ones(w.shape[1], dtype=scale_dtype,

@@ -320,14 +320,6 @@ def test_gptq_unsupported_is_one_line_error(kw, msg, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_convert_gptq_flag_needs_a_gptq_checkpoint(capsys):
-    import hf_llama_convert
-    rc = hf_llama_convert.main(["-i", "tiny", "-o", "/tmp/never_written_gptq", "--use_weight_only",
-                                "--weight_only_precision", "int4_gptq"])
-    assert rc == 2
-    assert "give a GPTQ checkpoint directory" in capsys.readouterr().err
-
-
 # --------------------------------------------------------------------------------------------
 # GGUF kept as it is
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,9 @@ ROWS = {
     "int4_awq_g64_sym": "int4 AWQ g64",
     "int4_zp_g128": "int4 WO g128 zeros (RTN)",
     "int4_awq_g128": "int4 AWQ g128 zeros",
+    "int4_awq_gptq_g64": "int4 AWQ g64 zeros, GPTQ rounding",
+    "int4_awq_gptq_g128": "int4 AWQ g128 zeros, GPTQ rounding",
+    "int4_gptq_g128": "int4 GPTQ g128 (W4A16_GPTQ)",
     # issue 19: FP8 E4M3 W8A8 (CPU: the exact emulation with torch's float8 dtypes)
     "fp8": "FP8 W8A8 per-tensor, static (calibrated)",
     "fp8_pcpt": "FP8 W8A8 per-channel, per-token",
@@ -110,6 +113,12 @@ INT4_ZP_ROWS = {
     # zero padding of K to 640 computes)
     "int4_zp_g128": ([*_ZP, "--group_size", "128"], None),
     "int4_awq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point"]),
+    # AWQ's scales and clipping, then GPTQ's error-compensating rounding (gptq.py)
+    "int4_awq_gptq_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--awq_gptq"]),
+    "int4_awq_gptq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point",
+                                  "--awq_gptq"]),
+    "int4_gptq_g128": (None, ["--use_weight_only", "--weight_only_precision", "int4_gptq",
+                              "--group_size", "128"]),
 }
 # issue 19's rows: key -> (build flags, hf_llama_convert flags or None)
 FP8_ROWS = {
@@ -130,6 +139,9 @@ TARGETS = {
     "int4_awq_g64": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_awq_g64_sym": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_awq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
+    "int4_awq_gptq_g64": {"rouge1_drop": 1.5, "top1": 0.90},
+    "int4_awq_gptq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
+    "int4_gptq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
     "fp8": {"rouge1_drop": 0.5, "top1": 0.97},
     "fp8_pcpt": {"rouge1_drop": 0.5, "top1": 0.97},
     # issue 18: int8 WO top-1 >= 98.5% and dROUGE-1 <= 0.5; SmoothQuant >= 95% and <= 1.0
