@@ -13,7 +13,7 @@ directory feeds both ``build.py --ckpt_dir`` and, on a machine that has it, ``tr
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --use_weight_only \
         --weight_only_precision int4_gptq --group_size 128   # GPTQ -> W4A16_GPTQ
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --use_weight_only \
-        --weight_only_precision int4_awq --group_size 128 --has_zero_point --awq_gptq
+        --weight_only_precision int4_awq --group_size 128 --has_zero_point --gptq
     python hf_llama_convert.py -i HF_DIR -o CKPT_DIR --calibrate-kv-cache
     python hf_llama_convert.py -i model.gguf -o CKPT_DIR -sq 0.5
     python hf_llama_convert.py -i llama-7b -o CKPT_DIR -sq 0.5      # random weights, speed-only
@@ -104,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AWQ: calibration tokens kept per prompt for the scale search")
     p.add_argument("--no_awq_clip", action="store_true",
                    help="AWQ: skip the clipping search (zero-point formats)")
-    p.add_argument("--awq_gptq", action="store_true",
-                   help="int4_awq --has_zero_point: round the AWQ-scaled weights with GPTQ "
-                        "instead of to nearest (AWQ's scales and clipping, then GPTQ)")
+    p.add_argument("--gptq", action="store_true",
+                   help="round with GPTQ (Frantar et al. 2022) instead of to nearest: int4 "
+                        "with --has_zero_point (= int4_gptq), int4_awq with --has_zero_point "
+                        "(AWQ's scales and clipping, then GPTQ), int8 / int8_awq with "
+                        "--group_size (W8A16_GPTQ)")
     p.add_argument("--gptq_damp", type=float, default=0.01,
                    help="GPTQ: dampening added to the Hessian's diagonal, as a fraction of "
                         "its mean (the paper's 1%%)")
@@ -191,11 +193,9 @@ def convert(ns: argparse.Namespace) -> str:
     prequantized = _prequantized_method(ns.in_file)
     if prequantized:
         return _convert_prequantized(ns, prequantized, sources)
-    gptq_run = ns.use_weight_only and (ns.weight_only_precision == "int4_gptq" or ns.awq_gptq)
-    if ns.awq_gptq and not (ns.use_weight_only and ns.weight_only_precision == "int4_awq"
-                            and ns.has_zero_point):
-        raise ConfigError("--awq_gptq rounds AWQ's zero-point int4 with GPTQ: it needs "
-                          "--use_weight_only --weight_only_precision int4_awq --has_zero_point")
+    gptq_run = ns.use_weight_only and (ns.weight_only_precision == "int4_gptq" or ns.gptq)
+    if ns.gptq and not gptq_run:
+        raise ConfigError("--gptq is a weight-only rounding: add --use_weight_only")
     args, hf_sd, info = _load(ns.in_file, ns.seed, device)
     if ns.dtype == "auto":  # the source's float dtype; float32 becomes float16 (TensorRT-LLM)
         src = next((str(t.dtype).replace("torch.", "") for t in hf_sd.values()
@@ -215,6 +215,9 @@ def convert(ns: argparse.Namespace) -> str:
         has_act_stats=True, has_kv_stats=True,
         smoothquant_alpha=None if ns.smoothquant == "auto" else ns.smoothquant,
         has_zero_point=ns.has_zero_point, fp8=_fp8_flags(ns))
+    if gptq_run and not (quant.int4_zero_point or quant.quant_algo == "W8A16_GPTQ"):
+        raise ConfigError("--gptq rounds onto a zero-point grid: int4 / int4_awq with "
+                          "--has_zero_point (or int4_gptq), or int8 / int8_awq with --group_size")
     print(f"loaded {info['kind']} weights from {info['path']}: {args.num_hidden_layers} layers, "
           f"hidden {args.hidden_size}; target {quant.describe()}, {ns.dtype}", file=sys.stderr)
 

@@ -40,29 +40,29 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def _group_grid(wg: torch.Tensor, clip: Optional[torch.Tensor], dtype: torch.dtype,
-                work: torch.dtype):
-    """Our zero-point grid for the group columns wg [N, G] (quant_int4.quantize_int4_zp's
-    rule and arithmetic: range in ``work`` precision, scale and zero rounded to ``dtype``)
-    -> (s [N], z [N]) in float64."""
+                work: torch.dtype, bits: int):
+    """Our zero-point grid for the group columns wg [N, G] (quantize_int4_zp's rule and
+    arithmetic for 4 bits, quantize_int8_group's for 8: range in ``work`` precision, scale and
+    zero rounded to ``dtype``) -> (s [N], z [N]) in float64."""
     wg = wg.to(work)
     clip = None if clip is None else clip.to(work)
     hi = wg.amax(dim=1).clamp_min(0)
     lo = wg.amin(dim=1).clamp_max(0)
     if clip is not None:
         hi, lo = hi * clip, lo * clip
-    s = (hi - lo) / 15
+    s = (hi - lo) / (2 ** bits - 1)
     s = torch.where(s > 0, s, torch.ones_like(s)).to(dtype)
     s = torch.where(s > 0, s, torch.ones_like(s))
-    z = (lo + 8 * s.to(lo.dtype)).to(dtype)
+    z = (lo + 2 ** (bits - 1) * s.to(lo.dtype)).to(dtype)
     return s.double(), z.double()
 
 
-def gptq_int4_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
-                 scale_dtype: torch.dtype = torch.float16, clip: Optional[torch.Tensor] = None,
-                 damp: float = 0.01, block: int = 128):
-    """GPTQ of w [N, K] against the Hessian h [K, K] -> (codes int8 [N, K] in [-8, 7],
-    scales [K/G, N], zeros [K/G, N] in ``scale_dtype``) in quant_int4's format
-    (w ~ q * s + z). ``group_size`` 0: one group per row; a G not dividing K leaves a narrower
+def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
+            scale_dtype: torch.dtype = torch.float16, clip: Optional[torch.Tensor] = None,
+            damp: float = 0.01, block: int = 128, bits: int = 4):
+    """GPTQ of w [N, K] against the Hessian h [K, K] -> (codes int8 [N, K], scales [K/G, N],
+    zeros [K/G, N] in ``scale_dtype``), w ~ q * s + z: ``bits`` 4 is quant_int4's zero-point
+    format (codes in [-8, 7], to pack), 8 its group-wise int8 (W8A16_GPTQ, [-128, 127]). ``group_size`` 0: one group per row; a G not dividing K leaves a narrower
     last group. ``clip`` [N, ceil(K/G)]: AWQ's range factors."""
     n, k = w.shape
     g = int(group_size) or k
@@ -82,6 +82,9 @@ def gptq_int4_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
     except RuntimeError as e:  # not positive definite even dampened
         raise ConfigError(f"GPTQ: the calibration Hessian is singular ({e}); give more "
                           "calibration prompts or a larger damp") from None
+    if bits not in (4, 8):
+        raise ConfigError(f"GPTQ: {bits}-bit codes are not a format here (4 or 8)")
+    lo_code, hi_code = -2 ** (bits - 1), 2 ** (bits - 1) - 1
     blk = max(g, (block // g) * g) if g < k else k
     ng = -(-k // g)   # a G not dividing K: a narrower last group, as quantize_int4_zp
     Q = torch.zeros(n, k, dtype=torch.int8, device=dev)
@@ -98,10 +101,10 @@ def gptq_int4_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
             if col % g == 0:
                 gi = col // g
                 s, z = _group_grid(W1[:, i:i + g], None if clip is None else clip[:, gi],
-                                   scale_dtype, work)
+                                   scale_dtype, work, bits)
                 S[gi], Z[gi] = s, z
             wc = W1[:, i]
-            q = torch.round((wc - z) / s).clamp_(-8, 7)
+            q = torch.round((wc - z) / s).clamp_(lo_code, hi_code)
             Q[:, col] = q.to(torch.int8)
             err = (wc - (q * s + z)) / Hi[i, i]
             W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]

@@ -528,7 +528,7 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
     scaled by 1/p, the input is multiplied by p (``prequant_scaling_factor``). ``int4_clips``:
     {linear prefix: [N, K/G] range factors} (AWQ's clipping search; zero-point int4 only).
     ``int4_hessians``: {linear prefix: [K, K]} gram of its calibration inputs: zero-point int4
-    rounds those linears with GPTQ (``gptq.py``, dampening ``gptq_damp``) instead of to nearest.
+    and group-wise int8 round those linears with GPTQ (``gptq.py``, dampening ``gptq_damp``) instead of to nearest.
     ``sq_alphas``: SmoothQuant's alpha per smoothed group (``smoothquant.search_alphas``)
     instead of ``quant.smoothquant_val`` for every layer.
     The input dict is not modified.
@@ -652,8 +652,8 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
     if quant.int4_zero_point:
         g = quant.group_size
         if hess is not None:
-            from .gptq import gptq_int4_zp
-            q, s, z = gptq_int4_zp(w, hess, g, scale_dtype, clip, damp)
+            from .gptq import gptq_zp
+            q, s, z = gptq_zp(w, hess, g, scale_dtype, clip, damp)
             p = K.pack_int4(q.to(w.device))
         else:
             p, s, z, _ = quantize_int4_zp(w, g, scale_dtype, clip)
@@ -663,8 +663,12 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
                                                         device=w.device)
         return new, WeightOnlyInt4ZeroLinear(p, s, z, g).dequantized().float()
     if algo == W8A16_GPTQ:
-        mod = WeightOnlyInt8GroupLinear(*quantize_int8_group(w, quant.group_size, scale_dtype)[:3],
-                                        quant.group_size)
+        if hess is not None:
+            from .gptq import gptq_zp
+            qsz = gptq_zp(w, hess, quant.group_size, scale_dtype, None, damp, bits=8)
+        else:
+            qsz = quantize_int8_group(w, quant.group_size, scale_dtype)[:3]
+        mod = WeightOnlyInt8GroupLinear(*qsz, quant.group_size)
         return mod.checkpoint_tensors(), mod.dequantized().float()
     if algo == W8A16:
         q, s, _ = quantize_int8_per_channel(w, scale_dtype)

@@ -1,8 +1,9 @@
 """GPTQ (Frantar et al. 2022; llama_engine/gptq.py): with no correlation between inputs it is
-round to nearest exactly; with correlated inputs it lowers the layer output error below round
-to nearest (measured, asserted); hf_llama_convert.py runs it alone (int4_gptq -> W4A16_GPTQ)
-and after AWQ's scaling (--awq_gptq), and the checkpoints build and run; AWQ's searches score
-candidates through the inputs' gram matrix exactly as through the inputs."""
+round to nearest exactly (int4 and int8); with correlated inputs it lowers the layer output
+error below round to nearest (measured, asserted); hf_llama_convert.py runs it alone
+(int4_gptq -> W4A16_GPTQ), after AWQ's scaling and for group-wise int8 (--gptq), and the
+checkpoints build and run; AWQ's searches score candidates through the inputs' gram matrix
+exactly as through the inputs."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import torch
 
 from llama_engine import awq
 from llama_engine.config import ConfigError
-from llama_engine.gptq import dequantize_codes, gptq_int4_zp, gram
+from llama_engine.gptq import dequantize_codes, gptq_zp, gram
 from llama_engine.kernels import linear as K
 from llama_engine.quant_int4 import quantize_int4_zp
 
@@ -31,10 +32,20 @@ def test_identity_hessian_is_round_to_nearest(n, k, group):
     """H = I: no error is carried to later columns, so the codes, scales and zeros are
     quantize_int4_zp's (96 with groups of 64: a narrower last group, the same rule)."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
-    q, s, z = gptq_int4_zp(w, torch.eye(k, dtype=torch.float64), group, torch.float32, damp=0.0)
+    q, s, z = gptq_zp(w, torch.eye(k, dtype=torch.float64), group, torch.float32, damp=0.0)
     p, s0, z0, _ = quantize_int4_zp(w, group, torch.float32)
     assert torch.equal(K.pack_int4(q), p)
     assert torch.equal(s, s0) and torch.equal(z, z0)
+
+
+@pytest.mark.parametrize("n,k,group", [(48, 128, 32), (40, 96, 64)])
+def test_identity_hessian_is_round_to_nearest_int8(n, k, group):
+    from llama_engine.quant_int8 import quantize_int8_group
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    q, s, z = gptq_zp(w, torch.eye(k, dtype=torch.float64), group, torch.float32, damp=0.0,
+                      bits=8)
+    q0, s0, z0, _ = quantize_int8_group(w, group, torch.float32)
+    assert torch.equal(q, q0) and torch.equal(s, s0) and torch.equal(z, z0)
 
 
 @pytest.mark.parametrize("group", [32, 64, 0])
@@ -48,7 +59,7 @@ def test_gptq_lowers_the_output_error_below_rtn(group):
     p, s0, z0, _ = quantize_int4_zp(w, group, torch.float32)
     from llama_engine.kernels.int4_zp import dequantize_w4_zp
     rtn = err(dequantize_w4_zp(p, s0, z0, group or k))
-    q, s, z = gptq_int4_zp(w, gram(x), group, torch.float32)
+    q, s, z = gptq_zp(w, gram(x), group, torch.float32)
     assert q.min() >= -8 and q.max() <= 7
     got = err(dequantize_codes(q, s, z, group))
     # measured: 0.62x (g32), 0.65x (g64), 0.61x (per channel) of round to nearest's error
@@ -60,7 +71,7 @@ def test_singular_hessian_is_a_one_line_error():
     h[0, 1] = h[1, 0] = 5.0           # indefinite, with a non-zero diagonal nowhere: not PD
     h[0, 0] = h[1, 1] = 1.0
     with pytest.raises(ConfigError, match="Hessian is singular") as e:
-        gptq_int4_zp(torch.randn(4, 8), h, 0, torch.float32, damp=0.0)
+        gptq_zp(torch.randn(4, 8), h, 0, torch.float32, damp=0.0)
     assert "\n" not in str(e.value)
 
 
@@ -82,7 +93,9 @@ def _convert(src, out, *flags):
 @pytest.mark.parametrize("flags,algo", [
     (["--weight_only_precision", "int4_gptq", "--group_size", "32"], "W4A16_GPTQ"),
     (["--weight_only_precision", "int4_awq", "--group_size", "32", "--has_zero_point",
-      "--awq_gptq"], "W4A16_AWQ"),
+      "--gptq"], "W4A16_AWQ"),
+    (["--weight_only_precision", "int8", "--group_size", "32", "--gptq"], "W8A16_GPTQ"),
+    (["--weight_only_precision", "int8_awq", "--group_size", "32", "--gptq"], "W8A16_GPTQ"),
 ])
 def test_convert_with_gptq_builds_and_runs(tiny_hf_factory, tmp_path, flags, algo):
     import build
@@ -93,8 +106,7 @@ def test_convert_with_gptq_builds_and_runs(tiny_hf_factory, tmp_path, flags, alg
     q = json.loads((ck / "config.json").read_text())["quantization"]
     assert q["quant_algo"] == algo and q["has_zero_point"]
     cal = q["calibration"]
-    assert (cal["gptq"]["damp"] if algo == "W4A16_GPTQ"
-            else cal["awq"]["gptq_rounding"]["damp"]) == 0.01
+    assert (cal["awq"]["gptq_rounding"] if "awq" in cal else cal["gptq"])["damp"] == 0.01
     eng = tmp_path / "eng"
     assert build.main(["--ckpt_dir", str(ck), "--output_dir", str(eng), "--max_batch_size", "1",
                        "--max_input_len", "16", "--max_output_len", "4"]) == 0
@@ -105,12 +117,12 @@ def test_convert_with_gptq_builds_and_runs(tiny_hf_factory, tmp_path, flags, alg
 
 
 def test_gptq_changes_the_codes_of_a_real_conversion(tiny_hf_factory, tmp_path):
-    """The same AWQ run with and without --awq_gptq: same scales search, different codes."""
+    """The same AWQ run with and without --gptq: same scale search, different codes."""
     from safetensors.torch import load_file
     src = tiny_hf_factory(2, False)
     base = ["--weight_only_precision", "int4_awq", "--group_size", "32", "--has_zero_point"]
     assert _convert(src, tmp_path / "a", *base) == 0
-    assert _convert(src, tmp_path / "b", *base, "--awq_gptq") == 0
+    assert _convert(src, tmp_path / "b", *base, "--gptq") == 0
     a = load_file(str(tmp_path / "a" / "rank0.safetensors"))
     b = load_file(str(tmp_path / "b" / "rank0.safetensors"))
     key = "transformer.layers.0.mlp.fc.weight"
@@ -118,11 +130,12 @@ def test_gptq_changes_the_codes_of_a_real_conversion(tiny_hf_factory, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--weight_only_precision", "int4_awq", "--group_size", "32", "--awq_gptq"],
-    ["--weight_only_precision", "int4", "--group_size", "32", "--awq_gptq"],
+    ["--weight_only_precision", "int4_awq", "--group_size", "32", "--gptq"],
+    ["--weight_only_precision", "int4", "--group_size", "32", "--gptq"],
+    ["--weight_only_precision", "int8", "--gptq"],
 ])
-def test_awq_gptq_needs_zero_point_awq(flags, tmp_path, capsys):
+def test_gptq_needs_a_zero_point_grid(flags, tmp_path, capsys):
     assert _convert("tiny", tmp_path / "never", *flags) == 2
     err = capsys.readouterr().err
-    assert "--awq_gptq" in err and "--has_zero_point" in err
+    assert "--gptq rounds onto a zero-point grid" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "never").exists()

@@ -114,9 +114,9 @@ INT4_ZP_ROWS = {
     "int4_zp_g128": ([*_ZP, "--group_size", "128"], None),
     "int4_awq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point"]),
     # AWQ's scales and clipping, then GPTQ's error-compensating rounding (gptq.py)
-    "int4_awq_gptq_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--awq_gptq"]),
+    "int4_awq_gptq_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--gptq"]),
     "int4_awq_gptq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point",
-                                  "--awq_gptq"]),
+                                  "--gptq"]),
     "int4_gptq_g128": (None, ["--use_weight_only", "--weight_only_precision", "int4_gptq",
                               "--group_size", "128"]),
 }
