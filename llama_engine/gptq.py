@@ -45,7 +45,7 @@ def _group_grid(wg: torch.Tensor, clip: Optional[torch.Tensor], dtype: torch.dty
     arithmetic for 4 bits, quantize_int8_group's for 8: range in ``work`` precision, scale and
     zero rounded to ``dtype``) -> (s [N], z [N]) in float64."""
     wg = wg.to(work)
-    clip = None if clip is None else clip.to(work)
+    clip = None if clip is None else clip.to(wg.device, work)
     hi = wg.amax(dim=1).clamp_min(0)
     lo = wg.amin(dim=1).clamp_max(0)
     if clip is not None:

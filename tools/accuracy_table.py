@@ -87,6 +87,7 @@ ROWS = {
     "int8_wo_g64": "int8 WO g64 zeros (W8A16_GPTQ, RTN)",
     "int8_wo_g32": "int8 WO g32 zeros (W8A16_GPTQ, RTN) ‡",
     "int8_awq_g64": "int8 WO g64 zeros + AWQ scales",
+    "int8_gptq_g64": "int8 WO g64 zeros, GPTQ rounding",
     "sq_auto": "SmoothQuant α per layer (searched) per-token + per-channel",
 }
 _INT8 = ["--use_weight_only", "--weight_only_precision", "int8"]
@@ -97,6 +98,7 @@ INT8_SQ_ROWS = {
     "int8_wo_g32": ([*_INT8, "--group_size", "32"], None),
     "int8_awq_g64": (None, ["--use_weight_only", "--weight_only_precision", "int8_awq",
                             "--group_size", "64"]),
+    "int8_gptq_g64": (None, [*_INT8, "--group_size", "64", "--gptq"]),
     "sq_auto": (None, ["-sq", "auto", "--per_token", "--per_channel"]),
 }
 INT4_ROWS = ("int4_wo_pc", "int4_wo_g64")
@@ -148,6 +150,7 @@ TARGETS = {
     "int8_wo_g64": {"rouge1_drop": 0.5, "top1": 0.985},
     "int8_wo_g32": {"rouge1_drop": 0.5, "top1": 0.985},
     "int8_awq_g64": {"rouge1_drop": 0.5, "top1": 0.985},
+    "int8_gptq_g64": {"rouge1_drop": 0.5, "top1": 0.985},
     "sq_auto": {"rouge1_drop": 1.0, "top1": 0.95},
 }
 
