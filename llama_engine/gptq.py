@@ -59,11 +59,15 @@ def _group_grid(wg: torch.Tensor, clip: Optional[torch.Tensor], dtype: torch.dty
 
 def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
             scale_dtype: torch.dtype = torch.float16, clip: Optional[torch.Tensor] = None,
-            damp: float = 0.01, block: int = 128, bits: int = 4):
+            damp: float = 0.01, block: int = 128, bits: int = 4, act_order: bool = False):
     """GPTQ of w [N, K] against the Hessian h [K, K] -> (codes int8 [N, K], scales [K/G, N],
     zeros [K/G, N] in ``scale_dtype``), w ~ q * s + z: ``bits`` 4 is quant_int4's zero-point
-    format (codes in [-8, 7], to pack), 8 its group-wise int8 (W8A16_GPTQ, [-128, 127]). ``group_size`` 0: one group per row; a G not dividing K leaves a narrower
-    last group. ``clip`` [N, ceil(K/G)]: AWQ's range factors."""
+    format (codes in [-8, 7], to pack), 8 its group-wise int8 (W8A16_GPTQ, [-128, 127]).
+    ``group_size`` 0: one group per row; a G not dividing K leaves a narrower last group.
+    ``clip`` [N, ceil(K/G)]: AWQ's range factors. ``act_order``: the columns are rounded in
+    decreasing order of the Hessian's diagonal (the paper's activation order), each group's
+    scale and zero fixed beforehand from the original weights ("static groups"), so that the
+    groups stay contiguous in K and the checkpoint needs no ``g_idx``."""
     n, k = w.shape
     g = int(group_size) or k
     if h.shape != (k, k):
@@ -75,6 +79,18 @@ def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    ng = -(-k // g)   # a G not dividing K: a narrower last group, as quantize_int4_zp
+    S = torch.empty(ng, n, dtype=torch.float64, device=dev)
+    Z = torch.empty(ng, n, dtype=torch.float64, device=dev)
+    perm = None
+    if act_order:
+        for gi in range(ng):
+            S[gi], Z[gi] = _group_grid(W[:, gi * g:(gi + 1) * g],
+                                       None if clip is None else clip[:, gi], scale_dtype, work,
+                                       bits)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        col_group = (perm // g).tolist()
     H += torch.eye(k, dtype=H.dtype, device=dev) * (damp * torch.diag(H).mean())
     try:
         L = torch.linalg.cholesky(H)
@@ -86,10 +102,7 @@ def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
         raise ConfigError(f"GPTQ: {bits}-bit codes are not a format here (4 or 8)")
     lo_code, hi_code = -2 ** (bits - 1), 2 ** (bits - 1) - 1
     blk = max(g, (block // g) * g) if g < k else k
-    ng = -(-k // g)   # a G not dividing K: a narrower last group, as quantize_int4_zp
     Q = torch.zeros(n, k, dtype=torch.int8, device=dev)
-    S = torch.empty(ng, n, dtype=torch.float64, device=dev)
-    Z = torch.empty(ng, n, dtype=torch.float64, device=dev)
     for i1 in range(0, k, blk):
         i2 = min(i1 + blk, k)
         W1 = W[:, i1:i2].clone()
@@ -98,7 +111,9 @@ def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
         s = z = None
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
+            if perm is not None:
+                s, z = S[col_group[col]], Z[col_group[col]]
+            elif col % g == 0:
                 gi = col // g
                 s, z = _group_grid(W1[:, i:i + g], None if clip is None else clip[:, gi],
                                    scale_dtype, work, bits)
@@ -110,6 +125,8 @@ def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
             W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
             E1[:, i] = err
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
     return Q, S.to(scale_dtype), Z.to(scale_dtype)
 
 

@@ -27,10 +27,13 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 
 from llama_engine import awq, smoothquant as sq  # noqa: E402
+from llama_engine.gptq import dequantize_codes, gptq_zp, gram  # noqa: E402
 
 MODES = ("int8_pc", "int8_g128", "int8_g64", "int8_awq_pc", "int8_awq_g128", "sq0.5",
          "sq_auto", "int4_g64_rtn", "int4_awq_g64", "int4_awq_g64_v", "int4_awq_g128_v",
-         "int8_g32", "fp8_w", "fp8_w_pc", "fp8_a_pt", "fp8_static", "fp8_pt", "fp8_pcpt")
+         "int8_g32", "int4_gptq_g64", "int4_gptqa_g64", "int4_awq_gptq_g64",
+         "int4_awq_gptqa_g64", "int4_gptq_g128", "int4_awq_gptq_g128", "int8_gptq_g64",
+         "int8_gptqa_g64", "fp8_w", "fp8_w_pc", "fp8_a_pt", "fp8_static", "fp8_pt", "fp8_pcpt")
 # FP8 E4M3 fake quantization (issue 19): weights per tensor or per channel ("_pc"), activations
 # none ("fp8_w*"), static per tensor from the calibration maxima ("fp8_static") or per token
 # ("fp8_pt": per-tensor weights; "fp8_pcpt": per-channel weights; "fp8_a_pt": activations only)
@@ -53,7 +56,7 @@ def weight_only(model, mode, x_mean, x_rows, cfg):
     """Replace the linears' weights by the mode's effective weights."""
     bits = 8 if mode.startswith("int8") else 4
     g = {"g128": 128, "g64": 64, "g32": 32}.get(mode.rsplit("_", 1)[-1], 0)
-    zero = bits == 4
+    zero = bits == 4 or "gptq" in mode
     search = "awq" in mode
     tie_o = mode.endswith("_v")  # o_proj scale folded into v_proj (KV heads tied)
     if bits == 8:
@@ -72,11 +75,18 @@ def weight_only(model, mode, x_mean, x_rows, cfg):
                 tie = (n_kv, rep) if (cap == "self_attn.o_proj" and tie_o) else None
                 s, _ = awq.search_scale(torch.cat(ws), x_rows[key], x_mean[key], g, zero,
                                         bits=bits, tie=tie)
+            hs = gram(x_rows[key] / s)
             for m, w in zip(mods, ws):
                 clip = None
                 if bits == 4 and search and w.shape[1] % g == 0:
-                    clip = awq.search_clip(w * s, x_rows[key] / s, g)
-                m.weight.data = (awq._qdq(w * s, g, zero, clip, bits=bits) / s).to(m.weight.dtype)
+                    clip = awq.search_clip(w * s, hs, g)
+                if "gptq" in mode:  # GPTQ's rounding (act order: "gptqa")
+                    q, sc, z = gptq_zp(w * s, hs, g, torch.float32, clip, bits=bits,
+                                       act_order="gptqa" in mode)
+                    wq = dequantize_codes(q, sc, z, g)
+                else:
+                    wq = awq._qdq(w * s, g, zero, clip, bits=bits)
+                m.weight.data = (wq / s).to(m.weight.dtype)
 
 
 def _e4m3(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
