@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --has_zero_point (= int4_gptq), int4_awq with --has_zero_point "
                         "(AWQ's scales and clipping, then GPTQ), int8 / int8_awq with "
                         "--group_size (W8A16_GPTQ)")
+    p.add_argument("--no_gptq_act_order", action="store_true",
+                   help="GPTQ: round the columns left to right instead of in decreasing order "
+                        "of the inputs' energy (activation order with static groups: the "
+                        "default, it needs no g_idx in the checkpoint)")
     p.add_argument("--gptq_damp", type=float, default=0.01,
                    help="GPTQ: dampening added to the Hessian's diagonal, as a fraction of "
                         "its mean (the paper's 1%%)")
@@ -260,8 +264,9 @@ def convert(ns: argparse.Namespace) -> str:
               f" (median {quant.smoothquant_val:.2f})", file=sys.stderr)
     if gptq_run and not awq_kw:
         from llama_engine.awq import input_grams
-        awq_kw = {"int4_hessians": input_grams(args, gptq_rows[1]), "gptq_damp": ns.gptq_damp}
-        calib_info["gptq"]["damp"] = ns.gptq_damp
+        awq_kw = {"int4_hessians": input_grams(args, gptq_rows[1]), "gptq_damp": ns.gptq_damp,
+                  "gptq_act_order": not ns.no_gptq_act_order}
+        calib_info["gptq"].update(damp=ns.gptq_damp, act_order=not ns.no_gptq_act_order)
     elif awq_kw:
         from llama_engine.awq import apply_awq
         hess = {} if gptq_run else None
@@ -270,8 +275,10 @@ def convert(ns: argparse.Namespace) -> str:
                                              progress=not ns.no_progress, hessians=hess)
         awq_kw = {"pre_quant_scales": pqs, "int4_clips": clips}
         if gptq_run:
-            awq_kw.update(int4_hessians=hess, gptq_damp=ns.gptq_damp)
-            calib_info["awq"]["gptq_rounding"] = {"damp": ns.gptq_damp}
+            awq_kw.update(int4_hessians=hess, gptq_damp=ns.gptq_damp,
+                          gptq_act_order=not ns.no_gptq_act_order)
+            calib_info["awq"]["gptq_rounding"] = {"damp": ns.gptq_damp,
+                                                  "act_order": not ns.no_gptq_act_order}
         gain = [r["rtn_err"] / max(r["awq_err"], 1e-30) for r in rep.values()]
         print(f"AWQ: layer output error {sum(gain) / len(gain):.2f}x lower than round to "
               f"nearest on the calibration tokens (mean over {len(gain)} linears)",

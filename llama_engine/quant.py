@@ -513,7 +513,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
                         progress: bool = True, dtype: Optional[str | torch.dtype] = None,
                         pre_quant_scales: Optional[dict] = None,
                         int4_clips: Optional[dict] = None, sq_alphas: Optional[dict] = None,
-                        int4_hessians: Optional[dict] = None, gptq_damp: float = 0.01):
+                        int4_hessians: Optional[dict] = None, gptq_damp: float = 0.01,
+                        gptq_act_order: bool = True):
     """Quantize unified float tensors as ``quant`` says -> (tensors, report).
 
     ``act_stats``: {linear prefix: max|x| per input channel [K]} from ``smoothquant.py``
@@ -582,7 +583,8 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
             new, deq = _quantize_linear(w, quant, scale_dtype,
                                         None if act_stats is None else act_stats.get(prefix),
                                         prefix, (int4_clips or {}).get(prefix),
-                                        (int4_hessians or {}).get(prefix), gptq_damp)
+                                        (int4_hessians or {}).get(prefix),
+                                        (gptq_damp, gptq_act_order))
             if pre_quant_scales and prefix in pre_quant_scales:
                 new["prequant_scaling_factor"] = pre_quant_scales[prefix].to(scale_dtype)
             for suffix, t in new.items():
@@ -646,14 +648,14 @@ def _linear_prefixes(args: ModelArgs) -> list[str]:
 def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dtype,
                      x_max: Optional[torch.Tensor], prefix: str,
                      clip: Optional[torch.Tensor] = None, hess: Optional[torch.Tensor] = None,
-                     damp: float = 0.01):
+                     gptq: tuple = (0.01, True)):
     """-> ({suffix: tensor} of the linear, dequantized float32 weight for the report)."""
     algo = quant.quant_algo
     if quant.int4_zero_point:
         g = quant.group_size
         if hess is not None:
             from .gptq import gptq_zp
-            q, s, z = gptq_zp(w, hess, g, scale_dtype, clip, damp)
+            q, s, z = gptq_zp(w, hess, g, scale_dtype, clip, gptq[0], act_order=gptq[1])
             p = K.pack_int4(q.to(w.device))
         else:
             p, s, z, _ = quantize_int4_zp(w, g, scale_dtype, clip)
@@ -665,7 +667,8 @@ def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dty
     if algo == W8A16_GPTQ:
         if hess is not None:
             from .gptq import gptq_zp
-            qsz = gptq_zp(w, hess, quant.group_size, scale_dtype, None, damp, bits=8)
+            qsz = gptq_zp(w, hess, quant.group_size, scale_dtype, None, gptq[0], bits=8,
+                          act_order=gptq[1])
         else:
             qsz = quantize_int8_group(w, quant.group_size, scale_dtype)[:3]
         mod = WeightOnlyInt8GroupLinear(*qsz, quant.group_size)

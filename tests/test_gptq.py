@@ -106,7 +106,8 @@ def test_convert_with_gptq_builds_and_runs(tiny_hf_factory, tmp_path, flags, alg
     q = json.loads((ck / "config.json").read_text())["quantization"]
     assert q["quant_algo"] == algo and q["has_zero_point"]
     cal = q["calibration"]
-    assert (cal["awq"]["gptq_rounding"] if "awq" in cal else cal["gptq"])["damp"] == 0.01
+    rec = cal["awq"]["gptq_rounding"] if "awq" in cal else cal["gptq"]
+    assert rec["damp"] == 0.01 and rec["act_order"] is True
     eng = tmp_path / "eng"
     assert build.main(["--ckpt_dir", str(ck), "--output_dir", str(eng), "--max_batch_size", "1",
                        "--max_input_len", "16", "--max_output_len", "4"]) == 0
