@@ -77,9 +77,10 @@ ROWS = {
     "int4_awq_g64_sym": "int4 AWQ g64",
     "int4_zp_g128": "int4 WO g128 zeros (RTN)",
     "int4_awq_g128": "int4 AWQ g128 zeros",
-    "int4_awq_gptq_g64": "int4 AWQ g64 zeros, GPTQ rounding",
-    "int4_awq_gptq_g128": "int4 AWQ g128 zeros, GPTQ rounding",
-    "int4_gptq_g128": "int4 GPTQ g128 (W4A16_GPTQ)",
+    "int4_awq_gptq_g64": "int4 AWQ g64 zeros, GPTQ rounding (left to right)",
+    "int4_awq_gptq_g128": "int4 AWQ g128 zeros, GPTQ rounding (left to right)",
+    "int4_awq_gptqa_g64": "int4 AWQ g64 zeros, GPTQ rounding (act order)",
+    "int4_gptq_g128": "int4 GPTQ g128 (W4A16_GPTQ, act order)",
     # issue 19: FP8 E4M3 W8A8 (CPU: the exact emulation with torch's float8 dtypes)
     "fp8": "FP8 W8A8 per-tensor, static (calibrated)",
     "fp8_pcpt": "FP8 W8A8 per-channel, per-token",
@@ -87,7 +88,7 @@ ROWS = {
     "int8_wo_g64": "int8 WO g64 zeros (W8A16_GPTQ, RTN)",
     "int8_wo_g32": "int8 WO g32 zeros (W8A16_GPTQ, RTN) ‡",
     "int8_awq_g64": "int8 WO g64 zeros + AWQ scales",
-    "int8_gptq_g64": "int8 WO g64 zeros, GPTQ rounding",
+    "int8_gptq_g64": "int8 WO g64 zeros, GPTQ rounding (act order)",
     "sq_auto": "SmoothQuant α per layer (searched) per-token + per-channel",
 }
 _INT8 = ["--use_weight_only", "--weight_only_precision", "int8"]
@@ -116,9 +117,11 @@ INT4_ZP_ROWS = {
     "int4_zp_g128": ([*_ZP, "--group_size", "128"], None),
     "int4_awq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point"]),
     # AWQ's scales and clipping, then GPTQ's error-compensating rounding (gptq.py)
-    "int4_awq_gptq_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--gptq"]),
+    "int4_awq_gptq_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--gptq",
+                                 "--no_gptq_act_order"]),
     "int4_awq_gptq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point",
-                                  "--gptq"]),
+                                  "--gptq", "--no_gptq_act_order"]),
+    "int4_awq_gptqa_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--gptq"]),
     "int4_gptq_g128": (None, ["--use_weight_only", "--weight_only_precision", "int4_gptq",
                               "--group_size", "128"]),
 }
@@ -143,6 +146,7 @@ TARGETS = {
     "int4_awq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_awq_gptq_g64": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_awq_gptq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
+    "int4_awq_gptqa_g64": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_gptq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
     "fp8": {"rouge1_drop": 0.5, "top1": 0.97},
     "fp8_pcpt": {"rouge1_drop": 0.5, "top1": 0.97},
