@@ -198,6 +198,8 @@ def convert(ns: argparse.Namespace) -> str:
     if prequantized:
         return _convert_prequantized(ns, prequantized, sources)
     gptq_run = ns.use_weight_only and (ns.weight_only_precision == "int4_gptq" or ns.gptq)
+    if ns.gptq_damp < 0:
+        raise ConfigError(f"--gptq_damp must be >= 0, got {ns.gptq_damp}")
     if ns.gptq and not gptq_run:
         raise ConfigError("--gptq is a weight-only rounding: add --use_weight_only")
     args, hf_sd, info = _load(ns.in_file, ns.seed, device)
