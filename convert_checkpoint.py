@@ -120,7 +120,7 @@ def to_convert_namespace(a: argparse.Namespace) -> argparse.Namespace:
         device="cpu" if a.load_model_on_cpu else a.device, calib_dtype=None, seed=0,
         no_progress=False, tp_size=a.tp_size, log_level=a.log_level,
         has_zero_point=False, awq_tokens_per_prompt=64, no_awq_clip=False, gptq=False,
-        gptq_damp=0.01, no_gptq_act_order=False,
+        gptq_damp=0.01, no_gptq_act_order=False, no_gptq_fit_scales=False,
         qformat="fp8" if (a.use_fp8 or a.use_fp8_rowwise) else None,
         fp8_per_channel=a.use_fp8_rowwise, fp8_dynamic_act=a.use_fp8_rowwise)
 

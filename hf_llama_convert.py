@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq_damp", type=float, default=0.01,
                    help="GPTQ: dampening added to the Hessian's diagonal, as a fraction of "
                         "its mean (the paper's 1%%)")
+    p.add_argument("--no_gptq_fit_scales", action="store_true",
+                   help="GPTQ: keep round to nearest's min/max grid per group instead of "
+                        "fitting each group's scale and zero by least squares on the "
+                        "calibration inputs' output error (before GPTQ's pass, and again to "
+                        "its codes after it; the default)")
     # -- end int4 formats --
     p.add_argument("--qformat", default=None, choices=["fp8"],
                    help="fp8: FP8 E4M3 weights and activations (TensorRT-LLM quantize.py's name; "
@@ -267,8 +272,10 @@ def convert(ns: argparse.Namespace) -> str:
     if gptq_run and not awq_kw:
         from llama_engine.awq import input_grams
         awq_kw = {"int4_hessians": input_grams(args, gptq_rows[1]), "gptq_damp": ns.gptq_damp,
-                  "gptq_act_order": not ns.no_gptq_act_order}
-        calib_info["gptq"].update(damp=ns.gptq_damp, act_order=not ns.no_gptq_act_order)
+                  "gptq_act_order": not ns.no_gptq_act_order,
+                  "gptq_fit": not ns.no_gptq_fit_scales}
+        calib_info["gptq"].update(damp=ns.gptq_damp, act_order=not ns.no_gptq_act_order,
+                                  fit_scales=not ns.no_gptq_fit_scales)
     elif awq_kw:
         from llama_engine.awq import apply_awq
         hess = {} if gptq_run else None
@@ -278,9 +285,11 @@ def convert(ns: argparse.Namespace) -> str:
         awq_kw = {"pre_quant_scales": pqs, "int4_clips": clips}
         if gptq_run:
             awq_kw.update(int4_hessians=hess, gptq_damp=ns.gptq_damp,
-                          gptq_act_order=not ns.no_gptq_act_order)
+                          gptq_act_order=not ns.no_gptq_act_order,
+                          gptq_fit=not ns.no_gptq_fit_scales)
             calib_info["awq"]["gptq_rounding"] = {"damp": ns.gptq_damp,
-                                                  "act_order": not ns.no_gptq_act_order}
+                                                  "act_order": not ns.no_gptq_act_order,
+                                                  "fit_scales": not ns.no_gptq_fit_scales}
         gain = [r["rtn_err"] / max(r["awq_err"], 1e-30) for r in rep.values()]
         print(f"AWQ: layer output error {sum(gain) / len(gain):.2f}x lower than round to "
               f"nearest on the calibration tokens (mean over {len(gain)} linears)",

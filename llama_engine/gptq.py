@@ -14,13 +14,20 @@ Sec. 4 "Step 3"). What is implemented:
 * lazy batch updates over blocks of ``block`` columns (the paper's "Step 2"), a multiple of the
   group size so that a group never spans two blocks;
 * group-wise scales and zeros computed when the pass reaches a group's first column, from that
-  group's weights as already updated (the paper's group-wise variant, static groups: the
-  ``desc_act=False`` checkpoints our loader reads; activation order is not implemented);
-* an optional AWQ clip factor per (row, group) shrinking the group's range first.
+  group's weights as already updated (the paper's group-wise variant, left to right);
+* activation order with static groups: columns in decreasing order of diag H, each group's
+  grid fixed beforehand, so that the groups stay contiguous (no ``g_idx``);
+* an optional AWQ clip factor per (row, group) shrinking the group's range first;
+* our addition, on by default in conversions (``gptq_rounding``): the static grids are fitted
+  by least squares to the output error before the pass (``fit_grid``: with the codes fixed,
+  each group's best scale and zero under its block of H solve a 2 x 2 system; round again;
+  repeat), and after the pass each row's scales and zeros are refitted to GPTQ's final codes
+  under the whole of H (``refit_scales``). Any grid (s, z) is a valid point of the format,
+  so the checkpoint is unchanged in layout.
 
-Not implemented: activation order (desc_act / g_idx), the sequential pass that feeds each
-block the outputs of the already quantized blocks (the inputs are captured from one float
-forward pass, as ``awq.capture_inputs`` does for AWQ).
+Not implemented: dynamic-group activation order (desc_act / g_idx), the sequential pass that
+feeds each block the outputs of the already quantized blocks (the inputs are captured from one
+float forward pass, as ``awq.capture_inputs`` does for AWQ).
 """
 from __future__ import annotations
 
@@ -57,9 +64,99 @@ def _group_grid(wg: torch.Tensor, clip: Optional[torch.Tensor], dtype: torch.dty
     return s.double(), z.double()
 
 
+def fit_grid(w: torch.Tensor, h: torch.Tensor, group_size: int, s: torch.Tensor,
+             z: torch.Tensor, bits: int = 4, iters: int = 4):
+    """Refine the affine grids (s, z) [ceil(K/G), N] of w [N, K] (w ~ q * s + z) for the output
+    error on inputs whose gram matrix is h [K, K]: with the codes q fixed, the (s, z) that
+    minimise each group's e H_gg e^T (H_gg its diagonal block, e = q s + z - w) solve a 2 x 2
+    linear system; then the codes are rounded again on the new grid; ``iters`` rounds, and
+    a group keeps its old grid wherever the new one scores worse. -> (s, z) float64."""
+    n, k = w.shape
+    g = int(group_size) or k
+    ng = -(-k // g)
+    pad = ng * g - k
+    W = w.double()
+    Hd = h.to(w.device, torch.float64)
+    if pad:  # a narrower last group: zero-weight padding columns
+        W = torch.cat([W, W.new_zeros(n, pad)], dim=1)
+        Hd = torch.nn.functional.pad(Hd, (0, pad, 0, pad))
+    Wg = W.reshape(n, ng, g)
+    hb = torch.stack([Hd[j:j + g, j:j + g] for j in range(0, ng * g, g)])   # [ng, G, G]
+    lo_code, hi_code = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    S, Z = s.double().t().clone(), z.double().t().clone()                  # [N, ng]
+
+    def codes_err(S, Z):
+        q = torch.round((Wg - Z[..., None]) / S[..., None]).clamp_(lo_code, hi_code)
+        e = q * S[..., None] + Z[..., None] - Wg
+        return q, torch.einsum("ngi,gij,ngj->ng", e, hb, e)
+
+    q, err = codes_err(S, Z)
+    one = torch.ones_like(Wg)
+    for _ in range(iters):
+        hq = torch.einsum("gij,ngj->ngi", hb, q)
+        h1 = torch.einsum("gij,ngj->ngi", hb, one)
+        a11, a12 = (q * hq).sum(-1), (one * hq).sum(-1)
+        a22 = (one * h1).sum(-1)
+        b1, b2 = (Wg * hq).sum(-1), (Wg * h1).sum(-1)
+        det = a11 * a22 - a12 * a12
+        ok = det.abs() > 1e-12 * (a11 * a22).abs().clamp_min(1e-300)
+        Sn = torch.where(ok, (b1 * a22 - a12 * b2) / torch.where(ok, det, 1.0), S)
+        Zn = torch.where(ok, (a11 * b2 - a12 * b1) / torch.where(ok, det, 1.0), Z)
+        ok &= Sn > 0
+        Sn, Zn = torch.where(ok, Sn, S), torch.where(ok, Zn, Z)
+        qn, errn = codes_err(Sn, Zn)
+        better = errn < err
+        S, Z = torch.where(better, Sn, S), torch.where(better, Zn, Z)
+        q = torch.where(better[..., None], qn, q)
+        err = torch.where(better, errn, err)
+    return S.t().contiguous(), Z.t().contiguous()
+
+
+def refit_scales(w: torch.Tensor, h: torch.Tensor, q: torch.Tensor, group_size: int,
+                 s: torch.Tensor, z: torch.Tensor):
+    """With the codes q [N, K] fixed, the scales and zeros [ceil(K/G), N] (w ~ q * s + z) that
+    minimise each row's output error (q s + z - w) H (q s + z - w)^T on inputs whose gram matrix
+    is h [K, K], over the whole row at once (the groups' errors interact through H's
+    off-diagonal blocks): a linear least-squares problem of 2 ceil(K/G) unknowns a row. For
+    GPTQ's codes, whose grid was fixed before its pass. A row keeps its (s, z) (same shape and
+    dtype, returned in that dtype) wherever the new ones, rounded to that dtype, are not finite,
+    not positive or not better."""
+    n, k = q.shape
+    g = int(group_size) or k
+    ng = -(-k // g)
+    dev = q.device
+    H = h.to(dev, torch.float64)
+    mask = torch.zeros(ng, k, dtype=torch.float64, device=dev)
+    for gi in range(ng):
+        mask[gi, gi * g:(gi + 1) * g] = 1.0
+    qm = q.double()[:, None, :] * mask[None]                       # [N, ng, K]
+    qh = qm @ H                                                    # [N, ng, K]
+    mh = mask @ H                                                  # [ng, K]
+    a_ss = qh @ qm.transpose(1, 2)                                 # [N, ng, ng]
+    a_sz = qh @ mask.t()                                           # [N, ng, ng]
+    a_zz = (mh @ mask.t()).expand(n, ng, ng)
+    A = torch.cat([torch.cat([a_ss, a_sz], 2), torch.cat([a_sz.transpose(1, 2), a_zz], 2)], 1)
+    wd = w.to(dev, torch.float64)
+    b = torch.cat([qh @ wd[:, :, None], (mh @ wd.t()).t()[:, :, None]], 1)   # [N, 2ng, 1]
+    ridge = 1e-10 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+    A = A + ridge[:, None, None] * torch.eye(2 * ng, dtype=A.dtype, device=dev)
+    x = torch.linalg.solve(A, b)[..., 0]
+    s_new = x[:, :ng].t().to(s.dtype)
+    z_new = x[:, ng:].t().to(z.dtype)
+
+    def row_err(ss, zz):
+        e = dequantize_codes(q, ss, zz, g).double() - wd
+        return ((e @ H) * e).sum(1)
+
+    ok = (torch.isfinite(s_new).all(0) & torch.isfinite(z_new).all(0) & (s_new > 0).all(0))
+    ok &= row_err(s_new.where(ok[None], s), z_new.where(ok[None], z)) < row_err(s, z)
+    return s_new.where(ok[None], s), z_new.where(ok[None], z)
+
+
 def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
             scale_dtype: torch.dtype = torch.float16, clip: Optional[torch.Tensor] = None,
-            damp: float = 0.01, block: int = 128, bits: int = 4, act_order: bool = False):
+            damp: float = 0.01, block: int = 128, bits: int = 4, act_order: bool = False,
+            grid: Optional[tuple] = None):
     """GPTQ of w [N, K] against the Hessian h [K, K] -> (codes int8 [N, K], scales [K/G, N],
     zeros [K/G, N] in ``scale_dtype``), w ~ q * s + z: ``bits`` 4 is quant_int4's zero-point
     format (codes in [-8, 7], to pack), 8 its group-wise int8 (W8A16_GPTQ, [-128, 127]).
@@ -83,8 +180,13 @@ def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
     S = torch.empty(ng, n, dtype=torch.float64, device=dev)
     Z = torch.empty(ng, n, dtype=torch.float64, device=dev)
     perm = None
+    if grid is not None:  # given static grids (fit_grid's): act order's path, any order
+        S.copy_(grid[0].to(dev, scale_dtype).double())
+        Z.copy_(grid[1].to(dev, scale_dtype).double())
+        perm = torch.arange(k, device=dev)
+        col_group = (perm // g).tolist()
     if act_order:
-        for gi in range(ng):
+        for gi in range(ng if grid is None else 0):
             S[gi], Z[gi] = _group_grid(W[:, gi * g:(gi + 1) * g],
                                        None if clip is None else clip[:, gi], scale_dtype, work,
                                        bits)
@@ -128,6 +230,25 @@ def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return Q, S.to(scale_dtype), Z.to(scale_dtype)
+
+
+def gptq_rounding(w: torch.Tensor, h: torch.Tensor, group_size: int, scale_dtype: torch.dtype,
+                  grid: tuple, clip: Optional[torch.Tensor] = None, damp: float = 0.01,
+                  act_order: bool = True, fit: bool = True, bits: int = 4):
+    """The conversion's GPTQ: ``grid`` = (s, z) [ceil(K/G), N], round to nearest's grid (with
+    AWQ's ``clip`` already in it); with ``fit`` it is fitted to the output error first
+    (``fit_grid``), GPTQ rounds onto it (activation order with static groups, or left to
+    right with ``act_order`` False: then without ``fit`` each group's grid is taken from the
+    updated weights as the pass reaches it, the paper's rule), and the scales and zeros are
+    refitted to GPTQ's codes (``refit_scales``). -> (codes int8 [N, K], s, z in
+    ``scale_dtype``)."""
+    if not fit:
+        return gptq_zp(w, h, group_size, scale_dtype, clip, damp, bits=bits, act_order=act_order)
+    s, z = fit_grid(w, h, group_size, grid[0], grid[1], bits=bits)
+    q, s, z = gptq_zp(w, h, group_size, scale_dtype, clip, damp, bits=bits, act_order=act_order,
+                      grid=(s, z))
+    s, z = refit_scales(w, h, q, group_size, s, z)
+    return q, s, z
 
 
 def dequantize_codes(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int):

@@ -514,7 +514,7 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
                         pre_quant_scales: Optional[dict] = None,
                         int4_clips: Optional[dict] = None, sq_alphas: Optional[dict] = None,
                         int4_hessians: Optional[dict] = None, gptq_damp: float = 0.01,
-                        gptq_act_order: bool = True):
+                        gptq_act_order: bool = True, gptq_fit: bool = True):
     """Quantize unified float tensors as ``quant`` says -> (tensors, report).
 
     ``act_stats``: {linear prefix: max|x| per input channel [K]} from ``smoothquant.py``
@@ -529,7 +529,10 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
     scaled by 1/p, the input is multiplied by p (``prequant_scaling_factor``). ``int4_clips``:
     {linear prefix: [N, K/G] range factors} (AWQ's clipping search; zero-point int4 only).
     ``int4_hessians``: {linear prefix: [K, K]} gram of its calibration inputs: zero-point int4
-    and group-wise int8 round those linears with GPTQ (``gptq.py``, dampening ``gptq_damp``) instead of to nearest.
+    and group-wise int8 round those linears with GPTQ (``gptq.py``, dampening ``gptq_damp``)
+    instead of to nearest; ``gptq_fit``: GPTQ's grids fitted by least squares on the output
+    error before its pass (``gptq.fit_grid``) and refitted to its codes after it
+    (``gptq.refit_scales``).
     ``sq_alphas``: SmoothQuant's alpha per smoothed group (``smoothquant.search_alphas``)
     instead of ``quant.smoothquant_val`` for every layer.
     The input dict is not modified.
@@ -584,7 +587,7 @@ def quantize_checkpoint(tensors: dict, args: ModelArgs, quant: QuantConfig,
                                         None if act_stats is None else act_stats.get(prefix),
                                         prefix, (int4_clips or {}).get(prefix),
                                         (int4_hessians or {}).get(prefix),
-                                        (gptq_damp, gptq_act_order))
+                                        (gptq_damp, gptq_act_order, gptq_fit))
             if pre_quant_scales and prefix in pre_quant_scales:
                 new["prequant_scaling_factor"] = pre_quant_scales[prefix].to(scale_dtype)
             for suffix, t in new.items():
@@ -648,29 +651,28 @@ def _linear_prefixes(args: ModelArgs) -> list[str]:
 def _quantize_linear(w: torch.Tensor, quant: QuantConfig, scale_dtype: torch.dtype,
                      x_max: Optional[torch.Tensor], prefix: str,
                      clip: Optional[torch.Tensor] = None, hess: Optional[torch.Tensor] = None,
-                     gptq: tuple = (0.01, True)):
-    """-> ({suffix: tensor} of the linear, dequantized float32 weight for the report)."""
+                     gptq: tuple = (0.01, True, True)):
+    """-> ({suffix: tensor} of the linear, dequantized float32 weight for the report).
+    ``gptq`` = (damp, act order, fit grids) when ``hess`` is given."""
     algo = quant.quant_algo
     if quant.int4_zero_point:
         g = quant.group_size
+        p, s, z, _ = quantize_int4_zp(w, g, scale_dtype, clip)
         if hess is not None:
-            from .gptq import gptq_zp
-            q, s, z = gptq_zp(w, hess, g, scale_dtype, clip, gptq[0], act_order=gptq[1])
+            from .gptq import gptq_rounding
+            q, s, z = gptq_rounding(w, hess, g, scale_dtype, (s, z), clip, *gptq)
             p = K.pack_int4(q.to(w.device))
-        else:
-            p, s, z, _ = quantize_int4_zp(w, g, scale_dtype, clip)
         new = {"weight": p, "weights_scaling_factor": s, "zero": z}
         if algo != W4A16_GPTQ:
             new["prequant_scaling_factor"] = torch.ones(w.shape[1], dtype=scale_dtype,
                                                         device=w.device)
         return new, WeightOnlyInt4ZeroLinear(p, s, z, g).dequantized().float()
     if algo == W8A16_GPTQ:
+        qsz = quantize_int8_group(w, quant.group_size, scale_dtype)[:3]
         if hess is not None:
-            from .gptq import gptq_zp
-            qsz = gptq_zp(w, hess, quant.group_size, scale_dtype, None, gptq[0], bits=8,
-                          act_order=gptq[1])
-        else:
-            qsz = quantize_int8_group(w, quant.group_size, scale_dtype)[:3]
+            from .gptq import gptq_rounding
+            qsz = gptq_rounding(w, hess, quant.group_size, scale_dtype, qsz[1:], None, *gptq,
+                                bits=8)
         mod = WeightOnlyInt8GroupLinear(*qsz, quant.group_size)
         return mod.checkpoint_tensors(), mod.dequantized().float()
     if algo == W8A16:

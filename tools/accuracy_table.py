@@ -80,7 +80,9 @@ ROWS = {
     "int4_awq_gptq_g64": "int4 AWQ g64 zeros, GPTQ rounding (left to right)",
     "int4_awq_gptq_g128": "int4 AWQ g128 zeros, GPTQ rounding (left to right)",
     "int4_awq_gptqa_g64": "int4 AWQ g64 zeros, GPTQ rounding (act order)",
-    "int4_gptq_g128": "int4 GPTQ g128 (W4A16_GPTQ, act order)",
+    "int4_awq_gptqf_g64": "int4 AWQ g64 zeros, GPTQ rounding (act order, fitted scales)",
+    "int4_awq_gptqf_g128": "int4 AWQ g128 zeros, GPTQ rounding (act order, fitted scales)",
+    "int4_gptq_g128": "int4 GPTQ g128 (W4A16_GPTQ, act order, fitted scales)",
     # issue 19: FP8 E4M3 W8A8 (CPU: the exact emulation with torch's float8 dtypes)
     "fp8": "FP8 W8A8 per-tensor, static (calibrated)",
     "fp8_pcpt": "FP8 W8A8 per-channel, per-token",
@@ -99,7 +101,7 @@ INT8_SQ_ROWS = {
     "int8_wo_g32": ([*_INT8, "--group_size", "32"], None),
     "int8_awq_g64": (None, ["--use_weight_only", "--weight_only_precision", "int8_awq",
                             "--group_size", "64"]),
-    "int8_gptq_g64": (None, [*_INT8, "--group_size", "64", "--gptq"]),
+    "int8_gptq_g64": (None, [*_INT8, "--group_size", "64", "--gptq", "--no_gptq_fit_scales"]),
     "sq_auto": (None, ["-sq", "auto", "--per_token", "--per_channel"]),
 }
 INT4_ROWS = ("int4_wo_pc", "int4_wo_g64")
@@ -118,10 +120,15 @@ INT4_ZP_ROWS = {
     "int4_awq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point"]),
     # AWQ's scales and clipping, then GPTQ's error-compensating rounding (gptq.py)
     "int4_awq_gptq_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--gptq",
-                                 "--no_gptq_act_order"]),
+                                 "--no_gptq_act_order", "--no_gptq_fit_scales"]),
     "int4_awq_gptq_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point",
-                                  "--gptq", "--no_gptq_act_order"]),
-    "int4_awq_gptqa_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--gptq"]),
+                                  "--gptq", "--no_gptq_act_order", "--no_gptq_fit_scales"]),
+    "int4_awq_gptqa_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--gptq",
+                                  "--no_gptq_fit_scales"]),
+    # GPTQ's defaults: activation order, grids fitted by least squares before and after
+    "int4_awq_gptqf_g64": (None, [*_AWQ, "--group_size", "64", "--has_zero_point", "--gptq"]),
+    "int4_awq_gptqf_g128": (None, [*_AWQ, "--group_size", "128", "--has_zero_point",
+                                   "--gptq"]),
     "int4_gptq_g128": (None, ["--use_weight_only", "--weight_only_precision", "int4_gptq",
                               "--group_size", "128"]),
 }
@@ -147,6 +154,8 @@ TARGETS = {
     "int4_awq_gptq_g64": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_awq_gptq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_awq_gptqa_g64": {"rouge1_drop": 1.5, "top1": 0.90},
+    "int4_awq_gptqf_g64": {"rouge1_drop": 1.5, "top1": 0.90},
+    "int4_awq_gptqf_g128": {"rouge1_drop": 1.5, "top1": 0.90},
     "int4_gptq_g128": {"rouge1_drop": 1.5, "top1": 0.90},
     "fp8": {"rouge1_drop": 0.5, "top1": 0.97},
     "fp8_pcpt": {"rouge1_drop": 0.5, "top1": 0.97},

@@ -15,6 +15,7 @@ accuracy_table.py.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 import time
@@ -27,12 +28,13 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 
 from llama_engine import awq, smoothquant as sq  # noqa: E402
-from llama_engine.gptq import dequantize_codes, gptq_zp, gram  # noqa: E402
+from llama_engine.gptq import dequantize_codes, fit_grid, gptq_zp, gram, refit_scales  # noqa: E402
+from llama_engine.quant_int4 import quantize_int4_zp  # noqa: E402
 
 MODES = ("int8_pc", "int8_g128", "int8_g64", "int8_awq_pc", "int8_awq_g128", "sq0.5",
          "sq_auto", "int4_g64_rtn", "int4_awq_g64", "int4_awq_g64_v", "int4_awq_g128_v",
          "int8_g32", "int4_gptq_g64", "int4_gptqa_g64", "int4_awq_gptq_g64",
-         "int4_awq_gptqa_g64", "int4_gptq_g128", "int4_awq_gptq_g128", "int8_gptq_g64",
+         "int4_awq_gptqa_g64", "int4_gptq_g128", "int4_awq_gptq_g128", "int4_awq_gptqa_g128", "int8_gptq_g64",
          "int8_gptqa_g64", "fp8_w", "fp8_w_pc", "fp8_a_pt", "fp8_static", "fp8_pt", "fp8_pcpt")
 # FP8 E4M3 fake quantization (issue 19): weights per tensor or per channel ("_pc"), activations
 # none ("fp8_w*"), static per tensor from the calibration maxima ("fp8_static") or per token
@@ -52,8 +54,14 @@ def _log(msg):
     print(f"[quant_proxy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def weight_only(model, mode, x_mean, x_rows, cfg):
-    """Replace the linears' weights by the mode's effective weights."""
+def weight_only(model, mode, x_mean, x_rows, cfg, skip=()):
+    """Replace the linears' weights by the mode's effective weights; linears whose HF name
+    matches one of the fnmatch patterns ``skip`` keep their float weights (the checkpoint's
+    ``exclude_modules``)."""
+    refit = mode.endswith("_refit")  # and refit_scales on the final codes
+    mode = mode[:-6] + "_fit" if refit else mode
+    fit = mode.endswith("_fit")   # fit_grid's least-squares grids (then GPTQ or plain rounding)
+    mode = mode[:-4] if fit else mode
     bits = 8 if mode.startswith("int8") else 4
     g = {"g128": 128, "g64": 64, "g32": 32}.get(mode.rsplit("_", 1)[-1], 0)
     zero = bits == 4 or "gptq" in mode
@@ -76,13 +84,22 @@ def weight_only(model, mode, x_mean, x_rows, cfg):
                 s, _ = awq.search_scale(torch.cat(ws), x_rows[key], x_mean[key], g, zero,
                                         bits=bits, tie=tie)
             hs = gram(x_rows[key] / s)
-            for m, w in zip(mods, ws):
+            for name, m, w in zip(names, mods, ws):
+                if any(fnmatch.fnmatch(f"model.layers.{i}.{name}", pat) for pat in skip):
+                    continue
                 clip = None
                 if bits == 4 and search and w.shape[1] % g == 0:
                     clip = awq.search_clip(w * s, hs, g)
-                if "gptq" in mode:  # GPTQ's rounding (act order: "gptqa")
+                grid = None
+                if fit:
+                    _, s0, z0, _ = quantize_int4_zp(w * s, g, torch.float32, clip)
+                    grid = fit_grid(w * s, hs, g, s0, z0, bits=bits)
+                if "gptq" in mode or fit:  # GPTQ's rounding (act order: "gptqa")
                     q, sc, z = gptq_zp(w * s, hs, g, torch.float32, clip, bits=bits,
-                                       act_order="gptqa" in mode)
+                                       act_order="gptqa" in mode, grid=grid,
+                                       damp=0.01 if "gptq" in mode else 1e9)
+                    if refit:
+                        sc, z = refit_scales(w * s, hs, q, g, sc, z)
                     wq = dequantize_codes(q, sc, z, g)
                 else:
                     wq = awq._qdq(w * s, g, zero, clip, bits=bits)
@@ -153,6 +170,10 @@ def main(argv=None):
     p.add_argument("--max_input_length", type=int, default=923)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip", action="append", default=[],
+                   help="comma-separated fnmatch patterns of HF linears left in float for the "
+                        "weight-only modes (repeatable: each value is one more run of every "
+                        "mode), e.g. '*.down_proj' or 'model.layers.0.*'")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     import accuracy_table as at
@@ -171,7 +192,14 @@ def main(argv=None):
                                         maxima=act_max)
     _log(f"{len(prompts)} articles, {sum(len(t) for t in targets)} positions; calibration "
          f"{len(cal)} prompts x {a.tokens_per_prompt} rows")
-    for mode in a.modes.split(","):
+    runs = [(m, tuple(sk.split(",")) if sk else ()) for sk in (a.skip or [""])
+            for m in a.modes.split(",")]
+    known = set(MODES) | {m + suf for m in MODES if m.startswith("int4")
+                              for suf in ("_fit", "_refit")}
+    bad = [m for m, _ in runs if m not in known]
+    if bad:
+        p.error(f"unknown modes {bad}")
+    for mode, skip in runs:
         model.load_state_dict(state)
         for m in model.modules():
             m.__dict__.pop("forward", None)
@@ -185,7 +213,9 @@ def main(argv=None):
         elif mode in FP8_MODES:
             fp8(model, mode, act_max)
         else:
-            weight_only(model, mode, x_mean, x_rows, model.config)
+            weight_only(model, mode, x_mean, x_rows, model.config, skip)
+            if skip:
+                extra = f" (float: {','.join(skip)})"
         agree = n = 0
         for pr, t, r in zip(prompts, targets, ref):
             g, _, m = at.compare(r, at.hf_logprobs(model, pr, t))
