@@ -54,7 +54,7 @@ def _log(msg):
     print(f"[quant_proxy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def weight_only(model, mode, x_mean, x_rows, cfg, skip=()):
+def weight_only(model, mode, x_mean, x_rows, cfg, skip=(), cfg_damp=0.01):
     """Replace the linears' weights by the mode's effective weights; linears whose HF name
     matches one of the fnmatch patterns ``skip`` keep their float weights (the checkpoint's
     ``exclude_modules``)."""
@@ -97,7 +97,7 @@ def weight_only(model, mode, x_mean, x_rows, cfg, skip=()):
                 if "gptq" in mode or fit:  # GPTQ's rounding (act order: "gptqa")
                     q, sc, z = gptq_zp(w * s, hs, g, torch.float32, clip, bits=bits,
                                        act_order="gptqa" in mode, grid=grid,
-                                       damp=0.01 if "gptq" in mode else 1e9)
+                                       damp=cfg_damp if "gptq" in mode else 1e9)
                     if refit:
                         sc, z = refit_scales(w * s, hs, q, g, sc, z)
                     wq = dequantize_codes(q, sc, z, g)
@@ -170,6 +170,8 @@ def main(argv=None):
     p.add_argument("--max_input_length", type=int, default=923)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gptq_damp", type=float, default=0.01,
+                   help="GPTQ's dampening for the gptq modes (hf_llama_convert's default)")
     p.add_argument("--skip", action="append", default=[],
                    help="comma-separated fnmatch patterns of HF linears left in float for the "
                         "weight-only modes (repeatable: each value is one more run of every "
@@ -213,7 +215,7 @@ def main(argv=None):
         elif mode in FP8_MODES:
             fp8(model, mode, act_max)
         else:
-            weight_only(model, mode, x_mean, x_rows, model.config, skip)
+            weight_only(model, mode, x_mean, x_rows, model.config, skip, a.gptq_damp)
             if skip:
                 extra = f" (float: {','.join(skip)})"
         agree = n = 0
