@@ -113,14 +113,15 @@ def fit_grid(w: torch.Tensor, h: torch.Tensor, group_size: int, s: torch.Tensor,
 
 
 def refit_scales(w: torch.Tensor, h: torch.Tensor, q: torch.Tensor, group_size: int,
-                 s: torch.Tensor, z: torch.Tensor):
+                 s: torch.Tensor, z: torch.Tensor, budget: int = 1 << 25):
     """With the codes q [N, K] fixed, the scales and zeros [ceil(K/G), N] (w ~ q * s + z) that
     minimise each row's output error (q s + z - w) H (q s + z - w)^T on inputs whose gram matrix
     is h [K, K], over the whole row at once (the groups' errors interact through H's
     off-diagonal blocks): a linear least-squares problem of 2 ceil(K/G) unknowns a row. For
     GPTQ's codes, whose grid was fixed before its pass. A row keeps its (s, z) (same shape and
     dtype, returned in that dtype) wherever the new ones, rounded to that dtype, are not finite,
-    not positive or not better."""
+    not positive or not better. Rows are solved in chunks of about ``budget`` float64 elements
+    of [rows, groups, K] work (LLaMA-7B's down_proj would need 31 GB at once)."""
     n, k = q.shape
     g = int(group_size) or k
     ng = -(-k // g)
@@ -129,28 +130,36 @@ def refit_scales(w: torch.Tensor, h: torch.Tensor, q: torch.Tensor, group_size: 
     mask = torch.zeros(ng, k, dtype=torch.float64, device=dev)
     for gi in range(ng):
         mask[gi, gi * g:(gi + 1) * g] = 1.0
-    qm = q.double()[:, None, :] * mask[None]                       # [N, ng, K]
-    qh = qm @ H                                                    # [N, ng, K]
     mh = mask @ H                                                  # [ng, K]
-    a_ss = qh @ qm.transpose(1, 2)                                 # [N, ng, ng]
-    a_sz = qh @ mask.t()                                           # [N, ng, ng]
-    a_zz = (mh @ mask.t()).expand(n, ng, ng)
-    A = torch.cat([torch.cat([a_ss, a_sz], 2), torch.cat([a_sz.transpose(1, 2), a_zz], 2)], 1)
-    wd = w.to(dev, torch.float64)
-    b = torch.cat([qh @ wd[:, :, None], (mh @ wd.t()).t()[:, :, None]], 1)   # [N, 2ng, 1]
-    ridge = 1e-10 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
-    A = A + ridge[:, None, None] * torch.eye(2 * ng, dtype=A.dtype, device=dev)
-    x = torch.linalg.solve(A, b)[..., 0]
-    s_new = x[:, :ng].t().to(s.dtype)
-    z_new = x[:, ng:].t().to(z.dtype)
+    a_zz = mh @ mask.t()                                           # [ng, ng]
+    eye = torch.eye(2 * ng, dtype=torch.float64, device=dev)
+    s_out, z_out = s.clone(), z.clone()
+    rows = max(1, budget // (ng * k))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        qc, wd = q[r0:r1].double(), w[r0:r1].to(dev, torch.float64)
+        qm = qc[:, None, :] * mask[None]                           # [R, ng, K]
+        qh = qm @ H                                                # [R, ng, K]
+        a_ss = qh @ qm.transpose(1, 2)                             # [R, ng, ng]
+        a_sz = qh @ mask.t()                                       # [R, ng, ng]
+        A = torch.cat([torch.cat([a_ss, a_sz], 2),
+                       torch.cat([a_sz.transpose(1, 2), a_zz.expand(r1 - r0, ng, ng)], 2)], 1)
+        b = torch.cat([qh @ wd[:, :, None], (mh @ wd.t()).t()[:, :, None]], 1)   # [R, 2ng, 1]
+        ridge = 1e-10 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+        x = torch.linalg.solve(A + ridge[:, None, None] * eye, b)[..., 0]
+        s_old, z_old = s[:, r0:r1], z[:, r0:r1]
+        s_new, z_new = x[:, :ng].t().to(s.dtype), x[:, ng:].t().to(z.dtype)
 
-    def row_err(ss, zz):
-        e = dequantize_codes(q, ss, zz, g).double() - wd
-        return ((e @ H) * e).sum(1)
+        def row_err(ss, zz):
+            e = dequantize_codes(q[r0:r1], ss, zz, g).double() - wd
+            return ((e @ H) * e).sum(1)
 
-    ok = (torch.isfinite(s_new).all(0) & torch.isfinite(z_new).all(0) & (s_new > 0).all(0))
-    ok &= row_err(s_new.where(ok[None], s), z_new.where(ok[None], z)) < row_err(s, z)
-    return s_new.where(ok[None], s), z_new.where(ok[None], z)
+        ok = torch.isfinite(s_new).all(0) & torch.isfinite(z_new).all(0) & (s_new > 0).all(0)
+        s_new, z_new = s_new.where(ok[None], s_old), z_new.where(ok[None], z_old)
+        ok &= row_err(s_new, z_new) < row_err(s_old, z_old)
+        s_out[:, r0:r1] = s_new.where(ok[None], s_old)
+        z_out[:, r0:r1] = z_new.where(ok[None], z_old)
+    return s_out, z_out
 
 
 def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,

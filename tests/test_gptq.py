@@ -231,3 +231,17 @@ def test_no_gptq_fit_scales_is_recorded_and_changes_the_scales(tiny_hf_factory, 
     b = load_file(str(tmp_path / "b" / "rank0.safetensors"))
     key = "transformer.layers.0.mlp.fc.weights_scaling_factor"
     assert not torch.equal(a[key], b[key])
+
+
+def test_refit_in_row_chunks_equals_one_pass():
+    """refit_scales solves rows in chunks to bound memory (LLaMA-7B's down_proj at g128 would
+    need 31 GB at once): any chunking gives the same scales and zeros."""
+    from llama_engine.gptq import refit_scales
+    k = 192
+    h = gram(_correlated_inputs(512, k))
+    w = torch.randn(50, k, generator=torch.Generator().manual_seed(8))
+    q, s, z = gptq_zp(w, h, 64, torch.float16)
+    one = refit_scales(w, h, q, 64, s, z)
+    chunked = refit_scales(w, h, q, 64, s, z, budget=3 * k * 7)   # 7 rows a chunk
+    assert torch.equal(one[0], chunked[0]) and torch.equal(one[1], chunked[1])
+    assert not torch.equal(one[0], s)
