@@ -207,6 +207,11 @@ def convert(ns: argparse.Namespace) -> str:
         raise ConfigError(f"--gptq_damp must be >= 0, got {ns.gptq_damp}")
     if ns.gptq and not gptq_run:
         raise ConfigError("--gptq is a weight-only rounding: add --use_weight_only")
+    stray = [f for f, on in (("--no_gptq_act_order", ns.no_gptq_act_order),
+                             ("--no_gptq_fit_scales", ns.no_gptq_fit_scales)) if on]
+    if stray and not gptq_run:
+        raise ConfigError(f"{' and '.join(stray)} only change GPTQ's rounding: add --gptq "
+                          "(or --weight_only_precision int4_gptq) with --use_weight_only")
     args, hf_sd, info = _load(ns.in_file, ns.seed, device)
     if ns.dtype == "auto":  # the source's float dtype; float32 becomes float16 (TensorRT-LLM)
         src = next((str(t.dtype).replace("torch.", "") for t in hf_sd.values()

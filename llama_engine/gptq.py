@@ -173,7 +173,10 @@ def gptq_zp(w: torch.Tensor, h: torch.Tensor, group_size: int,
     ``clip`` [N, ceil(K/G)]: AWQ's range factors. ``act_order``: the columns are rounded in
     decreasing order of the Hessian's diagonal (the paper's activation order), each group's
     scale and zero fixed beforehand from the original weights ("static groups"), so that the
-    groups stay contiguous in K and the checkpoint needs no ``g_idx``."""
+    groups stay contiguous in K and the checkpoint needs no ``g_idx``. ``grid`` = (s, z)
+    [ceil(K/G), N]: static grids given by the caller (``fit_grid``'s), rounded to
+    ``scale_dtype`` and used in either order instead of min/max grids (``clip`` is then
+    already in them)."""
     n, k = w.shape
     g = int(group_size) or k
     if h.shape != (k, k):

@@ -245,3 +245,13 @@ def test_refit_in_row_chunks_equals_one_pass():
     chunked = refit_scales(w, h, q, 64, s, z, budget=3 * k * 7)   # 7 rows a chunk
     assert torch.equal(one[0], chunked[0]) and torch.equal(one[1], chunked[1])
     assert not torch.equal(one[0], s)
+
+
+@pytest.mark.parametrize("flag", ["--no_gptq_act_order", "--no_gptq_fit_scales"])
+def test_gptq_options_without_gptq_are_a_one_line_error(flag, tmp_path, capsys):
+    """A GPTQ option on a conversion that does not run GPTQ would be silently ignored."""
+    assert _convert("tiny", tmp_path / "never", "--weight_only_precision", "int4",
+                    "--has_zero_point", "--group_size", "32", flag) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "add --gptq" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
